@@ -1,0 +1,30 @@
+# make test   : create .venv (if absent) from requirements*.txt and run the test suite on the CPU
+# make demo   : synthetic CT -> preprocessing -> the whole IoU-interval grid at demo size -> table
+# make bench  : run the benchmarks, results in benchmarks/results/
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: install test demo bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	WANDB_MODE=offline $(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	WANDB_MODE=offline $(PY) reproduce_table.py --preset demo --output_dir demo_output
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_sampler.py
+	$(PY) benchmarks/bench_preprocess.py
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,129 @@
+"""Small helpers every script of the project shares: errors, logging, atomic writes.
+
+The project's rule for bad input: one clear line naming the file or value, exit
+code 2, nothing half-written left behind. Scripts raise :class:`UserError` and
+run their ``main`` through :func:`run_cli`, which turns it into that line::
+
+    def main(args):
+        if not os.path.isdir(args.data_dir):
+            raise UserError(f"--data_dir {args.data_dir!r} does not exist")
+
+    if __name__ == "__main__":
+        run_cli(main, get_args_parser())
+
+Writes go through :func:`atomic_write` (or the helpers built on it): the data
+lands in a temporary file in the same folder, is flushed to disk and then
+renamed over the target, so a kill at any moment leaves either the old file or
+the new one, never a truncated file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import tempfile
+from typing import Any, Callable, Iterator
+
+logger = logging.getLogger("ioupos")
+
+
+class UserError(Exception):
+    """Bad input from the user (a path, a flag value, a data file).
+
+    ``run_cli`` prints ``error: <message>`` on one line and exits with code 2.
+    """
+
+    exit_code = 2
+
+
+class TrainingError(Exception):
+    """A run that must stop, not because of bad input (e.g. a non-finite loss).
+
+    ``run_cli`` prints ``error: <message>`` on one line and exits with code 1.
+    """
+
+    exit_code = 1
+
+
+def setup_logging(level: int = logging.INFO, rank: int = 0) -> None:
+    """Configure the root logger once: time, level and (when distributed) the rank.
+
+    Ranks other than 0 log at WARNING and above, so a multi-GPU run prints one
+    copy of the progress messages without patching ``print``.
+    """
+    fmt = "%(asctime)s %(levelname)s %(message)s" if rank == 0 else f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt, datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level if rank == 0 else max(level, logging.WARNING))
+
+
+def run_cli(main: Callable[[Any], Any], parser, argv: list[str] | None = None) -> Any:
+    """Parse ``argv`` with ``parser``, run ``main(args)`` and map errors to exit codes.
+
+    UserError -> exit 2, TrainingError -> exit 1, each as one ``error: ...`` line on stderr.
+    """
+    args = parser.parse_args(argv)
+    setup_logging(rank=int(os.environ.get("RANK", "0")))
+    try:
+        return main(args)
+    except (UserError, TrainingError) as e:
+        msg = str(e).strip().replace("\n", " ")
+        print(f"error: {msg}", file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
+    """Open a temporary file next to ``path``; on success fsync and rename it over ``path``.
+
+    On an exception the temporary file is removed and ``path`` is untouched.
+    """
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (UTF-8)."""
+    with atomic_write(path, "w") as f:
+        f.write(text)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` through :func:`atomic_write`: a kill mid-save keeps the previous file."""
+    import torch
+
+    with atomic_write(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line to ``path`` (metrics logs), flushed to disk."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
