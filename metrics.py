@@ -1,0 +1,712 @@
+"""Scores of the fine-tuning evaluation, and the prediction figure.
+
+Two scores, never to be confused:
+
+``dice_paper`` (:class:`PaperDice`)
+    What the paper reported; not the FLARE challenge metric. Per 2D slice (per
+    item of a batch) MONAI's ``DiceMetric(include_background=True,
+    ignore_empty=True)`` on one-hot prediction and label, averaged over the
+    channels present in the label (background included), then averaged over
+    all validation slices. Slices with little anatomy weigh as much as slices
+    full of organs, a false positive of an organ the slice does not contain
+    costs nothing (that channel is NaN and skipped), and the background
+    channel, almost always close to 1, lifts every slice. Use it to reproduce
+    the paper's table (0.853 for IoU [0.3, 0.6]), nothing else.
+
+Challenge-grade scores (:func:`organ_scores`)
+    Per case volume and per organ 1..13 (background excluded): volumetric Dice
+    and normalized surface Dice (NSD), following the official FLARE 2022
+    evaluation script (``FLARE22/Evaluation/FLARE22_DSC_NSD_Eval.py`` in
+    github.com/JunMa11/FLARE), then the mean over organs per case and over
+    cases. See :func:`organ_scores` for the exact conventions.
+
+Typical use from a training script::
+
+    from metrics import PaperDice, organ_scores, summarize_case_scores, write_scores, format_summary
+    paper = PaperDice()
+    paper.update(pred_ids, label_ids, n_classes=14)       # [B, H, W] class ids per batch
+    per_case = {case: organ_scores(pred_vol, label_vol, spacing=(1.0, 1.0, 2.5))}
+    summary = summarize_case_scores(per_case)
+    write_scores(per_case, run_dir, prefix="val")          # val_scores.csv + val_scores.json
+    logger.info("dice_paper %.4f\\n%s", paper.mean(), format_summary(summary))
+
+Check the scores of a saved prediction against its label from the shell::
+
+    python metrics.py --pred pred/FLARE22_Tr_0001.nii.gz --label labels/FLARE22_Tr_0001.nii.gz
+    python metrics.py --pred_dir preds/ --label_dir labels/ --out_dir results/   # every case, CSV + JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import math
+import os
+from pathlib import Path
+from types import MappingProxyType
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from utils import UserError, atomic_write, atomic_write_json, atomic_write_text, run_cli
+
+logger = logging.getLogger(__name__)
+
+#: NSD tolerance in mm per FLARE organ id, as in the official FLARE 2022
+#: evaluation script (chosen there per organ from inter-rater variability).
+#: FLARE 2021 used 1 mm for every organ; pass ``tolerance_mm=1.0`` for that.
+FLARE22_TOLERANCE_MM: Mapping[int, float] = MappingProxyType(
+    {1: 5.0, 2: 3.0, 3: 3.0, 4: 5.0, 5: 2.0, 6: 2.0, 7: 2.0, 8: 2.0, 9: 2.0, 10: 3.0, 11: 5.0, 12: 7.0, 13: 3.0}
+)
+
+#: Organs FLARE 2022 scores only on the slices where the label has them
+#: (aorta, inferior vena cava, esophagus: long tubes annotated over a partial range).
+FLARE22_Z_RESTRICTED: frozenset[int] = frozenset({5, 6, 10})
+
+
+def _label_names(label_names: Sequence[str] | None) -> Sequence[str]:
+    """The organ names to use: ``label_names`` or, when None, ``data.LABEL_NAMES`` (the one source)."""
+    if label_names is not None:
+        return label_names
+    from data import LABEL_NAMES  # imported here: data.py is the single source of the names
+
+    return LABEL_NAMES
+
+
+def _check_ids(arr: np.ndarray | torch.Tensor, what: str, n_classes: int) -> None:
+    """Raise UserError when ``arr`` is not integer class ids in ``0..n_classes-1``."""
+    if isinstance(arr, torch.Tensor):
+        if arr.dtype.is_floating_point or arr.dtype.is_complex:
+            raise UserError(f"{what} has dtype {arr.dtype}; pass integer class ids (argmax over channels)")
+        if arr.numel() == 0:
+            raise UserError(f"{what} is empty (shape {tuple(arr.shape)})")
+        lo, hi = int(arr.min()), int(arr.max())
+    else:
+        if not (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+            raise UserError(
+                f"{what} has dtype {arr.dtype}; pass integer class ids (e.g. np.asarray(nii.dataobj), not get_fdata())"
+            )
+        if arr.size == 0:
+            raise UserError(f"{what} is empty (shape {arr.shape})")
+        lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi > n_classes - 1:
+        bad = lo if lo < 0 else hi
+        raise UserError(f"{what} contains class id {bad}, outside 0..{n_classes - 1} (n_classes={n_classes})")
+
+
+# ----------------------------------------------------------------------------------------------
+# The paper's score
+# ----------------------------------------------------------------------------------------------
+
+
+class PaperDice:
+    """Accumulates ``dice_paper``: what the paper reported; not the FLARE challenge metric.
+
+    For every item of a batch (one 2D slice, or one volume with ``--spatial_dims 3``)
+    MONAI ``DiceMetric(include_background=True, ignore_empty=True, reduction="none")``
+    is computed on the one-hot prediction and label. With ``ignore_empty=True`` a
+    channel absent from the label is NaN whatever the prediction holds, so the
+    item's value is the mean over the channels present in the label, background
+    included. A slice whose label is all background therefore scores the Dice of
+    its background channel alone: 1.0 when the prediction is all background too,
+    less when it predicts organs there. (A label with no voxel at all cannot occur,
+    so an item always has at least one channel.) :meth:`mean` averages the items,
+    which is what MONAI's ``aggregate()`` with ``reduction="mean"`` returns.
+
+    Distributed evaluation: each rank updates its own instance on its own slices;
+    gather ``state()`` (sum, count) from every rank and :meth:`merge_state` them
+    into one instance, or gather :meth:`values` and :meth:`extend` for a
+    bit-identical sum. Padded duplicate samples must not be passed to ``update``.
+    """
+
+    name = "dice_paper"
+
+    def __init__(self) -> None:
+        self._values: list[float] = []
+        self._merged_sum = 0.0
+        self._merged_count = 0
+
+    def update(self, pred: torch.Tensor, label: torch.Tensor, n_classes: int) -> list[float]:
+        """Score a batch and store one value per item.
+
+        Args:
+            pred: predicted class ids, shape ``[B, *spatial]`` (the argmax over channels), integer dtype.
+            label: label class ids, same shape and an integer dtype.
+            n_classes: number of classes including background (14 for FLARE).
+
+        Returns:
+            The ``B`` per-item values just added.
+
+        Raises:
+            UserError: shapes differ, a tensor is not integer ids, or an id is outside ``0..n_classes-1``.
+        """
+        from monai.metrics import DiceMetric
+
+        pred = torch.as_tensor(pred)
+        label = torch.as_tensor(label)
+        if pred.shape != label.shape:
+            raise UserError(f"dice_paper: prediction shape {tuple(pred.shape)} differs from label shape {tuple(label.shape)}")
+        if pred.ndim < 2:
+            raise UserError(f"dice_paper: expected [B, *spatial] class ids, got shape {tuple(pred.shape)}")
+        _check_ids(pred, "prediction", n_classes)
+        _check_ids(label, "label", n_classes)
+        pred_oh = torch.nn.functional.one_hot(pred.long().cpu(), n_classes).movedim(-1, 1).float()
+        label_oh = torch.nn.functional.one_hot(label.long().cpu(), n_classes).movedim(-1, 1).float()
+        per_channel = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(pred_oh, label_oh)
+        per_item = torch.nanmean(per_channel.double(), dim=1)
+        new = [float(v) for v in per_item]
+        if any(math.isnan(v) for v in new):  # cannot happen with background included; guard anyway
+            raise UserError("dice_paper: an item has no channel present in its label (empty label?)")
+        self._values.extend(new)
+        return new
+
+    def extend(self, values: Sequence[float]) -> None:
+        """Add per-item values gathered from another rank (see :meth:`values`)."""
+        self._values.extend(float(v) for v in values)
+
+    def values(self) -> list[float]:
+        """Per-item values stored by ``update``/``extend`` on this instance (not those merged via ``merge_state``)."""
+        return list(self._values)
+
+    def state(self) -> tuple[float, int]:
+        """``(sum, count)`` of everything seen, for exact gathering across ranks (sum via ``math.fsum``)."""
+        return math.fsum(self._values) + self._merged_sum, len(self._values) + self._merged_count
+
+    def merge_state(self, total: float, count: int) -> None:
+        """Add another rank's ``state()``."""
+        if count < 0:
+            raise ValueError(f"merge_state: negative count {count}")
+        self._merged_sum += float(total)
+        self._merged_count += int(count)
+
+    @classmethod
+    def from_states(cls, states: Sequence[tuple[float, int]]) -> "PaperDice":
+        """One accumulator holding the sum of every ``(sum, count)`` in ``states`` (e.g. one per rank)."""
+        out = cls()
+        for total, count in states:
+            out.merge_state(total, count)
+        return out
+
+    def count(self) -> int:
+        """Number of items seen."""
+        return self.state()[1]
+
+    def mean(self) -> float:
+        """``dice_paper``: the mean over items.
+
+        Raises:
+            UserError: nothing was scored (an empty validation set).
+        """
+        total, count = self.state()
+        if count == 0:
+            raise UserError("dice_paper: no validation slices were scored (empty validation set)")
+        return total / count
+
+    def reset(self) -> None:
+        """Forget everything."""
+        self.__init__()
+
+
+# ----------------------------------------------------------------------------------------------
+# Challenge-grade per-organ scores
+# ----------------------------------------------------------------------------------------------
+
+
+def _boundary(mask: np.ndarray) -> np.ndarray:
+    """Boundary voxels of a mask that has a zero border: in the mask, with a face neighbour outside it."""
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask & ~ndimage.binary_erosion(mask, structure=structure)
+
+
+def surface_dice(a: np.ndarray, b: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> float:
+    """Normalized surface Dice of two boolean masks.
+
+    Surfaces are the boundary voxels of each mask (voxels of the mask with at
+    least one face neighbour outside it; outside the array counts as outside);
+    distances are Euclidean in mm between voxel centres, ``spacing`` giving the
+    size of a voxel along each axis. NSD = (boundary voxels of ``a`` within
+    ``tolerance_mm`` of the boundary of ``b`` + those of ``b`` within it of ``a``)
+    / (all boundary voxels of both). A distance equal to the tolerance counts as
+    within (up to a relative 1e-9, so that rounding cannot flip exact ties such as
+    2 x 2.5 mm against 5 mm). 0 when exactly one mask is empty; 1 when both are.
+
+    The nearest-surface distances come from a k-d tree over the other mask's
+    boundary points, searched only up to the tolerance: the same numbers as an
+    exact Euclidean distance transform, several times faster on large organs.
+    """
+    from scipy.spatial import cKDTree
+
+    if a.shape != b.shape:
+        raise ValueError(f"surface_dice: shapes differ {a.shape} vs {b.shape}")
+    a_any, b_any = bool(a.any()), bool(b.any())
+    if not a_any and not b_any:
+        return 1.0
+    if not a_any or not b_any:
+        return 0.0
+    scale = np.asarray([float(s) for s in spacing], dtype=np.float64)
+    pa = np.argwhere(_boundary(np.pad(a.astype(bool), 1))) * scale
+    pb = np.argwhere(_boundary(np.pad(b.astype(bool), 1))) * scale
+    limit = float(tolerance_mm) * (1.0 + 1e-9)
+    bound = np.nextafter(limit, np.inf)  # the tree's upper bound is strict; keep distances equal to `limit`
+    da, _ = cKDTree(pb).query(pa, k=1, distance_upper_bound=bound)
+    db, _ = cKDTree(pa).query(pb, k=1, distance_upper_bound=bound)
+    close = int(np.count_nonzero(da <= limit)) + int(np.count_nonzero(db <= limit))
+    return close / (len(pa) + len(pb))
+
+
+def _union_box(*boxes: tuple[slice, ...] | None) -> list[slice]:
+    present = [b for b in boxes if b is not None]
+    return [slice(min(b[d].start for b in present), max(b[d].stop for b in present)) for d in range(len(present[0]))]
+
+
+def organ_scores(
+    pred: np.ndarray,
+    label: np.ndarray,
+    spacing: Sequence[float],
+    n_classes: int = 14,
+    tolerance_mm: float | Mapping[int, float] = FLARE22_TOLERANCE_MM,
+    *,
+    z_axis: int | None = -1,
+) -> dict[int, dict[str, float]]:
+    """Volumetric Dice and normalized surface Dice per organ of one case, FLARE 2022 style.
+
+    Conventions, as in the official FLARE 2022 evaluation script, per organ id
+    ``i`` in ``1..n_classes-1`` (background is not scored):
+
+    * absent from both label and prediction: Dice 1, NSD 1;
+    * absent from the label, present in the prediction: Dice 0, NSD 0;
+    * present in the label, absent from the prediction: Dice 0, NSD 0 (falls out of the formulas);
+    * aorta (5), inferior vena cava (6) and esophagus (10) are scored only on the
+      slices along ``z_axis`` where the label has them (they are annotated over a
+      partial range); prediction outside that range is ignored and the cut
+      sub-volume is bordered by background, as in the script. One deliberate
+      difference: the script slices ``z_lower:z_upper`` and so drops the label's
+      last slice; here the range includes it.
+    * NSD tolerance: by default FLARE 2022's per-organ tolerances
+      (:data:`FLARE22_TOLERANCE_MM`: liver, pancreas, stomach 5 mm; duodenum 7 mm;
+      kidneys, spleen, esophagus 3 mm; aorta, IVC, adrenals, gallbladder 2 mm).
+      The often-quoted 1 mm is FLARE 2021's (4 organs); it is stricter than the
+      voxel size of most CT (and of the 2.5 mm slices after preprocessing), so it
+      mostly measures in-plane agreement. Pass ``tolerance_mm=1.0`` for it.
+
+    Surfaces are boundary voxels, not the surfel areas of DeepMind's
+    ``surface-distance`` package that the script uses, so NSD can differ from the
+    official value by a little (mostly on small or thin organs); Dice is identical.
+
+    Args:
+        pred: predicted class ids of the whole case (3D; 2D works too), integer dtype.
+        label: label class ids, same shape and an integer dtype.
+        spacing: voxel size in mm per axis, in array order (nibabel ``header.get_zooms()[:3]``
+            for an (x, y, z) array).
+        n_classes: classes including background; ids must lie in ``0..n_classes-1``.
+        tolerance_mm: NSD tolerance, one number for all organs or a mapping organ id -> mm.
+        z_axis: the slice axis for the aorta / IVC / esophagus restriction (-1 for nibabel's
+            (x, y, z) order and for slices stacked with ``np.stack(..., axis=-1)``); None scores
+            these organs on the whole volume like the others.
+
+    Returns:
+        ``{organ_id: {"dice", "nsd", "tolerance_mm", "label_voxels", "pred_voxels"}}`` (voxel counts over
+        the whole volume, before any z restriction).
+
+    Raises:
+        UserError: shapes differ, arrays are not integer ids or hold ids outside the range,
+            spacing is not one positive number per axis, or a tolerance is missing for an organ.
+    """
+    pred = np.asarray(pred)
+    label = np.asarray(label)
+    if pred.shape != label.shape:
+        raise UserError(f"prediction shape {pred.shape} differs from label shape {label.shape}")
+    _check_ids(pred, "prediction", n_classes)
+    _check_ids(label, "label", n_classes)
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != label.ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise UserError(f"spacing {spacing} must be one positive size in mm per axis of a {label.ndim}D array")
+    if z_axis is not None and not -label.ndim <= z_axis < label.ndim:
+        raise ValueError(f"z_axis {z_axis} is not an axis of a {label.ndim}D array")
+    if isinstance(tolerance_mm, Mapping):
+        missing = [i for i in range(1, n_classes) if i not in tolerance_mm]
+        if missing:
+            raise UserError(f"tolerance_mm has no tolerance for organ ids {missing}")
+        tolerances = {i: float(tolerance_mm[i]) for i in range(1, n_classes)}
+    else:
+        tolerances = {i: float(tolerance_mm) for i in range(1, n_classes)}
+    if not all(math.isfinite(t) and t >= 0 for t in tolerances.values()):
+        raise UserError(f"NSD tolerances must be non-negative mm, got {tolerances}")
+
+    lab_i = label.astype(np.intp, copy=False)
+    pred_i = pred.astype(np.intp, copy=False)
+    n_label = np.bincount(lab_i.ravel(), minlength=n_classes)
+    n_pred = np.bincount(pred_i.ravel(), minlength=n_classes)
+    box_label = ndimage.find_objects(lab_i, max_label=n_classes - 1)
+    box_pred = ndimage.find_objects(pred_i, max_label=n_classes - 1)
+    zax = None if z_axis is None else z_axis % label.ndim
+
+    out: dict[int, dict[str, float]] = {}
+    for i in range(1, n_classes):
+        row: dict[str, float] = {"tolerance_mm": tolerances[i], "label_voxels": int(n_label[i]), "pred_voxels": int(n_pred[i])}
+        if n_label[i] == 0 and n_pred[i] == 0:
+            row.update(dice=1.0, nsd=1.0)
+        elif n_label[i] == 0:
+            row.update(dice=0.0, nsd=0.0)
+        else:
+            region = _union_box(box_label[i - 1], box_pred[i - 1])
+            if zax is not None and i in FLARE22_Z_RESTRICTED:
+                zl = box_label[i - 1][zax]
+                region[zax] = slice(max(region[zax].start, zl.start), min(region[zax].stop, zl.stop))
+            region_t = tuple(region)
+            lab_m = label[region_t] == i
+            prd_m = pred[region_t] == i
+            inter = int(np.count_nonzero(lab_m & prd_m))
+            dice = 2.0 * inter / (int(np.count_nonzero(lab_m)) + int(np.count_nonzero(prd_m)))
+            row.update(dice=dice, nsd=surface_dice(lab_m, prd_m, spacing, tolerances[i]))
+        out[i] = row
+    return out
+
+
+def _mean_std(x: Sequence[float]) -> tuple[float, float]:
+    arr = np.asarray(x, dtype=np.float64)
+    return float(arr.mean()), float(arr.std())
+
+
+def summarize_case_scores(
+    per_case: Mapping[str, Mapping[int, Mapping[str, float]]], label_names: Sequence[str] | None = None
+) -> dict:
+    """Means of :func:`organ_scores` results over organs and cases, JSON-serialisable.
+
+    Args:
+        per_case: ``{case_id: organ_scores(...)}``; every case must score the same organ ids.
+        label_names: name per class id (index 0 background); default ``data.LABEL_NAMES``.
+
+    Returns:
+        ``{"n_cases", "dice_mean", "nsd_mean", "dice_std", "nsd_std", "per_case", "per_organ"}``:
+        ``dice_mean``/``nsd_mean`` are the mean over cases of each case's mean over organs
+        (``*_std``: their standard deviation over cases); ``per_case[case]`` holds
+        ``dice_mean``/``nsd_mean``; ``per_organ[name]`` holds ``organ_id``, ``dice``, ``nsd``
+        (means over cases), ``dice_std``, ``nsd_std``, ``tolerance_mm`` and ``n_cases_in_label``
+        (cases whose label contains the organ).
+
+    Raises:
+        UserError: ``per_case`` is empty (no validation case) or cases score different organs.
+    """
+    if not per_case:
+        raise UserError("no validation cases were scored (empty validation set)")
+    names = _label_names(label_names)
+    cases = list(per_case)
+    organ_ids = sorted(per_case[cases[0]])
+    for c in cases:
+        if sorted(per_case[c]) != organ_ids:
+            raise UserError(f"case {c!r} scores organs {sorted(per_case[c])}, case {cases[0]!r} scores {organ_ids}")
+    if organ_ids and max(organ_ids) >= len(names):
+        raise ValueError(f"label_names has {len(names)} names, organ id {max(organ_ids)} has none")
+    summary_case = {}
+    for c in cases:
+        summary_case[c] = {
+            "dice_mean": float(np.mean([per_case[c][i]["dice"] for i in organ_ids])),
+            "nsd_mean": float(np.mean([per_case[c][i]["nsd"] for i in organ_ids])),
+        }
+    per_organ = {}
+    for i in organ_ids:
+        d_mean, d_std = _mean_std([per_case[c][i]["dice"] for c in cases])
+        n_mean, n_std = _mean_std([per_case[c][i]["nsd"] for c in cases])
+        row = {"organ_id": i, "dice": d_mean, "nsd": n_mean, "dice_std": d_std, "nsd_std": n_std}
+        tol = per_case[cases[0]][i].get("tolerance_mm")
+        if tol is not None:
+            row["tolerance_mm"] = float(tol)
+        if "label_voxels" in per_case[cases[0]][i]:
+            row["n_cases_in_label"] = sum(1 for c in cases if per_case[c][i]["label_voxels"] > 0)
+        per_organ[str(names[i])] = row
+    d_mean, d_std = _mean_std([summary_case[c]["dice_mean"] for c in cases])
+    n_mean, n_std = _mean_std([summary_case[c]["nsd_mean"] for c in cases])
+    return {
+        "n_cases": len(cases),
+        "dice_mean": d_mean,
+        "nsd_mean": n_mean,
+        "dice_std": d_std,
+        "nsd_std": n_std,
+        "per_case": summary_case,
+        "per_organ": per_organ,
+    }
+
+
+def _json_number(v: float | int) -> float | int:
+    """A plain Python number for JSON (numpy scalars are not serialisable)."""
+    return int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else float(v)
+
+
+_CSV_COLUMNS = ("case", "organ_id", "organ", "dice", "nsd", "tolerance_mm", "label_voxels", "pred_voxels")
+
+
+def write_scores(
+    per_case: Mapping[str, Mapping[int, Mapping[str, float]]],
+    out_dir: str | os.PathLike,
+    prefix: str = "val",
+    label_names: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """Write per-case, per-organ scores as CSV and JSON, atomically.
+
+    ``<out_dir>/<prefix>_scores.csv``: one row per case x organ with columns
+    ``case, organ_id, organ, dice, nsd, tolerance_mm, label_voxels, pred_voxels``
+    (label / prediction voxel counts: 0 and 0 marks an organ absent from both, scored 1 by convention).
+    ``<out_dir>/<prefix>_scores.json``: ``{"summary": summarize_case_scores(...),
+    "per_case": {case: {organ_name: {organ_id, dice, nsd, ...}}}}``.
+
+    Returns:
+        ``{"csv": path, "json": path}``.
+
+    Raises:
+        UserError: as :func:`summarize_case_scores`.
+    """
+    names = _label_names(label_names)
+    summary = summarize_case_scores(per_case, names)
+    out_dir = Path(out_dir)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(_CSV_COLUMNS)
+    detail: dict[str, dict[str, dict]] = {}
+    for case, organs in per_case.items():
+        detail[case] = {}
+        for i in sorted(organs):
+            s = organs[i]
+            writer.writerow(
+                [
+                    case,
+                    i,
+                    names[i],
+                    f"{s['dice']:.6f}",
+                    f"{s['nsd']:.6f}",
+                    "" if "tolerance_mm" not in s else f"{s['tolerance_mm']:g}",
+                    "" if "label_voxels" not in s else int(s["label_voxels"]),
+                    "" if "pred_voxels" not in s else int(s["pred_voxels"]),
+                ]
+            )
+            detail[case][str(names[i])] = {"organ_id": i, **{k: _json_number(v) for k, v in s.items()}}
+    csv_path = out_dir / f"{prefix}_scores.csv"
+    json_path = out_dir / f"{prefix}_scores.json"
+    atomic_write_text(csv_path, buf.getvalue())
+    atomic_write_json(json_path, {"summary": summary, "per_case": detail})
+    return {"csv": str(csv_path), "json": str(json_path)}
+
+
+def format_summary(summary: Mapping, label_names: Sequence[str] | None = None) -> str:
+    """A compact text table of :func:`summarize_case_scores` output: organ, Dice, NSD (tolerance), then the mean.
+
+    ``label_names`` is accepted for symmetry with the other functions; the summary already holds the names.
+    """
+    del label_names
+    rows = [(name, o["dice"], o["nsd"], o.get("tolerance_mm")) for name, o in summary["per_organ"].items()]
+    width = max([len("organ")] + [len(r[0]) for r in rows] + [len("mean (per case)")])
+    out = [f"{'organ':<{width}}  {'Dice':>6}  {'NSD':>6}  tol mm", "-" * (width + 24)]
+    for name, d, n, tol in rows:
+        out.append(f"{name:<{width}}  {d:6.4f}  {n:6.4f}  {'' if tol is None else f'{tol:g}'}")
+    out.append("-" * (width + 24))
+    out.append(f"{'mean (per case)':<{width}}  {summary['dice_mean']:6.4f}  {summary['nsd_mean']:6.4f}")
+    out.append(f"{summary['n_cases']} case(s); Dice and NSD per organ are means over cases (FLARE 2022 conventions)")
+    return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Figure
+# ----------------------------------------------------------------------------------------------
+
+
+def organ_colors(n_classes: int = 14) -> np.ndarray:
+    """Fixed RGBA colour per class id (row 0, background, fully transparent); same ids, same colours everywhere."""
+    from matplotlib import colormaps
+
+    base = colormaps["tab20"].colors
+    # ids 1..13 (FLARE): liver red, kidneys blue / light blue, spleen green, pancreas orange,
+    # aorta purple, IVC cyan, adrenals brown / light brown, gallbladder pink, esophagus grey,
+    # stomach olive, duodenum light purple; neighbouring organs get far-apart colours
+    order = [6, 0, 4, 2, 8, 18, 10, 11, 12, 14, 16, 9, 1, 3, 5, 7, 13, 15, 17, 19]
+    colors = np.zeros((n_classes, 4))
+    for i in range(1, n_classes):
+        colors[i, :3] = base[order[(i - 1) % len(order)]]
+        colors[i, 3] = 1.0
+    return colors
+
+
+def plot_predictions(
+    images: Sequence[np.ndarray],
+    labels: Sequence[np.ndarray],
+    preds: Sequence[np.ndarray],
+    output_path: str | os.PathLike,
+    titles: Sequence[str] | None = None,
+    n_classes: int = 14,
+    label_names: Sequence[str] | None = None,
+    alpha: float = 0.5,
+) -> str:
+    """Save a PNG: one row per slice, image | label | prediction, organs in fixed colours, legend with names.
+
+    Args:
+        images: 2D intensity slices (any range; each is shown with its own min..max).
+        labels: 2D class-id slices, same shapes.
+        preds: 2D predicted class-id slices, same shapes.
+        output_path: the PNG to write (atomically); its folder is created.
+        titles: one title per row (e.g. ``"FLARE22_Tr_0042 slice 57"``).
+        n_classes: number of classes including background.
+        label_names: names per class id; default ``data.LABEL_NAMES``.
+        alpha: opacity of the organ colours over the image.
+
+    Returns:
+        The path written.
+
+    Raises:
+        UserError: empty or mismatched lists, non-2D slices, or ids outside ``0..n_classes-1``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    n = len(images)
+    if n == 0:
+        raise UserError("plot_predictions: no slices to plot")
+    if len(labels) != n or len(preds) != n or (titles is not None and len(titles) != n):
+        raise UserError(
+            f"plot_predictions: {n} images, {len(labels)} labels, {len(preds)} predictions"
+            + ("" if titles is None else f", {len(titles)} titles")
+        )
+    names = _label_names(label_names)
+    if len(names) < n_classes:
+        raise ValueError(f"label_names has {len(names)} names for {n_classes} classes")
+    colors = organ_colors(n_classes)
+    cmap = ListedColormap(colors)
+    present: set[int] = set()
+    for k in range(n):
+        img, lab, prd = np.asarray(images[k]), np.asarray(labels[k]), np.asarray(preds[k])
+        if img.ndim != 2 or lab.shape != img.shape or prd.shape != img.shape:
+            raise UserError(f"plot_predictions: slice {k} shapes image {img.shape}, label {lab.shape}, prediction {prd.shape}; need equal 2D")
+        _check_ids(lab, f"label of slice {k}", n_classes)
+        _check_ids(prd, f"prediction of slice {k}", n_classes)
+        present |= set(np.unique(lab).tolist()) | set(np.unique(prd).tolist())
+    present.discard(0)
+
+    fig, axes = plt.subplots(n, 3, figsize=(9.5, 3.1 * n + 0.6), squeeze=False)
+    for k in range(n):
+        img = np.asarray(images[k], dtype=np.float32)
+        for col, (over, head) in enumerate([(None, "image"), (labels[k], "label"), (preds[k], "prediction")]):
+            ax = axes[k, col]
+            ax.imshow(img, cmap="gray", interpolation="nearest")
+            if over is not None:
+                over = np.asarray(over)
+                ax.imshow(
+                    np.ma.masked_equal(over, 0), cmap=cmap, vmin=-0.5, vmax=n_classes - 0.5, alpha=alpha, interpolation="nearest"
+                )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if k == 0:
+                ax.set_title(head)
+        if titles is not None:
+            axes[k, 0].set_ylabel(titles[k], fontsize=9)
+    handles = [Patch(facecolor=colors[i], label=f"{i} {names[i]}") for i in sorted(present)]
+    if handles:
+        fig.legend(handles=handles, loc="lower center", ncol=min(5, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.03 + 0.03 * math.ceil(len(handles) / 5) / max(n, 1), 1, 1))
+    with atomic_write(output_path, "wb") as f:
+        fig.savefig(f, format="png", dpi=100)
+    plt.close(fig)
+    return os.fspath(output_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: score saved NIfTI predictions against labels
+# ----------------------------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "Challenge-grade per-organ Dice and NSD (FLARE 2022 conventions) of NIfTI predictions against labels",
+        add_help=True,
+    )
+    g = parser.add_argument_group("inputs (one case, or two folders of cases)")
+    g.add_argument("--pred", type=str, default=None, help="A predicted label volume (.nii.gz) to score against --label.")
+    g.add_argument("--label", type=str, default=None, help="The reference label volume (.nii.gz) for --pred; its header gives the spacing.")
+    g.add_argument("--pred_dir", type=str, default=None, help="Folder of predicted .nii.gz volumes; each is matched by file name in --label_dir.")
+    g.add_argument("--label_dir", type=str, default=None, help="Folder of reference .nii.gz label volumes for --pred_dir.")
+    g = parser.add_argument_group("scoring")
+    g.add_argument("--n_classes", type=int, default=14, help="Classes including background (14 for FLARE 2022); change only for another label set.")
+    g.add_argument(
+        "--tolerance_mm",
+        type=float,
+        default=None,
+        help="One NSD tolerance in mm for every organ (1.0 reproduces FLARE 2021). Default: FLARE 2022's per-organ tolerances.",
+    )
+    g.add_argument(
+        "--no_z_restriction",
+        action="store_true",
+        help="Score aorta, IVC and esophagus on the whole volume instead of the label's slice range (FLARE 2022 restricts them).",
+    )
+    g = parser.add_argument_group("output")
+    g.add_argument("--out_dir", type=str, default=None, help="Write <prefix>_scores.csv and .json here; without it only the table is printed.")
+    g.add_argument("--prefix", type=str, default="eval", help="File name prefix of the score files in --out_dir.")
+    return parser
+
+
+def _load_ids(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    import nibabel as nib
+
+    if not path.is_file():
+        raise UserError(f"{path} does not exist")
+    try:
+        img = nib.load(str(path))
+        arr = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for a bad file
+        raise UserError(f"{path} is not a readable NIfTI volume ({type(e).__name__}: {e})") from e
+    if not (np.issubdtype(arr.dtype, np.integer)):
+        if not np.all(np.isfinite(arr)) or not np.array_equal(arr, np.round(arr)):
+            raise UserError(f"{path} holds non-integer values; expected class ids")
+        arr = arr.astype(np.int64)
+    return arr, tuple(float(z) for z in img.header.get_zooms()[: arr.ndim])
+
+
+def main(args: argparse.Namespace) -> dict:
+    """Score the given predictions; returns the summary dict (see :func:`summarize_case_scores`)."""
+    if (args.pred is None) != (args.label is None):
+        raise UserError("--pred and --label go together")
+    if (args.pred_dir is None) != (args.label_dir is None):
+        raise UserError("--pred_dir and --label_dir go together")
+    if (args.pred is None) == (args.pred_dir is None):
+        raise UserError("give either --pred/--label or --pred_dir/--label_dir")
+    if args.pred is not None:
+        pairs = [(Path(args.pred), Path(args.label))]
+    else:
+        pred_dir, label_dir = Path(args.pred_dir), Path(args.label_dir)
+        for d, flag in ((pred_dir, "--pred_dir"), (label_dir, "--label_dir")):
+            if not d.is_dir():
+                raise UserError(f"{flag} {d} is not a folder")
+        preds = sorted(p for p in pred_dir.iterdir() if p.name.endswith((".nii.gz", ".nii")))
+        if not preds:
+            raise UserError(f"--pred_dir {pred_dir} holds no .nii.gz volumes")
+        pairs = [(p, label_dir / p.name) for p in preds]
+    tol = FLARE22_TOLERANCE_MM if args.tolerance_mm is None else args.tolerance_mm
+    from tqdm import tqdm
+
+    per_case = {}
+    for pred_path, label_path in tqdm(pairs, desc="scoring", disable=len(pairs) < 2):
+        pred, _ = _load_ids(pred_path)
+        label, spacing = _load_ids(label_path)
+        if pred.shape != label.shape:
+            raise UserError(f"{pred_path} has shape {pred.shape}, its label {label_path} has {label.shape}")
+        case = pred_path.name.removesuffix(".gz").removesuffix(".nii")
+        try:
+            per_case[case] = organ_scores(
+                pred, label, spacing, n_classes=args.n_classes, tolerance_mm=tol, z_axis=None if args.no_z_restriction else -1
+            )
+        except UserError as e:
+            raise UserError(f"{pred_path} against {label_path}: {e}") from e
+    summary = summarize_case_scores(per_case)
+    if args.out_dir is not None:
+        paths = write_scores(per_case, args.out_dir, prefix=args.prefix)
+        logger.info("wrote %s and %s", paths["csv"], paths["json"])
+    print(format_summary(summary))
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
