@@ -1,0 +1,740 @@
+"""IoU-based positives: two equal-size crops of one image whose IoU lies in [min_iou, max_iou].
+
+This module is the method of the project. It draws the two crops of a positive
+pair for SimSiam / DINO pretraining so that ``min_iou <= IoU(crop1, crop2) <= max_iou``
+(the paper's best interval is [0.3, 0.6]; [0, 1] is plain random cropping), in 2D
+and 3D, with square / cubic or rectangular / cuboid crops.
+
+Unlike the trial-and-error sampler of the original work (draw, test, retry a few
+times, then silently return whatever was drawn last), the sampler here is exact:
+
+* every returned pair has its IoU in the interval whenever the image admits such
+  a pair at all;
+* the first crop is uniform over the positions that have at least one valid
+  partner, and the second crop is uniform over the valid partners of the first;
+* when an image admits no valid pair, ``strict=True`` raises ``ValueError`` and
+  ``strict=False`` returns the realisable pair whose IoU is closest to the
+  interval and counts it in ``sampler.stats["infeasible"]`` (never silently).
+
+How it works. For two crops of the same size ``c`` (per axis), the intersection
+is the product over axes of the per-axis overlaps ``max(0, c_i - |a_i - b_i|)``,
+so the IoU depends only on the per-axis offset *classes* ``t_i = min(|a_i - b_i|, c_i)``
+(``t_i = c_i`` stands for "no overlap on this axis"). The sampler tabulates once,
+per crop size and interval, which class vectors are valid (a table of at most
+``prod(c_i + 1)`` entries). Given the first crop ``a``, the number of partners
+``b`` in class ``t`` factorises over axes, so the second crop is drawn exactly,
+axis by axis: class ``t_0`` from its marginal, then ``t_1`` given ``t_0``, and so
+on, then a uniform position within the chosen classes. No rejection, no retries,
+a fixed amount of work per pair.
+
+Python API::
+
+    import numpy as np
+    from iou_crops import IoUCropSampler, IoUCropd, crop_iou
+
+    sampler = IoUCropSampler(crop_size=96, min_iou=0.3, max_iou=0.6)
+    start_a, start_b = sampler.sample((300, 250), np.random.default_rng(0))
+    assert 0.3 <= crop_iou(start_a, start_b, 96) <= 0.6
+
+    # in a MONAI pipeline (channel-first arrays): writes image1 / image2, drops image
+    crop = IoUCropd(keys="image", spatial_dims=2, crop_size=96, min_iou=0.3, max_iou=0.6)
+    out = crop({"image": np.zeros((1, 300, 250), np.float32)})
+
+Command line (prints one pair per line, with its IoU)::
+
+    .venv/bin/python iou_crops.py --image_shape 300 250 --crop_size 96 --min_iou 0.3 --max_iou 0.6 --n 5
+    .venv/bin/python iou_crops.py --image_shape 200 200 120 --crop_size 64 --min_iou 0.6 --max_iou 1 --n 5 --seed 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import collections
+import logging
+import math
+from typing import Any, Hashable, Mapping, NamedTuple, Sequence, Union
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import Crop, MapTransform, Randomizable, Transform
+from monai.utils import TransformBackends
+
+from utils import UserError, run_cli
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["crop_iou", "CropPair", "IoUCropSampler", "IoUCrop", "IoUCropd", "cut_crop"]
+
+RNG = Union[np.random.Generator, np.random.RandomState]
+SizeLike = Union[int, Sequence[int]]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def _crop_size_tuple(crop_size: SizeLike, ndim: int) -> tuple[int, ...]:
+    """``crop_size`` (an int or one int per axis) as a tuple of ``ndim`` positive ints.
+
+    Raises:
+        ValueError: wrong number of values, a non-integer or a value <= 0.
+    """
+    if _is_int(crop_size):
+        size = (int(crop_size),) * ndim
+    else:
+        try:
+            size = tuple(crop_size)  # type: ignore[arg-type]
+        except TypeError:
+            raise ValueError(f"crop_size must be an int or a sequence of ints, got {crop_size!r}") from None
+        if len(size) != ndim:
+            raise ValueError(f"crop_size {tuple(crop_size)} has {len(size)} values, but the image has {ndim} spatial axes")
+        if not all(_is_int(s) for s in size):
+            raise ValueError(f"crop_size must contain integers, got {size}")
+        size = tuple(int(s) for s in size)
+    if any(s <= 0 for s in size):
+        raise ValueError(f"crop_size must be positive on every axis, got {size}")
+    return size
+
+
+def crop_iou(start_a: Sequence[int], start_b: Sequence[int], crop_size: SizeLike) -> float:
+    """IoU of two axis-aligned crops of the same size, from their start corners.
+
+    Args:
+        start_a: start corner of the first crop, one int per spatial axis (array order, no channel axis).
+        start_b: start corner of the second crop.
+        crop_size: crop size, an int (all axes) or one int per axis.
+
+    Returns:
+        intersection volume / union volume, computed in float64 from the integer volumes.
+
+    Raises:
+        ValueError: the corners have different lengths, or ``crop_size`` does not fit them.
+    """
+    if len(start_a) != len(start_b):
+        raise ValueError(f"start_a {tuple(start_a)} and start_b {tuple(start_b)} have different numbers of axes")
+    size = _crop_size_tuple(crop_size, len(start_a))
+    inter = 1
+    vol = 1
+    for a, b, c in zip(start_a, start_b, size):
+        inter *= max(0, c - abs(int(a) - int(b)))
+        vol *= c
+    return float(inter) / float(2 * vol - inter)
+
+
+class CropPair(NamedTuple):
+    """One sampled pair: start corners (tuples of Python ints), its IoU, and whether it is in the interval."""
+
+    start_a: tuple[int, ...]
+    start_b: tuple[int, ...]
+    iou: float
+    feasible: bool
+
+
+class _ClassSet:
+    """A set of offset-class vectors (the valid ones, or the closest ones) with its lookup tables.
+
+    Offset class on axis i: ``t_i = min(|a_i - b_i|, c_i)`` (``t_i = c_i``: no overlap on
+    that axis). For a set ``S`` of class vectors (boolean array ``member`` of shape
+    ``(c_0 + 1, ..., c_{k-1} + 1)``) it keeps:
+
+    * ``member_f``: ``member`` as float64 (for contractions with partner counts);
+    * ``reach[m]``: some member ``t <= m`` (componentwise) exists, i.e. a first crop
+      that can reach offsets up to ``m_i`` on every axis has a partner in ``S``;
+    * prefix sums along the last axis, which turn the sum over the last axis of
+      ``member * partner_row`` (a step function with few steps) into four lookups.
+    """
+
+    def __init__(self, member: np.ndarray) -> None:
+        self.member = member
+        self.member_f = member.astype(np.float64)
+        self.reach = _reach(member)
+        # prefix[..., j] = number of members with last class < j (length c_last + 2)
+        zeros = np.zeros(member.shape[:-1] + (1,), dtype=np.float64)
+        prefix = np.concatenate([zeros, np.add.accumulate(self.member_f, axis=-1)], axis=-1)
+        self.prefix_rows = prefix.astype(np.int64)  # last axis last: one row per leading index (final draw)
+        self.prefix_cols = np.ascontiguousarray(np.moveaxis(prefix, -1, 0))  # last axis first (contractions)
+        self.first_col = np.ascontiguousarray(self.member_f[..., 0])
+        self.last_col = np.ascontiguousarray(self.member_f[..., -1])
+
+
+class _ClassTable:
+    """What depends only on the crop size and the interval (not on the image).
+
+    ``iou[t]`` is the IoU of two crops whose per-axis offset classes are ``t``;
+    ``valid`` is the :class:`_ClassSet` of classes in the interval; ``dist[t]`` is the
+    distance of ``iou[t]`` to the interval (0 inside).
+    """
+
+    def __init__(self, size: tuple[int, ...], min_iou: float, max_iou: float) -> None:
+        self.size = size
+        vol = math.prod(size)
+        inter = np.ones((), dtype=np.int64)
+        for c in size:
+            overlap = c - np.arange(c + 1, dtype=np.int64)  # class t -> overlap c - t (0 for t = c)
+            inter = np.multiply.outer(inter, overlap)
+        # the same float64 division of the same integers as crop_iou: identical values
+        self.iou = inter.astype(np.float64) / (2 * vol - inter).astype(np.float64)
+        self.valid = _ClassSet((self.iou >= min_iou) & (self.iou <= max_iou))
+        self.dist = np.where(self.iou < min_iou, min_iou - self.iou, np.where(self.iou > max_iou, self.iou - max_iou, 0.0))
+
+
+def _reach(member: np.ndarray) -> np.ndarray:
+    """Cumulative OR of ``member`` along every axis."""
+    out = member.copy()
+    for ax in range(out.ndim):
+        out = np.logical_or.accumulate(out, axis=ax)
+    return out
+
+
+class _ShapePlan:
+    """What the sampler caches per image shape (small; see ``IoUCropSampler._plan``)."""
+
+    __slots__ = ("n", "feasible", "classes", "all_uniform", "first_cum", "first_shape", "groups")
+
+    def __init__(self) -> None:
+        self.n: tuple[int, ...] = ()
+        self.feasible = True
+        self.classes: _ClassSet | None = None
+        self.all_uniform = True
+        self.first_cum: np.ndarray | None = None
+        self.first_shape: tuple[int, ...] = ()
+        self.groups: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+
+
+def _partner_row(a: int, n: int, c: int) -> np.ndarray:
+    """Number of partner positions per offset class on one axis.
+
+    For a crop starting at ``a`` on an axis with ``n`` start positions and crop
+    length ``c``: entry ``t < c`` counts positions ``b`` with ``|a - b| = t`` (1 for
+    t = 0, else 0, 1 or 2), entry ``c`` counts positions with ``|a - b| >= c``.
+    The row is 1 at t = 0, 2 on [1, e2], 1 on [e2 + 1, e1], 0 up to c - 1, z at c
+    (see :func:`_row_steps`).
+    """
+    e2, e1, z = _row_steps(a, n, c)
+    row = np.zeros(c + 1, dtype=np.float64)
+    row[0] = 1.0
+    row[1 : e2 + 1] = 2.0
+    row[e2 + 1 : e1 + 1] = 1.0
+    row[c] = z
+    return row
+
+
+def _row_steps(a: int, n: int, c: int) -> tuple[int, int, int]:
+    """Steps of :func:`_partner_row`: offsets up to ``e2`` exist on both sides of ``a``,
+    up to ``e1`` on at least one side, and ``z`` positions do not overlap ``a`` at all."""
+    near = a if a < n - 1 - a else n - 1 - a
+    far = n - 1 - near
+    e2 = near if near < c - 1 else c - 1
+    e1 = far if far < c - 1 else c - 1
+    z = max(0, a - c + 1) + max(0, n - c - a)
+    return e2, e1, z
+
+
+def _draw_index(weights: np.ndarray, u: float) -> int:
+    """Index ``i`` with probability ``weights[i] / weights.sum()`` (integer-valued float weights)."""
+    cum = np.add.accumulate(weights)
+    total = cum[-1]
+    r = math.floor(u * total)
+    if r >= total:
+        r = total - 1
+    return int(cum.searchsorted(r, side="right"))
+
+
+def _draw_index_cum(cum: np.ndarray, u: float) -> int:
+    """Like :func:`_draw_index` from precomputed cumulative weights."""
+    total = cum[-1]
+    r = math.floor(u * total)
+    if r >= total:
+        r = total - 1
+    return int(cum.searchsorted(r, side="right"))
+
+
+# --------------------------------------------------------------------------- the sampler
+
+
+class IoUCropSampler:
+    """Exact sampler of crop pairs with ``min_iou <= IoU <= max_iou``.
+
+    Args:
+        crop_size: crop size, an int (square / cubic crops, any number of axes) or one
+            int per axis (rectangular / cuboid crops; fixes the number of axes).
+        min_iou: lower end of the IoU interval, in [0, 1].
+        max_iou: upper end of the IoU interval, in [min_iou, 1].
+        strict: when an image admits no pair in the interval, raise ValueError (True)
+            or return the realisable pair whose IoU is closest to the interval and count
+            it in ``stats["infeasible"]`` (False).
+        cache_size: number of image shapes whose (small) sampling plan is kept.
+
+    Raises:
+        ValueError: an invalid interval or crop size (the message holds the values).
+
+    ``stats`` is ``{"pairs": pairs drawn, "infeasible": pairs that could not meet the
+    interval}``; in a multi-worker DataLoader each worker counts its own pairs, so use
+    the ``iou_feasible`` entry of :class:`IoUCropd` (``store_boxes=True``) to audit there.
+    """
+
+    def __init__(
+        self,
+        crop_size: SizeLike,
+        min_iou: float = 0.0,
+        max_iou: float = 1.0,
+        strict: bool = False,
+        cache_size: int = 4096,
+    ) -> None:
+        for name, v in (("min_iou", min_iou), ("max_iou", max_iou)):
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+            if not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {v}")
+        if float(min_iou) > float(max_iou):
+            raise ValueError(f"min_iou {min_iou} is larger than max_iou {max_iou}")
+        if _is_int(crop_size):
+            if int(crop_size) <= 0:
+                raise ValueError(f"crop_size must be positive, got {crop_size}")
+            self.ndim: int | None = None
+            self._size_arg: SizeLike = int(crop_size)
+        else:
+            size = _crop_size_tuple(crop_size, len(tuple(crop_size)))  # type: ignore[arg-type]
+            if len(size) not in (2, 3):
+                raise ValueError(f"crop_size {size} must have 2 or 3 values (2D or 3D crops)")
+            self.ndim = len(size)
+            self._size_arg = size
+        if cache_size < 1:
+            raise ValueError(f"cache_size must be >= 1, got {cache_size}")
+        self.min_iou = float(min_iou)
+        self.max_iou = float(max_iou)
+        self.strict = bool(strict)
+        self.cache_size = int(cache_size)
+        self._tables: dict[int, _ClassTable] = {}
+        self._plans: collections.OrderedDict[tuple[int, ...], _ShapePlan] = collections.OrderedDict()
+        self._closest: dict[tuple[int, ...], _ClassSet] = {}
+        self._pairs = 0
+        self._infeasible = 0
+
+    # ---- small public helpers
+
+    def __repr__(self) -> str:
+        return (
+            f"IoUCropSampler(crop_size={self._size_arg}, min_iou={self.min_iou}, max_iou={self.max_iou}, "
+            f"strict={self.strict})"
+        )
+
+    def __getstate__(self) -> dict:
+        # caches are rebuilt on demand; do not ship them to DataLoader workers
+        state = self.__dict__.copy()
+        state["_tables"] = {}
+        state["_plans"] = collections.OrderedDict()
+        state["_closest"] = {}
+        return state
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``{"pairs": ..., "infeasible": ...}`` since construction or the last :meth:`reset_stats`."""
+        return {"pairs": self._pairs, "infeasible": self._infeasible}
+
+    def reset_stats(self) -> None:
+        """Set both counters of :attr:`stats` to zero."""
+        self._pairs = 0
+        self._infeasible = 0
+
+    def crop_size_for(self, ndim: int) -> tuple[int, ...]:
+        """The crop size as one int per axis for images with ``ndim`` spatial axes.
+
+        Raises:
+            ValueError: ``ndim`` is not 2 or 3, or does not match a per-axis ``crop_size``.
+        """
+        if ndim not in (2, 3):
+            raise ValueError(f"images must have 2 or 3 spatial axes, got {ndim}")
+        return _crop_size_tuple(self._size_arg, ndim)
+
+    def is_feasible(self, image_shape: Sequence[int]) -> bool:
+        """True when an image of spatial shape ``image_shape`` admits a pair in the interval.
+
+        Raises:
+            ValueError: the shape has the wrong number of axes or is smaller than the crop.
+        """
+        return self._plan(tuple(image_shape)).feasible
+
+    # ---- sampling
+
+    def sample(self, image_shape: Sequence[int], rng: RNG) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Draw one pair of crop start corners for an image of spatial shape ``image_shape``.
+
+        Args:
+            image_shape: spatial shape (2 or 3 ints, no channel axis).
+            rng: a ``numpy.random.Generator`` or ``numpy.random.RandomState``; all randomness comes from it.
+
+        Returns:
+            ``(start_a, start_b)``, tuples of Python ints; both crops lie inside the image.
+
+        Raises:
+            ValueError: bad shape, or (``strict=True``) an image that admits no pair in the interval.
+        """
+        pair = self.sample_pair(image_shape, rng)
+        return pair.start_a, pair.start_b
+
+    def sample_pair(self, image_shape: Sequence[int], rng: RNG) -> CropPair:
+        """Like :meth:`sample`, but also returns the pair's IoU and whether it is in the interval."""
+        key = tuple(image_shape) if not isinstance(image_shape, tuple) else image_shape
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(key)
+        if not plan.feasible and self.strict:
+            size = self.crop_size_for(len(key))
+            raise ValueError(
+                f"image of shape {tuple(int(s) for s in key)} admits no pair of {size} crops with IoU in "
+                f"[{self.min_iou}, {self.max_iou}]"
+            )
+        if isinstance(rng, np.random.Generator):
+            u = rng.random(3 * len(key)).tolist()
+        elif isinstance(rng, np.random.RandomState):
+            u = rng.random_sample(3 * len(key)).tolist()
+        else:
+            raise TypeError(f"rng must be a numpy.random.Generator or RandomState, got {type(rng).__name__}")
+        table = self._tables[len(key)]
+        size = table.size
+        n = plan.n
+        k = len(n)
+
+        # first crop: uniform over positions with at least one partner
+        if plan.all_uniform:
+            a = [min(int(u[i] * n[i]), n[i] - 1) for i in range(k)]
+        else:
+            j = _draw_index_cum(plan.first_cum, u[k])  # type: ignore[arg-type]
+            g = np.unravel_index(j, plan.first_shape)
+            a = []
+            for i in range(k):
+                order, starts, counts = plan.groups[i]
+                gi = int(g[i])
+                h = int(counts[gi])
+                a.append(int(order[int(starts[gi]) + min(int(u[i] * h), h - 1)]))
+
+        # second crop: offset class on axis 0 from its marginal, then axis 1 given axis 0, ...
+        cls = plan.classes
+        e2, e1, z = _row_steps(a[k - 1], n[k - 1], size[k - 1])
+        t_sel: list[int] = []
+        for j in range(k - 1):
+            idx = tuple(t_sel)
+            # sum over the last axis of member * partner row, from the prefix sums (row is a step function)
+            w = cls.prefix_cols[e2 + 1][idx] + cls.prefix_cols[e1 + 1][idx] - cls.first_col[idx] + z * cls.last_col[idx]
+            for i in range(k - 2, j, -1):  # middle axes (3D only): contract with the partner row
+                w = w @ _partner_row(a[i], n[i], size[i])
+            t_sel.append(_draw_index(w * _partner_row(a[j], n[j], size[j]), u[k + 1 + j]))
+        # last axis: pick a step of the row (weight = step value x members in it), then a member in it
+        prow = cls.prefix_rows[tuple(t_sel)].tolist()
+        c_last = size[k - 1]
+        steps = ((0, 0, 1), (1, e2, 2), (e2 + 1, e1, 1), (c_last, c_last, z))
+        masses = [val * (prow[hi + 1] - prow[lo]) for lo, hi, val in steps]
+        total = masses[0] + masses[1] + masses[2] + masses[3]
+        r = min(math.floor(u[2 * k] * total), total - 1)
+        for (lo, hi, val), mass in zip(steps, masses):
+            if r < mass:
+                break
+            r -= mass
+        # r // val: which member of the step; r % val: which of the val partner positions
+        t_sel.append(bisect.bisect_right(prow, prow[lo] + r // val) - 1)
+        last_pick = r % val
+        b = []
+        for i in range(k):
+            t, ai, ni, ci = t_sel[i], a[i], n[i], size[i]
+            if t == 0:
+                b.append(ai)
+                continue
+            left = ai - t >= 0 if t < ci else max(0, ai - ci + 1)  # partners below a (bool or count)
+            right = ai + t <= ni - 1 if t < ci else max(0, ni - ci - ai)  # partners above a
+            count = int(left) + int(right)
+            pick = last_pick if i == k - 1 else min(int(u[2 * k + 1 + i] * count), count - 1)
+            if t < ci:
+                b.append(ai - t if left and (pick == 0 or not right) else ai + t)
+            else:
+                b.append(pick if pick < left else ai + ci + (pick - left))
+        self._pairs += 1
+        if not plan.feasible:
+            self._infeasible += 1
+        return CropPair(tuple(a), tuple(b), float(table.iou[tuple(t_sel)]), plan.feasible)
+
+    # ---- per-shape plan
+
+    def _table(self, ndim: int) -> _ClassTable:
+        table = self._tables.get(ndim)
+        if table is None:
+            table = _ClassTable(self.crop_size_for(ndim), self.min_iou, self.max_iou)
+            self._tables[ndim] = table
+        return table
+
+    def _plan(self, shape: tuple[int, ...]) -> _ShapePlan:
+        plan = self._plans.get(shape)
+        if plan is not None:
+            return plan
+        if self.ndim is not None and len(shape) != self.ndim:
+            raise ValueError(f"image shape {shape} has {len(shape)} axes, but crop_size {self._size_arg} has {self.ndim}")
+        if len(shape) not in (2, 3):
+            raise ValueError(f"image shape {shape} must have 2 or 3 spatial axes (no channel axis)")
+        if not all(_is_int(s) and s > 0 for s in shape):
+            raise ValueError(f"image shape {shape} must contain positive integers")
+        shape = tuple(int(s) for s in shape)
+        table = self._table(len(shape))
+        size = table.size
+        if any(s < c for s, c in zip(shape, size)):
+            raise ValueError(f"crop size {size} is larger than the image {shape} on at least one axis")
+        n = tuple(s - c + 1 for s, c in zip(shape, size))
+        # first crop at position a can reach offset classes 0..m(a) on each axis,
+        # m(a) = min(max(a, n - 1 - a), c); the largest m is min(n - 1, c), the smallest
+        # min(ceil((n - 1) / 2), c)
+        m_max = tuple(min(ni - 1, ci) for ni, ci in zip(n, size))
+        m_min = tuple(min(ni // 2, ci) for ni, ci in zip(n, size))
+        plan = _ShapePlan()
+        plan.n = n
+        plan.feasible = bool(table.valid.reach[m_max])
+        if plan.feasible:
+            plan.classes = table.valid
+        else:
+            # the closest realisable classes: offsets up to m_max exist in this image
+            closest = self._closest.get(m_max)
+            if closest is None:
+                box = tuple(slice(0, m + 1) for m in m_max)
+                dmin = table.dist[box].min()
+                member = np.zeros(table.iou.shape, dtype=bool)
+                member[box] = table.dist[box] == dmin
+                closest = _ClassSet(member)
+                self._closest[m_max] = closest
+            plan.classes = closest
+        reach = plan.classes.reach
+        plan.all_uniform = bool(reach[m_min])
+        if not plan.all_uniform:
+            groups = []
+            mvals = []
+            for ni, ci in zip(n, size):
+                pos = np.arange(ni)
+                m = np.minimum(np.maximum(pos, ni - 1 - pos), ci)
+                order = np.argsort(m, kind="stable")
+                values, counts = np.unique(m, return_counts=True)
+                starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+                groups.append((order, starts, counts))
+                mvals.append(values)
+            weight = reach[np.ix_(*mvals)].astype(np.float64)
+            for i, (_, _, counts) in enumerate(groups):
+                shp = [1] * len(n)
+                shp[i] = len(counts)
+                weight = weight * counts.reshape(shp).astype(np.float64)
+            plan.first_cum = np.cumsum(weight.ravel())
+            plan.first_shape = weight.shape
+            plan.groups = groups
+        self._plans[shape] = plan
+        if len(self._plans) > self.cache_size:
+            self._plans.popitem(last=False)
+        return plan
+
+
+# --------------------------------------------------------------------------- cutting
+
+
+_CROPPER = Crop()
+
+
+def cut_crop(img: Any, start: Sequence[int], size: Sequence[int]) -> Any:
+    """Cut ``img[:, start_0:start_0+size_0, ...]`` from a channel-first image, keeping its type.
+
+    MetaTensors go through MONAI's ``Crop`` (affine updated, operation recorded);
+    torch tensors and numpy arrays are sliced. As with MONAI's own crop transforms
+    the result is a view of the input (no copy): the two crops of a pair may share
+    memory where they overlap, so copy before modifying one of them in place.
+    """
+    slices = tuple(slice(int(s), int(s) + int(c)) for s, c in zip(start, size))
+    if isinstance(img, MetaTensor):
+        return _CROPPER(img, slices, lazy=False)
+    if isinstance(img, (torch.Tensor, np.ndarray)):
+        return img[(slice(None),) + slices]
+    raise TypeError(f"expected a numpy array, torch tensor or MetaTensor, got {type(img).__name__}")
+
+
+def _spatial_shape(img: Any, name: str) -> tuple[int, ...]:
+    if not isinstance(img, (np.ndarray, torch.Tensor)):
+        raise TypeError(f"{name}: expected a numpy array, torch tensor or MetaTensor, got {type(img).__name__}")
+    if img.ndim not in (3, 4):
+        raise ValueError(f"{name}: expected a channel-first 2D or 3D image (C, H, W[, D]), got shape {tuple(img.shape)}")
+    return tuple(int(s) for s in img.shape[1:])
+
+
+# --------------------------------------------------------------------------- MONAI transforms
+
+
+class IoUCrop(Randomizable, Transform):
+    """Two crops of a channel-first image with IoU in [min_iou, max_iou] (array-level MONAI transform).
+
+    Args:
+        crop_size: crop size, an int or one int per spatial axis.
+        min_iou, max_iou, strict: see :class:`IoUCropSampler`.
+
+    ``__call__(img, randomize=True) -> (crop1, crop2)``. After a call, ``start_a``,
+    ``start_b`` (tuples of ints), ``iou`` (float) and ``feasible`` (bool) describe the
+    last pair. With ``randomize=False`` the last boxes are reused.
+    """
+
+    backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
+
+    def __init__(self, crop_size: SizeLike, min_iou: float = 0.0, max_iou: float = 1.0, strict: bool = False) -> None:
+        self.sampler = IoUCropSampler(crop_size, min_iou, max_iou, strict)
+        self.start_a: tuple[int, ...] | None = None
+        self.start_b: tuple[int, ...] | None = None
+        self.iou: float | None = None
+        self.feasible: bool | None = None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The sampler's counters (pairs drawn, infeasible pairs) in this process."""
+        return self.sampler.stats
+
+    def randomize(self, data: Sequence[int]) -> None:
+        """Draw a pair for an image of spatial shape ``data`` from ``self.R``."""
+        pair = self.sampler.sample_pair(tuple(data), self.R)
+        self.start_a, self.start_b, self.iou, self.feasible = pair
+
+    def __call__(self, img: Any, randomize: bool = True) -> tuple[Any, Any]:
+        shape = _spatial_shape(img, "IoUCrop")
+        if randomize:
+            self.randomize(shape)
+        elif self.start_a is None:
+            raise RuntimeError("IoUCrop called with randomize=False before any pair was drawn")
+        size = self.sampler.crop_size_for(len(shape))
+        return cut_crop(img, self.start_a, size), cut_crop(img, self.start_b, size)  # type: ignore[arg-type]
+
+
+class IoUCropd(Randomizable, MapTransform):
+    """Dictionary version of :class:`IoUCrop`: the same two boxes for every key.
+
+    For each key ``k`` it writes ``{k}1`` and ``{k}2`` and drops ``{k}``. With
+    ``store_boxes=True`` it also writes ``iou_start1`` and ``iou_start2`` (int64 arrays
+    of shape ``(spatial_dims,)``), ``iou_value`` (float, the realised IoU) and
+    ``iou_feasible`` (bool, False when the image admitted no pair in the interval and
+    the closest pair was returned). Crops are views of the input, as with MONAI's own
+    crop transforms (see :func:`cut_crop`).
+
+    Args:
+        keys: keys of the channel-first images to crop (image and label get identical boxes).
+        spatial_dims: 2 for slices (C, H, W), 3 for volumes (C, H, W, D).
+        crop_size: crop size, an int or one int per spatial axis.
+        min_iou, max_iou, strict: see :class:`IoUCropSampler`.
+        store_boxes: also write the boxes, IoU and feasibility (pair audit, debugging).
+        allow_missing_keys: skip keys absent from the data instead of raising KeyError.
+
+    Raises:
+        ValueError: bad arguments; at call time, images of the wrong dimensionality or
+            keys whose spatial shapes differ.
+    """
+
+    backend = IoUCrop.backend
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        spatial_dims: int,
+        crop_size: SizeLike = 96,
+        min_iou: float = 0.0,
+        max_iou: float = 1.0,
+        strict: bool = False,
+        store_boxes: bool = False,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        MapTransform.__init__(self, keys, allow_missing_keys)
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        self.spatial_dims = int(spatial_dims)
+        self.crop_size = _crop_size_tuple(crop_size, self.spatial_dims)
+        self.sampler = IoUCropSampler(self.crop_size, min_iou, max_iou, strict)
+        self.store_boxes = bool(store_boxes)
+        self.pair: CropPair | None = None
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """The sampler's counters (pairs drawn, infeasible pairs) in this process."""
+        return self.sampler.stats
+
+    def randomize(self, data: Sequence[int]) -> None:
+        """Draw the pair for spatial shape ``data`` from ``self.R``."""
+        self.pair = self.sampler.sample_pair(tuple(data), self.R)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        if not keys:
+            return d
+        shape = None
+        for key in keys:
+            s = _spatial_shape(d[key], f"IoUCropd key {key!r}")
+            if len(s) != self.spatial_dims:
+                raise ValueError(
+                    f"IoUCropd key {key!r}: shape {tuple(d[key].shape)} is not channel-first {self.spatial_dims}D"
+                )
+            if shape is None:
+                shape = s
+            elif s != shape:
+                raise ValueError(f"IoUCropd: key {key!r} has spatial shape {s}, key {keys[0]!r} has {shape}")
+            for suffix in ("1", "2"):
+                if f"{key}{suffix}" in d:
+                    raise ValueError(f"IoUCropd: output key {key}{suffix!s} already exists in the data")
+        self.randomize(shape)  # type: ignore[arg-type]
+        pair = self.pair
+        assert pair is not None
+        for key in keys:
+            img = d.pop(key)
+            d[f"{key}1"] = cut_crop(img, pair.start_a, self.crop_size)
+            d[f"{key}2"] = cut_crop(img, pair.start_b, self.crop_size)
+        if self.store_boxes:
+            d["iou_start1"] = np.asarray(pair.start_a, dtype=np.int64)
+            d["iou_start2"] = np.asarray(pair.start_b, dtype=np.int64)
+            d["iou_value"] = float(pair.iou)
+            d["iou_feasible"] = bool(pair.feasible)
+        return d
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Draw crop pairs with IoU in [min_iou, max_iou] and print them (a quick look at the sampler).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = parser.add_argument_group("image and crops")
+    g.add_argument("--image_shape", type=int, nargs="+", required=True,
+                   help="spatial shape of the image, 2 or 3 ints in array order (no channel axis)")
+    g.add_argument("--crop_size", type=int, nargs="+", default=[96],
+                   help="crop size: one int for square/cubic crops or one per axis for rectangular/cuboid crops")
+    g = parser.add_argument_group("interval")
+    g.add_argument("--min_iou", type=float, default=0.3, help="lower end of the IoU interval (paper's best: 0.3)")
+    g.add_argument("--max_iou", type=float, default=0.6, help="upper end of the IoU interval (paper's best: 0.6)")
+    g.add_argument("--strict", action="store_true",
+                   help="fail when the image admits no pair in the interval instead of returning the closest pair")
+    g = parser.add_argument_group("sampling")
+    g.add_argument("--n", type=int, default=5, help="number of pairs to print")
+    g.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator; change it for other pairs")
+    return parser
+
+
+def main(args: argparse.Namespace) -> list[CropPair]:
+    crop = args.crop_size[0] if len(args.crop_size) == 1 else tuple(args.crop_size)
+    try:
+        sampler = IoUCropSampler(crop, args.min_iou, args.max_iou, strict=args.strict)
+        if args.n < 1:
+            raise ValueError(f"--n must be >= 1, got {args.n}")
+        rng = np.random.default_rng(args.seed)
+        pairs = [sampler.sample_pair(tuple(args.image_shape), rng) for _ in range(args.n)]
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not sampler.is_feasible(tuple(args.image_shape)):
+        logger.warning("the image admits no pair in the interval: printing the closest pairs")
+    print(f"{'start_a':>20} {'start_b':>20} {'IoU':>8} in_interval")
+    for p in pairs:
+        print(f"{str(p.start_a):>20} {str(p.start_b):>20} {p.iou:8.4f} {p.feasible}")
+    return pairs
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())
