@@ -320,6 +320,22 @@ class Averages:
         return {k: self.sums[k] / self.counts[k] for k in self.sums}
 
 
+def clip_gradients(model: nn.Module, max_norm: float, mode: str = "global") -> None:
+    """Clip gradients: "global" scales all of them so that their joint L2 norm is at most
+    ``max_norm`` (``clip_grad_norm_``); "per_param" scales each parameter's gradient to a
+    norm of at most ``max_norm`` on its own, as DINO's reference code does.
+    """
+    if mode == "global":
+        nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    elif mode == "per_param":
+        for p in model.parameters():
+            if p.grad is not None:
+                norm = p.grad.detach().norm(2)
+                p.grad.mul_(torch.clamp(max_norm / (norm + 1e-6), max=1.0))
+    else:
+        raise ValueError(f"clip mode must be 'global' or 'per_param', got {mode!r}")
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -335,6 +351,7 @@ def train_one_epoch(
     amp: Amp,
     accum_iters: int = 1,
     clip_grad: float = 0.0,
+    clip_mode: str = "global",
     before_optimizer_step: Callable[[int], None] | None = None,
     after_optimizer_step: Callable[[int], None] | None = None,
     info: DistInfo = DistInfo(),
@@ -346,7 +363,8 @@ def train_one_epoch(
     dict of scalars to average. Each optimizer step accumulates ``accum_iters`` batches;
     batches that would not complete a step at the end of the epoch are skipped, like the
     last incomplete batch. Learning rate and weight decay follow the per-iteration
-    schedules (index ``epoch * iters_per_epoch + step``). A non-finite loss stops the run
+    schedules (index ``epoch * iters_per_epoch + step``). ``clip_grad`` > 0 clips the
+    gradients before each step (``clip_mode``: see :func:`clip_gradients`). A non-finite loss stops the run
     (TrainingError, exit code 1) before the optimizer touches the weights.
     """
     from tqdm import tqdm
@@ -387,7 +405,7 @@ def train_one_epoch(
             continue
         if clip_grad > 0:
             amp.unscale(optimizer)
-            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+            clip_gradients(model, clip_grad, clip_mode)
         if before_optimizer_step is not None:
             before_optimizer_step(it)
         amp.step(optimizer)

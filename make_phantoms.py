@@ -71,7 +71,7 @@ from utils import UserError, atomic_write, atomic_write_json, run_cli
 logger = logging.getLogger(__name__)
 
 #: Bumped whenever the generated volumes change for the same seed and size.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: x mirrored to true RAS+ (patient right at high x)
 
 #: FLARE 2022 label ids.
 LABELS: dict[str, int] = {
@@ -386,7 +386,7 @@ def make_case(
 
     Returns:
         (image, label, affine): image int16 HU of shape (size_xy, size_xy, n_slices) in
-        RAS orientation (x towards the patient's left, y anterior, z superior); label
+        RAS orientation (x towards the patient's right, y anterior, z superior); label
         uint8 of the same shape with FLARE ids 0..13 (all 13 present in a labelled case
         of the default size), or None when ``labelled`` is False; affine 4x4 float64 with
         the voxel sizes on the diagonal and the volume centred on the origin.
@@ -802,7 +802,12 @@ def _make_case_full(seed: int, size_xy: int, n_slices: int, labelled: bool, spac
 
     affine = np.diag([sp[0], sp[1], sp[2], 1.0])
     affine[:3, 3] = -0.5 * (np.array([X, Y, Z]) - 1) * np.array(sp)
-    return image, (cv.label if labelled else None), affine, cv.tissue
+    # the anatomy above is modelled with the patient's right at low x; RAS+ puts the
+    # patient's right at high x (world x grows towards the right), so mirror x once here
+    image = np.ascontiguousarray(image[::-1])
+    label = np.ascontiguousarray(cv.label[::-1]) if labelled else None
+    tissue = np.ascontiguousarray(cv.tissue[::-1])
+    return image, label, affine, tissue
 
 
 # --------------------------------------------------------------------------------------
@@ -1011,9 +1016,10 @@ def render_preview(image: np.ndarray, label: np.ndarray | None, affine: np.ndarr
     colors[0, 3] = 0.0
     cmap = ListedColormap(colors)
     levels = [int(Z * f) for f in (0.85, 0.65, 0.5, 0.3)]
-    views = [(f"axial z={z}", image[:, :, z].T[::-1], None if label is None else label[:, :, z].T[::-1], 1.0) for z in levels]
+    # rows: anterior up; columns: x reversed, so the patient's right (high x in RAS) is on the left
+    views = [(f"axial z={z}", image[::-1, :, z].T[::-1], None if label is None else label[::-1, :, z].T[::-1], 1.0) for z in levels]
     yc = Y // 2 - int(0.1 * Y) if label is None else int(np.median(np.nonzero(label)[1]))
-    views.append(("coronal", image[:, yc, :].T[::-1], None if label is None else label[:, yc, :].T[::-1], sp[2] / sp[0]))
+    views.append(("coronal", image[::-1, yc, :].T[::-1], None if label is None else label[::-1, yc, :].T[::-1], sp[2] / sp[0]))
     rows = 2 if label is not None else 1
     fig, axes = plt.subplots(rows, len(views), figsize=(3.2 * len(views), 3.4 * rows), squeeze=False)
     for j, (name, img, lab, aspect) in enumerate(views):

@@ -261,6 +261,76 @@ class SimSiamLoss(nn.Module):
         return 0.5 * (d1 + d2)
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum of a tensor over all ranks, differentiable: the gradient is summed over ranks too."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        out = x.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class AllReduceBatchNorm1d(nn.BatchNorm1d):
+    """``BatchNorm1d`` whose training statistics cover the batches of all ranks.
+
+    ``nn.SyncBatchNorm`` runs on GPUs only; this one works with any backend (gloo on the
+    CPU included) through a differentiable all-reduce of the per-channel sums, so a
+    K-process run normalises exactly as one process with the K-times larger batch.
+    Outside a multi-process training step it is a plain ``BatchNorm1d``; the parameter
+    and buffer names are the same, so state dicts load either way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not (self.training and distributed and x.dim() == 2):
+            return super().forward(x)
+        xf = x.float()
+        count = torch.full((1,), float(xf.shape[0]), device=xf.device, dtype=xf.dtype)
+        sums = _AllReduceSum.apply(torch.cat([xf.sum(0), count]))
+        n = sums[-1]
+        mean = sums[:-1] / n
+        centred = xf - mean  # two passes: as accurate as the single-process BatchNorm
+        var = _AllReduceSum.apply(centred.square().sum(0)) / n
+        y = centred * torch.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.weight + self.bias
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked.item())
+                unbiased = var.detach() * (n / (n - 1).clamp_min(1.0))
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """Make every ``BatchNorm1d`` of ``module`` synchronise its statistics across ranks.
+
+    CUDA: PyTorch's ``nn.SyncBatchNorm``. Other devices: :class:`AllReduceBatchNorm1d`.
+    Returns the converted module (the same object when nothing had to be replaced).
+    """
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if type(module) is nn.BatchNorm1d:
+        new = AllReduceBatchNorm1d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        return new
+    for name, child in module.named_children():
+        converted = convert_sync_batchnorm(child, device)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
 @torch.no_grad()
 def collapse_coefficient(p: torch.Tensor) -> float:
     """max(0, 1 - sqrt(d) * s): 0 for healthy outputs, 1 for complete collapse.
@@ -460,10 +530,18 @@ def torch_load(path: str, map_location: str | torch.device = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        import re
+
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+        if found:
+            raise UserError(
+                f"checkpoint {path!r} needs the Python object {found.group(1)} to load; this project loads "
+                f"checkpoints with weights_only=True and refuses arbitrary pickled objects"
+            ) from None
         raise UserError(
-            f"checkpoint {path!r} cannot be loaded with weights_only=True (it needs arbitrary pickled objects, "
-            f"which this project refuses to unpickle): {first}"
+            f"{path!r} is not a readable PyTorch checkpoint (not written by torch.save, or it holds pickled "
+            f"data that weights_only=True refuses)"
         ) from None
     except Exception as e:  # zip errors, truncated files, text files...
         raise UserError(f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).strip()[:200]})") from None
@@ -524,7 +602,7 @@ def extract_encoder_state(ckpt: Any, path: str, checkpoint_key: str = "teacher")
         else:
             raise UserError(f"--checkpoint_key {checkpoint_key!r} not available in {path!r} (a {ckpt.get('method')} checkpoint)")
         return _strip_prefixes(state), cfg
-    if ckpt.get("format", "").startswith("ioupos-finetune"):
+    if str(ckpt.get("format", "")).startswith("ioupos-finetune"):
         cfg = ckpt.get("model_config")
         full = ckpt["model"]
         enc_prefix = "swinViT." if cfg and cfg.get("arch") == "swin" else "vit."

@@ -104,7 +104,7 @@ def test_hu_ranges_per_organ_and_tissue(small_case):
 
 
 def test_anatomy_is_where_it_belongs(small_case):
-    """RAS: +x is the patient's left, +y anterior, +z superior."""
+    """RAS+: +x is the patient's right, +y anterior, +z superior (as the real FLARE-layout CT)."""
     _, label, affine, _ = small_case
 
     def centroid(name):
@@ -113,11 +113,11 @@ def test_anatomy_is_where_it_belongs(small_case):
         return idx.mean(0)
 
     mid_x = (label.shape[0] - 1) / 2
-    assert centroid("liver")[0] < mid_x < centroid("spleen")[0]
-    assert centroid("right_kidney")[0] < mid_x < centroid("left_kidney")[0]
-    assert centroid("right_adrenal_gland")[0] < mid_x < centroid("left_adrenal_gland")[0]
-    assert centroid("inferior_vena_cava")[0] < centroid("aorta")[0]
-    assert centroid("gallbladder")[0] < mid_x and centroid("stomach")[0] > mid_x
+    assert centroid("liver")[0] > mid_x > centroid("spleen")[0]
+    assert centroid("right_kidney")[0] > mid_x > centroid("left_kidney")[0]
+    assert centroid("right_adrenal_gland")[0] > mid_x > centroid("left_adrenal_gland")[0]
+    assert centroid("inferior_vena_cava")[0] > centroid("aorta")[0]
+    assert centroid("gallbladder")[0] > mid_x and centroid("stomach")[0] < mid_x
     assert centroid("pancreas")[1] > centroid("aorta")[1]  # pancreas anterior to the aorta
     assert centroid("spleen")[1] < centroid("stomach")[1]  # spleen posterior to the stomach
     assert centroid("right_adrenal_gland")[2] > centroid("right_kidney")[2]  # adrenals above the kidneys

@@ -1,0 +1,650 @@
+"""FLARE 2022 data: label names, case ids, the split, PNG slices, file listings, preprocessing transforms.
+
+Everything that knows how the data lies on disk lives here, so that the
+preprocessing scripts, pretraining (``main_simsiam.py`` / ``main_dino.py``) and
+fine-tuning (``main_finetune.py``) agree on one layout::
+
+    raw FLARE (labelled)            <data_dir>/images/FLARE22_Tr_0001_0000.nii.gz   (or imgs/)
+                                    <data_dir>/labels/FLARE22_Tr_0001.nii.gz
+    raw FLARE (unlabelled)          <data_dir>/**/Case_00001_0000.nii.gz
+    preprocess_flare_labelled.py    <out>/imgs/FLARE22_Tr_0001_0000.png, <out>/labels/FLARE22_Tr_0001_0000.png, ...
+    preprocess_flare_unlabelled.py  <out>/Case_00001_0000.png, ...   (2D)   or   <out>/Case_00001.nii.gz (3D)
+
+A slice file is ``<case>_<zzzz>.png`` where ``zzzz`` is the zero-padded z index
+(4 digits, more when a case has 10,000 slices or more), so sorting the names of
+one case keeps slice order. The modality suffix ``_0000`` of the raw image is
+dropped from case ids, so the first slice of case ``FLARE22_Tr_0001`` is
+``FLARE22_Tr_0001_0000.png``.
+
+Array convention: after ``LoadImage`` MONAI arrays are (C, X, Y, Z) in RAS
+orientation; a 2D slice is the (X, Y) array at one z. On disk a slice PNG is
+drawn the way a radiologist looks at an axial CT slice (anterior at the top, the
+patient's right on the left of the picture): the PNG's rows are y reversed and its
+columns x reversed. :func:`write_png_2d` applies that once and :func:`read_image_2d`
+/ :func:`read_label_2d` undo it, so a slice round-trips exactly as (X, Y).
+Intensities: 8-bit PNG = round(value * 255), 16-bit PNG = round(value * 65535),
+for values in [0, 1]; labels are 8-bit PNGs holding the FLARE ids 0..13.
+
+Example (Python)::
+
+    from data import load_split, list_finetune_pairs, read_image_2d, read_label_2d, DEFAULT_SPLIT_PATH
+    pairs = list_finetune_pairs("flare_2d/labelled", load_split(DEFAULT_SPLIT_PATH), spatial_dims=2)
+    item = pairs["train"][0]
+    image, label = read_image_2d(item["image"]), read_label_2d(item["label"])  # (X, Y) float32 / uint8
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from utils import UserError
+
+logger = logging.getLogger(__name__)
+
+# --------------------------------------------------------------------------------------
+# Labels and constants
+# --------------------------------------------------------------------------------------
+
+#: FLARE 2022 organ names; the index is the label id stored in the label files.
+LABEL_NAMES: tuple[str, ...] = (
+    "background",
+    "liver",
+    "right kidney",
+    "spleen",
+    "pancreas",
+    "aorta",
+    "inferior vena cava",
+    "right adrenal gland",
+    "left adrenal gland",
+    "gallbladder",
+    "esophagus",
+    "stomach",
+    "duodenum",
+    "left kidney",
+)
+#: Number of segmentation classes including background.
+N_CLASSES: int = len(LABEL_NAMES)
+
+#: The paper's 15 / 35 train / validation split of the 50 labelled FLARE 2022 cases.
+DEFAULT_SPLIT_PATH: str = str(Path(__file__).resolve().parent / "data" / "split.json")
+
+#: Modality suffix of FLARE image files (``FLARE22_Tr_0001_0000.nii.gz``), dropped from case ids.
+MODALITY_SUFFIX = "_0000"
+#: Folder names of the raw labelled FLARE layout (``imgs`` is the original code's name).
+RAW_IMAGE_DIRS = ("images", "imgs")
+RAW_LABEL_DIR = "labels"
+#: Folder names of a ``preprocess_flare_labelled.py`` output.
+SLICE_IMAGE_DIR = "imgs"
+SLICE_LABEL_DIR = "labels"
+#: Hidden folder of per-case manifests written by the preprocessing scripts.
+MANIFEST_DIR = ".manifest"
+#: Minimum number of digits of the slice index in slice file names.
+SLICE_DIGITS = 4
+
+_NIFTI_EXTS = (".nii.gz", ".nii")
+_SLICE_RE = re.compile(r"^(?P<case>.+)_(?P<z>\d{4,})\.png$")
+
+
+# --------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------
+
+
+def is_nifti(path: str | os.PathLike) -> bool:
+    """True when the file name ends in ``.nii.gz`` or ``.nii``."""
+    return os.fspath(path).endswith(_NIFTI_EXTS)
+
+
+def strip_extension(name: str) -> str:
+    """Drop ``.nii.gz``, ``.nii`` or ``.png`` from a file name (other names are returned unchanged)."""
+    for ext in (".nii.gz", ".nii", ".png"):
+        if name.endswith(ext):
+            return name[: -len(ext)]
+    return name
+
+
+def slice_file_name(case: str, z: int, n_slices: int) -> str:
+    """The file name of slice ``z`` of a case with ``n_slices`` slices: ``<case>_<zzzz>.png``.
+
+    The index is zero-padded to 4 digits, or more when ``n_slices - 1`` needs more,
+    so that name order equals slice order within a case.
+    """
+    digits = max(SLICE_DIGITS, len(str(max(n_slices - 1, 0))))
+    return f"{case}_{z:0{digits}d}.png"
+
+
+def parse_slice_name(path: str | os.PathLike) -> tuple[str, int]:
+    """Split a slice file name ``<case>_<zzzz>.png`` into (case, z).
+
+    Raises:
+        UserError: the name does not end in ``_<at least 4 digits>.png``.
+    """
+    name = os.path.basename(os.fspath(path))
+    m = _SLICE_RE.match(name)
+    if m is None:
+        raise UserError(f"{os.fspath(path)} is not a slice file named <case>_<zzzz>.png")
+    return m.group("case"), int(m.group("z"))
+
+
+def case_id_from_path(path: str | os.PathLike, is_slice: bool = False) -> str:
+    """The FLARE case id of a file.
+
+    ``images/FLARE22_Tr_0001_0000.nii.gz`` -> ``FLARE22_Tr_0001``;
+    ``labels/FLARE22_Tr_0001.nii.gz`` -> ``FLARE22_Tr_0001``;
+    ``Case_00001_0000.nii.gz`` -> ``Case_00001``;
+    with ``is_slice=True``: ``imgs/FLARE22_Tr_0001_0042.png`` -> ``FLARE22_Tr_0001``.
+
+    For slices only the trailing ``_<zzzz>`` slice index is removed: slice names are
+    built from case ids that have already lost their modality suffix, so slice 0 of a
+    case (``<case>_0000.png``) keeps its case id intact.
+
+    Raises:
+        UserError: ``is_slice`` is set and the name has no ``_<zzzz>`` slice index.
+    """
+    if is_slice:
+        return parse_slice_name(path)[0]
+    stem = strip_extension(os.path.basename(os.fspath(path)))
+    if stem.endswith(MODALITY_SUFFIX) and len(stem) > len(MODALITY_SUFFIX):
+        stem = stem[: -len(MODALITY_SUFFIX)]
+    return stem
+
+
+# --------------------------------------------------------------------------------------
+# PNG slices
+# --------------------------------------------------------------------------------------
+
+
+def _to_display(arr: np.ndarray) -> np.ndarray:
+    """(X, Y) RAS slice -> (rows, cols) picture: anterior at the top, patient's right on the left."""
+    return np.ascontiguousarray(arr.T[::-1, ::-1])
+
+
+def _from_display(pic: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`_to_display`: picture -> (X, Y)."""
+    return np.ascontiguousarray(pic[::-1, ::-1].T)
+
+
+def encode_png_2d(arr: np.ndarray, bits: int = 8, is_label: bool = False) -> bytes:
+    """Encode one (X, Y) slice as PNG bytes, in the orientation :func:`read_image_2d` undoes.
+
+    Args:
+        arr: an image slice with values in [0, 1], or a label slice of integer ids 0..255.
+        bits: 8 (``round(value * 255)``) or 16 (``round(value * 65535)``); images only,
+            labels are always 8-bit.
+        is_label: ``arr`` holds label ids.
+
+    Raises:
+        ValueError: ``arr`` is not 2D, or ``bits`` is not 8 or 16.
+    """
+    if arr.ndim != 2:
+        raise ValueError(f"a slice must be 2D (X, Y), got shape {arr.shape}")
+    if is_label:
+        pic = arr.astype(np.uint8)
+    elif bits == 8:
+        pic = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    elif bits == 16:
+        pic = np.round(np.clip(arr, 0.0, 1.0).astype(np.float64) * 65535.0).astype(np.uint16)
+    else:
+        raise ValueError(f"png bits must be 8 or 16, got {bits}")
+    buf = io.BytesIO()
+    # compress_level 1: 3x faster than the default 6 for ~15% larger files; pixels are identical
+    Image.fromarray(_to_display(pic)).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _open_png(path: str | os.PathLike) -> np.ndarray:
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            pic = np.asarray(im)
+    except FileNotFoundError:
+        raise UserError(f"slice file {path} does not exist") from None
+    except Exception as e:  # PIL raises many types for broken files
+        raise UserError(f"cannot read PNG {path}: {type(e).__name__}: {e}") from None
+    if mode == "L":
+        return pic
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        if pic.size and (pic.min() < 0 or pic.max() > 65535):
+            raise UserError(f"PNG {path} holds values outside 0..65535")
+        return pic.astype(np.uint16)
+    raise UserError(f"PNG {path} has mode {mode!r}; expected an 8- or 16-bit grayscale slice")
+
+
+def read_image_2d(path: str | os.PathLike) -> np.ndarray:
+    """Read an image slice written by the preprocessing scripts.
+
+    Returns:
+        float32 array of shape (X, Y) with values in [0, 1] (8-bit PNG / 255, 16-bit PNG / 65535).
+
+    Raises:
+        UserError: the file is missing, corrupt, or not a grayscale 8/16-bit PNG.
+    """
+    pic = _open_png(path)
+    scale = 255.0 if pic.dtype == np.uint8 else 65535.0
+    return (_from_display(pic).astype(np.float32) / np.float32(scale)).astype(np.float32)
+
+
+def read_label_2d(path: str | os.PathLike) -> np.ndarray:
+    """Read a label slice: uint8 array (X, Y) of FLARE ids.
+
+    Raises:
+        UserError: the file is missing, corrupt, not grayscale, or holds ids above 255.
+    """
+    pic = _open_png(path)
+    if pic.dtype != np.uint8:
+        if pic.size and pic.max() > 255:
+            raise UserError(f"label PNG {path} holds values above 255")
+        pic = pic.astype(np.uint8)
+    return _from_display(pic)
+
+
+# --------------------------------------------------------------------------------------
+# The split
+# --------------------------------------------------------------------------------------
+
+
+def load_split(path: str | os.PathLike = DEFAULT_SPLIT_PATH) -> dict[str, list[str]]:
+    """Read a split file ``{"train": [case ids], "val": [case ids]}``.
+
+    Other keys (e.g. ``"test"``) are allowed and ignored.
+
+    Raises:
+        UserError: the file is missing or not JSON, a key is missing, an entry is not a
+            non-empty string, a case is listed twice, or a case is in both train and val.
+    """
+    path = os.fspath(path)
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"split file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read split file {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"split file {path} must hold a JSON object with keys 'train' and 'val'")
+    out: dict[str, list[str]] = {}
+    for key in ("train", "val"):
+        cases = obj.get(key)
+        if not isinstance(cases, list):
+            raise UserError(f"split file {path} has no list under {key!r}")
+        for c in cases:
+            if not isinstance(c, str) or not c:
+                raise UserError(f"split file {path}: {key!r} holds {c!r}, expected non-empty case id strings")
+        dup = sorted({c for c in cases if cases.count(c) > 1})
+        if dup:
+            raise UserError(f"split file {path}: {key!r} lists {dup[0]!r} more than once")
+        out[key] = list(cases)
+    both = sorted(set(out["train"]) & set(out["val"]))
+    if both:
+        raise UserError(f"split file {path}: case {both[0]!r} is in both 'train' and 'val'")
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Raw FLARE layout discovery
+# --------------------------------------------------------------------------------------
+
+
+def _require_dir(path: str | os.PathLike, what: str) -> str:
+    path = os.path.abspath(os.fspath(path))
+    if not os.path.isdir(path):
+        raise UserError(f"{what} {path} does not exist or is not a folder")
+    return path
+
+
+def _list_files(folder: str, suffixes: Sequence[str]) -> list[str]:
+    """Non-hidden files directly in ``folder`` whose names end in one of ``suffixes``, sorted."""
+    return sorted(
+        os.path.join(folder, n)
+        for n in os.listdir(folder)
+        if not n.startswith(".") and n.endswith(tuple(suffixes)) and os.path.isfile(os.path.join(folder, n))
+    )
+
+
+def raw_image_dir(data_dir: str | os.PathLike) -> str:
+    """The image folder of a raw labelled FLARE layout: ``images/`` or ``imgs/``.
+
+    Raises:
+        UserError: neither exists, or both do (ambiguous).
+    """
+    data_dir = os.fspath(data_dir)
+    found = [os.path.join(data_dir, d) for d in RAW_IMAGE_DIRS if os.path.isdir(os.path.join(data_dir, d))]
+    if not found:
+        raise UserError(f"{data_dir} has no images/ (or imgs/) folder: expected the FLARE labelled layout")
+    if len(found) > 1:
+        raise UserError(f"{data_dir} has both images/ and imgs/; keep one of them")
+    return found[0]
+
+
+def find_labelled_cases(data_dir: str | os.PathLike) -> dict[str, dict[str, str | None]]:
+    """Discover the raw labelled FLARE layout.
+
+    Returns:
+        ``{case: {"image": path or None, "label": path or None}}`` for every case with
+        an image or a label file, sorted by case id (absolute paths).
+
+    Raises:
+        UserError: ``data_dir`` or its image / label folders are missing, hold no NIfTI,
+            or two files map to one case id.
+    """
+    data_dir = _require_dir(data_dir, "--data_dir")
+    img_dir = raw_image_dir(data_dir)
+    lab_dir = os.path.join(data_dir, RAW_LABEL_DIR)
+    if not os.path.isdir(lab_dir):
+        raise UserError(f"{data_dir} has no labels/ folder: expected the FLARE labelled layout")
+    cases: dict[str, dict[str, str | None]] = {}
+    for key, folder in (("image", img_dir), ("label", lab_dir)):
+        files = _list_files(folder, _NIFTI_EXTS)
+        if not files:
+            raise UserError(f"{folder} holds no .nii.gz / .nii files")
+        for p in files:
+            case = case_id_from_path(p) if key == "image" else strip_extension(os.path.basename(p))
+            entry = cases.setdefault(case, {"image": None, "label": None})
+            if entry[key] is not None:
+                raise UserError(f"{p} and {entry[key]} both belong to case {case!r}; keep one")
+            entry[key] = p
+    return dict(sorted(cases.items()))
+
+
+def find_unlabelled_cases(data_dir: str | os.PathLike) -> dict[str, str]:
+    """Every ``*.nii.gz`` / ``*.nii`` under ``data_dir`` (recursively), keyed by case id.
+
+    Raises:
+        UserError: ``data_dir`` is missing, holds no NIfTI, or two files map to one case id.
+    """
+    data_dir = _require_dir(data_dir, "--data_dir")
+    cases: dict[str, str] = {}
+    for root, dirs, files in os.walk(data_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for n in sorted(files):
+            if n.startswith(".") or not is_nifti(n):
+                continue
+            p = os.path.join(root, n)
+            case = case_id_from_path(p)
+            if case in cases:
+                raise UserError(f"{p} and {cases[case]} both map to case id {case!r}; keep one")
+            cases[case] = p
+    if not cases:
+        raise UserError(f"--data_dir {data_dir} holds no .nii.gz / .nii files")
+    return dict(sorted(cases.items()))
+
+
+# --------------------------------------------------------------------------------------
+# Listings for pretraining and fine-tuning
+# --------------------------------------------------------------------------------------
+
+
+def _check_finished(root: str, counts: dict[str, int], spatial_dims: int) -> None:
+    """Refuse cases of a preprocessing output folder that the preprocessing did not finish.
+
+    ``root`` holds a ``.manifest/`` folder; ``counts`` maps case -> number of files found.
+    """
+    mdir = os.path.join(root, MANIFEST_DIR)
+    for case, n in sorted(counts.items()):
+        mpath = os.path.join(mdir, case + ".json")
+        if not os.path.isfile(mpath):
+            raise UserError(
+                f"case {case!r} in {root} was not finished by the preprocessing ({mpath} is missing); "
+                "rerun the preprocessing script to complete it"
+            )
+        if spatial_dims == 2:
+            try:
+                with open(mpath) as f:
+                    expected = int(json.load(f)["n_slices"])
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"cannot read per-case manifest {mpath}: {e}") from None
+            if expected != n:
+                raise UserError(f"case {case!r} in {root} has {n} slice files but {mpath} records {expected}")
+
+
+def _is_labelled_root(dirpath: str, dirnames: Iterable[str]) -> str | None:
+    """If ``dirpath`` is a labelled folder (image folder + labels/), the name of its image folder."""
+    names = set(dirnames)
+    if RAW_LABEL_DIR not in names:
+        return None
+    for d in (SLICE_IMAGE_DIR,) + RAW_IMAGE_DIRS:
+        if d in names:
+            return d
+    return None
+
+
+def list_pretrain_images(data_dir: str | os.PathLike, spatial_dims: int) -> list[str]:
+    """All pretraining inputs under ``data_dir`` (recursively), as sorted absolute paths.
+
+    2D: every ``*.png``; 3D: every ``*.nii.gz`` / ``*.nii``. In a labelled folder (one
+    with an image folder - ``imgs/`` or ``images/`` - and ``labels/``) only the image
+    folder is used, so label maps are never taken for images. Hidden files and folders
+    (temporary files of atomic writes, ``.manifest/``) are skipped. Where a folder holds
+    a preprocessing ``.manifest/``, every case found must be finished there.
+
+    Raises:
+        UserError: the folder is missing or empty, ``spatial_dims`` is not 2 or 3, the
+            folder holds the other kind of data only (slices for 3D, volumes for 2D), or
+            a case was left unfinished by an interrupted preprocessing run.
+    """
+    if spatial_dims not in (2, 3):
+        raise UserError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    data_dir = _require_dir(data_dir, "pretraining data folder")
+    pngs: list[str] = []
+    niftis: list[str] = []
+    # (root with .manifest) -> {case: n files}
+    finished_roots: dict[str, dict[str, int]] = {}
+    owner: dict[str, str | None] = {data_dir: None}
+    for dirpath, dirnames, filenames in os.walk(data_dir):
+        root = owner.get(dirpath)
+        if MANIFEST_DIR in dirnames:
+            root = dirpath
+            finished_roots.setdefault(root, {})
+        image_sub = _is_labelled_root(dirpath, dirnames)
+        if image_sub is not None:
+            dirnames[:] = [image_sub]
+        else:
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for d in dirnames:
+            owner[os.path.join(dirpath, d)] = root
+        for n in filenames:
+            if n.startswith("."):
+                continue
+            p = os.path.join(dirpath, n)
+            if n.endswith(".png"):
+                pngs.append(p)
+                if root is not None and spatial_dims == 2:
+                    case = case_id_from_path(p, is_slice=True)
+                    finished_roots[root][case] = finished_roots[root].get(case, 0) + 1
+            elif is_nifti(n):
+                niftis.append(p)
+                if root is not None and spatial_dims == 3:
+                    case = case_id_from_path(p)
+                    finished_roots[root][case] = finished_roots[root].get(case, 0) + 1
+    wanted, other = (pngs, niftis) if spatial_dims == 2 else (niftis, pngs)
+    if not wanted:
+        if other:
+            kind = "NIfTI volumes (3D)" if spatial_dims == 2 else "PNG slices (2D)"
+            want = "PNG slices (2D)" if spatial_dims == 2 else "NIfTI volumes (3D)"
+            raise UserError(
+                f"{data_dir} holds {len(other)} {kind} but no {want}: use --spatial_dims "
+                f"{3 if spatial_dims == 2 else 2}, or preprocess with --spatial_dims {spatial_dims}"
+            )
+        raise UserError(f"{data_dir} holds no {'*.png' if spatial_dims == 2 else '*.nii.gz / *.nii'} files")
+    for root, counts in finished_roots.items():
+        _check_finished(root, counts, spatial_dims)
+    return sorted(wanted)
+
+
+def _pairs_2d(data_dir: str) -> list[dict[str, Any]]:
+    img_dir = os.path.join(data_dir, SLICE_IMAGE_DIR)
+    lab_dir = os.path.join(data_dir, SLICE_LABEL_DIR)
+    for d in (img_dir, lab_dir):
+        if not os.path.isdir(d):
+            hint = ""
+            if os.path.isdir(os.path.join(data_dir, "images")):
+                hint = " (it looks like raw FLARE NIfTI: use spatial_dims 3 or run preprocess_flare_labelled.py)"
+            raise UserError(f"{data_dir} has no {os.path.basename(d)}/ folder of slices{hint}")
+    imgs = [os.path.basename(p) for p in _list_files(img_dir, (".png",))]
+    labs = [os.path.basename(p) for p in _list_files(lab_dir, (".png",))]
+    if not imgs and not labs:
+        raise UserError(f"{img_dir} and {lab_dir} hold no .png slices")
+    if imgs != labs:
+        only_img = sorted(set(imgs) - set(labs))
+        only_lab = sorted(set(labs) - set(imgs))
+        first = min(only_img[:1] + only_lab[:1])
+        if only_img and first == only_img[0]:
+            raise UserError(
+                f"image and label slices differ ({len(imgs)} vs {len(labs)}): "
+                f"{os.path.join(img_dir, first)} has no label {os.path.join(lab_dir, first)}"
+            )
+        raise UserError(
+            f"image and label slices differ ({len(imgs)} vs {len(labs)}): "
+            f"{os.path.join(lab_dir, first)} has no image {os.path.join(img_dir, first)}"
+        )
+    items = []
+    for n in imgs:
+        case, z = parse_slice_name(os.path.join(img_dir, n))
+        items.append({"image": os.path.join(img_dir, n), "label": os.path.join(lab_dir, n), "case": case, "slice": z})
+    if os.path.isdir(os.path.join(data_dir, MANIFEST_DIR)):
+        counts: dict[str, int] = {}
+        for it in items:
+            counts[it["case"]] = counts.get(it["case"], 0) + 1
+        _check_finished(data_dir, counts, 2)
+    return items
+
+
+def _pairs_3d(data_dir: str) -> list[dict[str, Any]]:
+    if not any(os.path.isdir(os.path.join(data_dir, d)) for d in RAW_IMAGE_DIRS) and os.path.isdir(
+        os.path.join(data_dir, SLICE_LABEL_DIR)
+    ):
+        raise UserError(f"{data_dir} has no images/ folder of NIfTI volumes")
+    img_dir = raw_image_dir(data_dir)
+    lab_dir = os.path.join(data_dir, RAW_LABEL_DIR)
+    if not os.path.isdir(lab_dir):
+        raise UserError(f"{data_dir} has no labels/ folder")
+    imgs = {case_id_from_path(p): p for p in _list_files(img_dir, _NIFTI_EXTS)}
+    labs = {strip_extension(os.path.basename(p)): p for p in _list_files(lab_dir, _NIFTI_EXTS)}
+    if not imgs and not labs:
+        pngs = _list_files(img_dir, (".png",))
+        hint = " (it holds PNG slices: use spatial_dims 2)" if pngs else ""
+        raise UserError(f"{img_dir} and {lab_dir} hold no .nii.gz / .nii volumes{hint}")
+    if set(imgs) != set(labs):
+        only_img = sorted(set(imgs) - set(labs))
+        only_lab = sorted(set(labs) - set(imgs))
+        if only_img and (not only_lab or only_img[0] <= only_lab[0]):
+            raise UserError(f"image {imgs[only_img[0]]} has no label {os.path.join(lab_dir, only_img[0])}.nii.gz")
+        raise UserError(f"label {labs[only_lab[0]]} has no image in {img_dir}")
+    return [{"image": imgs[c], "label": labs[c], "case": c, "slice": None} for c in sorted(imgs)]
+
+
+def list_finetune_pairs(
+    data_dir: str | os.PathLike, split: dict[str, list[str]], spatial_dims: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Fine-tuning (image, label) pairs of each split part.
+
+    Args:
+        data_dir: 2D: a ``preprocess_flare_labelled.py`` output (``imgs/`` and ``labels/``
+            with identical slice names). 3D: the raw labelled FLARE layout (``images/`` or
+            ``imgs/`` with ``<case>_0000.nii.gz``, ``labels/`` with ``<case>.nii.gz``).
+        split: ``{"train": [...], "val": [...]}`` as returned by :func:`load_split`.
+        spatial_dims: 2 or 3.
+
+    Returns:
+        ``{"train": [...], "val": [...]}``; each item is ``{"image": path, "label": path,
+        "case": case id, "slice": z (2D) or None (3D)}``, sorted by case then slice.
+        Cases of the folder that the split does not name are left out.
+
+    Raises:
+        UserError: the folder is missing or empty, image and label files disagree (the
+            first differing file is named), a split case has no files, or a case was left
+            unfinished by an interrupted preprocessing run.
+    """
+    if spatial_dims not in (2, 3):
+        raise UserError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    data_dir = _require_dir(data_dir, "fine-tuning data folder")
+    items = _pairs_2d(data_dir) if spatial_dims == 2 else _pairs_3d(data_dir)
+    by_case: dict[str, list[dict[str, Any]]] = {}
+    for it in items:
+        by_case.setdefault(it["case"], []).append(it)
+    out: dict[str, list[dict[str, Any]]] = {}
+    where = os.path.join(data_dir, SLICE_IMAGE_DIR) if spatial_dims == 2 else data_dir
+    for part in ("train", "val"):
+        if part not in split:
+            raise UserError(f"the split has no {part!r} list")
+        missing = [c for c in split[part] if c not in by_case]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            what = "slices" if spatial_dims == 2 else "image and label"
+            raise UserError(f"{part} case {missing[0]!r}{more} has no {what} in {where}")
+        part_items: list[dict[str, Any]] = []
+        for c in sorted(split[part]):
+            part_items.extend(sorted(by_case[c], key=lambda it: -1 if it["slice"] is None else it["slice"]))
+        out[part] = part_items
+    unused = len(set(by_case) - set(split["train"]) - set(split["val"]))
+    if unused:
+        logger.info("%d case(s) in %s are in neither train nor val and are not used", unused, data_dir)
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# Preprocessing transforms (MONAI)
+# --------------------------------------------------------------------------------------
+
+
+def preprocessing_transforms(
+    keys: Sequence[str] = ("image", "label"),
+    a_min: float = -500.0,
+    a_max: float = 500.0,
+    pixdim: Sequence[float] = (1.0, 1.0, 2.5),
+    min_xy: int = 96,
+    load: bool = True,
+):
+    """The paper's preprocessing as MONAI dictionary transforms.
+
+    Load (nibabel) -> channel first -> orient RAS -> resample to ``pixdim`` (bilinear
+    image, nearest label) -> clip HU to [a_min, a_max] and scale to [0, 1] -> crop to
+    the box where the image is > 0 (HU > a_min) -> pad x and y to at least ``min_xy``.
+
+    Args:
+        keys: dictionary keys; the first is the image, an optional second the label.
+        a_min, a_max: HU window mapped to [0, 1] (values outside are clipped).
+        pixdim: output voxel size in mm (x, y, z).
+        min_xy: x and y are zero-padded (symmetrically) to at least this size.
+        load: include ``LoadImaged`` + ``EnsureChannelFirstd`` (inputs are file paths);
+            with ``False`` the inputs must already be channel-first MetaTensors.
+
+    Returns:
+        ``monai.transforms.Compose``; outputs are (1, X, Y, Z) MetaTensors, image float32
+        in [0, 1], label float32 holding the ids.
+    """
+    from monai import transforms as mt
+    from monai.transforms.utils import is_positive
+
+    keys = tuple(keys)
+    if not 1 <= len(keys) <= 2:
+        raise ValueError(f"keys must be (image,) or (image, label), got {keys}")
+    if a_max <= a_min:
+        raise ValueError(f"a_max ({a_max}) must be greater than a_min ({a_min})")
+    image_key = keys[0]
+    modes = ("bilinear", "nearest")[: len(keys)]
+    steps: list = []
+    if load:
+        steps += [
+            mt.LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+            mt.EnsureChannelFirstd(keys=keys),
+        ]
+    steps += [
+        mt.Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        mt.Spacingd(keys=keys, pixdim=tuple(float(p) for p in pixdim), mode=modes),
+        mt.ScaleIntensityRanged(keys=image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True),
+        mt.CropForegroundd(keys=keys, source_key=image_key, select_fn=is_positive),
+        mt.SpatialPadd(keys=keys, spatial_size=(int(min_xy), int(min_xy), -1)),
+    ]
+    return mt.Compose(steps)

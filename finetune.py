@@ -1,0 +1,518 @@
+"""Fine-tuning pieces used by ``main_finetune.py``: data, crops, sliding-window evaluation, scores.
+
+Data (2D, the paper's setting): the output of ``preprocess_flare_labelled.py``
+(``imgs/<case>_<zzzz>.png``, ``labels/<case>_<zzzz>.png``, ``manifest.json``). Training
+items are single slices; each gives ``n_crops_per_ct`` crops from MONAI's
+``RandCropByPosNegLabeld`` (centred on an organ voxel with p 0.5, on a background voxel
+otherwise), then the paper's fine-tuning augmentations. For evaluation the slices of a
+case, stacked in slice order, are the case volume (X, Y, Z); its voxel size comes from
+``manifest.json``.
+
+Data (3D): the raw labelled FLARE NIfTI (``images/`` or ``imgs/``, ``labels/``),
+preprocessed on the fly with :func:`data.preprocessing_transforms` and cached on disk
+with MONAI's ``PersistentDataset``; crops are ``crop_size``^3.
+
+Evaluation (:func:`evaluate`): sliding-window inference (``roi = crop_size``), then two
+scores that must not be confused:
+
+* ``dice_paper``: :class:`metrics.PaperDice`, what the paper reported (per 2D slice
+  MONAI ``DiceMetric`` including background, averaged over slices);
+* challenge-grade scores: :func:`metrics.organ_scores` per case and organ
+  (volumetric Dice and normalized surface Dice, FLARE conventions).
+
+With several processes (torchrun) each rank evaluates every ``world_size``-th case;
+per-case results are gathered and put back in case order, so the scores equal those of
+one process exactly (no sample is padded or counted twice).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import data
+import engine
+import metrics
+from utils import UserError, atomic_write
+
+logger = logging.getLogger(__name__)
+
+FINETUNE_FORMAT = "ioupos-finetune-v1"
+MANIFEST_NAME = "manifest.json"
+
+
+# ---------------------------------------------------------------------------------------
+# Errors raised inside MONAI transforms
+# ---------------------------------------------------------------------------------------
+
+
+def find_user_error(exc: BaseException) -> UserError | None:
+    """The UserError behind an exception that MONAI wrapped (``applying transform ...``), if any."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def check_label_ids(label: np.ndarray | torch.Tensor, n_classes: int, path: str) -> None:
+    """Refuse a label with an id above ``n_classes - 1`` (or below 0), naming the file.
+
+    Raises:
+        UserError: the label holds an id outside ``0..n_classes-1``.
+    """
+    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
+    if arr.size == 0:
+        raise UserError(f"label {path} is empty")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi > n_classes - 1 or lo < 0:
+        bad = hi if hi > n_classes - 1 else lo
+        raise UserError(f"label {path} holds class id {bad:g}, outside 0..{n_classes - 1} (--n_classes {n_classes})")
+
+
+# ---------------------------------------------------------------------------------------
+# Cases
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class CaseRef:
+    """One evaluation case.
+
+    2D: ``slices`` lists the slice items ({"image", "label", "case", "slice"}) in slice
+    order and ``spacing`` comes from ``manifest.json``. 3D: ``index`` is the case's index
+    in the preprocessed data set and ``spacing`` is the preprocessing voxel size.
+    """
+
+    case: str
+    spacing: tuple[float, float, float]
+    slices: list[dict[str, Any]] = field(default_factory=list)
+    index: int = -1
+
+
+def read_manifest_spacing(data_dir: str) -> dict[str, tuple[float, float, float]]:
+    """Voxel size (x, y, z) in mm of every case of a ``preprocess_flare_labelled.py`` output.
+
+    Raises:
+        UserError: ``manifest.json`` is missing or does not hold a spacing per case.
+    """
+    path = os.path.join(data_dir, MANIFEST_NAME)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        cases = manifest["cases"]
+        return {c: tuple(float(s) for s in v["spacing"]) for c, v in cases.items()}  # type: ignore[misc]
+    except FileNotFoundError:
+        raise UserError(
+            f"{path} is missing: the challenge-grade scores need each case's voxel size; "
+            f"preprocess the data with preprocess_flare_labelled.py"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot read the voxel sizes in {path}: {type(e).__name__}: {e}") from None
+
+
+def group_cases_2d(items: Sequence[dict[str, Any]], spacing: Mapping[str, Sequence[float]], where: str) -> list[CaseRef]:
+    """Group slice items by case (order kept) into :class:`CaseRef` objects.
+
+    Raises:
+        UserError: a case has no voxel size in the manifest at ``where``.
+    """
+    out: dict[str, CaseRef] = {}
+    for it in items:
+        c = it["case"]
+        if c not in out:
+            if c not in spacing:
+                raise UserError(f"case {c!r} is not in {os.path.join(where, MANIFEST_NAME)}; rerun preprocess_flare_labelled.py")
+            out[c] = CaseRef(case=c, spacing=tuple(float(s) for s in spacing[c]))  # type: ignore[arg-type]
+        out[c].slices.append(it)
+    return list(out.values())
+
+
+def check_label_slices(items: Sequence[dict[str, Any]], n_classes: int, progress: bool = True) -> None:
+    """Read every label slice once and refuse ids above ``n_classes - 1`` (the file is named)."""
+    from tqdm import tqdm
+
+    for it in tqdm(items, desc="checking labels", disable=not progress or len(items) < 200, leave=False):
+        check_label_ids(data.read_label_2d(it["label"]), n_classes, it["label"])
+
+
+def load_case_2d(ref: CaseRef, n_classes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The case volume from its slices: image (X, Y, Z) float32, label (X, Y, Z) uint8, affine.
+
+    The affine is ``diag(spacing)``: the geometry of the preprocessed case (RAS, origin 0).
+
+    Raises:
+        UserError: slices of different shapes, or label ids outside the range (file named).
+    """
+    imgs, labs = [], []
+    for it in ref.slices:
+        img = data.read_image_2d(it["image"])
+        lab = data.read_label_2d(it["label"])
+        if img.shape != lab.shape:
+            raise UserError(f"image slice {it['image']} has shape {img.shape}, its label {it['label']} has {lab.shape}")
+        if imgs and img.shape != imgs[0].shape:
+            raise UserError(f"slice {it['image']} has shape {img.shape}, other slices of case {ref.case!r} have {imgs[0].shape}")
+        check_label_ids(lab, n_classes, it["label"])
+        imgs.append(img)
+        labs.append(lab)
+    affine = np.diag([*ref.spacing, 1.0]).astype(np.float64)
+    return np.stack(imgs, axis=-1), np.stack(labs, axis=-1).astype(np.uint8), affine
+
+
+# ---------------------------------------------------------------------------------------
+# Transforms and data sets
+# ---------------------------------------------------------------------------------------
+
+
+class LoadSliceAndLabel2d:
+    """Read an (image, label) PNG pair into (1, X, Y) float32 tensors (``data.read_*_2d``)."""
+
+    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
+        d = dict(item)
+        d["image"] = torch.from_numpy(data.read_image_2d(item["image"]))[None]
+        d["label"] = torch.from_numpy(data.read_label_2d(item["label"]).astype(np.float32))[None]
+        d["image_path"] = item["image"]
+        return d
+
+
+def _keep_affine_transform():
+    from monai.transforms import MapTransform
+
+    class KeepAffined(MapTransform):
+        """Store the image's affine (after preprocessing) as a plain tensor under ``affine``."""
+
+        def __init__(self) -> None:
+            super().__init__(keys=["image"])
+
+        def __call__(self, d):
+            d = dict(d)
+            d["affine"] = torch.as_tensor(np.asarray(d["image"].affine), dtype=torch.float64)
+            return d
+
+    return KeepAffined()
+
+
+def random_crop_transforms(spatial_dims: int, crop_size: int, n_crops: int) -> list:
+    """``RandCropByPosNegLabeld`` (pos 1, neg 1, ``n_crops`` per item) + pad + the paper's augmentations.
+
+    Items smaller than the crop keep their size along that axis and are zero-padded to
+    ``crop_size`` after cropping.
+    """
+    from monai.transforms import EnsureTyped, RandCropByPosNegLabeld, SelectItemsd, SpatialPadd
+
+    from transforms import finetune_augmentations
+
+    keys = ["image", "label"]
+    size = (int(crop_size),) * spatial_dims
+    return [
+        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=size, pos=1, neg=1, num_samples=int(n_crops), allow_smaller=True),
+        SpatialPadd(keys, spatial_size=size),
+        *finetune_augmentations(spatial_dims).transforms,
+        EnsureTyped(keys, track_meta=False),
+        SelectItemsd(keys),  # batches hold image and label only
+    ]
+
+
+def train_dataset_2d(items: Sequence[dict[str, Any]], crop_size: int, n_crops: int):
+    """The 2D training set: one item per labelled slice, ``n_crops`` crops each."""
+    from monai.data import Dataset
+    from monai.transforms import Compose
+
+    return Dataset(list(items), transform=Compose([LoadSliceAndLabel2d(), *random_crop_transforms(2, crop_size, n_crops)]))
+
+
+def preprocess_config_3d(a_min: float = -500.0, a_max: float = 500.0, pixdim: Sequence[float] = (1.0, 1.0, 2.5), min_xy: int = 96) -> dict[str, Any]:
+    """The 3D preprocessing settings (they name the cache folder, so changed settings never reuse a stale cache)."""
+    return {"a_min": float(a_min), "a_max": float(a_max), "pixdim": [float(p) for p in pixdim], "min_xy": int(min_xy), "version": 1}
+
+
+def cache_folder_3d(cache_dir: str, config: Mapping[str, Any]) -> str:
+    """``<cache_dir>/flare3d_<hash of the preprocessing settings>``."""
+    h = hashlib.sha256(json.dumps(dict(config), sort_keys=True).encode()).hexdigest()[:12]
+    return os.path.join(os.path.abspath(cache_dir), f"flare3d_{h}")
+
+
+def _preprocess_steps_3d(config: Mapping[str, Any]) -> list:
+    pre = data.preprocessing_transforms(
+        keys=("image", "label"), a_min=config["a_min"], a_max=config["a_max"], pixdim=config["pixdim"], min_xy=config["min_xy"]
+    )
+    # flattened: PersistentDataset caches the transforms before the first random one, and
+    # it treats a nested Compose as random
+    return [*pre.flatten().transforms, _keep_affine_transform()]
+
+
+def preprocessed_dataset_3d(items: Sequence[dict[str, Any]], cache_folder: str, config: Mapping[str, Any]):
+    """Preprocessed (deterministic) 3D volumes, cached on disk in ``cache_folder``."""
+    from monai.data import PersistentDataset
+    from monai.transforms import Compose
+
+    return PersistentDataset(list(items), transform=Compose(_preprocess_steps_3d(config)), cache_dir=cache_folder)
+
+
+def train_dataset_3d(items: Sequence[dict[str, Any]], cache_folder: str, config: Mapping[str, Any], crop_size: int, n_crops: int):
+    """3D training set: the cached preprocessing (same cache files), then random crops and augmentations."""
+    from monai.data import PersistentDataset
+    from monai.transforms import Compose
+
+    steps = _preprocess_steps_3d(config) + random_crop_transforms(3, crop_size, n_crops)
+    return PersistentDataset(list(items), transform=Compose(steps), cache_dir=cache_folder)
+
+
+def prepare_cache_3d(cache_dir: str, config: Mapping[str, Any]) -> str:
+    """Create (if needed) the cache folder for ``config``; returns its path."""
+    folder = cache_folder_3d(cache_dir, config)
+    try:
+        os.makedirs(folder, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--cache_dir {cache_dir!r} cannot be created ({e.strerror})") from None
+    return folder
+
+
+def load_preprocessed_3d(ds, index: int, item: Mapping[str, Any], n_classes: int) -> dict[str, Any]:
+    """Item ``index`` of a :func:`preprocessed_dataset_3d`, with its label ids checked.
+
+    Raises:
+        UserError: the files cannot be read or preprocessed, or the label has ids out of range.
+    """
+    try:
+        d = ds[index]
+    except Exception as e:
+        ue = find_user_error(e)
+        if ue is not None:
+            raise ue from None
+        root = e
+        while root.__cause__ is not None:
+            root = root.__cause__
+        raise UserError(f"cannot preprocess {item['image']} / {item['label']}: {type(root).__name__}: {str(root).strip()[:300]}") from None
+    check_label_ids(d["label"], n_classes, item["label"])
+    return d
+
+
+# ---------------------------------------------------------------------------------------
+# Inference
+# ---------------------------------------------------------------------------------------
+
+
+def windows_per_item(shape: Sequence[int], roi: int, overlap: float) -> int:
+    """How many sliding windows MONAI places on an item of ``shape`` (spatial)."""
+    n = 1
+    step = max(int(roi * (1 - overlap)), 1)
+    for s in shape:
+        n *= 1 if s <= roi else math.ceil((s - roi) / step) + 1
+    return n
+
+
+@torch.no_grad()
+def predict_volume(
+    model: nn.Module,
+    image: np.ndarray,
+    spatial_dims: int,
+    crop_size: int,
+    sw_batch_size: int,
+    sw_overlap: float,
+    device: torch.device,
+    autocast: Callable[[], Any],
+) -> np.ndarray:
+    """Class ids (X, Y, Z) uint8 for an image volume (X, Y, Z) by sliding-window inference.
+
+    2D: the slices are the batch; as many slices go through one call as fill
+    ``sw_batch_size`` windows, so each forward pass sees a full batch of windows.
+    3D: the volume is one item with windows of ``crop_size``^3.
+    """
+    from monai.inferers import sliding_window_inference
+
+    model.eval()
+    roi = (int(crop_size),) * spatial_dims
+    vol = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))
+    if spatial_dims == 3:
+        with autocast():
+            logits = sliding_window_inference(vol[None, None].to(device), roi, sw_batch_size, model, overlap=sw_overlap)
+        return logits.argmax(1)[0].to(torch.uint8).cpu().numpy()
+    slices = vol.permute(2, 0, 1)[:, None]  # (Z, 1, X, Y)
+    per = max(1, sw_batch_size // windows_per_item(slices.shape[2:], crop_size, sw_overlap))
+    out = []
+    for s in range(0, slices.shape[0], per):
+        with autocast():
+            logits = sliding_window_inference(slices[s : s + per].to(device), roi, sw_batch_size, model, overlap=sw_overlap)
+        out.append(logits.argmax(1).to(torch.uint8).cpu())
+    return torch.cat(out).permute(1, 2, 0).numpy()
+
+
+# ---------------------------------------------------------------------------------------
+# Scores
+# ---------------------------------------------------------------------------------------
+
+
+def paper_dice_values(pred: np.ndarray, label: np.ndarray, spatial_dims: int, n_classes: int, chunk: int = 8) -> list[float]:
+    """``dice_paper`` values of one case: one per slice (2D; volumes (X, Y, Z)) or one for the volume (3D)."""
+    acc = metrics.PaperDice()
+    if spatial_dims == 3:
+        acc.update(torch.from_numpy(pred[None].astype(np.int64)), torch.from_numpy(label[None].astype(np.int64)), n_classes)
+        return acc.values()
+    p = torch.from_numpy(np.ascontiguousarray(np.moveaxis(pred, -1, 0)).astype(np.int64))
+    g = torch.from_numpy(np.ascontiguousarray(np.moveaxis(label, -1, 0)).astype(np.int64))
+    for s in range(0, p.shape[0], chunk):  # bounded memory: one-hot of a few slices at a time
+        acc.update(p[s : s + chunk], g[s : s + chunk], n_classes)
+    return acc.values()
+
+
+def vis_slice(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> int:
+    """The z index with the most labelled organ voxels (the first one on ties)."""
+    return int(np.argmax((label > 0).reshape(-1, label.shape[-1]).sum(axis=0)))
+
+
+def save_nifti(path: str, array: np.ndarray, affine: np.ndarray) -> None:
+    """Write ``array`` as a gzipped NIfTI with ``affine``, atomically."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
+    img.header.set_xyzt_units("mm")
+    with atomic_write(path, "wb") as f:
+        f.write(gzip.compress(img.to_bytes(), compresslevel=4, mtime=0))
+
+
+@dataclass
+class EvalResult:
+    """What :func:`evaluate` returns (identical on every rank).
+
+    Attributes:
+        dice_paper: the paper's score (mean over all slices / volumes of all cases).
+        n_items: slices (2D) or volumes (3D) scored.
+        paper_per_case: ``{case: mean dice_paper over its slices}``.
+        per_case: ``{case: metrics.organ_scores(...)}`` (only with ``full``).
+        vis: ``[(image, label, pred, title)]`` slices for the figure (only with ``full``).
+    """
+
+    dice_paper: float
+    n_items: int
+    paper_per_case: dict[str, float]
+    per_case: dict[str, dict[int, dict[str, float]]] | None = None
+    vis: list[tuple[np.ndarray, np.ndarray, np.ndarray, str]] = field(default_factory=list)
+
+
+def evaluate(
+    model: nn.Module,
+    cases: Sequence[CaseRef],
+    load_case: Callable[[CaseRef], tuple[np.ndarray, np.ndarray, np.ndarray]],
+    *,
+    spatial_dims: int,
+    n_classes: int,
+    crop_size: int,
+    sw_batch_size: int,
+    sw_overlap: float,
+    device: torch.device,
+    autocast: Callable[[], Any],
+    info: engine.DistInfo,
+    full: bool = False,
+    tolerance_mm: float | Mapping[int, float] = metrics.FLARE22_TOLERANCE_MM,
+    n_vis: int = 0,
+    save_dir: str | None = None,
+    progress: bool = True,
+    desc: str = "eval",
+) -> EvalResult:
+    """Predict every case and score it; cases are split across ranks and gathered exactly.
+
+    Args:
+        model: the segmenter (not DDP-wrapped); put in eval mode here.
+        cases: the cases, in the order their results are reported.
+        load_case: ``CaseRef -> (image (X, Y, Z) float32, label (X, Y, Z) uint8, affine 4x4)``.
+        full: also compute the challenge-grade per-organ scores and the figure's slices.
+        tolerance_mm: NSD tolerance (one value, or per organ id).
+        n_vis: slices for the figure (cases spread evenly over ``cases``; the slice with most organ voxels).
+        save_dir: write ``<case>.nii.gz`` (prediction), ``labels/<case>.nii.gz`` and
+            ``images/<case>_0000.nii.gz`` there, with the preprocessed geometry.
+
+    Raises:
+        UserError: no case to evaluate.
+    """
+    from tqdm import tqdm
+
+    if not cases:
+        raise UserError("no validation cases to evaluate (empty validation set)")
+    vis_idx = set(np.unique(np.linspace(0, len(cases) - 1, num=min(n_vis, len(cases))).round().astype(int)).tolist()) if full and n_vis > 0 else set()
+    mine = list(range(info.rank, len(cases), info.world_size))
+    local = []
+    bar = tqdm(mine, desc=desc, disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
+    for i in bar:
+        ref = cases[i]
+        image, label, affine = load_case(ref)
+        pred = predict_volume(model, image, spatial_dims, crop_size, sw_batch_size, sw_overlap, device, autocast)
+        rec: dict[str, Any] = {"index": i, "case": ref.case, "paper": paper_dice_values(pred, label, spatial_dims, n_classes)}
+        if full:
+            rec["scores"] = metrics.organ_scores(pred, label, ref.spacing, n_classes=n_classes, tolerance_mm=tolerance_mm, z_axis=-1)
+        if i in vis_idx:
+            z = vis_slice(image, label, pred)
+            z_name = ref.slices[z]["slice"] if ref.slices else z
+            rec["vis"] = (image[..., z].copy(), label[..., z].copy(), pred[..., z].copy(), f"{ref.case} slice {z_name}")
+        if save_dir is not None:
+            save_nifti(os.path.join(save_dir, f"{ref.case}.nii.gz"), pred.astype(np.uint8), affine)
+            save_nifti(os.path.join(save_dir, "labels", f"{ref.case}.nii.gz"), label.astype(np.uint8), affine)
+            save_nifti(os.path.join(save_dir, "images", f"{ref.case}_0000.nii.gz"), image.astype(np.float32), affine)
+        local.append(rec)
+    bar.close()
+    gathered = sorted((r for part in engine.all_gather_objects(local, info) for r in part), key=lambda r: r["index"])
+    if [r["index"] for r in gathered] != list(range(len(cases))):  # pragma: no cover - a broken gather
+        raise RuntimeError("evaluation results of some cases are missing or duplicated after gathering")
+    acc = metrics.PaperDice()
+    for r in gathered:
+        acc.extend(r["paper"])
+    return EvalResult(
+        dice_paper=acc.mean(),
+        n_items=acc.count(),
+        paper_per_case={r["case"]: float(np.mean(r["paper"])) for r in gathered},
+        per_case={r["case"]: r["scores"] for r in gathered} if full else None,
+        vis=[r["vis"] for r in gathered if "vis" in r],
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# The fine-tuned model file
+# ---------------------------------------------------------------------------------------
+
+
+def finetuned_checkpoint(model: nn.Module, cfg: Mapping[str, Any], n_classes: int, args: Mapping[str, Any], epoch: int, dice_paper: float) -> dict[str, Any]:
+    """The self-describing best-model file ``<run>.pt`` (format ``ioupos-finetune-v1``)."""
+    return {
+        "format": FINETUNE_FORMAT,
+        "model_config": dict(cfg),
+        "n_classes": int(n_classes),
+        "args": dict(args),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "epoch": int(epoch),
+        "dice_paper": float(dice_paper),
+    }
+
+
+def load_finetuned(path: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    """Rebuild the segmenter stored in a fine-tuned file; returns (model, model config, file).
+
+    Raises:
+        UserError: unreadable file, not a fine-tuned model of this project, or weights that
+            do not fit the stored configuration.
+    """
+    from models import build_segmenter, torch_load
+
+    ckpt = torch_load(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FINETUNE_FORMAT:
+        fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise UserError(f"--chkpt_path {path!r} is not a fine-tuned model of this project (format {fmt!r}, expected {FINETUNE_FORMAT!r})")
+    cfg = dict(ckpt["model_config"])
+    model = build_segmenter(cfg, int(ckpt["n_classes"]))
+    try:
+        model.load_state_dict(ckpt["model"], strict=True)
+    except RuntimeError as e:
+        raise UserError(f"weights in {path!r} do not fit its model configuration: {str(e).splitlines()[0]}") from None
+    return model, cfg, ckpt

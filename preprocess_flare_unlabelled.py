@@ -1,0 +1,80 @@
+"""Preprocess unlabelled FLARE 2022 CT into 2D PNG slices (or 3D volumes) for pretraining.
+
+Reads every ``*.nii.gz`` / ``*.nii`` under ``--data_dir`` (recursively; case id = file
+name without extension and ``_0000``), and writes ``<output_dir>/<case>_<zzzz>.png``
+per z slice (``--spatial_dims 2``, the paper) or ``<output_dir>/<case>.nii.gz``, a
+float32 volume in [0, 1] with its 1 x 1 x 2.5 mm spacing in the header
+(``--spatial_dims 3``). Same steps as the labelled script: orient RAS, resample to
+1 x 1 x 2.5 mm (bilinear), clip HU to [-500, 500] and scale to [0, 1], crop to the
+foreground box, pad x and y to at least 96 (237,449 slices from the 2,000 cases).
+
+    # the paper's preprocessing of the 2,000 unlabelled FLARE 2022 cases
+    python preprocess_flare_unlabelled.py --data_dir FLARE22_Unlabelled --output_dir flare_2d/unlabelled --num_workers 8
+
+    # 3D volumes for 3D pretraining
+    python preprocess_flare_unlabelled.py --data_dir FLARE22_Unlabelled --output_dir flare_3d/unlabelled --spatial_dims 3
+
+    # a SLURM array of 16 jobs writing one folder (each does every 16th case)
+    python preprocess_flare_unlabelled.py --data_dir FLARE22_Unlabelled --output_dir flare_2d/unlabelled \
+        --num_workers 8 --shard_index $SLURM_ARRAY_TASK_ID --num_shards 16
+
+    # the synthetic data set of make_phantoms.py
+    python preprocess_flare_unlabelled.py --data_dir phantoms/unlabelled --output_dir phantoms_2d/unlabelled
+
+A rerun skips finished cases and redoes interrupted ones (and, after a sharded run,
+completes manifest.json). Cases with bad files are reported one line each, the others
+are processed, and the exit code is 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any
+
+import data
+from preprocessing import CaseTask, add_common_args, config_from_args, print_summary, raise_if_failed, run_preprocessing
+from utils import UserError, run_cli
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        "preprocess_flare_unlabelled",
+        description="Unlabelled FLARE 2022 NIfTI -> 2D PNG slices or 3D NIfTI volumes (the paper's preprocessing).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    groups = add_common_args(
+        parser,
+        output_help="folder for the slices (or volumes) and manifest.json; created if missing; "
+                    "must not lie inside --data_dir. Required.",
+    )
+    groups["io"].add_argument(
+        "--spatial_dims", type=int, default=2, choices=(2, 3),
+        help="2: one PNG per z slice (the paper's 2D pretraining); 3: one float32 .nii.gz per case for 3D pretraining",
+    )
+    return parser
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the unlabelled preprocessing; returns the summary (see preprocessing.run_preprocessing)."""
+    config = config_from_args(args, kind="unlabelled", spatial_dims=args.spatial_dims)
+    cases = data.find_unlabelled_cases(args.data_dir)
+    data_dir = os.path.realpath(args.data_dir)
+    out = os.path.realpath(args.output_dir)
+    if out == data_dir or out.startswith(data_dir + os.sep):
+        raise UserError(f"--output_dir {args.output_dir} lies inside --data_dir {args.data_dir}: its output would be read as input")
+    tasks = [CaseTask(case=c, image=p) for c, p in cases.items()]
+    summary = run_preprocessing(
+        tasks, args.output_dir, config, num_workers=args.num_workers,
+        shard_index=args.shard_index, num_shards=args.num_shards, raise_on_failure=False,
+    )
+    print_summary(summary)
+    raise_if_failed(summary)
+    return summary
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

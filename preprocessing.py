@@ -1,0 +1,600 @@
+"""The preprocessing engine shared by ``preprocess_flare_labelled.py`` and ``preprocess_flare_unlabelled.py``.
+
+One case at a time: check the NIfTI files (readable, 3D, image and label on the same
+grid, finite voxels, label ids 0..13), run :func:`data.preprocessing_transforms`,
+write the z slices as PNG (or the volume as NIfTI) atomically, and record the case in
+``<output_dir>/.manifest/<case>.json``. Cases run in a process pool
+(``--num_workers``), may be split over machines (``--shard_index`` / ``--num_shards``),
+and a rerun skips every case whose per-case manifest exists.
+
+Output folder contract::
+
+    <output_dir>/.manifest/args.json        the preprocessing arguments; a rerun with other
+                                            arguments into the same folder is refused
+    <output_dir>/.manifest/<case>.json      written after the last file of a case: the case is finished
+    <output_dir>/.manifest/<case>.inprogress  a case being written (left behind by a killed run;
+                                            its files are removed and redone on the next run)
+    <output_dir>/manifest.json              all finished cases + the arguments, assembled at the end
+
+A killed run leaves no truncated file (every file is written to a temporary name and
+renamed), and output is identical bit for bit whether a run was interrupted or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gzip
+import json
+import logging
+import multiprocessing as mp
+import os
+import re
+import sys
+import tempfile
+import time
+from functools import partial
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+import data
+from utils import TrainingError, UserError, atomic_write
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+ARGS_NAME = "args.json"
+_AFFINE_ATOL_MM = 1e-3  # image and label affines may differ by float noise, not by more
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK  # what open() would give; output folders are often shared
+
+
+class CaseError(Exception):
+    """One case cannot be preprocessed (bad input); the message names the file."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessConfig:
+    """Everything that determines the output of a case (recorded in ``.manifest/args.json``).
+
+    Attributes:
+        kind: "labelled" (image + label, 2D slices into imgs/ and labels/) or "unlabelled".
+        spatial_dims: 2 (PNG slices) or 3 (one float32 NIfTI per case; unlabelled only).
+        a_min, a_max: HU window mapped to [0, 1].
+        pixdim: output voxel size (x, y, z) in mm.
+        min_xy: x and y padded to at least this size.
+        png_bits: 8 or 16 bits per image PNG pixel.
+    """
+
+    kind: str
+    spatial_dims: int = 2
+    a_min: float = -500.0
+    a_max: float = 500.0
+    pixdim: tuple[float, float, float] = (1.0, 1.0, 2.5)
+    min_xy: int = 96
+    png_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("labelled", "unlabelled"):
+            raise UserError(f"unknown preprocessing kind {self.kind!r}")
+        if self.spatial_dims not in (2, 3):
+            raise UserError(f"--spatial_dims must be 2 or 3, got {self.spatial_dims}")
+        if self.kind == "labelled" and self.spatial_dims != 2:
+            raise UserError("labelled preprocessing writes 2D slices only (3D fine-tuning reads the raw NIfTI)")
+        if not self.a_max > self.a_min:
+            raise UserError(f"--a_max ({self.a_max}) must be greater than --a_min ({self.a_min})")
+        if len(self.pixdim) != 3 or not all(np.isfinite(p) and p > 0 for p in self.pixdim):
+            raise UserError(f"voxel size must be three positive numbers, got {self.pixdim}")
+        if self.min_xy < 1:
+            raise UserError(f"min_xy must be positive, got {self.min_xy}")
+        if self.png_bits not in (8, 16):
+            raise UserError(f"--png_bits must be 8 or 16, got {self.png_bits}")
+
+    def to_json(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["pixdim"] = [float(p) for p in self.pixdim]
+        d["a_min"], d["a_max"] = float(self.a_min), float(self.a_max)
+        d["format_version"] = MANIFEST_FORMAT_VERSION
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class CaseTask:
+    """One case to preprocess. ``image`` None: the case has no image file (``missing`` says why)."""
+
+    case: str
+    image: str | None
+    label: str | None = None
+    missing: str | None = None
+
+
+# --------------------------------------------------------------------------------------
+# Command line pieces shared by both scripts
+# --------------------------------------------------------------------------------------
+
+
+def add_common_args(parser: argparse.ArgumentParser, output_help: str) -> dict[str, argparse._ArgumentGroup]:
+    """Add the flags both preprocessing scripts share; returns the argument groups by name."""
+    io_g = parser.add_argument_group("input and output")
+    io_g.add_argument("--data_dir", required=True, help="FLARE folder to read (see the layout above). Required.")
+    io_g.add_argument("--output_dir", required=True, help=output_help)
+
+    pre = parser.add_argument_group("preprocessing (the paper's values; change only to study preprocessing)")
+    pre.add_argument("--a_min", type=float, default=-500.0,
+                     help="lower end of the HU window, mapped to 0; lower HU are clipped")
+    pre.add_argument("--a_max", type=float, default=500.0,
+                     help="upper end of the HU window, mapped to 1 (255 in 8-bit PNG); higher HU are clipped")
+    pre.add_argument("--size_x", type=float, default=1.0, help="output voxel size along x in mm")
+    pre.add_argument("--size_y", type=float, default=1.0, help="output voxel size along y in mm")
+    pre.add_argument("--size_z", type=float, default=2.5,
+                     help="output slice spacing along z in mm; sets how many slices a case gives")
+    pre.add_argument("--png_bits", type=int, default=8, choices=(8, 16),
+                     help="bits per image PNG pixel: 8 as in the paper, 16 for (nearly) lossless slices; "
+                          "the loaders read either")
+
+    run = parser.add_argument_group("speed and distribution")
+    run.add_argument("--num_workers", type=int, default=1,
+                     help="cases processed in parallel (processes); set to the number of CPU cores")
+    run.add_argument("--shard_index", type=int, default=0,
+                     help="which part of the case list this run does (0-based); with --num_shards, "
+                          "e.g. $SLURM_ARRAY_TASK_ID, to spread cases over machines writing one folder")
+    run.add_argument("--num_shards", type=int, default=1,
+                     help="into how many parts the case list is split (every n-th case goes to one shard)")
+    return {"io": io_g, "preprocessing": pre, "run": run}
+
+
+def config_from_args(args: argparse.Namespace, kind: str, spatial_dims: int = 2) -> PreprocessConfig:
+    """Build a :class:`PreprocessConfig` from parsed command-line arguments."""
+    return PreprocessConfig(
+        kind=kind,
+        spatial_dims=spatial_dims,
+        a_min=float(args.a_min),
+        a_max=float(args.a_max),
+        pixdim=(float(args.size_x), float(args.size_y), float(args.size_z)),
+        png_bits=int(args.png_bits),
+    )
+
+
+def shard_tasks(tasks: Sequence[CaseTask], shard_index: int, num_shards: int) -> list[CaseTask]:
+    """Every ``num_shards``-th task starting at ``shard_index`` (tasks sorted by case id first).
+
+    Raises:
+        UserError: ``num_shards`` < 1 or ``shard_index`` outside [0, num_shards).
+    """
+    if num_shards < 1:
+        raise UserError(f"--num_shards must be at least 1, got {num_shards}")
+    if not 0 <= shard_index < num_shards:
+        raise UserError(f"--shard_index must be in [0, {num_shards - 1}], got {shard_index}")
+    return sorted(tasks, key=lambda t: t.case)[shard_index::num_shards]
+
+
+# --------------------------------------------------------------------------------------
+# Output folder and manifests
+# --------------------------------------------------------------------------------------
+
+
+def _manifest_dir(output_dir: str) -> str:
+    return os.path.join(output_dir, data.MANIFEST_DIR)
+
+
+def prepare_output_dir(output_dir: str | os.PathLike, config: PreprocessConfig) -> str:
+    """Create ``output_dir``, check that it is writable, and record / compare the arguments.
+
+    The arguments are stored once in ``.manifest/args.json`` (created exclusively, so
+    shards starting together agree on one file).
+
+    Returns:
+        the absolute output folder.
+
+    Raises:
+        UserError: the folder cannot be created or written, or it already holds output
+            made with different arguments (the differing ones are named).
+    """
+    output_dir = os.path.abspath(os.fspath(output_dir))
+    mdir = _manifest_dir(output_dir)
+    try:
+        os.makedirs(mdir, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=output_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"--output_dir {output_dir} is not writable: {e.strerror or e}") from None
+    want = config.to_json()
+    apath = os.path.join(mdir, ARGS_NAME)
+    if not os.path.exists(apath):
+        fd, tmp = tempfile.mkstemp(prefix=".args.", suffix=".tmp", dir=mdir)
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(want, indent=2) + "\n")
+            os.fchmod(f.fileno(), _FILE_MODE)
+        try:
+            os.link(tmp, apath)  # atomic create-if-absent: a racing shard keeps the first file
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    try:
+        with open(apath) as f:
+            have = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {apath}: {e}") from None
+    diff = [f"{k}={have.get(k)!r} (now {want[k]!r})" for k in want if have.get(k) != want[k]]
+    if diff:
+        raise UserError(
+            f"--output_dir {output_dir} holds output preprocessed with other arguments: {', '.join(diff)}; "
+            "use another --output_dir or the same arguments"
+        )
+    return output_dir
+
+
+def is_finished(output_dir: str, case: str) -> bool:
+    """A case is finished when its per-case manifest exists."""
+    return os.path.isfile(os.path.join(_manifest_dir(output_dir), case + ".json"))
+
+
+def assemble_manifest(output_dir: str, config: PreprocessConfig) -> dict[str, Any]:
+    """Write ``manifest.json`` from the per-case manifests (repeated until no shard adds a case meanwhile)."""
+    mdir = _manifest_dir(output_dir)
+    previous: list[str] | None = None
+    manifest: dict[str, Any] = {}
+    for _ in range(5):
+        names = sorted(n for n in os.listdir(mdir) if n.endswith(".json") and n != ARGS_NAME and not n.startswith("."))
+        if names == previous:
+            break
+        cases: dict[str, Any] = {}
+        for n in names:
+            with open(os.path.join(mdir, n)) as f:
+                cases[n[: -len(".json")]] = json.load(f)
+        manifest = {
+            "format_version": MANIFEST_FORMAT_VERSION,
+            "args": config.to_json(),
+            "n_cases": len(cases),
+            "n_slices": int(sum(c["n_slices"] for c in cases.values())),
+            "cases": cases,
+        }
+        _write_json(os.path.join(output_dir, MANIFEST_NAME), manifest)
+        previous = names
+    return manifest
+
+
+def _case_output_dirs(output_dir: str, config: PreprocessConfig) -> list[str]:
+    if config.kind == "labelled":
+        return [os.path.join(output_dir, data.SLICE_IMAGE_DIR), os.path.join(output_dir, data.SLICE_LABEL_DIR)]
+    return [output_dir]
+
+
+def _remove_case_files(output_dir: str, config: PreprocessConfig, case: str) -> int:
+    """Delete every file (and leftover temporary file) of ``case`` in the output folders."""
+    c = re.escape(case)
+    if config.spatial_dims == 2:
+        pat = re.compile(rf"^(\.)?{c}_\d{{4,}}\.png(\..*\.tmp)?$")
+    else:
+        pat = re.compile(rf"^(\.)?{c}\.nii\.gz(\..*\.tmp)?$")
+    removed = 0
+    for d in _case_output_dirs(output_dir, config):
+        if not os.path.isdir(d):
+            continue
+        for n in os.listdir(d):
+            m = pat.match(n)
+            # a temporary file starts with "." and ends with ".tmp"; a final file has neither
+            if m and bool(m.group(1)) == bool(m.group(2)):
+                os.unlink(os.path.join(d, n))
+                removed += 1
+    return removed
+
+
+# --------------------------------------------------------------------------------------
+# One case
+# --------------------------------------------------------------------------------------
+
+
+def _check_header(path: str, what: str):
+    import nibabel as nib
+
+    try:
+        img = nib.load(path)
+    except Exception as e:
+        raise CaseError(f"cannot read {what} {path}: {type(e).__name__}: {e}") from None
+    if len(img.shape) != 3:
+        raise CaseError(f"{what} {path} is not a 3D volume (shape {tuple(img.shape)})")
+    if min(img.shape) < 1:
+        raise CaseError(f"{what} {path} is empty (shape {tuple(img.shape)})")
+    return img
+
+
+def _load(path: str, what: str):
+    from monai.transforms import LoadImage
+
+    try:
+        return LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)(path)
+    except Exception as e:
+        cause = e
+        while cause.__cause__ is not None:  # MONAI wraps the reader's error
+            cause = cause.__cause__
+        msg = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+        raise CaseError(f"corrupt or truncated {what} {path}: {type(cause).__name__}: {msg}") from None
+
+
+def process_case(task: CaseTask, config: PreprocessConfig, output_dir: str) -> dict[str, Any]:
+    """Preprocess one case into ``output_dir`` and write its per-case manifest.
+
+    Returns:
+        the per-case manifest entry.
+
+    Raises:
+        CaseError: bad input (missing, unreadable, not 3D, image / label mismatch,
+            non-finite voxels, label ids outside 0..13, nothing above ``a_min``).
+    """
+    import torch
+
+    if task.image is None:
+        raise CaseError(task.missing or f"case {task.case} has no image file")
+    if config.kind == "labelled" and task.label is None:
+        raise CaseError(task.missing or f"case {task.case} has no label file")
+
+    img_h = _check_header(task.image, "image")
+    if config.kind == "labelled":
+        lab_h = _check_header(task.label, "label")
+        if tuple(lab_h.shape) != tuple(img_h.shape):
+            raise CaseError(f"label {task.label} has shape {tuple(lab_h.shape)} but image {task.image} has {tuple(img_h.shape)}")
+        dmax = float(np.abs(np.asarray(lab_h.affine) - np.asarray(img_h.affine)).max())
+        if dmax > _AFFINE_ATOL_MM:
+            raise CaseError(f"label {task.label} and image {task.image} have different affines (max difference {dmax:.4g})")
+
+    image = _load(task.image, "image")
+    if not bool(torch.isfinite(image).all()):
+        n_bad = int((~torch.isfinite(image)).sum())
+        raise CaseError(f"image {task.image} has {n_bad} NaN or infinite voxels")
+    sample: dict[str, Any] = {"image": image}
+    keys: tuple[str, ...] = ("image",)
+    if config.kind == "labelled":
+        label = _load(task.label, "label")
+        lab = label.as_tensor()
+        ok = bool(torch.isfinite(lab).all()) and float(lab.min()) >= 0 and float(lab.max()) <= data.N_CLASSES - 1
+        if ok:
+            ok = bool((lab == torch.round(lab)).all())
+        if not ok:
+            vals = np.unique(lab.numpy())
+            bad = [
+                int(v) if float(v).is_integer() else v
+                for v in vals.tolist()
+                if not (v == v and 0 <= v <= data.N_CLASSES - 1 and float(v).is_integer())
+            ]
+            raise CaseError(f"label {task.label} has values outside the ids 0..{data.N_CLASSES - 1}: {bad[:10]}")
+        # the affines agree within _AFFINE_ATOL_MM (checked above); give both exactly the image's,
+        # so float noise in the label header cannot put the label on a grid one voxel off
+        label.affine = image.affine.clone()
+        sample["label"] = label
+        keys = ("image", "label")
+
+    pipeline = data.preprocessing_transforms(
+        keys=keys, a_min=config.a_min, a_max=config.a_max, pixdim=config.pixdim, min_xy=config.min_xy, load=False
+    )
+    out = pipeline(sample)
+    vol = out["image"]
+    affine = np.asarray(vol.affine, dtype=np.float64)
+    arr = vol.as_tensor().numpy()[0]
+    if arr.size == 0 or not bool((arr > 0).any()):
+        raise CaseError(f"image {task.image} has no voxel above --a_min {config.a_min} HU: nothing to keep")
+    n_slices = int(arr.shape[2])
+    spacing = [round(float(s), 6) for s in np.sqrt((affine[:3, :3] ** 2).sum(axis=0))]
+    entry: dict[str, Any] = {
+        "n_slices": n_slices,
+        "shape": [int(s) for s in arr.shape],
+        "spacing": spacing,
+        "source": os.path.abspath(task.image),
+        "original_shape": [int(s) for s in img_h.shape],
+        "original_spacing": [round(float(s), 6) for s in img_h.header.get_zooms()[:3]],
+        "png_bits": config.png_bits if config.spatial_dims == 2 else None,
+    }
+    if config.kind == "labelled":
+        lab_arr = out["label"].as_tensor().numpy()[0].astype(np.uint8)
+        entry["label_source"] = os.path.abspath(task.label)
+        entry["labels_present"] = [int(v) for v in np.unique(lab_arr)]
+
+    mdir = _manifest_dir(output_dir)
+    marker = os.path.join(mdir, task.case + ".inprogress")
+    if os.path.exists(marker):
+        n = _remove_case_files(output_dir, config, task.case)
+        logger.debug("%s: removed %d files of an interrupted run", task.case, n)
+    with open(marker, "w"):
+        pass
+
+    if config.spatial_dims == 3:
+        _write_nifti(os.path.join(output_dir, task.case + ".nii.gz"), arr, affine)
+    elif config.kind == "labelled":
+        img_dir, lab_dir = _case_output_dirs(output_dir, config)
+        for z in range(n_slices):
+            name = data.slice_file_name(task.case, z, n_slices)
+            write_bytes(os.path.join(img_dir, name), data.encode_png_2d(arr[:, :, z], bits=config.png_bits))
+            write_bytes(os.path.join(lab_dir, name), data.encode_png_2d(lab_arr[:, :, z], is_label=True))
+    else:
+        for z in range(n_slices):
+            name = data.slice_file_name(task.case, z, n_slices)
+            write_bytes(os.path.join(output_dir, name), data.encode_png_2d(arr[:, :, z], bits=config.png_bits))
+
+    _write_json(os.path.join(mdir, task.case + ".json"), entry)
+    os.unlink(marker)
+    return entry
+
+
+def _atomic_bytes(path: str, payload: bytes) -> None:
+    """Write ``payload`` atomically, readable as the umask allows (``mkstemp`` alone makes 0600 files)."""
+    with atomic_write(path, "wb") as f:
+        f.write(payload)
+        os.fchmod(f.fileno(), _FILE_MODE)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    _atomic_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
+
+
+def write_bytes(path: str, payload: bytes) -> None:
+    """Write one output file (slice or volume) atomically (tests patch this to simulate a kill mid-case)."""
+    _atomic_bytes(path, payload)
+
+
+def _write_nifti(path: str, arr: np.ndarray, affine: np.ndarray) -> None:
+    """float32 NIfTI with the resampled affine; gzip without a time stamp, so reruns are identical."""
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.ascontiguousarray(arr, dtype=np.float32), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    write_bytes(path, gzip.compress(img.to_bytes(), compresslevel=1, mtime=0))
+
+
+# --------------------------------------------------------------------------------------
+# Many cases
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _single_thread() -> Iterator[None]:
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _worker_init() -> None:
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
+
+def _run_one(task: CaseTask, config: PreprocessConfig, output_dir: str) -> tuple[str, str, Any]:
+    """Pool entry point: ("ok", case, entry) or ("fail", case, one-line message); never raises."""
+    try:
+        return "ok", task.case, process_case(task, config, output_dir)
+    except CaseError as e:
+        return "fail", task.case, str(e)
+    except Exception as e:  # an unexpected error in one case must not stop the other 1,999
+        logger.debug("case %s failed", task.case, exc_info=True)
+        where = task.image or task.case
+        return "fail", task.case, f"{where}: unexpected {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def _mp_context():
+    # fork starts workers without re-importing torch / monai (seconds each); spawn where fork is missing
+    methods = mp.get_all_start_methods()
+    return mp.get_context("fork" if "fork" in methods and sys.platform != "darwin" else "spawn")
+
+
+def run_preprocessing(
+    tasks: Sequence[CaseTask],
+    output_dir: str | os.PathLike,
+    config: PreprocessConfig,
+    num_workers: int = 1,
+    shard_index: int = 0,
+    num_shards: int = 1,
+    raise_on_failure: bool = True,
+) -> dict[str, Any]:
+    """Preprocess ``tasks`` (this shard's part of them) into ``output_dir``.
+
+    Finished cases are skipped; the others run in ``num_workers`` processes with one
+    progress bar over cases. Each failing case is logged as one line naming its file
+    and the rest continue. ``manifest.json`` is assembled at the end.
+
+    Returns:
+        summary dict: n_cases (this shard), n_done, n_skipped, n_failed, n_slices (total in
+        the folder), seconds, output_dir, failed ({case: message}).
+
+    Raises:
+        UserError: bad ``num_workers`` / shard flags, unwritable ``output_dir``, or output
+            made with other arguments.
+        TrainingError: one or more cases failed (listed; only with ``raise_on_failure``,
+            otherwise call :func:`raise_if_failed` after reporting); all others were processed.
+    """
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    if num_workers < 1:
+        raise UserError(f"--num_workers must be at least 1, got {num_workers}")
+    mine = shard_tasks(tasks, shard_index, num_shards)
+    output_dir = prepare_output_dir(output_dir, config)
+    for d in _case_output_dirs(output_dir, config):
+        os.makedirs(d, exist_ok=True)
+    todo = [t for t in mine if not is_finished(output_dir, t.case)]
+    n_skipped = len(mine) - len(todo)
+    logger.info(
+        "%d cases in this shard (%d of %d): %d already finished, %d to do, %d worker(s) -> %s",
+        len(mine), shard_index, num_shards, n_skipped, len(todo), num_workers, output_dir,
+    )
+    failed: dict[str, str] = {}
+    done = 0
+    t0 = time.perf_counter()
+    job = partial(_run_one, config=config, output_dir=output_dir)
+    with logging_redirect_tqdm(), tqdm(total=len(todo), desc="cases", unit="case", dynamic_ncols=True) as bar:
+        def collect(result: tuple[str, str, Any]) -> None:
+            nonlocal done
+            status, case, payload = result
+            if status == "ok":
+                done += 1
+                bar.set_postfix_str(f"{case}: {payload['n_slices']} slices", refresh=False)
+            else:
+                failed[case] = payload
+                logger.error("%s failed: %s", case, payload)
+            bar.update(1)
+
+        if num_workers == 1 or len(todo) <= 1:
+            with _single_thread():
+                for t in todo:
+                    collect(job(t))
+        else:
+            with _mp_context().Pool(min(num_workers, len(todo)), initializer=_worker_init) as pool:
+                for result in pool.imap_unordered(job, todo, chunksize=1):
+                    collect(result)
+    seconds = time.perf_counter() - t0
+    manifest = assemble_manifest(output_dir, config)
+    summary = {
+        "n_cases": len(mine),
+        "n_done": done,
+        "n_skipped": n_skipped,
+        "n_failed": len(failed),
+        "n_slices": manifest.get("n_slices", 0),
+        "seconds": seconds,
+        "output_dir": output_dir,
+        "failed": dict(sorted(failed.items())),
+    }
+    logger.info(
+        "%d done, %d skipped (finished before), %d failed in %.1f s; the folder holds %d finished cases, %d slices",
+        done, n_skipped, len(failed), seconds, manifest.get("n_cases", 0), manifest.get("n_slices", 0),
+    )
+    if raise_on_failure:
+        raise_if_failed(summary)
+    return summary
+
+
+def raise_if_failed(summary: dict[str, Any]) -> None:
+    """Raise TrainingError (exit code 1) listing the failed cases of a :func:`run_preprocessing` summary."""
+    failed = summary["failed"]
+    if failed:
+        raise TrainingError(
+            f"{len(failed)} of {summary['n_cases']} cases failed: {', '.join(sorted(failed))} (reasons logged above)"
+        )
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The final table on stdout."""
+    rows = [
+        ("cases in this shard", summary["n_cases"]),
+        ("processed now", summary["n_done"]),
+        ("skipped (finished before)", summary["n_skipped"]),
+        ("failed", summary["n_failed"]),
+        ("slices in the folder", summary["n_slices"]),
+        ("seconds", f"{summary['seconds']:.1f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print(f"output: {summary['output_dir']}")
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")

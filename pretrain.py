@@ -1,0 +1,674 @@
+"""What ``main_simsiam.py`` and ``main_dino.py`` share: their common flags, the data set of
+IoU crop pairs, the check of the IoU interval against the images, the pair audit, and the
+epoch loop with logging, checkpoints and resume.
+
+A script supplies only its method (model, loss, optimizer, schedules, per-step hooks) as a
+:class:`PretrainMethod` subclass and calls :func:`run_pretraining`::
+
+    class SimSiamMethod(PretrainMethod):
+        name = "simsiam"
+        ...
+
+    def main(args):
+        return run_pretraining(args, SimSiamMethod)
+
+What a run does, in order:
+
+1. check the flags (one clear line and exit code 2 for bad ones);
+2. list the images (``data.list_pretrain_images``), read their header sizes, and refuse an
+   interval that none of them admits (images smaller than the crop count as padded);
+3. build the method, or restore it from ``<run>_last.pt`` with ``--resume``;
+4. per epoch: a loader seeded from (seed, epoch, rank), ``engine.train_one_epoch``, one JSON
+   line in ``<run>_log.jsonl`` (loss, lr, wd, method values, pair audit, speed), then the
+   encoder weights ``<run>.pt`` and the full state ``<run>_last.pt``, both atomically;
+5. ``<run>_files/result.json`` with what ``main`` returns.
+
+Everything random in an epoch is a function of (seed, epoch, rank): the loader's shuffling
+and every transform's random state come from the loader's generator, and the global torch
+RNG (drop path) is reseeded at the start of each epoch. A run killed at any point and
+resumed therefore ends with the same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import engine
+from utils import TrainingError, UserError, atomic_torch_save, atomic_write_json
+
+logger = logging.getLogger(__name__)
+
+WANDB_PROJECT = "exploring-ssl-for-ct-pre"
+AUDIT_BINS = 10
+
+# flags whose value must not change when a run is resumed (plus each method's own)
+RESUME_KEYS = (
+    "spatial_dims", "arch", "embedding_size", "crop_size", "low_resource_mode", "drop_path_rate",
+    "use_gradient_checkpointing", "min_iou", "max_iou", "strict_iou", "max_images", "no_augment",
+    "batch_size", "accum_iters", "n_epochs", "base_lr", "end_lr", "warmup_epochs", "seed", "use_amp", "amp_dtype",
+)
+
+
+# ---------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------
+
+
+def add_common_args(
+    parser: argparse.ArgumentParser, method: str, defaults: dict[str, Any], batch_size_aliases: tuple[str, ...] = ()
+) -> dict[str, argparse._ArgumentGroup]:
+    """Add the flags both pretraining scripts share, in groups; return the groups by name
+    ("data", "model", "optim", "run", "hardware") so a script can add its own flags to them.
+
+    ``defaults`` sets the method's own defaults for ``base_lr``, ``warmup_epochs`` and ``end_lr``;
+    ``batch_size_aliases`` are other names of ``--batch_size`` (the original DINO script's
+    ``--batch_size_per_gpu``).
+    """
+    g_data = parser.add_argument_group("data")
+    g_data.add_argument("--data_dir", type=str, default=None,
+                        help="Folder of preprocessed pretraining data, searched recursively: PNG slices "
+                             "(--spatial_dims 2, from preprocess_flare_unlabelled.py) or NIfTI volumes (3). Required.")
+    g_data.add_argument("--spatial_dims", type=int, default=2, choices=(2, 3),
+                        help="2: train on 2D slices (the paper); 3: on 3D volumes with cubic crops.")
+    g_data.add_argument("--crop_size", type=int, default=96,
+                        help="Side of each crop in pixels (96 in the paper). Swin needs a multiple of 32, "
+                             "UNETR a multiple of 16. Images smaller than this are zero-padded to it.")
+    g_data.add_argument("--min_iou", type=float, default=0.0,
+                        help="Smallest IoU allowed between the two crops of a positive pair (0.3 is the paper's best).")
+    g_data.add_argument("--max_iou", type=float, default=1.0,
+                        help="Largest IoU allowed between the two crops (0.6 is the paper's best; "
+                             "[0, 1] is plain random cropping).")
+    g_data.add_argument("--strict_iou", action="store_true",
+                        help="Refuse to start when any image cannot meet the interval. By default such images "
+                             "get the pair closest to the interval, and the log reports how often (audit_infeasible_frac).")
+    g_data.add_argument("--max_images", type=int, default=0,
+                        help="Use only the first N images of the sorted list (demos, tests); 0 = all.")
+    g_data.add_argument("--no_augment", action="store_true",
+                        help="Leave out the view augmentations (the two crops are used as cut). For debugging "
+                             "and for comparing runs exactly; never for real pretraining.")
+
+    g_model = parser.add_argument_group("model")
+    g_model.add_argument("--arch", type=str, default="swin", choices=("swin", "unetr"),
+                         help="Encoder: 'swin' = Swin-UNETR's SwinTransformer (the paper); 'unetr' = UNETR's ViT.")
+    g_model.add_argument("--embedding_size", type=int, default=48,
+                         help="Swin embedding size C (48 in the paper; the representation has 16*C values). "
+                              "Must be a multiple of 12. For UNETR the ViT hidden size is 16*C.")
+    g_model.add_argument("--drop_path_rate", type=float, default=0.1,
+                         help="Stochastic depth rate of the Swin encoder (0.1 in the paper).")
+    g_model.add_argument("--use_gradient_checkpointing", action="store_true",
+                         help="Recompute Swin activations in the backward pass: less GPU memory, about 30%% slower.")
+    g_model.add_argument("--low_resource_mode", action="store_true",
+                         help="Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3), "
+                              "batch size at most 4, and smaller projection heads (see the method's flags).")
+
+    g_opt = parser.add_argument_group("optimisation")
+    g_opt.add_argument("--batch_size", *batch_size_aliases, dest="batch_size", type=int, default=128,
+                       help="Images per process and per backward pass (the effective batch is "
+                            "batch_size x accum_iters x number of processes). 128 in the paper.")
+    g_opt.add_argument("--n_epochs", type=int, default=100, help="Epochs of pretraining (100 in the paper).")
+    g_opt.add_argument("--base_lr", type=float, default=defaults["base_lr"],
+                       help=f"Peak learning rate, used as given (no scaling with the batch size; the paper passes "
+                            f"0.025 with batch 128 for SimSiam). Default {defaults['base_lr']:g}.")
+    g_opt.add_argument("--end_lr", type=float, default=defaults.get("end_lr", 1e-6),
+                       help="Learning rate at the end of the cosine schedule.")
+    g_opt.add_argument("--warmup_epochs", type=int, default=defaults["warmup_epochs"],
+                       help=f"Epochs of linear learning-rate warm-up before the cosine decay (default {defaults['warmup_epochs']}).")
+    g_opt.add_argument("--accum_iters", type=int, default=1,
+                       help="Backward passes accumulated per optimizer step (a larger effective batch on a small GPU). "
+                            "The last incomplete step of an epoch is skipped.")
+    g_opt.add_argument("--use_amp", action="store_true",
+                       help="Mixed precision on CUDA (fp16 with a gradient scaler, as the paper). No effect on the CPU.")
+    g_opt.add_argument("--amp_dtype", type=str, default="fp16", choices=("fp16", "bf16"),
+                       help="Autocast dtype with --use_amp; bf16 needs no gradient scaler (Ampere GPUs and newer).")
+
+    g_run = parser.add_argument_group("run")
+    g_run.add_argument("--run_name", type=str, default=None,
+                       help=f"Name of the run; its files are <chkpt_dir>/<run_name>.pt, _last.pt, _log.jsonl, _args.json "
+                            f"and _files/. Default: {method}_<2|3>d_iou_<min>_<max>.")
+    g_run.add_argument("--chkpt_dir", type=str, default=engine.DEFAULT_CHKPT_DIR,
+                       help="Folder for the run's files (default: the project's runs/ folder).")
+    g_run.add_argument("--resume", type=str, nargs="?", const="auto", default=None,
+                       help="Continue an interrupted run: alone, from this run's <run_name>_last.pt; "
+                            "with a path, from that file. The flags that define the run must be unchanged.")
+    g_run.add_argument("--seed", type=int, default=4294967295, help="Random seed (the paper's: 4294967295).")
+    g_run.add_argument("--use_wandb", action="store_true",
+                       help="Also log every epoch to Weights & Biases (works offline with WANDB_MODE=offline).")
+    g_run.add_argument("--wandb_project", type=str, default=WANDB_PROJECT,
+                       help=f"W&B project name (the original's: {WANDB_PROJECT}).")
+    g_run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
+                       help="Show tqdm progress bars (--no-progress for batch jobs).")
+
+    g_hw = parser.add_argument_group("hardware")
+    g_hw.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda"),
+                      help="'auto' uses CUDA when available. Multi-GPU: launch with torchrun.")
+    g_hw.add_argument("--num_workers", type=int, default=0,
+                      help="Data-loading processes per GPU; -1 times a few batches with 0, 2, 4, ... workers and keeps "
+                           "the fastest. Results depend on this value (each worker has its own random stream).")
+    return {"data": g_data, "model": g_model, "optim": g_opt, "run": g_run, "hardware": g_hw}
+
+
+def default_run_name(method: str, args: argparse.Namespace) -> str:
+    return f"{method}_{args.spatial_dims}d_iou_{args.min_iou:g}_{args.max_iou:g}"
+
+
+def check_common_args(args: argparse.Namespace) -> None:
+    """Refuse bad flag values with one line each (UserError)."""
+    if not args.data_dir:
+        raise UserError("--data_dir is required (a folder of preprocessed PNG slices or NIfTI volumes)")
+    for name in ("min_iou", "max_iou"):
+        v = getattr(args, name)
+        if not (0.0 <= v <= 1.0):
+            raise UserError(f"--{name} must lie in [0, 1], got {v}")
+    if args.min_iou > args.max_iou:
+        raise UserError(f"--min_iou {args.min_iou} is larger than --max_iou {args.max_iou}")
+    mult = 32 if args.arch == "swin" else 16
+    if args.crop_size <= 0 or args.crop_size % mult:
+        raise UserError(f"--crop_size must be a positive multiple of {mult} for --arch {args.arch}, got {args.crop_size}")
+    if args.embedding_size <= 0 or args.embedding_size % 12:
+        raise UserError(f"--embedding_size must be a positive multiple of 12, got {args.embedding_size}")
+    for name in ("batch_size", "n_epochs", "accum_iters"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.warmup_epochs < 0 or args.warmup_epochs > args.n_epochs:
+        raise UserError(f"--warmup_epochs must lie in [0, --n_epochs={args.n_epochs}], got {args.warmup_epochs}")
+    if args.base_lr <= 0 or args.end_lr < 0:
+        raise UserError(f"--base_lr must be positive and --end_lr non-negative, got {args.base_lr} and {args.end_lr}")
+    if args.max_images < 0:
+        raise UserError(f"--max_images must be 0 (all) or positive, got {args.max_images}")
+    if not 0.0 <= args.drop_path_rate < 1.0:
+        raise UserError(f"--drop_path_rate must lie in [0, 1), got {args.drop_path_rate}")
+    if args.num_workers < -1:
+        raise UserError(f"--num_workers must be -1 (measure) or at least 0, got {args.num_workers}")
+    if args.use_gradient_checkpointing and args.arch != "swin":
+        raise UserError("--use_gradient_checkpointing is only available with --arch swin")
+
+
+def apply_low_resource_mode(args: argparse.Namespace) -> None:
+    """``--low_resource_mode``: embedding 12 and batch size at most 4 (the heads are shrunk
+    by the methods themselves)."""
+    if args.low_resource_mode:
+        args.embedding_size = min(args.embedding_size, 12)
+        args.batch_size = min(args.batch_size, 4)
+
+
+def model_config(args: argparse.Namespace) -> dict[str, Any]:
+    """The encoder configuration for these flags (stored in every checkpoint)."""
+    from models import encoder_config
+
+    return encoder_config(
+        args.arch,
+        spatial_dims=args.spatial_dims,
+        embedding_size=args.embedding_size,
+        low_resource_mode=args.low_resource_mode,
+        drop_path_rate=args.drop_path_rate,
+        use_gradient_checkpointing=args.use_gradient_checkpointing,
+        crop_size=args.crop_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Data: the images, their sizes, the interval check
+# ---------------------------------------------------------------------------------------
+
+
+def image_shape(path: str, spatial_dims: int) -> tuple[int, ...]:
+    """Spatial size of an image from its header only: (X, Y) of a PNG, (X, Y, Z) of a NIfTI.
+
+    Raises:
+        UserError: the file cannot be read as an image of that kind.
+    """
+    if spatial_dims == 2:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except Exception as e:
+            raise UserError(f"cannot read PNG {path}: {type(e).__name__}: {e}") from None
+        return (int(w), int(h))  # data.read_image_2d returns (X, Y) = (width, height)
+    import nibabel as nib
+
+    try:
+        shape = tuple(int(s) for s in nib.load(path).shape)
+    except Exception as e:
+        raise UserError(f"cannot read NIfTI {path}: {type(e).__name__}: {e}") from None
+    if len(shape) < 3 or any(s != 1 for s in shape[3:]):
+        raise UserError(f"{path} has shape {shape}; pretraining with --spatial_dims 3 needs 3D volumes")
+    return shape[:3]
+
+
+def check_interval(
+    paths: list[str], spatial_dims: int, crop_size: int, min_iou: float, max_iou: float, strict: bool, progress: bool = True
+) -> dict[str, Any]:
+    """Check which images admit a crop pair with IoU in [min_iou, max_iou].
+
+    Sizes come from the file headers; images smaller than the crop count as padded to it
+    (as the pipeline pads them). Returns ``{"n_images", "n_infeasible", "infeasible_frac",
+    "shapes": {shape: count}}``.
+
+    Raises:
+        UserError: no image admits the interval (the message lists the image shapes), or
+            ``strict`` and some image does not; a header that cannot be read.
+    """
+    from tqdm import tqdm
+
+    from iou_crops import IoUCropSampler
+
+    sampler = IoUCropSampler(crop_size, min_iou, max_iou, strict=False)
+    shapes: dict[tuple[int, ...], int] = {}
+    for p in tqdm(paths, desc="reading image sizes", disable=not progress or len(paths) < 1000, leave=False):
+        s = tuple(max(int(v), crop_size) for v in image_shape(p, spatial_dims))
+        shapes[s] = shapes.get(s, 0) + 1
+    feasible = {s: sampler.is_feasible(s) for s in shapes}
+    n_bad = sum(n for s, n in shapes.items() if not feasible[s])
+
+    def listing(keys) -> str:
+        keys = sorted(keys, key=lambda s: -shapes[s])
+        txt = ", ".join(f"{'x'.join(map(str, s))} ({shapes[s]})" for s in keys[:6])
+        return txt + (f" and {len(keys) - 6} more shapes" if len(keys) > 6 else "")
+
+    interval = f"[{min_iou:g}, {max_iou:g}]"
+    if n_bad == len(paths):
+        raise UserError(
+            f"no image admits two {crop_size}-pixel crops with IoU in {interval}: image sizes after padding to the crop "
+            f"are {listing(shapes)}; choose another interval or a smaller --crop_size"
+        )
+    if n_bad and strict:
+        raise UserError(
+            f"--strict_iou: {n_bad} of {len(paths)} images admit no pair of {crop_size}-pixel crops with IoU in "
+            f"{interval} (sizes {listing([s for s in shapes if not feasible[s]])})"
+        )
+    if n_bad:
+        logger.warning(
+            "%d of %d images (%.1f%%) cannot meet the IoU interval %s with %d-pixel crops (sizes %s); they get the "
+            "pair closest to the interval (logged per epoch as audit_infeasible_frac)",
+            n_bad, len(paths), 100.0 * n_bad / len(paths), interval, crop_size, listing([s for s in shapes if not feasible[s]]),
+        )
+    return {"n_images": len(paths), "n_infeasible": n_bad, "infeasible_frac": n_bad / len(paths), "shapes": shapes}
+
+
+def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any, dict[str, Any]]:
+    """The pretraining data set (``monai.data.Dataset`` of ``{"image": path}`` through
+    :func:`transforms.pretrain_transforms`) and the interval check's summary.
+
+    The image listing and header check run on rank 0 and are shared with the other ranks.
+    """
+    from monai.data import Dataset
+
+    from data import list_pretrain_images
+    from transforms import pretrain_transforms
+
+    payload: tuple[str, Any]
+    if info.is_main:
+        try:
+            paths = list_pretrain_images(args.data_dir, args.spatial_dims)
+            if args.max_images:
+                paths = paths[: args.max_images]
+            check = check_interval(paths, args.spatial_dims, args.crop_size, args.min_iou, args.max_iou, args.strict_iou, args.progress)
+            payload = ("ok", (paths, check))
+        except UserError as e:
+            payload = ("error", str(e))
+    else:
+        payload = ("", None)
+    if info.distributed:
+        import torch.distributed as dist
+
+        box = [payload]
+        dist.broadcast_object_list(box, src=0)
+        payload = box[0]
+    if payload[0] == "error":
+        raise UserError(payload[1])
+    paths, check = payload[1]
+    logger.info("%d images in %s (%dD)", len(paths), args.data_dir, args.spatial_dims)
+    tf = pretrain_transforms(args.spatial_dims, args.crop_size, args.min_iou, args.max_iou, strict=args.strict_iou, augment=not args.no_augment)
+    return Dataset([{"image": p} for p in paths], transform=tf), check
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError behind an exception raised while loading data, if there is one.
+
+    MONAI wraps transform errors in RuntimeError, and DataLoader workers re-raise them
+    with the worker's traceback as text; both are unwrapped here so that a corrupt file
+    stops the run with the one line that names it.
+    """
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError) and "Traceback" not in str(e):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    found = re.findall(r"^(?:[\w.]*\.)?UserError: (.+)$", str(exc), flags=re.MULTILINE)
+    return UserError(found[-1].strip()) if found else None
+
+
+# ---------------------------------------------------------------------------------------
+# The pair audit
+# ---------------------------------------------------------------------------------------
+
+
+class PairAudit:
+    """Per-epoch statistics of the crop pairs that were trained on.
+
+    ``audit_infeasible_frac``: fraction of pairs whose image could not meet the interval
+    (the closest pair was used); ``audit_iou_hist``: counts of realised IoUs in 10 equal
+    bins over [0, 1] (the last bin includes 1); ``audit_iou_mean``; ``audit_pairs``.
+    Summed over all ranks.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.n_infeasible = 0
+        self.iou_sum = 0.0
+        self.hist = np.zeros(AUDIT_BINS, dtype=np.int64)
+
+    def update(self, batch: dict[str, Any]) -> None:
+        iou = torch.as_tensor(batch["iou_value"]).double().flatten().cpu().numpy()
+        ok = torch.as_tensor(batch["iou_feasible"]).bool().flatten().cpu().numpy()
+        self.n += int(iou.size)
+        self.n_infeasible += int((~ok).sum())
+        self.iou_sum += float(iou.sum())
+        self.hist += np.histogram(iou, bins=AUDIT_BINS, range=(0.0, 1.0))[0]
+
+    def summary(self, info: engine.DistInfo) -> dict[str, Any]:
+        t = torch.tensor([self.n, self.n_infeasible, self.iou_sum, *self.hist.tolist()], dtype=torch.float64, device=info.device)
+        if info.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(t)
+        v = t.cpu().tolist()
+        n = int(round(v[0]))
+        return {
+            "audit_pairs": n,
+            "audit_infeasible_frac": v[1] / n if n else 0.0,
+            "audit_iou_mean": v[2] / n if n else float("nan"),
+            "audit_iou_hist": [int(round(c)) for c in v[3:]],
+        }
+
+
+# ---------------------------------------------------------------------------------------
+# The method interface
+# ---------------------------------------------------------------------------------------
+
+
+class PretrainMethod:
+    """What a pretraining method provides to :func:`run_pretraining`.
+
+    Subclasses set ``name`` and ``resume_keys`` (their own flags that must not change on
+    resume), build everything in ``__init__`` and set these attributes:
+
+    * ``train_module``: the module ``engine.train_one_epoch`` trains (DDP-wrapped when distributed);
+    * ``optimizer``, ``lr_schedule``, ``wd_schedule`` (per-iteration arrays), ``base_lr``
+      (the lr of fixed-lr groups), ``clip_grad`` and ``clip_mode``;
+    * ``encoder``: the encoder whose weights go into ``<run>.pt``.
+    """
+
+    name = "method"
+    resume_keys: tuple[str, ...] = ()
+    clip_grad: float = 0.0
+    clip_mode: str = "global"
+
+    def __init__(self, args: argparse.Namespace, cfg: dict[str, Any], info: engine.DistInfo, iters_per_epoch: int):
+        self.args = args
+        self.cfg = cfg
+        self.info = info
+        self.iters_per_epoch = iters_per_epoch
+
+    @staticmethod
+    def adjust_args(args: argparse.Namespace) -> None:
+        """Method-specific flag checks and ``--low_resource_mode`` changes (in place)."""
+
+    def loss_fn(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def before_optimizer_step(self, it: int) -> None:
+        """Called after clipping, just before ``optimizer.step()`` (global iteration ``it``)."""
+
+    def after_optimizer_step(self, it: int) -> None:
+        """Called after ``optimizer.step()`` (global iteration ``it``)."""
+
+    def epoch_record(self, epoch: int) -> dict[str, float]:
+        """Method values to log for the epoch just trained (0-based ``epoch``)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def extra_checkpoint(self) -> dict[str, Any]:
+        """Extra entries of the pretrained-weights file (e.g. DINO's student encoder)."""
+        return {}
+
+
+def wrap_ddp(module: nn.Module, info: engine.DistInfo) -> nn.Module:
+    """DistributedDataParallel around ``module`` when running with several processes."""
+    if not info.distributed:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DistributedDataParallel(module, device_ids=ids)
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+def _resolve_resume(args: argparse.Namespace, paths: dict[str, str]) -> str | None:
+    if args.resume is None:
+        return None
+    path = paths["last"] if args.resume == "auto" else os.path.abspath(args.resume)
+    if not os.path.isfile(path):
+        raise UserError(f"--resume: {path!r} does not exist" + (" (the run has not finished an epoch yet; start it again without --resume)" if args.resume == "auto" else ""))
+    return path
+
+
+def run_pretraining(args: argparse.Namespace, method_cls: type[PretrainMethod]) -> dict[str, Any]:
+    """Run (or resume) one pretraining; return the run's result (also written to
+    ``<run>_files/result.json``): ``{"run_name", "method", "weights", "last", "log",
+    "epochs_done", "final"}`` where ``final`` is the last epoch's log record.
+
+    Raises:
+        UserError: bad flags or data (exit code 2); TrainingError: a non-finite loss (exit code 1).
+    """
+    args = argparse.Namespace(**vars(args))  # never change the caller's namespace
+    check_common_args(args)
+    apply_low_resource_mode(args)
+    method_cls.adjust_args(args)
+    if args.run_name is None:
+        args.run_name = default_run_name(method_cls.name, args)
+    we_initialised = not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    info = engine.init_distributed(args.device)
+    ok = False
+    try:
+        result = _run(args, method_cls, info)
+        ok = True
+        return result
+    finally:
+        if we_initialised and torch.distributed.is_available() and torch.distributed.is_initialized():
+            if ok:
+                engine.cleanup_distributed()
+            else:
+                torch.distributed.destroy_process_group()
+
+
+def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engine.DistInfo) -> dict[str, Any]:
+    paths = engine.run_paths(args.chkpt_dir, args.run_name)
+    resume_path = _resolve_resume(args, paths)
+    logger.info("%s pretraining run %r; its files go to %s", method_cls.name, args.run_name, paths["chkpt_dir"])
+
+    state = None
+    if resume_path is not None:
+        state = engine.load_training_state(resume_path)
+        if state.get("method") != method_cls.name:
+            raise UserError(f"--resume {resume_path!r} is a {state.get('method')!r} run, not a {method_cls.name!r} one")
+        keys = RESUME_KEYS + method_cls.resume_keys
+        engine.check_resume_args(state["args"], engine.args_dict(args), keys, resume_path)
+        if int(state.get("world_size", 1)) != info.world_size:
+            raise UserError(
+                f"cannot resume {resume_path!r} with {info.world_size} processes: it was started with "
+                f"{state.get('world_size')} (the data partition would change)"
+            )
+    engine.prepare_run_dir(paths, resume=resume_path is not None, info=info)
+
+    dataset, check = build_dataset(args, info)
+    per_rank = len(dataset) // info.world_size
+    iters_per_epoch = per_rank // args.batch_size // args.accum_iters
+    if iters_per_epoch == 0:
+        raise UserError(
+            f"{len(dataset)} images are too few for one optimizer step of --batch_size {args.batch_size} x "
+            f"--accum_iters {args.accum_iters} x {info.world_size} processes"
+        )
+
+    num_workers = args.num_workers
+    if state is not None and args.num_workers == -1 and state.get("num_workers") is not None:
+        num_workers = int(state["num_workers"])  # keep the measured value of the run
+    elif num_workers == -1:
+        num_workers = engine.pick_num_workers(dataset, args.batch_size)
+    if state is not None and state.get("num_workers") is not None and int(state["num_workers"]) != num_workers:
+        logger.warning(
+            "resuming with %d data workers, the run started with %d: the remaining epochs see other random "
+            "crops than an uninterrupted run would", num_workers, int(state["num_workers"]),
+        )
+
+    cfg = model_config(args)
+    engine.fix_random_seeds(args.seed)
+    method = method_cls(args, cfg, info, iters_per_epoch)
+    amp = engine.Amp(info.device, args.use_amp, args.amp_dtype)
+
+    start_epoch, wandb_id, last_record = 0, None, None
+    if state is not None:
+        method.load_state_dict(state["method_state"])
+        amp.load_state_dict(state.get("amp", {}))
+        engine.set_rng_state(state["rng"])
+        start_epoch = int(state["epoch"])
+        wandb_id = state.get("wandb_id")
+        last_record = state.get("last_record")
+        if info.is_main:
+            engine.truncate_log(paths["log"], start_epoch)
+        logger.info("resumed %s after epoch %d of %d", resume_path, start_epoch, args.n_epochs)
+
+    args_d = engine.args_dict(args)
+    engine.write_args(paths, {**args_d, "model_config": cfg, "num_workers_used": num_workers, "world_size": info.world_size}, info)
+    epoch_logger = engine.EpochLogger(paths, info, args.use_wandb, args.wandb_project, args_d, wandb_id)
+    try:
+        for epoch in range(start_epoch, args.n_epochs):
+            last_record = _train_epoch(args, method, amp, dataset, num_workers, epoch, info, iters_per_epoch)
+            epoch_logger.log(last_record)
+            if info.is_main:
+                from models import encoder_checkpoint
+
+                weights = encoder_checkpoint(method.encoder, cfg, method.name, epoch + 1, args_d, **method.extra_checkpoint())
+                atomic_torch_save(weights, paths["weights"])
+            engine.save_training_state(
+                paths["last"],
+                {
+                    "method": method.name,
+                    "epoch": epoch + 1,
+                    "method_state": method.state_dict(),
+                    "amp": amp.state_dict(),
+                    "rng": engine.rng_state(),
+                    "wandb_id": epoch_logger.wandb_id,
+                    "args": args_d,
+                    "model_config": cfg,
+                    "num_workers": num_workers,
+                    "world_size": info.world_size,
+                    "last_record": last_record,
+                },
+                info,
+            )
+            logger.info(
+                "epoch %d/%d: loss %.4f, lr %.3g, IoU mean %.3f, infeasible %.1f%%, %.1f pairs/s",
+                epoch + 1, args.n_epochs, last_record["loss"], last_record["lr"], last_record["audit_iou_mean"],
+                100 * last_record["audit_infeasible_frac"], last_record["pairs_per_s"],
+            )
+    finally:
+        epoch_logger.finish()
+
+    result = {
+        "run_name": args.run_name,
+        "method": method.name,
+        "weights": paths["weights"],
+        "last": paths["last"],
+        "log": paths["log"],
+        "args": paths["args"],
+        "epochs_done": args.n_epochs,
+        "images": check["n_images"],
+        "images_infeasible_frac": check["infeasible_frac"],
+        "final": last_record,
+    }
+    if info.is_main:
+        atomic_write_json(os.path.join(paths["dir"], "result.json"), result)
+    return result
+
+
+def _train_epoch(
+    args: argparse.Namespace,
+    method: PretrainMethod,
+    amp: engine.Amp,
+    dataset: Any,
+    num_workers: int,
+    epoch: int,
+    info: engine.DistInfo,
+    iters_per_epoch: int,
+) -> dict[str, Any]:
+    """One epoch: a fresh loader seeded from (seed, epoch, rank), training, the log record."""
+    torch.manual_seed(engine.derived_seed(args.seed, epoch, info.rank, 1))  # model randomness (drop path)
+    loader = engine.build_loader(
+        dataset, args.batch_size, num_workers, args.seed, epoch, info, shuffle=True, drop_last=True,
+        pin_memory=info.device.type == "cuda",
+    )
+    audit = PairAudit()
+
+    def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        audit.update(batch)
+        return method.loss_fn(batch, epoch)
+
+    t0 = time.perf_counter()
+    try:
+        stats = engine.train_one_epoch(
+            method.train_module,
+            loader,
+            method.optimizer,
+            loss_fn,
+            epoch=epoch,
+            n_epochs=args.n_epochs,
+            iters_per_epoch=iters_per_epoch,
+            lr_schedule=method.lr_schedule,
+            base_lr=method.base_lr,
+            wd_schedule=method.wd_schedule,
+            amp=amp,
+            accum_iters=args.accum_iters,
+            clip_grad=method.clip_grad,
+            clip_mode=method.clip_mode,
+            before_optimizer_step=method.before_optimizer_step,
+            after_optimizer_step=method.after_optimizer_step,
+            info=info,
+            progress=args.progress,
+        )
+    except (UserError, TrainingError):
+        raise
+    except Exception as e:
+        found = user_error_in(e)
+        if found is not None:
+            raise found from None
+        raise
+    finally:
+        del loader
+    dt = time.perf_counter() - t0
+    record: dict[str, Any] = {"epoch": epoch + 1, **stats, **method.epoch_record(epoch), **audit.summary(info)}
+    record["epoch_time_s"] = dt
+    record["pairs_per_s"] = record["audit_pairs"] / dt if dt > 0 else float("nan")
+    return record

@@ -1,0 +1,655 @@
+"""Reproduce the paper's IoU-interval table with one command (and the embedded demo).
+
+The grid: one row per IoU interval of the positive pairs (default the paper's six:
+no pretraining, [0, 0], [0.0001, 0.3], [0.3, 0.6], [0.6, 1], random crop [0, 1]); per
+pretrained row, SimSiam pretrainings with the seeds 4294967295 and 381122412, each
+fine-tuned with the seeds 4294967295 and 381122412 (4 Dice scores per row); the "no
+pretraining" row fine-tunes a random encoder with the 2 x 2 (initialisation seed,
+fine-tuning seed) pairs. 34 runs in all. Runs are called in-process
+(``main_simsiam.main`` / ``main_finetune.main``), are resumable, and can be spread over
+processes, GPUs and machines that share ``--output_dir`` (one lock file per run).
+
+Output folder::
+
+    <output_dir>/grid.json                 format version, rows, seeds, preset, settings, split
+    <output_dir>/table.md, table.csv       the table (ours beside the paper's), printed at the end
+    <output_dir>/organs.md, organs.csv     challenge-grade per-organ Dice and NSD per row
+    <output_dir>/figures/collapse.png      collapse coefficient over pretraining epochs
+    <output_dir>/figures/organ_sharing.png fraction of positive pairs sharing an organ
+    <output_dir>/figures/crop_pairs.png    example crop pairs per interval
+    <output_dir>/runs/                     every run's files (engine.run_paths)
+    <output_dir>/state/                    locks/, logs/ (one per run), failed/, timings.jsonl
+    <output_dir>/data/                     demo only: phantoms and their preprocessed slices
+
+Usage::
+
+    # the demo: synthetic CT, the whole grid at laptop size, the table (= make demo)
+    .venv/bin/python reproduce_table.py --preset demo --output_dir demo_output
+
+    # the paper on FLARE 2022, preprocessed slices (see preprocess_flare_*.py)
+    python reproduce_table.py --preset paper --output_dir table_flare \\
+        --unlabelled_dir flare_2d/unlabelled --labelled_dir flare_2d/labelled
+
+    # the same from the raw FLARE download: preprocessing first (resumable)
+    python reproduce_table.py --preset paper --output_dir table_flare \\
+        --raw_unlabelled_dir FLARE22/unlabelled --raw_labelled_dir FLARE22Train \\
+        --unlabelled_dir flare_2d/unlabelled --labelled_dir flare_2d/labelled
+
+    # four GPUs of one machine: one worker per GPU
+    python reproduce_table.py --preset paper ... --gpus 0,1,2,3
+
+    # several machines: the same command on each, --output_dir on a shared file system
+    # the commands only (34 lines), or one shell file per run for a cluster scheduler
+    python reproduce_table.py --preset paper ... --dry_run
+    python reproduce_table.py --preset paper ... --write_scripts jobs/
+
+    # the table from whatever has finished so far
+    python reproduce_table.py --preset paper ... --collect_only
+
+    # two rows, shorter runs
+    python reproduce_table.py --preset demo --output_dir demo_small --rows none,0.3-0.6 --n_pretrain_epochs 1
+
+Bad input (missing data folders, an unknown preset, a results folder written by another
+version of this script or for another grid, runs that disagree on the fine-tuning split)
+stops with one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import multiprocessing as mp
+import os
+import shlex
+import sys
+import time
+from typing import Any
+
+import grid
+from grid import GRID_FORMAT, PAPER_ROW_KEYS, PAPER_SEEDS, Row, Run
+from utils import TrainingError, UserError, atomic_write_json, run_cli
+
+logger = logging.getLogger(__name__)
+
+PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+#: Hyper-parameters of each preset; every one can be overridden by the flag of the same name.
+PRESETS: dict[str, dict[str, Any]] = {
+    # every value as in the paper (DESIGN.md)
+    "paper": {
+        "spatial_dims": 2, "arch": "swin", "embedding_size": 48, "low_resource_mode": False, "crop_size": 96,
+        "finetune_crop_size": 96, "drop_path_rate": 0.1, "use_amp": True,
+        "n_pretrain_epochs": 100, "pretrain_batch_size": 128, "pretrain_lr": 0.025, "pretrain_end_lr": 1e-6,
+        "pretrain_wd": 1e-5, "pretrain_warmup_epochs": 0, "max_pretrain_images": 0,
+        "n_finetune_epochs": 225, "finetune_batch_size": 32, "finetune_lr": 1e-3, "finetune_end_lr": 5e-5,
+        "finetune_wd": 1e-5, "finetune_warmup_epochs": 10, "patience": 20, "sw_batch_size": 64,
+        "eval_every": 10, "eval_every_from": 90, "n_vis": 4, "max_finetune_images": 0, "num_workers": -1,
+        "workers": 1,
+    },
+    # the same grid on synthetic CT at a size a 2-core CPU finishes in minutes
+    "demo": {
+        "spatial_dims": 2, "arch": "swin", "embedding_size": 12, "low_resource_mode": True, "crop_size": 32,
+        "finetune_crop_size": 64, "drop_path_rate": 0.1, "use_amp": False,
+        "n_pretrain_epochs": 2, "pretrain_batch_size": 16, "pretrain_lr": 0.025, "pretrain_end_lr": 1e-6,
+        "pretrain_wd": 1e-5, "pretrain_warmup_epochs": 0, "max_pretrain_images": 32,
+        "n_finetune_epochs": 2, "finetune_batch_size": 2, "finetune_lr": 5e-3, "finetune_end_lr": 5e-5,
+        "finetune_wd": 1e-5, "finetune_warmup_epochs": 0, "patience": 20, "sw_batch_size": 16,
+        "eval_every": 2, "eval_every_from": 1000, "n_vis": 0, "max_finetune_images": 20, "num_workers": 0,
+        # the synthetic data set
+        "phantom_labelled": 8, "phantom_unlabelled": 12, "phantom_train": 4, "phantom_size_xy": 96, "phantom_slices": 24,
+        # execution (not part of grid.json): two single-threaded workers on a 2-core CPU
+        "workers": 2,
+    },
+}
+#: Settings that are not hyper-parameters of the runs (kept out of grid.json's comparison).
+_EXECUTION_KEYS = ("num_workers", "workers")
+
+
+# ---------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        "reproduce_table",
+        description="Run the IoU-interval grid (pretraining + fine-tuning) and render the paper's table and figures.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("grid")
+    g.add_argument("--preset", default="paper",
+                   help="'paper': every hyper-parameter as in the paper, on the FLARE folders you give; "
+                        "'demo': synthetic CT and tiny runs (make demo). Flags below override single values")
+    g.add_argument("--output_dir", required=True,
+                   help="results folder (grid.json, tables, figures, runs/); share it between machines to spread the grid")
+    g.add_argument("--rows", default=",".join(PAPER_ROW_KEYS),
+                   help="comma-separated rows: 'none' (no pretraining) or an IoU interval 'LO-HI'; the paper's six by default")
+    g.add_argument("--pretrain_seeds", default=",".join(map(str, PAPER_SEEDS)),
+                   help="pretraining seeds (for 'none': encoder initialisation seeds); the paper's two by default")
+    g.add_argument("--finetune_seeds", default=",".join(map(str, PAPER_SEEDS)),
+                   help="fine-tuning seeds, each applied to every pretraining; the paper's two by default")
+    g.add_argument("--method", default="simsiam", choices=("simsiam", "dino"),
+                   help="pretraining method; the paper's table is SimSiam")
+
+    g = p.add_argument_group("data (paper preset; the demo makes its own)")
+    g.add_argument("--unlabelled_dir", help="preprocessed unlabelled slices for pretraining (preprocess_flare_unlabelled.py output)")
+    g.add_argument("--labelled_dir", help="preprocessed labelled slices for fine-tuning (preprocess_flare_labelled.py output)")
+    g.add_argument("--raw_unlabelled_dir", help="raw FLARE unlabelled .nii.gz; preprocessed into --unlabelled_dir first (resumable)")
+    g.add_argument("--raw_labelled_dir", help="raw FLARE labelled folder (images/, labels/); preprocessed into --labelled_dir first")
+    g.add_argument("--split", help="fine-tuning split JSON {'train': [...], 'val': [...]}; default the paper's data/split.json "
+                                   "(the demo uses its phantoms' split)")
+    g.add_argument("--preprocess_workers", type=int, default=1,
+                   help="processes for preprocessing (1 = in this process, fastest for the small demo; more for FLARE)")
+    g.add_argument("--phantom_labelled", type=int, help="demo: labelled phantom cases")
+    g.add_argument("--phantom_unlabelled", type=int, help="demo: unlabelled phantom cases")
+    g.add_argument("--phantom_train", type=int, help="demo: labelled cases in the fine-tuning train split (the rest: validation)")
+    g.add_argument("--phantom_size_xy", type=int, help="demo: phantom voxels along x and y")
+    g.add_argument("--phantom_slices", type=int, help="demo: slices of a labelled phantom")
+
+    g = p.add_argument_group("hyper-parameters (default: the preset's value)")
+    g.add_argument("--spatial_dims", type=int, choices=(2, 3), help="2D slices (the paper) or 3D volumes")
+    g.add_argument("--arch", choices=("swin", "unetr"), help="encoder / segmenter architecture (the paper: swin)")
+    g.add_argument("--embedding_size", type=int, help="Swin embedding size (paper 48, demo 12)")
+    g.add_argument("--low_resource_mode", action=argparse.BooleanOptionalAction, default=None,
+                   help="shrink the networks for CPU demos and tests")
+    g.add_argument("--crop_size", type=int, help="crop size of the pretraining views (Swin: a multiple of 32; paper 96, demo 32)")
+    g.add_argument("--finetune_crop_size", type=int, help="crop and sliding-window size of fine-tuning (Swin-UNETR: a multiple of 32, >= 64; paper 96)")
+    g.add_argument("--drop_path_rate", type=float, help="stochastic depth of the encoder (paper 0.1)")
+    g.add_argument("--use_amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision on CUDA (paper: on)")
+    g.add_argument("--n_pretrain_epochs", type=int, help="pretraining epochs (paper 100)")
+    g.add_argument("--pretrain_batch_size", type=int, help="pretraining batch size (paper 128)")
+    g.add_argument("--pretrain_lr", type=float, help="pretraining base learning rate (paper 0.025)")
+    g.add_argument("--pretrain_end_lr", type=float, help="pretraining final learning rate (paper 1e-6)")
+    g.add_argument("--pretrain_wd", type=float, help="pretraining weight decay (paper 1e-5)")
+    g.add_argument("--pretrain_warmup_epochs", type=int, help="pretraining warm-up epochs (paper 0)")
+    g.add_argument("--max_pretrain_images", type=int, help="use only the first N pretraining slices (0 = all)")
+    g.add_argument("--n_finetune_epochs", type=int, help="maximum fine-tuning epochs (paper 225)")
+    g.add_argument("--finetune_batch_size", type=int, help="fine-tuning batch size in slices (paper 32)")
+    g.add_argument("--finetune_lr", type=float, help="fine-tuning base learning rate (paper 1e-3)")
+    g.add_argument("--finetune_end_lr", type=float, help="fine-tuning final learning rate (paper 5e-5)")
+    g.add_argument("--finetune_wd", type=float, help="fine-tuning weight decay (paper 1e-5)")
+    g.add_argument("--finetune_warmup_epochs", type=int, help="fine-tuning warm-up epochs (paper 10)")
+    g.add_argument("--patience", type=int, help="fine-tuning early stop after this many evaluations without improvement (paper 20)")
+    g.add_argument("--sw_batch_size", type=int, help="sliding-window batch size of the evaluation (paper 64)")
+    g.add_argument("--eval_every", type=int, help="fine-tuning: evaluate every this many epochs (paper 10; the last epoch always)")
+    g.add_argument("--eval_every_from", type=int, help="fine-tuning: evaluate every epoch from this epoch on (paper 90)")
+    g.add_argument("--n_vis", type=int, help="validation slices drawn in each fine-tuning's predictions.png (0: none)")
+    g.add_argument("--max_finetune_images", type=int, help="use only the first N fine-tuning slices (0 = all)")
+    g.add_argument("--pretrain_args", default="", help="extra flags for every pretraining, one shell-quoted string")
+    g.add_argument("--finetune_args", default="", help="extra flags for every fine-tuning, one shell-quoted string")
+
+    g = p.add_argument_group("execution")
+    g.add_argument("--workers", type=int,
+                   help="local worker processes claiming runs (1 = run in this process; paper preset 1, demo 2 single-threaded)")
+    g.add_argument("--gpus", default="",
+                   help="comma-separated GPU ids, one worker per GPU (CUDA_VISIBLE_DEVICES each); overrides --workers")
+    g.add_argument("--threads_per_worker", type=int, default=0,
+                   help="torch threads per worker (0 = CPU cores / workers)")
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device of every run")
+    g.add_argument("--num_workers", type=int, help="data-loader processes per run (-1 = measured; demo 0)")
+    g.add_argument("--use_wandb", action="store_true", help="log every run to Weights & Biases")
+    g.add_argument("--wandb_project", default="ioupos-table", help="wandb project of the runs")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
+    g.add_argument("--poll_s", type=float, default=2.0, help="seconds between checks while waiting for runs of other workers")
+
+    g = p.add_argument_group("modes")
+    g.add_argument("--dry_run", action="store_true", help="print the command of every run and exit; nothing is written")
+    g.add_argument("--write_scripts", metavar="DIR",
+                   help="write one shell file per run (and all.sh) into DIR for a cluster scheduler, then exit")
+    g.add_argument("--collect_only", action="store_true", help="run nothing; render the table and figures from finished runs")
+    g.add_argument("--no_figures", action="store_true", help="skip the figures")
+    g.add_argument("--figure_pairs", type=int, default=2000, help="crop pairs per interval for organ_sharing.png")
+    return p
+
+
+def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The preset's values with the flags that were given on top.
+
+    Raises:
+        UserError: unknown preset, or a value out of range.
+    """
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset!r} does not exist; choose one of {', '.join(PRESETS)}")
+    s = dict(PRESETS[args.preset])
+    for key in ("phantom_labelled", "phantom_unlabelled", "phantom_train", "phantom_size_xy", "phantom_slices"):
+        if getattr(args, key, None) is not None and key not in s:
+            raise UserError(f"--{key} only applies to --preset demo (the synthetic data set)")
+    for key in list(s):
+        v = getattr(args, key, None)
+        if v is not None:
+            s[key] = v
+    for key in ("n_pretrain_epochs", "n_finetune_epochs", "pretrain_batch_size", "finetune_batch_size", "crop_size", "embedding_size"):
+        if s[key] < 1:
+            raise UserError(f"--{key} must be at least 1, got {s[key]}")
+    if s["arch"] == "swin" and s["crop_size"] % 32:
+        raise UserError(f"--crop_size {s['crop_size']} must be a multiple of 32 for Swin")
+    return s
+
+
+# ---------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------
+
+
+def _require_dir(path: str | None, flag: str) -> str:
+    if not path:
+        raise UserError(f"{flag} is required with --preset paper")
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {path} does not exist")
+    return path
+
+
+def data_paths(args: argparse.Namespace, out: str) -> dict[str, str]:
+    """Where the grid's data is (or will be), without touching anything (for --dry_run)."""
+    if args.preset == "demo":
+        root = os.path.join(out, "data")
+        return {"unlabelled_dir": os.path.join(root, "slices", "unlabelled"), "labelled_dir": os.path.join(root, "slices", "labelled"),
+                "split": os.path.join(root, "phantoms", "split.json")}
+    from data import DEFAULT_SPLIT_PATH
+
+    res = {}
+    for key in ("unlabelled_dir", "labelled_dir"):
+        v = getattr(args, key)
+        if not v:
+            raise UserError(f"--{key} is required with --preset {args.preset} (the preprocessed slices, or where --raw_{key} goes)")
+        res[key] = os.path.abspath(os.path.expanduser(v))
+    res["split"] = os.path.abspath(args.split or DEFAULT_SPLIT_PATH)
+    return res
+
+
+def prepare_data(args: argparse.Namespace, settings: dict[str, Any], out: str) -> dict[str, str]:
+    """Make the demo data, or preprocess the raw FLARE folders, or check the given folders.
+
+    Every step is resumable (finished cases are skipped), so a rerun costs seconds.
+    """
+    paths = data_paths(args, out)
+    if args.preset == "demo":
+        import make_phantoms
+
+        root = os.path.join(out, "data")
+        logger.info("demo data: %d labelled + %d unlabelled phantoms of %d x %d x %d in %s", settings["phantom_labelled"],
+                    settings["phantom_unlabelled"], settings["phantom_size_xy"], settings["phantom_size_xy"], settings["phantom_slices"], root)
+        made = make_phantoms.generate_dataset(
+            os.path.join(root, "phantoms"), n_labelled=settings["phantom_labelled"], n_unlabelled=settings["phantom_unlabelled"],
+            seed=0, size_xy=settings["phantom_size_xy"], n_slices=settings["phantom_slices"], n_train=settings["phantom_train"],
+            num_workers=min(2, os.cpu_count() or 1),
+        )
+        _preprocess("labelled", made["labelled_dir"], paths["labelled_dir"], made["split_path"], args.preprocess_workers)
+        _preprocess("unlabelled", made["unlabelled_dir"], paths["unlabelled_dir"], None, args.preprocess_workers)
+        return paths
+    if args.raw_labelled_dir:
+        _preprocess("labelled", _require_dir(args.raw_labelled_dir, "--raw_labelled_dir"), paths["labelled_dir"], paths["split"], args.preprocess_workers)
+    if args.raw_unlabelled_dir:
+        _preprocess("unlabelled", _require_dir(args.raw_unlabelled_dir, "--raw_unlabelled_dir"), paths["unlabelled_dir"], None, args.preprocess_workers)
+    _require_dir(paths["unlabelled_dir"], "--unlabelled_dir")
+    _require_dir(paths["labelled_dir"], "--labelled_dir")
+    if not os.path.isfile(paths["split"]):
+        raise UserError(f"--split {paths['split']} does not exist")
+    return paths
+
+
+def _preprocess(kind: str, raw: str, out: str, split: str | None, workers: int) -> None:
+    import preprocess_flare_labelled
+    import preprocess_flare_unlabelled
+
+    mod = preprocess_flare_labelled if kind == "labelled" else preprocess_flare_unlabelled
+    argv = ["--data_dir", raw, "--output_dir", out, "--num_workers", str(max(1, workers))]
+    if split:
+        argv += ["--split_path", split]
+    logger.info("preprocessing %s: %s -> %s", kind, raw, out)
+    with contextlib.redirect_stdout(sys.stderr):  # its summary table; stdout is for our table
+        mod.main(mod.get_args_parser().parse_args(argv))
+
+
+# ---------------------------------------------------------------------------------------
+# The plan
+# ---------------------------------------------------------------------------------------
+
+
+def _common_argv(s: dict[str, Any]) -> list[str]:
+    argv = ["--spatial_dims", str(s["spatial_dims"]), "--arch", s["arch"], "--embedding_size", str(s["embedding_size"]),
+            "--drop_path_rate", f"{s['drop_path_rate']:g}"]
+    if s["low_resource_mode"]:
+        argv.append("--low_resource_mode")
+    if s["use_amp"]:
+        argv.append("--use_amp")
+    return argv
+
+
+def build_plan(args: argparse.Namespace, s: dict[str, Any], rows: list[Row], pre_seeds: list[int], ft_seeds: list[int],
+               data: dict[str, str], chkpt_dir: str) -> list[Run]:
+    """Every run of the grid with its full argv (see grid.plan_grid for the order)."""
+    pre_extra = shlex.split(args.pretrain_args)
+    ft_extra = shlex.split(args.finetune_args)
+    common = _common_argv(s)
+
+    def pre_argv(row: Row, seed: int, name: str) -> list[str]:
+        return ["--data_dir", data["unlabelled_dir"], *common, "--crop_size", str(s["crop_size"]),
+                "--min_iou", f"{row.min_iou:g}", "--max_iou", f"{row.max_iou:g}",
+                "--batch_size", str(s["pretrain_batch_size"]), "--n_epochs", str(s["n_pretrain_epochs"]),
+                "--base_lr", f"{s['pretrain_lr']:g}", "--end_lr", f"{s['pretrain_end_lr']:g}",
+                "--warmup_epochs", str(s["pretrain_warmup_epochs"]), "--wd", f"{s['pretrain_wd']:g}",
+                "--max_images", str(s["max_pretrain_images"]),
+                "--seed", str(seed), "--run_name", name, "--chkpt_dir", chkpt_dir, *pre_extra]
+
+    def ft_argv(row: Row, pre_seed: int, ft_seed: int, name: str, weights: str) -> list[str]:
+        return ["--data_dir", data["labelled_dir"], "--split_path", data["split"], *common,
+                "--crop_size", str(s["finetune_crop_size"]), "--chkpt_path", weights,
+                "--batch_size", str(s["finetune_batch_size"]), "--n_epochs", str(s["n_finetune_epochs"]),
+                "--base_lr", f"{s['finetune_lr']:g}", "--end_lr", f"{s['finetune_end_lr']:g}",
+                "--warmup_epochs", str(s["finetune_warmup_epochs"]), "--wd", f"{s['finetune_wd']:g}",
+                "--patience", str(s["patience"]), "--eval_every", str(s["eval_every"]), "--eval_every_from", str(s["eval_every_from"]),
+                "--sw_batch_size", str(s["sw_batch_size"]), "--n_vis", str(s["n_vis"]), "--max_images", str(s["max_finetune_images"]),
+                "--seed", str(ft_seed), "--run_name", name, "--chkpt_dir", chkpt_dir, *ft_extra]
+
+    # the random encoders of the "no pretraining" row: the fine-tuning's own encoder config
+    enc = {"arch": s["arch"], "spatial_dims": s["spatial_dims"], "embedding_size": s["embedding_size"],
+           "low_resource_mode": bool(s["low_resource_mode"]), "drop_path_rate": float(s["drop_path_rate"]),
+           "crop_size": s["finetune_crop_size"]}
+    script = "main_simsiam" if args.method == "simsiam" else "main_dino"
+    return grid.plan_grid(rows, pre_seeds, ft_seeds, chkpt_dir, pre_argv, ft_argv, encoder_config=enc, pretrain_script=script)
+
+
+def execution_argv(args: argparse.Namespace, s: dict[str, Any], n_workers: int) -> dict[str, list[str]]:
+    """Flags per run kind that change how a run executes, not what it computes (not in grid.json)."""
+    argv = ["--device", args.device, "--num_workers", str(s["num_workers"]), "--progress" if (args.progress and n_workers == 1) else "--no-progress"]
+    if args.use_wandb:
+        argv += ["--use_wandb", "--wandb_project", args.wandb_project]
+    return {"pretrain": list(argv), "finetune": argv + ["--ignore_user_warning"]}
+
+
+# ---------------------------------------------------------------------------------------
+# grid.json
+# ---------------------------------------------------------------------------------------
+
+
+def grid_meta(args: argparse.Namespace, s: dict[str, Any], rows: list[Row], pre_seeds: list[int], ft_seeds: list[int]) -> dict[str, Any]:
+    return {
+        "format": GRID_FORMAT,
+        "preset": args.preset,
+        "method": args.method,
+        "rows": [r.key for r in rows],
+        "pretrain_seeds": pre_seeds,
+        "finetune_seeds": ft_seeds,
+        "settings": {k: v for k, v in s.items() if k not in _EXECUTION_KEYS and (args.preset == "demo" or not k.startswith("phantom_"))},
+        "pretrain_args": args.pretrain_args,
+        "finetune_args": args.finetune_args,
+    }
+
+
+def check_grid_file(out: str, meta: dict[str, Any], split: dict[str, list[str]] | None = None) -> dict[str, Any] | None:
+    """Compare ``meta`` (and the split) with ``<out>/grid.json``; return what is stored.
+
+    Raises:
+        UserError: the folder was written by another version of this script or for
+            another grid (the first difference is named).
+    """
+    path = os.path.join(out, "grid.json")
+    if not os.path.isfile(path):
+        if os.path.isdir(out) and any(os.path.exists(os.path.join(out, d)) for d in ("runs", "table.md")):
+            raise UserError(f"--output_dir {out} holds results but no grid.json: not written by this version of reproduce_table.py; choose another folder")
+        return None
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(old, dict) or old.get("format") != GRID_FORMAT:
+        raise UserError(f"{path} was written by another version of the table (format {old.get('format') if isinstance(old, dict) else None!r}, "
+                        f"this is {GRID_FORMAT!r}); use another --output_dir")
+    for key, new in meta.items():
+        if key == "settings":
+            for k in sorted(set(new) | set(old.get("settings", {}))):
+                a, b = old.get("settings", {}).get(k), new.get(k)
+                if a != b:
+                    raise UserError(f"{path} is a grid with {k}={a!r}, this command asks for {k}={b!r}; use the same flags or another --output_dir")
+        elif old.get(key) != new:
+            raise UserError(f"{path} is a grid with {key}={old.get(key)!r}, this command asks for {key}={new!r}; use another --output_dir")
+    if split is not None and old.get("split") is not None and old["split"] != split:
+        raise UserError(f"{path} was made with another fine-tuning split ({_split_diff(old['split'], split)}); use another --output_dir")
+    return old
+
+
+def _split_diff(a: dict[str, list[str]], b: dict[str, list[str]]) -> str:
+    for key in ("train", "val"):
+        x, y = set(a.get(key, [])), set(b.get(key, []))
+        if x != y:
+            only_a, only_b = sorted(x - y), sorted(y - x)
+            return f"{key}: {len(x)} vs {len(y)} cases, e.g. {(only_a or only_b)[0]!r} only in {'the folder' if only_a else 'this split'}"
+    return "different order"
+
+
+def check_runs_split(plan: list[Run], chkpt_dir: str, split: dict[str, list[str]]) -> None:
+    """Every finished fine-tuning must have used the grid's split (read from its ``_args.json``).
+
+    Raises:
+        UserError: a run used another split (named).
+    """
+    from data import load_split
+    from engine import run_paths
+
+    for r in plan:
+        if r.kind != "finetune" or not grid.is_finished(chkpt_dir, r.name):
+            continue
+        args_path = run_paths(chkpt_dir, r.name)["args"]
+        try:
+            with open(args_path) as f:
+                saved = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise UserError(f"cannot read {args_path}: {e}") from None
+        sp = saved.get("split_path")
+        if not sp:
+            raise UserError(f"{args_path} records no fine-tuning split")
+        if not os.path.isfile(sp):
+            raise UserError(f"run {r.name} was fine-tuned with split {sp}, which no longer exists")
+        if load_split(sp) != split:
+            raise UserError(f"run {r.name} was fine-tuned with split {sp}, which differs from the grid's split "
+                            f"({_split_diff(load_split(sp), split)}); the runs of one table must share one split")
+
+
+# ---------------------------------------------------------------------------------------
+# Running the grid
+# ---------------------------------------------------------------------------------------
+
+
+def run_grid(plan: list[Run], cfg: grid.WorkerConfig, args: argparse.Namespace, n_workers: int) -> dict[str, list[str]]:
+    """Run every unfinished run, in this process or in spawned workers; return done/failed lists."""
+    from tqdm import tqdm
+
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    n_workers = len(gpus) if gpus else n_workers
+    if n_workers < 1:
+        raise UserError(f"--workers must be at least 1, got {n_workers}")
+    n_done0 = sum(grid.is_finished(cfg.chkpt_dir, r.name) for r in plan)
+    if n_done0:
+        logger.info("%d of %d runs are finished already and are skipped", n_done0, len(plan))
+    if n_done0 == len(plan):
+        return {"done": [], "failed": [], "blocked": []}
+    threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // n_workers)
+    bar = tqdm(total=len(plan), initial=n_done0, desc="grid", unit="run", disable=not args.progress, dynamic_ncols=True)
+    if n_workers == 1 and not gpus:
+        import torch
+
+        if args.threads_per_worker:
+            torch.set_num_threads(threads)
+
+        def runner(run: Run, *a: Any) -> dict:
+            try:
+                return grid.execute_run(run, *a)
+            finally:
+                bar.n = sum(grid.is_finished(cfg.chkpt_dir, r.name) for r in plan)
+                bar.refresh()
+
+        try:
+            return grid.run_worker(plan, cfg, runner=runner)
+        finally:
+            bar.close()
+    ctx = mp.get_context("spawn")
+    procs = []
+    plan_dicts = [r.to_dict() for r in plan]
+    for i in range(n_workers):
+        env = {"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {}
+        wcfg = grid.WorkerConfig(**{**cfg.__dict__, "owner": f"worker{i}" + (f"-gpu{gpus[i]}" if gpus else "")})
+        proc = ctx.Process(target=grid.worker_entry, args=(plan_dicts, wcfg.__dict__, env, threads, logging.getLogger().level or logging.INFO),
+                           name=wcfg.owner)
+        proc.start()
+        procs.append(proc)
+    logger.info("started %d worker(s) with %d torch thread(s) each%s", n_workers, threads, f" on GPUs {','.join(gpus)}" if gpus else "")
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(1.0)
+            n = sum(grid.is_finished(cfg.chkpt_dir, r.name) for r in plan)
+            if n != bar.n:
+                bar.n = n
+                bar.refresh()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(timeout=30)
+        raise
+    finally:
+        bar.n = sum(grid.is_finished(cfg.chkpt_dir, r.name) for r in plan)
+        bar.close()
+    codes = [p.exitcode for p in procs]
+    if any(c == 2 for c in codes):
+        failed = sorted(os.listdir(os.path.join(cfg.state_dir, "failed")))
+        detail = ""
+        if failed:
+            with open(os.path.join(cfg.state_dir, "failed", failed[0])) as f:
+                detail = json.load(f).get("error", "")
+        raise UserError(f"a worker stopped on bad input: {detail}")
+    failed = sorted(f[:-5] for f in os.listdir(os.path.join(cfg.state_dir, "failed"))) if os.path.isdir(os.path.join(cfg.state_dir, "failed")) else []
+    if any(c not in (0, 1) for c in codes):
+        logger.error("worker exit codes: %s", codes)
+    return {"done": [], "failed": failed, "blocked": []}
+
+
+# ---------------------------------------------------------------------------------------
+# Figures
+# ---------------------------------------------------------------------------------------
+
+
+def make_figures(plan: list[Run], rows: list[Row], s: dict[str, Any], data: dict[str, str], split: dict[str, list[str]],
+                 chkpt_dir: str, fig_dir: str, n_pairs: int) -> dict[str, str]:
+    """collapse.png from the pretraining logs; organ_sharing.png and crop_pairs.png from the labelled slices."""
+    from data import list_finetune_pairs, read_label_2d
+
+    made = {}
+    curves = grid.collapse_curves(plan, rows, chkpt_dir)
+    p = grid.plot_collapse(curves, rows, os.path.join(fig_dir, "collapse.png"))
+    if p:
+        made["collapse"] = p
+    else:
+        logger.info("collapse.png: no pretraining log has a 'collapse' value yet")
+    if s["spatial_dims"] != 2:
+        logger.info("organ_sharing.png and crop_pairs.png are drawn for 2D slices only")
+        return made
+    pairs = list_finetune_pairs(data["labelled_dir"], split, 2)
+    items = pairs["train"] + pairs["val"]
+    frac = grid.organ_sharing([it["label"] for it in items], rows, s["crop_size"], n_pairs=n_pairs, seed=0)
+    p = grid.plot_organ_sharing(frac, rows, os.path.join(fig_dir, "organ_sharing.png"), s["crop_size"])
+    if p:
+        made["organ_sharing"] = p
+        atomic_write_json(os.path.join(fig_dir, "organ_sharing.json"), frac)
+    # the example slice: the one with the most organs (first such slice of the validation cases)
+    best, best_n = None, -1
+    for it in pairs["val"] or pairs["train"]:
+        n = len(set(read_label_2d(it["label"]).ravel().tolist()) - {0})
+        if n > best_n:
+            best, best_n = it, n
+    if best is not None:
+        p = grid.plot_crop_pairs(best["image"], best["label"], rows, os.path.join(fig_dir, "crop_pairs.png"), s["crop_size"])
+        if p:
+            made["crop_pairs"] = p
+    return made
+
+
+# ---------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Plan, (prepare data,) run, collect, render. Returns the paths written and the table rows.
+
+    Raises:
+        UserError: bad input (see the module docstring).
+        TrainingError: some runs failed (the table of the others is written first).
+    """
+    t_start = time.time()
+    s = resolve_settings(args)
+    rows = grid.parse_rows(args.rows)
+    pre_seeds = grid.parse_seeds(args.pretrain_seeds, "--pretrain_seeds")
+    ft_seeds = grid.parse_seeds(args.finetune_seeds, "--finetune_seeds")
+    out = os.path.abspath(os.path.expanduser(args.output_dir))
+    chkpt_dir = os.path.join(out, "runs")
+    state_dir = os.path.join(out, "state")
+    n_workers = len([g for g in args.gpus.split(",") if g.strip()]) or s["workers"]
+    meta = grid_meta(args, s, rows, pre_seeds, ft_seeds)
+
+    if args.dry_run:
+        plan = build_plan(args, s, rows, pre_seeds, ft_seeds, data_paths(args, out), chkpt_dir)
+        extra = execution_argv(args, s, n_workers)
+        for i, r in enumerate(plan, 1):
+            dep = f" (after {r.depends})" if r.depends else ""
+            if r.init:
+                dep = f" (from the random encoder reproduce_table.py writes with seed {r.init['seed']})"
+            print(f"# {i}/{len(plan)} {r.name}{dep}")
+            print(grid.command_line(r, "python", extra[r.kind]))
+        return {"plan": [r.to_dict() for r in plan]}
+
+    check_grid_file(out, meta)
+    if args.collect_only:
+        data = data_paths(args, out)
+    else:
+        data = prepare_data(args, s, out)
+    from data import load_split
+
+    split = load_split(data["split"])
+    check_grid_file(out, meta, split)
+    os.makedirs(out, exist_ok=True)
+    atomic_write_json(os.path.join(out, "grid.json"), {**meta, "split": split, "data": data, "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+    plan = build_plan(args, s, rows, pre_seeds, ft_seeds, data, chkpt_dir)
+    logger.info("grid: %d rows, %d runs (%d pretrainings, %d fine-tunings), results in %s", len(rows), len(plan),
+                sum(r.kind == "pretrain" for r in plan), sum(r.kind == "finetune" for r in plan), out)
+
+    if args.write_scripts:
+        written = grid.write_run_scripts(plan, os.path.abspath(args.write_scripts), chkpt_dir, PROJECT_ROOT, execution_argv(args, s, 1),
+                                         python=sys.executable)
+        logger.info("wrote %d shell files to %s (all.sh runs them in order)", len(written) - 1, args.write_scripts)
+        return {"scripts": written}
+
+    failed: list[str] = []
+    if not args.collect_only:
+        cleared = grid.clear_failures(state_dir)
+        if cleared:
+            logger.info("retrying %d run(s) that failed before: %s", len(cleared), ", ".join(cleared))
+        cfg = grid.WorkerConfig(chkpt_dir=chkpt_dir, state_dir=state_dir, extra_argv=execution_argv(args, s, n_workers),
+                                poll_s=args.poll_s, owner="main", timings_path=os.path.join(state_dir, "timings.jsonl"))
+        res = run_grid(plan, cfg, args, n_workers)
+        failed = res["failed"]
+
+    check_runs_split(plan, chkpt_dir, split)
+    collected = grid.collect(plan, rows, chkpt_dir)
+    title = f"IoU-based positives: Dice per IoU interval ({args.preset} preset, {args.method})"
+    table = grid.render_table(rows, collected, out, title=title)
+    organs = grid.render_organs(rows, collected, out)
+    figures = {}
+    if not args.no_figures:
+        figures = make_figures(plan, rows, s, data, split, chkpt_dir, os.path.join(out, "figures"), args.figure_pairs)
+    print(table["text"], flush=True)
+    result = {
+        "output_dir": out, "table": table["md"], "table_csv": table["csv"], "organs": organs["md"], "organs_csv": organs["csv"],
+        "figures": figures, "rows": grid.table_rows(rows, collected), "n_runs": len(plan),
+        "n_finished": sum(grid.is_finished(chkpt_dir, r.name) for r in plan), "seconds": round(time.time() - t_start, 1),
+    }
+    if failed:
+        raise TrainingError(f"{len(failed)} run(s) failed (see {os.path.join(state_dir, 'failed')} and logs/): {', '.join(failed)}; "
+                            f"rerun the same command to retry them")
+    return result
+
+
+if __name__ == "__main__":
+    run_cli(main, get_args_parser())

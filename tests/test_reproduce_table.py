@@ -1,0 +1,444 @@
+"""Tests of reproduce_table.py and grid.py: the plan, locks, workers, collection, the table,
+bad input, and the whole grid end to end at a tiny size (killed, resumed, rerun, re-collected)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import multiprocessing as mp
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import grid
+import reproduce_table as rt
+from utils import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse(argv):
+    return rt.get_args_parser().parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------------
+# The paper's numbers and the plan
+# ---------------------------------------------------------------------------------------
+
+
+def test_population_std_reproduces_the_papers_plus_minus():
+    """The paper's ± is the population std of its four DSCs (to within their rounding);
+    the sample std (ddof=1) is not, for at least one row."""
+    sample_off = 0
+    for key, row in grid.PAPER_TABLE.items():
+        mean, std = grid.mean_std(row["dsc"])
+        # each DSC is rounded to 0.001 (moves std by <= 0.0005), the paper's std too (0.0005)
+        assert abs(std - row["std"]) <= 0.001 + 1e-12, key
+        assert abs(mean - row["mean"]) <= 0.001 + 1e-12, key  # same two roundings
+        sample_off += abs(float(np.std(row["dsc"], ddof=1)) - row["std"]) > 0.001
+    assert sample_off >= 1
+
+
+def test_rows_parse_to_the_papers_labels():
+    rows = grid.parse_rows(",".join(grid.PAPER_ROW_KEYS))
+    assert [r.label for r in rows] == ["- (no pretraining)", "[0, 0]", "[0.0001, 0.3]", "[0.3, 0.6]", "[0.6, 1]", "Random crop ([0, 1])"]
+    assert [r.key for r in rows] == list(grid.PAPER_ROW_KEYS)
+    assert rows[3].tag == "iou0.30-0.60" and rows[2].tag == "iou0.0001-0.30"
+    for bad in ("0.6-0.3", "abc", "0.2-1.5", "0.1-0.2-0.3"):
+        with pytest.raises(UserError):
+            grid.parse_row(bad)
+    with pytest.raises(UserError, match="twice"):
+        grid.parse_rows("0.3-0.6,0.30-0.6")
+    with pytest.raises(UserError):
+        grid.parse_seeds("1,x", "--pretrain_seeds")
+
+
+def test_paper_plan_has_34_runs_with_fixed_shared_seeds(tmp_path):
+    (tmp_path / "u").mkdir()
+    (tmp_path / "l").mkdir()
+    args = parse(["--preset", "paper", "--output_dir", str(tmp_path / "out"), "--unlabelled_dir", str(tmp_path / "u"),
+                  "--labelled_dir", str(tmp_path / "l")])
+    s = rt.resolve_settings(args)
+    rows = grid.parse_rows(args.rows)
+    data = rt.data_paths(args, str(tmp_path / "out"))
+    chk = str(tmp_path / "out" / "runs")
+    plan = rt.build_plan(args, s, rows, list(grid.PAPER_SEEDS), list(grid.PAPER_SEEDS), data, chk)
+    assert len(plan) == 34
+    pre = [r for r in plan if r.kind == "pretrain"]
+    ft = [r for r in plan if r.kind == "finetune"]
+    assert len(pre) == 10 and len(ft) == 24
+    assert len({r.name for r in plan}) == 34
+    assert plan.index(pre[-1]) < min(plan.index(r) for r in ft)  # pretrainings are claimed first
+    names = {r.name for r in pre}
+    assert "pre_iou0.30-0.60_s4294967295" in names and "ft_iou0.30-0.60_s4294967295_ft381122412" in {r.name for r in ft}
+    for r in pre:
+        a = r.argv
+        assert a[a.index("--seed") + 1] in {"4294967295", "381122412"}
+        assert a[a.index("--batch_size") + 1] == "128" and a[a.index("--n_epochs") + 1] == "100"
+        assert a[a.index("--base_lr") + 1] == "0.025" and "--use_amp" in a
+    for r in ft:
+        a = r.argv
+        assert a[a.index("--split_path") + 1] == data["split"]
+        assert a[a.index("--n_epochs") + 1] == "225" and a[a.index("--patience") + 1] == "20"
+        weights = a[a.index("--chkpt_path") + 1]
+        if r.row == "none":
+            assert r.depends is None and r.init is not None and weights == r.init["path"]
+        else:
+            assert r.depends in names and weights == os.path.join(chk, r.depends + ".pt")
+    per_row = {}
+    for r in ft:
+        per_row.setdefault(r.row, set()).add((r.pretrain_seed, r.finetune_seed))
+    expected = {(a, b) for a in grid.PAPER_SEEDS for b in grid.PAPER_SEEDS}
+    assert all(v == expected for v in per_row.values()) and len(per_row) == 6
+    # every argv is accepted by the real scripts' parsers
+    import main_finetune
+    import main_simsiam
+
+    main_simsiam.get_args_parser().parse_args(pre[0].argv)
+    main_finetune.get_args_parser().parse_args(ft[0].argv)
+
+
+def test_random_init_depends_on_the_seed_only(tmp_path):
+    import torch
+
+    cfg = {"arch": "swin", "spatial_dims": 2, "embedding_size": 12, "low_resource_mode": True, "drop_path_rate": 0.0, "crop_size": 64}
+    paths = [grid.ensure_random_init({"path": str(tmp_path / f"{i}.pt"), "seed": seed, "config": cfg}) for i, seed in enumerate((5, 5, 6))]
+    a, b, c = (torch.load(p, weights_only=True)["encoder"] for p in paths)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+# ---------------------------------------------------------------------------------------
+# Locks and workers
+# ---------------------------------------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path, caplog):
+    locks = str(tmp_path / "locks")
+    path = grid.try_lock(locks, "run_a")
+    assert path and os.path.isfile(path)
+    assert grid.try_lock(locks, "run_a") is None  # held by this live process
+    grid.release_lock(path)
+    assert not os.path.exists(path)
+
+    # a lock of a process that is gone (same host) is taken over, with a log line
+    stale = Path(locks) / "run_b.lock"
+    stale.write_text(json.dumps({"host": grid.HOST, "pid": _dead_pid(), "time": 0}))
+    with caplog.at_level(logging.WARNING, logger="grid"):
+        got = grid.try_lock(locks, "run_b")
+    assert got == str(stale) and "taking over the stale lock" in caplog.text
+    assert json.loads(stale.read_text())["pid"] == os.getpid()
+    grid.release_lock(got)
+
+    # a lock of another host is respected; so is a fresh empty lock (being written)
+    other = Path(locks) / "run_c.lock"
+    other.write_text(json.dumps({"host": grid.HOST + "-elsewhere", "pid": 1, "time": 0}))
+    assert grid.try_lock(locks, "run_c") is None
+    empty = Path(locks) / "run_d.lock"
+    empty.write_text("")
+    assert grid.try_lock(locks, "run_d") is None
+    old = time.time() - 3600
+    os.utime(empty, (old, old))
+    assert grid.try_lock(locks, "run_d") == str(empty)
+
+
+FAKE_SCRIPT = '''
+import argparse, json, os, time
+
+def get_args_parser():
+    p = argparse.ArgumentParser()
+    for flag in ("--run_name", "--chkpt_dir", "--claims", "--resume", "--needs"):
+        p.add_argument(flag, nargs="?" if flag == "--resume" else None, const="auto" if flag == "--resume" else None)
+    return p
+
+def main(args):
+    if args.needs:
+        assert os.path.isfile(os.path.join(args.chkpt_dir, args.needs + "_files", "result.json")), args.needs
+    with open(args.claims, "a") as f:
+        f.write(f"start {args.run_name} {os.getpid()}\\n")
+    time.sleep(0.3)
+    d = os.path.join(args.chkpt_dir, args.run_name + "_files")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "result.json"), "w") as f:
+        json.dump({"run_name": args.run_name, "best_dice_paper": 0.5}, f)
+    with open(args.claims, "a") as f:
+        f.write(f"end {args.run_name} {os.getpid()}\\n")
+    return {"run_name": args.run_name}
+'''
+
+
+def test_two_spawned_workers_run_every_run_once_in_dependency_order(tmp_path, monkeypatch):
+    (tmp_path / "fake_train.py").write_text(FAKE_SCRIPT)
+    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned workers inherit sys.path
+    chk, claims = str(tmp_path / "runs"), str(tmp_path / "claims.txt")
+    rows = grid.parse_rows("0-0,0.3-0.6")
+    plan = grid.plan_grid(
+        rows, [1, 2], [3, 4], chk,
+        lambda row, seed, name: ["--run_name", name, "--chkpt_dir", chk, "--claims", claims],
+        lambda row, ps, fs, name, w: ["--run_name", name, "--chkpt_dir", chk, "--claims", claims, "--needs", grid.pretrain_name(row, ps)],
+        pretrain_script="fake_train", finetune_script="fake_train",
+    )
+    assert len(plan) == 12
+    cfg = grid.WorkerConfig(chkpt_dir=chk, state_dir=str(tmp_path / "state"), poll_s=0.1)
+    ctx = mp.get_context("spawn")
+    procs = []
+    for i in range(2):
+        c = {**cfg.__dict__, "owner": f"w{i}"}
+        procs.append(ctx.Process(target=grid.worker_entry, args=([r.to_dict() for r in plan], c, {}, 1, logging.INFO)))
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    lines = [ln.split() for ln in Path(claims).read_text().splitlines()]
+    starts = [ln[1] for ln in lines if ln[0] == "start"]
+    assert sorted(starts) == sorted(r.name for r in plan)  # every run exactly once
+    order = [(ln[0], ln[1]) for ln in lines]
+    for r in plan:
+        if r.depends:
+            assert order.index(("end", r.depends)) < order.index(("start", r.name))
+    assert not os.listdir(tmp_path / "state" / "locks")  # every lock released
+
+
+# ---------------------------------------------------------------------------------------
+# Collecting and rendering
+# ---------------------------------------------------------------------------------------
+
+
+def _fake_finished(chk: Path, name: str, dice: float, organ_dice: float = 0.5, split_path: str | None = None) -> None:
+    files = chk / f"{name}_files"
+    files.mkdir(parents=True, exist_ok=True)
+    scores = {"summary": {"n_cases": 1, "dice_mean": organ_dice, "nsd_mean": organ_dice / 2,
+                          "per_organ": {"liver": {"organ_id": 1, "dice": organ_dice, "nsd": organ_dice / 2},
+                                        "spleen": {"organ_id": 3, "dice": organ_dice, "nsd": organ_dice / 2}}}}
+    (files / "val_scores.json").write_text(json.dumps(scores))
+    (files / "result.json").write_text(json.dumps({"run_name": name, "best_dice_paper": dice, "scores": str(files / "val_scores.json")}))
+    if split_path:
+        (chk / f"{name}_args.json").write_text(json.dumps({"split_path": split_path}))
+
+
+def _small_plan(chk: str):
+    rows = grid.parse_rows("none,0.3-0.6")
+    enc = {"arch": "swin", "spatial_dims": 2, "embedding_size": 12, "low_resource_mode": True, "drop_path_rate": 0.0, "crop_size": 64}
+    plan = grid.plan_grid(rows, [1, 2], [3, 4], chk, lambda r, s, n: [], lambda r, p, f, n, w: [], encoder_config=enc)
+    return rows, plan
+
+
+def test_table_and_organs_come_from_the_run_folders(tmp_path):
+    chk = tmp_path / "runs"
+    rows, plan = _small_plan(str(chk))
+    ft = [r for r in plan if r.kind == "finetune"]
+    values = {r.name: 0.1 * (i + 1) for i, r in enumerate(ft)}
+    for r in ft[:-1]:  # the last run is not finished
+        _fake_finished(chk, r.name, values[r.name], organ_dice=values[r.name])
+    collected = grid.collect(plan, rows, str(chk))
+    out = grid.render_table(rows, collected, str(tmp_path))
+    grid.render_organs(rows, collected, str(tmp_path))
+    with open(out["csv"]) as f:
+        lines = list(csv.reader(f))
+    header = lines[0]
+    assert header[:5] == ["interval", "min_iou", "max_iou", "mean_dsc", "std_dsc"] and header[5:9] == ["dsc_1", "dsc_2", "dsc_3", "dsc_4"]
+    assert len(lines) == 3 and lines[2][0] == "[0.3, 0.6]" and lines[2][-2:] == ["3", "4"]
+    none_row = dict(zip(header, lines[1]))
+    expect = [values[r.name] for r in ft if r.row == "none"]
+    assert [float(none_row[f"dsc_{i}"]) for i in range(1, 5)] == pytest.approx(expect, abs=1e-6)
+    assert float(none_row["mean_dsc"]) == pytest.approx(np.mean(expect), abs=1e-6)
+    assert float(none_row["std_dsc"]) == pytest.approx(np.std(expect), abs=1e-6)
+    assert float(none_row["paper_mean"]) == 0.843 and none_row["n_finished"] == "4"
+    md = Path(out["md"]).read_text()
+    assert "| [0.3, 0.6] |" in md and "3/4" in md and "population standard deviation" in md
+    organs = Path(tmp_path / "organs.csv").read_text()
+    assert "liver" in organs and "spleen" in organs
+    # change a run's result: the table follows
+    first = ft[0]
+    res = json.loads((chk / f"{first.name}_files" / "result.json").read_text())
+    res["best_dice_paper"] = 0.777
+    (chk / f"{first.name}_files" / "result.json").write_text(json.dumps(res))
+    again = grid.table_rows(rows, grid.collect(plan, rows, str(chk)))
+    assert again[0]["dsc"][0] == pytest.approx(0.777)
+    res["best_dice_paper"] = None
+    (chk / f"{first.name}_files" / "result.json").write_text(json.dumps(res))
+    with pytest.raises(UserError, match="best_dice_paper"):
+        grid.collect(plan, rows, str(chk))
+
+
+def test_runs_that_disagree_on_the_split_are_refused(tmp_path):
+    chk = tmp_path / "runs"
+    rows, plan = _small_plan(str(chk))
+    split_a = {"train": ["A"], "val": ["B"]}
+    (tmp_path / "a.json").write_text(json.dumps(split_a))
+    (tmp_path / "b.json").write_text(json.dumps({"train": ["A"], "val": ["C"]}))
+    ft = [r for r in plan if r.kind == "finetune"]
+    _fake_finished(chk, ft[0].name, 0.5, split_path=str(tmp_path / "a.json"))
+    rt.check_runs_split(plan, str(chk), split_a)
+    _fake_finished(chk, ft[1].name, 0.5, split_path=str(tmp_path / "b.json"))
+    with pytest.raises(UserError, match=ft[1].name):
+        rt.check_runs_split(plan, str(chk), split_a)
+
+
+# ---------------------------------------------------------------------------------------
+# Bad input, grid.json, dry run, shell files
+# ---------------------------------------------------------------------------------------
+
+
+def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, str(ROOT / "reproduce_table.py"), "--preset", "nope", "--output_dir", str(tmp_path / "o")],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == "error: --preset 'nope' does not exist; choose one of paper, demo"
+    with pytest.raises(UserError, match="--unlabelled_dir"):
+        rt.main(parse(["--preset", "paper", "--output_dir", str(tmp_path / "o")]))
+    with pytest.raises(UserError, match="does not exist"):
+        rt.main(parse(["--preset", "paper", "--output_dir", str(tmp_path / "o"), "--unlabelled_dir", str(tmp_path / "missing"),
+                       "--labelled_dir", str(tmp_path / "missing2")]))
+    with pytest.raises(UserError, match="only applies to --preset demo"):
+        rt.resolve_settings(parse(["--output_dir", str(tmp_path), "--phantom_slices", "3"]))
+    assert not (tmp_path / "o" / "grid.json").exists()
+
+
+def _paper_args(tmp_path, *extra):
+    for d in ("u", "l"):
+        (tmp_path / d).mkdir(exist_ok=True)
+    split = tmp_path / "split.json"
+    if not split.exists():
+        split.write_text(json.dumps({"train": ["A"], "val": ["B"]}))
+    return parse(["--preset", "paper", "--output_dir", str(tmp_path / "out"), "--unlabelled_dir", str(tmp_path / "u"),
+                  "--labelled_dir", str(tmp_path / "l"), "--split", str(split), "--embedding_size", "12",
+                  "--low_resource_mode", "--rows", "none,0.3-0.6", *extra])
+
+
+def test_dry_run_prints_every_command_and_writes_nothing(tmp_path, capsys):
+    out = rt.main(_paper_args(tmp_path, "--dry_run"))
+    text = capsys.readouterr().out
+    assert len(out["plan"]) == 10
+    cmds = [ln for ln in text.splitlines() if ln.startswith("python ")]
+    assert len(cmds) == 10 and cmds[0].startswith("python main_simsiam.py ")
+    assert sum(c.startswith("python main_finetune.py ") for c in cmds) == 8
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_scripts_and_refusing_another_grid(tmp_path):
+    out = rt.main(_paper_args(tmp_path, "--write_scripts", str(tmp_path / "jobs")))
+    scripts = sorted(p for p in out["scripts"] if not p.endswith("all.sh"))
+    assert len(scripts) == 10
+    ft = next(p for p in scripts if "ft_iou0.30-0.60" in p)
+    text = Path(ft).read_text()
+    assert "# depends on: pre_iou0.30-0.60_s" in text and "--resume" in text and "result.json" in text
+    for p in out["scripts"]:
+        subprocess.run(["bash", "-n", p], check=True)
+    none = next(p for p in scripts if "ft_none" in p)
+    init = Path(none).read_text().split("--chkpt_path ")[1].split()[0]
+    assert os.path.isfile(init)  # the random encoder of the no-pretraining row is written with the scripts
+    grid_json = json.loads((tmp_path / "out" / "grid.json").read_text())
+    assert grid_json["format"] == grid.GRID_FORMAT and grid_json["split"] == {"train": ["A"], "val": ["B"]}
+    assert grid_json["pretrain_seeds"] == list(grid.PAPER_SEEDS)
+    # another grid in the same folder is refused, naming the difference
+    with pytest.raises(UserError, match="n_pretrain_epochs"):
+        rt.main(_paper_args(tmp_path, "--write_scripts", str(tmp_path / "jobs"), "--n_pretrain_epochs", "5"))
+    with pytest.raises(UserError, match="rows"):
+        rt.main(_paper_args(tmp_path, "--write_scripts", str(tmp_path / "jobs"), "--rows", "none"))
+    (tmp_path / "split.json").write_text(json.dumps({"train": ["A"], "val": ["C"]}))
+    with pytest.raises(UserError, match="split"):
+        rt.main(_paper_args(tmp_path, "--write_scripts", str(tmp_path / "jobs")))
+    # a folder of another version of the table
+    grid_json["format"] = "ioupos-table-v0"
+    (tmp_path / "out" / "grid.json").write_text(json.dumps(grid_json))
+    with pytest.raises(UserError, match="another version"):
+        rt.main(_paper_args(tmp_path, "--collect_only"))
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: real data, real runs, killed, resumed, rerun, re-collected
+# ---------------------------------------------------------------------------------------
+
+TINY = ["--preset", "demo", "--rows", "none,0.3-0.6", "--pretrain_seeds", "7", "--finetune_seeds", "1,2",
+        "--phantom_labelled", "3", "--phantom_unlabelled", "2", "--phantom_train", "1", "--phantom_size_xy", "64",
+        "--phantom_slices", "12", "--n_pretrain_epochs", "2", "--max_pretrain_images", "16", "--n_finetune_epochs", "1",
+        "--max_finetune_images", "8", "--eval_every", "1", "--figure_pairs", "100", "--workers", "1", "--no-progress"]
+
+
+def test_grid_end_to_end_killed_resumed_rerun_recollected(tmp_path, caplog, capsys):
+    out = tmp_path / "grid"
+    chk = out / "runs"
+    pre = "pre_iou0.30-0.60_s7"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    # 1) start the grid in a subprocess and SIGKILL it once the pretraining has checkpointed its first epoch
+    proc = subprocess.Popen([sys.executable, str(ROOT / "reproduce_table.py"), "--output_dir", str(out), *TINY],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    log = chk / f"{pre}_log.jsonl"
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            if log.exists() and log.read_text().strip() and (chk / f"{pre}_last.pt").exists():
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+        proc.stderr.close()
+    assert not (chk / f"{pre}_files" / "result.json").exists()
+    assert (out / "state" / "locks" / f"{pre}.lock").exists()  # left behind by the killed process
+
+    # 2) rerun in-process: the stale lock is taken over, the pretraining resumes, the grid completes
+    args = parse(["--output_dir", str(out), *TINY])
+    with caplog.at_level(logging.INFO):
+        res = rt.main(args)
+    assert "taking over the stale lock" in caplog.text and "resuming from" in caplog.text
+    epochs = [json.loads(ln)["epoch"] for ln in log.read_text().splitlines()]
+    assert epochs == [1, 2]
+    assert res["n_runs"] == 5 and res["n_finished"] == 5
+    printed = capsys.readouterr().out
+    assert "| - (no pretraining) |" in printed and "| [0.3, 0.6] |" in printed
+
+    # the table: 2 rows x 2 DSCs, each the run's own best_dice_paper
+    with open(res["table_csv"]) as f:
+        lines = list(csv.reader(f))
+    header = lines[0]
+    assert len(lines) == 3 and "dsc_2" in header and "dsc_3" not in header
+    for line, key in zip(lines[1:], ("none", "0.3-0.6")):
+        row = dict(zip(header, line))
+        runs = [r for r in rt.build_plan(args, rt.resolve_settings(args), grid.parse_rows(args.rows), [7], [1, 2],
+                                        rt.data_paths(args, str(out)), str(chk)) if r.kind == "finetune" and r.row == key]
+        got = [float(row["dsc_1"]), float(row["dsc_2"])]
+        want = [json.loads((chk / f"{r.name}_files" / "result.json").read_text())["best_dice_paper"] for r in runs]
+        assert got == pytest.approx(want, abs=1e-6)
+        assert row["n_finished"] == "2"
+    for fig in ("collapse.png", "organ_sharing.png", "crop_pairs.png"):
+        assert (out / "figures" / fig).stat().st_size > 1000
+    assert "liver" in (out / "organs.md").read_text()
+
+    # 3) a second invocation runs nothing
+    results = sorted(chk.glob("*_files/result.json"))
+    before = {p: p.stat().st_mtime_ns for p in results}
+    timings = (out / "state" / "timings.jsonl").read_text()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        res2 = rt.main(args)
+    assert "5 of 5 runs are finished already" in caplog.text
+    assert {p: p.stat().st_mtime_ns for p in results} == before
+    assert (out / "state" / "timings.jsonl").read_text() == timings
+    assert res2["rows"][0]["dsc"] == res["rows"][0]["dsc"]
+
+    # 4) the scores come from the run folders: change one, collect again
+    ft = chk / "ft_none_init7_ft2_files" / "result.json"
+    obj = json.loads(ft.read_text())
+    obj["best_dice_paper"] = 0.777
+    ft.write_text(json.dumps(obj))
+    res3 = rt.main(parse(["--output_dir", str(out), *TINY, "--collect_only", "--no_figures"]))
+    assert res3["rows"][0]["dsc"][1] == pytest.approx(0.777)
+    assert "0.777" in Path(res3["table"]).read_text()
