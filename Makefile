@@ -24,7 +24,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sampler.py
 	$(PY) benchmarks/bench_preprocess.py
-	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_train.py --device cpu --quick
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -467,6 +467,22 @@ def prepare_run_dir(paths: dict[str, str], resume: bool, info: DistInfo) -> None
         )
 
 
+def resolve_resume(resume: str | None, paths: dict[str, str]) -> str | None:
+    """The training state ``--resume`` points to: None (no resume), this run's
+    ``<run>_last.pt`` for ``--resume`` alone ("auto"), or the given path.
+
+    Raises:
+        UserError: the file does not exist.
+    """
+    if resume is None:
+        return None
+    path = paths["last"] if resume == "auto" else os.path.abspath(resume)
+    if not os.path.isfile(path):
+        hint = " (the run has not finished an epoch yet; start it again without --resume)" if resume == "auto" else ""
+        raise UserError(f"--resume: {path!r} does not exist{hint}")
+    return path
+
+
 def rng_state() -> dict[str, Any]:
     """Python, NumPy and torch RNG states as weights_only-loadable objects."""
     np_state = np.random.get_state()

@@ -20,6 +20,10 @@ Resume an interrupted run (same flags plus --resume)::
 
     python main_dino.py --data_dir D --run_name d1 --use_amp --resume
 
+Faster on one GPU: view augmentations on the GPU, decoded slices in RAM (see main_simsiam.py)::
+
+    python main_dino.py --data_dir D --use_amp --amp_dtype bf16 --num_workers 16 --batch_augment --cache_images
+
 A quick look on the CPU::
 
     python main_dino.py --data_dir /tmp/ph2d --low_resource_mode --crop_size 32 --n_epochs 2 \\

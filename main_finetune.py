@@ -391,11 +391,7 @@ def _should_eval(epoch: int, args) -> bool:
 def _train(args, info) -> dict[str, Any]:
     paths = engine.run_paths(args.chkpt_dir, args.run_name)
     logger.info("run %r: files in %s", args.run_name, paths["chkpt_dir"])
-    resume_path = None
-    if args.resume is not None:
-        resume_path = paths["last"] if args.resume == "auto" else os.path.abspath(args.resume)
-        if not os.path.isfile(resume_path):
-            raise UserError(f"--resume: {resume_path!r} does not exist")
+    resume_path = engine.resolve_resume(args.resume, paths)
     engine.prepare_run_dir(paths, resume=resume_path is not None, info=info)
     try:
         cfg = models.encoder_config(args.arch, args.spatial_dims, args.embedding_size, args.low_resource_mode,

@@ -21,6 +21,13 @@ Several GPUs (the batch size is per GPU), and resuming an interrupted run::
     torchrun --nproc_per_node 4 main_simsiam.py --data_dir D --batch_size 32 --run_name s1 --use_amp
     torchrun --nproc_per_node 4 main_simsiam.py --data_dir D --batch_size 32 --run_name s1 --use_amp --resume
 
+Faster on one GPU (issue 7): the view augmentations as batched tensor operations on the GPU,
+and the decoded slices kept in RAM (X*Y bytes per slice: 8.75 GB per 100k slices of 350 x 250)::
+
+    python main_simsiam.py --data_dir <DIR_WITH_PREPROCESSED_2D_PNGS> --embedding_size 48 \\
+        --batch_size 128 --min_iou 0.3 --max_iou 0.6 --num_workers 16 --use_amp --amp_dtype bf16 \\
+        --batch_augment --cache_images
+
 A quick look on the CPU (a minute on a laptop)::
 
     python make_phantoms.py --output_dir /tmp/ph --n_labelled 0 --n_unlabelled 2 --size_xy 96 --n_slices 12

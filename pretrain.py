@@ -18,14 +18,16 @@ What a run does, in order:
 2. list the images (``data.list_pretrain_images``), read their header sizes, and refuse an
    interval that none of them admits (images smaller than the crop count as padded);
 3. build the method, or restore it from ``<run>_last.pt`` with ``--resume``;
-4. per epoch: a loader seeded from (seed, epoch, rank), ``engine.train_one_epoch``, one JSON
+4. per epoch: a loader seeded from (seed, epoch, rank) (with ``--batch_augment`` the views are
+   augmented on the device in each step, see :func:`augment_views`), ``engine.train_one_epoch``, one JSON
    line in ``<run>_log.jsonl`` (loss, lr, wd, method values, pair audit, speed), then the
    encoder weights ``<run>.pt`` and the full state ``<run>_last.pt``, both atomically;
 5. ``<run>_files/result.json`` with what ``main`` returns.
 
 Everything random in an epoch is a function of (seed, epoch, rank): the loader's shuffling
-and every transform's random state come from the loader's generator, and the global torch
-RNG (drop path) is reseeded at the start of each epoch. A run killed at any point and
+and every transform's random state come from the loader's generator, the global torch
+RNG (drop path) is reseeded at the start of each epoch, and so is the device generator of
+the batched view augmentations (``--batch_augment``). A run killed at any point and
 resumed therefore ends with the same weights as an uninterrupted run.
 """
 
@@ -55,7 +57,10 @@ RESUME_KEYS = (
     "spatial_dims", "arch", "embedding_size", "crop_size", "low_resource_mode", "drop_path_rate",
     "use_gradient_checkpointing", "min_iou", "max_iou", "strict_iou", "max_images", "no_augment",
     "batch_size", "accum_iters", "n_epochs", "base_lr", "end_lr", "warmup_epochs", "seed", "use_amp", "amp_dtype",
+    "batch_augment",
 )
+# values of resume keys that runs saved before the key existed had implicitly
+RESUME_KEY_DEFAULTS = {"batch_augment": False}
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,6 +100,18 @@ def add_common_args(
     g_data.add_argument("--no_augment", action="store_true",
                         help="Leave out the view augmentations (the two crops are used as cut). For debugging "
                              "and for comparing runs exactly; never for real pretraining.")
+    g_data.add_argument("--batch_augment", action="store_true",
+                        help="Run the view augmentations on the training device as batched tensor operations "
+                             "(batch_augment.BatchViewAugment, same distributions as the MONAI chain) instead of per "
+                             "sample in the data workers. Use it on a GPU when the data workers cannot keep up "
+                             "(GPU idle between steps); on the CPU it brings little. It changes the random stream, "
+                             "so a run cannot be resumed with a different value.")
+    g_data.add_argument("--cache_images", action="store_true",
+                        help="Decode every 2D slice once at start-up and keep it in memory as stored (uint8, or "
+                             "uint16 for 16-bit PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice "
+                             "and process (twice that for 16-bit PNGs; on every rank): 8.75 GB per 100k slices of "
+                             "350 x 250 pixels; the log states the size after decoding. Use it when the data set "
+                             "fits in RAM and PNG decoding limits the workers; the numbers do not change. 2D only.")
 
     g_model = parser.add_argument_group("model")
     g_model.add_argument("--arch", type=str, default="swin", choices=("swin", "unetr"),
@@ -190,6 +207,10 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num_workers must be -1 (measure) or at least 0, got {args.num_workers}")
     if args.use_gradient_checkpointing and args.arch != "swin":
         raise UserError("--use_gradient_checkpointing is only available with --arch swin")
+    if args.batch_augment and args.no_augment:
+        raise UserError("--batch_augment and --no_augment contradict each other (augment on the device, or not at all)")
+    if args.cache_images and args.spatial_dims != 2:
+        raise UserError("--cache_images keeps decoded 2D slices in memory; it is not available with --spatial_dims 3")
 
 
 def apply_low_resource_mode(args: argparse.Namespace) -> None:
@@ -329,8 +350,46 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
         raise UserError(payload[1])
     paths, check = payload[1]
     logger.info("%d images in %s (%dD)", len(paths), args.data_dir, args.spatial_dims)
-    tf = pretrain_transforms(args.spatial_dims, args.crop_size, args.min_iou, args.max_iou, strict=args.strict_iou, augment=not args.no_augment)
+    cache = None
+    if args.cache_images:
+        from transforms import SliceCache
+
+        cache = SliceCache(paths, progress=args.progress and info.is_main)
+        logger.info("--cache_images: %d slices decoded, %.1f MB in memory", len(cache), cache.nbytes / 1e6)
+    # with --batch_augment the workers stop after the IoU crops; the views are augmented in the training step
+    augment = not args.no_augment and not args.batch_augment
+    tf = pretrain_transforms(args.spatial_dims, args.crop_size, args.min_iou, args.max_iou, strict=args.strict_iou,
+                             augment=augment, cache=cache)
     return Dataset([{"image": p} for p in paths], transform=tf), check
+
+
+def make_batch_augment(args: argparse.Namespace, epoch: int, info: engine.DistInfo):
+    """``--batch_augment``: the batched view chain for one epoch, with a generator on the
+    training device seeded from (seed, epoch, rank), so that a resumed run replays the same
+    augmentations; None without the flag."""
+    if not args.batch_augment:
+        return None
+    from batch_augment import BatchViewAugment
+
+    gen = torch.Generator(device=info.device)
+    gen.manual_seed(engine.derived_seed(args.seed, epoch, info.rank, 2))
+    return BatchViewAugment(args.spatial_dims, gen)
+
+
+def augment_views(batch: dict[str, Any], aug: Any, device: torch.device) -> dict[str, Any]:
+    """Move both views of a batch to ``device`` and, when ``aug`` is given, augment each of
+    them there (two independent calls: every sample of every view has its own draw).
+
+    Runs in float32 outside autocast and without gradients. Returns a new dict.
+    """
+    out = dict(batch)
+    for k in ("image1", "image2"):
+        out[k] = batch[k].to(device, non_blocking=True)
+    if aug is not None:
+        with torch.no_grad(), torch.autocast(device_type=device.type, enabled=False):
+            for k in ("image1", "image2"):
+                out[k] = aug(out[k])
+    return out
 
 
 def user_error_in(exc: BaseException) -> UserError | None:
@@ -466,15 +525,6 @@ def wrap_ddp(module: nn.Module, info: engine.DistInfo) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 
 
-def _resolve_resume(args: argparse.Namespace, paths: dict[str, str]) -> str | None:
-    if args.resume is None:
-        return None
-    path = paths["last"] if args.resume == "auto" else os.path.abspath(args.resume)
-    if not os.path.isfile(path):
-        raise UserError(f"--resume: {path!r} does not exist" + (" (the run has not finished an epoch yet; start it again without --resume)" if args.resume == "auto" else ""))
-    return path
-
-
 def run_pretraining(args: argparse.Namespace, method_cls: type[PretrainMethod]) -> dict[str, Any]:
     """Run (or resume) one pretraining; return the run's result (also written to
     ``<run>_files/result.json``): ``{"run_name", "method", "weights", "last", "log",
@@ -506,7 +556,7 @@ def run_pretraining(args: argparse.Namespace, method_cls: type[PretrainMethod]) 
 
 def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engine.DistInfo) -> dict[str, Any]:
     paths = engine.run_paths(args.chkpt_dir, args.run_name)
-    resume_path = _resolve_resume(args, paths)
+    resume_path = engine.resolve_resume(args.resume, paths)
     logger.info("%s pretraining run %r; its files go to %s", method_cls.name, args.run_name, paths["chkpt_dir"])
 
     state = None
@@ -515,7 +565,7 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
         if state.get("method") != method_cls.name:
             raise UserError(f"--resume {resume_path!r} is a {state.get('method')!r} run, not a {method_cls.name!r} one")
         keys = RESUME_KEYS + method_cls.resume_keys
-        engine.check_resume_args(state["args"], engine.args_dict(args), keys, resume_path)
+        engine.check_resume_args({**RESUME_KEY_DEFAULTS, **state["args"]}, engine.args_dict(args), keys, resume_path)
         if int(state.get("world_size", 1)) != info.world_size:
             raise UserError(
                 f"cannot resume {resume_path!r} with {info.world_size} processes: it was started with "
@@ -631,10 +681,11 @@ def _train_epoch(
         pin_memory=info.device.type == "cuda",
     )
     audit = PairAudit()
+    aug = make_batch_augment(args, epoch, info)
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         audit.update(batch)
-        return method.loss_fn(batch, epoch)
+        return method.loss_fn(augment_views(batch, aug, info.device), epoch)
 
     t0 = time.perf_counter()
     try:

@@ -1,0 +1,216 @@
+"""The speed options of pretraining (issue 7): ``--batch_augment`` (view augmentations on the
+training device, seeded per epoch so resume stays exact) and ``--cache_images`` (decoded
+slices kept in memory, same numbers). Tiny phantom data, a few optimizer steps per run."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engine
+import main_simsiam
+from data import encode_png_2d, read_image_2d
+from utils import UserError
+
+
+class _Stop(Exception):
+    """Raised to interrupt a run right after its first checkpoint."""
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory):
+    """Phantom cases of 48 x 48 x 8: the first as 8 PNG slices, both as NIfTI volumes (3D)."""
+    import nibabel as nib
+
+    from make_phantoms import make_case
+
+    root = tmp_path_factory.mktemp("speed_phantoms")
+    (root / "2d").mkdir()
+    (root / "3d").mkdir()
+    for case in range(2):
+        img, _, affine = make_case(case, size_xy=48, n_slices=8, labelled=False)
+        v = np.clip((img.astype(np.float32) + 500.0) / 1000.0, 0.0, 1.0)
+        if case == 0:
+            for z in range(v.shape[2]):
+                (root / "2d" / f"Case_{case:05d}_{z:04d}.png").write_bytes(encode_png_2d(v[:, :, z]))
+        nib.save(nib.Nifti1Image(v, affine), str(root / "3d" / f"Case_{case:05d}.nii.gz"))  # padded to the crop
+    return {"2d": root / "2d", "3d": root / "3d"}
+
+
+def _argv(data_dir, chkpt_dir, *extra):
+    return ["--data_dir", str(data_dir), "--chkpt_dir", str(chkpt_dir), "--low_resource_mode", "--crop_size", "32",
+            "--no-progress", "--device", "cpu", "--min_iou", "0.3", "--max_iou", "0.6", *map(str, extra)]
+
+
+def _run(data_dir, chkpt_dir, *extra):
+    return main_simsiam.main(main_simsiam.get_args_parser().parse_args(_argv(data_dir, chkpt_dir, *extra)))
+
+
+def _log(path):
+    return [json.loads(ln) for ln in Path(path).read_text().splitlines() if ln.strip()]
+
+
+def _state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["method_state"]["model"]
+
+
+def _same_weights(a, b):
+    return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _interrupt_after_first_epoch(monkeypatch):
+    original = engine.save_training_state
+
+    def save_then_stop(path, state, info):
+        original(path, state, info)
+        if state["epoch"] == 1:
+            raise _Stop()
+
+    monkeypatch.setattr(engine, "save_training_state", save_then_stop)
+
+
+def test_batch_augment_2d_trains_and_resumes_exactly(phantoms, tmp_path, monkeypatch):
+    common = ("--batch_size", 4, "--n_epochs", 2, "--batch_augment", "--run_name", "ba")
+    full = _run(phantoms["2d"], tmp_path / "full", *common)
+    log_full = _log(full["log"])
+    assert [r["epoch"] for r in log_full] == [1, 2] and all(np.isfinite(r["loss"]) for r in log_full)
+    assert all(r["audit_pairs"] == 8 for r in log_full)
+    assert torch.load(full["last"], weights_only=True)["args"]["batch_augment"] is True
+
+    # killed after the first epoch's checkpoint, then resumed: the same weights and losses
+    with monkeypatch.context() as m:
+        _interrupt_after_first_epoch(m)
+        with pytest.raises(_Stop):
+            _run(phantoms["2d"], tmp_path / "split", *common)
+    resumed = _run(phantoms["2d"], tmp_path / "split", *common, "--resume")
+    assert [r["loss"] for r in _log(resumed["log"])] == [r["loss"] for r in log_full]
+    assert _same_weights(_state(resumed["last"]), _state(full["last"]))
+
+    # the flag changes the random stream: resuming without it is refused, naming it
+    with pytest.raises(UserError, match=r"batch_augment: True -> False"):
+        _run(phantoms["2d"], tmp_path / "split", "--batch_size", 4, "--n_epochs", 2, "--run_name", "ba", "--resume")
+
+
+def test_batch_augment_applies_the_views_on_the_device(phantoms, tmp_path):
+    """Same crops as --no_augment (the workers stop after IoUCropd), different losses
+    (the views are augmented in the step)."""
+    plain = _run(phantoms["2d"], tmp_path / "a", "--batch_size", 4, "--n_epochs", 1, "--no_augment")["final"]
+    batched = _run(phantoms["2d"], tmp_path / "b", "--batch_size", 4, "--n_epochs", 1, "--batch_augment")["final"]
+    assert batched["audit_iou_hist"] == plain["audit_iou_hist"]
+    assert batched["audit_iou_mean"] == plain["audit_iou_mean"]
+    assert batched["loss"] != plain["loss"]
+
+
+def test_augment_views_draws_each_view_independently():
+    from pretrain import augment_views, make_batch_augment
+
+    args = main_simsiam.get_args_parser().parse_args(["--data_dir", "x", "--batch_augment", "--spatial_dims", "2"])
+    info = engine.DistInfo()
+    x = torch.rand(16, 1, 32, 32)
+    batch = {"image1": x, "image2": x.clone(), "iou_value": torch.ones(16)}
+    out = augment_views(batch, make_batch_augment(args, 0, info), info.device)
+    assert out["image1"].shape == x.shape and out["image1"].dtype == torch.float32
+    assert not torch.equal(out["image1"], out["image2"])  # two draws, not one
+    assert torch.equal(batch["image1"], x)  # the input batch is left alone
+    again = augment_views(batch, make_batch_augment(args, 0, info), info.device)
+    assert torch.equal(again["image1"], out["image1"]) and torch.equal(again["image2"], out["image2"])
+    other_epoch = augment_views(batch, make_batch_augment(args, 1, info), info.device)
+    assert not torch.equal(other_epoch["image1"], out["image1"])
+    args.batch_augment = False
+    assert make_batch_augment(args, 0, info) is None
+    assert torch.equal(augment_views(batch, None, info.device)["image1"], x)
+
+
+def test_batch_augment_3d_trains(phantoms, tmp_path):
+    res = _run(phantoms["3d"], tmp_path / "r", "--spatial_dims", 3, "--batch_size", 2, "--n_epochs", 1, "--batch_augment")
+    rec = res["final"]
+    assert np.isfinite(rec["loss"]) and rec["audit_pairs"] == 2
+
+
+def test_cache_images_gives_identical_runs(phantoms, tmp_path):
+    a = _run(phantoms["2d"], tmp_path / "a", "--batch_size", 4, "--n_epochs", 2)
+    b = _run(phantoms["2d"], tmp_path / "b", "--batch_size", 4, "--n_epochs", 2, "--cache_images")
+    la, lb = _log(a["log"]), _log(b["log"])
+    assert [r["loss"] for r in la] == [r["loss"] for r in lb]
+    assert [r["audit_iou_hist"] for r in la] == [r["audit_iou_hist"] for r in lb]
+    assert _same_weights(_state(a["last"]), _state(b["last"]))
+
+
+def test_slice_cache_reads_what_the_png_holds(tmp_path):
+    from transforms import SliceCache, pretrain_transforms
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (shape, bits) in enumerate([((40, 33), 8), ((50, 64), 16), ((7, 9), 8)]):
+        p = tmp_path / f"s{i}.png"
+        p.write_bytes(encode_png_2d(rng.random(shape).astype(np.float32), bits=bits))
+        paths.append(str(p))
+    cache = SliceCache(paths, progress=False)
+    assert len(cache) == 3 and paths[1] in cache and "other.png" not in cache
+    assert cache.nbytes == 40 * 33 + 2 * 50 * 64 + 7 * 9
+    for p in paths:
+        got, want = cache.read(p), read_image_2d(p)
+        assert got.dtype == np.float32 and got.shape == want.shape and np.array_equal(got, want)
+    with pytest.raises(KeyError, match="other.png"):
+        cache.read("other.png")
+    with pytest.raises(ValueError, match="2D"):
+        pretrain_transforms(3, 32, 0.0, 1.0, cache=cache)
+
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(UserError, match="bad.png"):
+        SliceCache([paths[0], str(bad)], progress=False)
+
+
+def test_speed_flags_refuse_bad_combinations(phantoms, tmp_path):
+    with pytest.raises(UserError, match="--cache_images"):
+        _run(phantoms["3d"], tmp_path / "r", "--spatial_dims", 3, "--cache_images")
+    with pytest.raises(UserError, match="--batch_augment and --no_augment"):
+        _run(phantoms["2d"], tmp_path / "r", "--batch_augment", "--no_augment")
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())
+
+
+def test_fast_padding_gives_what_monai_spatialpadd_gave(phantoms, tmp_path):
+    """pretrain_transforms pads with PadToAtLeastd (plain numpy, crops by slicing); the pairs
+    must equal, bit for bit, those of the chain with MONAI's SpatialPadd and MetaTensor crops."""
+    from monai.transforms import Compose, DeleteItemsd, EnsureTyped, SpatialPadd
+
+    from iou_crops import IoUCropd
+    from transforms import LoadSlice2Dd, LoadVolume3Dd, pretrain_transforms, view_augmentations
+
+    def reference(dims, crop, lo, hi, augment):
+        k = ["image"]
+        chain = [LoadSlice2Dd(k) if dims == 2 else LoadVolume3Dd(k),
+                 SpatialPadd(k, spatial_size=[crop] * dims, mode="constant"),
+                 IoUCropd(k, dims, crop_size=crop, min_iou=lo, max_iou=hi, store_boxes=True),
+                 DeleteItemsd(["iou_start1", "iou_start2"])]
+        if augment:
+            chain += [view_augmentations("image1", dims), view_augmentations("image2", dims)]
+        chain.append(EnsureTyped(["image1", "image2"], data_type="tensor", dtype=torch.float32, track_meta=False))
+        return Compose(chain)
+
+    small = tmp_path / "small.png"  # narrower than the crop on one axis: padded
+    small.write_bytes(encode_png_2d(np.random.default_rng(3).random((21, 50)).astype(np.float32)))  # odd padding: 5 before, 6 after
+    pngs = [str(p) for p in sorted(phantoms["2d"].glob("*.png"))[:3]] + [str(small)]
+    nii = [str(sorted(phantoms["3d"].glob("*.nii.gz"))[0])]
+    for dims, paths in ((2, pngs), (3, nii)):
+        for augment in (False, True):
+            ref, new = reference(dims, 32, 0.3, 0.6, augment), pretrain_transforms(dims, 32, 0.3, 0.6, augment=augment)
+            for seed in range(4):
+                ref.set_random_state(seed)
+                new.set_random_state(seed)
+                for p in paths:
+                    a, b = ref({"image": p}), new({"image": p})
+                    assert set(a) == set(b) and a["iou_value"] == b["iou_value"]
+                    for k in ("image1", "image2"):
+                        assert type(b[k]) is torch.Tensor and torch.equal(a[k], b[k]), (dims, augment, seed, p, k)
