@@ -449,17 +449,25 @@ def run_paths(chkpt_dir: str, run_name: str) -> dict[str, str]:
 
 
 def prepare_run_dir(paths: dict[str, str], resume: bool, info: DistInfo) -> None:
-    """Create the checkpoint folder; refuse to overwrite an existing run unless resuming."""
+    """Check that the checkpoint folder can be written; refuse to overwrite an existing
+    run unless resuming. A missing folder is not created here (the run's first write
+    creates it), so a run refused later for bad data leaves nothing behind.
+    """
     if not info.is_main:
         return
+    folder = paths["chkpt_dir"]
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--chkpt_dir {folder!r} cannot be created: {existing!r} is not a folder")
     try:
-        os.makedirs(paths["chkpt_dir"], exist_ok=True)
-        probe = os.path.join(paths["chkpt_dir"], f".write_test_{os.getpid()}")
+        probe = os.path.join(existing, f".write_test_{os.getpid()}")
         with open(probe, "w"):
             pass
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"--chkpt_dir {paths['chkpt_dir']!r} is not writable ({e.strerror})") from None
+        raise UserError(f"--chkpt_dir {folder!r} is not writable ({e.strerror})") from None
     if not resume and any(os.path.exists(paths[k]) for k in ("last", "log")):
         raise UserError(
             f"run {os.path.basename(paths['weights'])[:-3]!r} already exists in {paths['chkpt_dir']!r}; "
@@ -556,6 +564,7 @@ class EpochLogger:
                 import wandb
             except ImportError:  # pragma: no cover - wandb is in requirements.txt
                 raise UserError("--use_wandb needs the wandb package (pip install wandb)") from None
+            os.makedirs(paths["chkpt_dir"], exist_ok=True)
             self.wandb_run = wandb.init(
                 project=wandb_project,
                 name=os.path.basename(paths["weights"])[:-3],

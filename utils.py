@@ -126,7 +126,8 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one JSON line to ``path`` (metrics logs), flushed to disk."""
+    """Append one JSON line to ``path`` (metrics logs), flushed to disk; creates the folder."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
         f.flush()
