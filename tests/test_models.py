@@ -21,13 +21,7 @@ from models import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _neg_cos(p: np.ndarray, z: np.ndarray) -> float:
     num = (p * z).sum(1)
@@ -200,3 +194,4 @@ def test_convert_sync_batchnorm_on_cpu_keeps_names_and_single_process_behaviour(
     x1, x2 = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)
     for a, b in zip(ref(x1, x2), conv(x1, x2)):
         assert torch.equal(a, b)
+

@@ -24,6 +24,8 @@ import main_simsiam
 from data import encode_png_2d
 from utils import TrainingError, UserError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -56,14 +58,6 @@ for name, argv in json.load(open(sys.argv[1])):
     mod = importlib.import_module(name)
     mod.main(mod.get_args_parser().parse_args(argv))
 """
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _write_png(path: Path, arr: np.ndarray) -> None:
@@ -605,3 +599,4 @@ def test_bad_resume(phantom_data, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         _run(main_simsiam, phantom_data["2d"], tmp_path / "other", *base, "--resume")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before  # nothing touched
+

@@ -15,16 +15,10 @@ from data import encode_png_2d, read_image_2d
 from utils import UserError
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 class _Stop(Exception):
     """Raised to interrupt a run right after its first checkpoint."""
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")
@@ -214,3 +208,4 @@ def test_fast_padding_gives_what_monai_spatialpadd_gave(phantoms, tmp_path):
                     assert set(a) == set(b) and a["iou_value"] == b["iou_value"]
                     for k in ("image1", "image2"):
                         assert type(b[k]) is torch.Tensor and torch.equal(a[k], b[k]), (dims, augment, seed, p, k)
+
