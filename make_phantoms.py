@@ -66,6 +66,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data import LABEL_NAMES as FLARE_LABEL_NAMES
 from utils import UserError, atomic_write, atomic_write_json, run_cli
 
 logger = logging.getLogger(__name__)
@@ -73,22 +74,8 @@ logger = logging.getLogger(__name__)
 #: Bumped whenever the generated volumes change for the same seed and size.
 GENERATOR_VERSION = 2  # 2: x mirrored to true RAS+ (patient right at high x)
 
-#: FLARE 2022 label ids.
-LABELS: dict[str, int] = {
-    "liver": 1,
-    "right_kidney": 2,
-    "spleen": 3,
-    "pancreas": 4,
-    "aorta": 5,
-    "inferior_vena_cava": 6,
-    "right_adrenal_gland": 7,
-    "left_adrenal_gland": 8,
-    "gallbladder": 9,
-    "esophagus": 10,
-    "stomach": 11,
-    "duodenum": 12,
-    "left_kidney": 13,
-}
+#: FLARE 2022 label ids by name ("right_kidney": 2, ...), from the one table in data.py.
+LABELS: dict[str, int] = {name.replace(" ", "_"): i for i, name in enumerate(FLARE_LABEL_NAMES) if i > 0}
 LABEL_NAMES: dict[int, str] = {v: k for k, v in LABELS.items()}
 
 # --------------------------------------------------------------------------------------
