@@ -124,7 +124,9 @@ class DINOMethod(PretrainMethod):
         self.teacher.requires_grad_(False)
         self.teacher.eval()
         self.encoder = self.teacher.encoder
+        self.teacher_forward: torch.nn.Module = self.teacher  # compiled with --compile
         self.train_module = wrap_ddp(self.student, info)
+        self.ema_params = ([p for p in self.student.parameters()], [p for p in self.teacher.parameters()])
         self.criterion = DINOLoss(
             args.out_dim,
             args.n_epochs,
@@ -137,17 +139,21 @@ class DINOMethod(PretrainMethod):
         ).to(dev)
         self.base_lr = args.base_lr
         self.clip_grad = args.clip_grad
-        self.optimizer = torch.optim.AdamW(engine.param_groups(self.student), lr=args.base_lr)
+        self.optimizer = engine.make_optimizer(torch.optim.AdamW, engine.param_groups(self.student), args.fused_optimizer, lr=args.base_lr)
         n, it = args.n_epochs, iters_per_epoch
         self.lr_schedule = engine.cosine_schedule(args.base_lr, args.end_lr, n, it, args.warmup_epochs)
         self.wd_schedule = engine.cosine_schedule(args.weight_decay, args.weight_decay_end, n, it)
         self.momentum_schedule = engine.cosine_schedule(args.momentum_teacher, 1.0, n, it)
 
-    def loss_fn(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def compile(self) -> None:
+        super().compile()
+        self.teacher_forward = engine.maybe_compile(self.teacher, self.args)
+
+    def loss_fn(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
         dev = self.info.device
         x = torch.cat([batch["image1"], batch["image2"]]).to(dev, non_blocking=True)
         with torch.no_grad():
-            teacher_out = self.teacher(x)
+            teacher_out = self.teacher_forward(x)
         student_out = self.train_module(x)
         return self.criterion(student_out, teacher_out, epoch), {}
 
@@ -158,9 +164,11 @@ class DINOMethod(PretrainMethod):
 
     @torch.no_grad()
     def after_optimizer_step(self, it: int) -> None:
+        # teacher <- m * teacher + (1 - m) * student, for all tensors at once (few kernel launches)
         m = float(self.momentum_schedule[it])
-        for ps, pt in zip(self.student.parameters(), self.teacher.parameters()):
-            pt.mul_(m).add_(ps.detach(), alpha=1.0 - m)
+        student, teacher = self.ema_params
+        torch._foreach_mul_(teacher, m)
+        torch._foreach_add_(teacher, student, alpha=1.0 - m)
 
     def epoch_record(self, epoch: int) -> dict[str, float]:
         last = min((epoch + 1) * self.iters_per_epoch - 1, len(self.momentum_schedule) - 1)

@@ -144,8 +144,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("hardware")
     g.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA when available.")
-    g.add_argument("--use_amp", action="store_true", help="Mixed precision on CUDA (ignored with a warning on the CPU).")
-    g.add_argument("--amp_dtype", type=str, default="fp16", choices=("fp16", "bf16"), help="fp16 with loss scaling (the paper) or bf16.")
+    engine.add_speed_args(g)
     return p
 
 
@@ -182,6 +181,7 @@ def _check_args(args: argparse.Namespace) -> None:
     if args.eval_only:
         need(args.chkpt_path is not None, "--eval_only needs --chkpt_path, the fine-tuned model to evaluate")
         need(args.resume is None, "--eval_only and --resume cannot be used together")
+    engine.check_speed_args(args)
 
 
 def _default_run_name(args: argparse.Namespace) -> str:
@@ -420,7 +420,7 @@ def _train(args, info) -> dict[str, Any]:
     logger.info("%d training slices/volumes (x %d crops), %d validation cases, %d steps per epoch",
                 len(dat.train_ds), args.n_crops_per_ct, len(dat.val_cases), iters_per_epoch)
 
-    optimizer = torch.optim.AdamW(engine.param_groups(model), lr=args.base_lr)
+    optimizer = engine.make_optimizer(torch.optim.AdamW, engine.param_groups(model), args.fused_optimizer, lr=args.base_lr)
     amp = engine.Amp(info.device, args.use_amp, args.amp_dtype)
     lr_schedule = engine.cosine_schedule(args.base_lr, args.end_lr, args.n_epochs, iters_per_epoch, args.warmup_epochs)
     wd_schedule = np.full(args.n_epochs * iters_per_epoch, args.wd)
@@ -444,6 +444,7 @@ def _train(args, info) -> dict[str, Any]:
     train_model: nn.Module = model
     if info.distributed:
         train_model = nn.parallel.DistributedDataParallel(model, device_ids=[info.local_rank] if info.device.type == "cuda" else None)
+    train_model = engine.maybe_compile(train_model, args)  # --compile: the training forward only (evaluation stays eager)
 
     def loss_fn(batch):
         x = batch["image"].to(info.device, non_blocking=True)
@@ -460,7 +461,7 @@ def _train(args, info) -> dict[str, Any]:
             stats = engine.train_one_epoch(
                 train_model, loader, optimizer, loss_fn, epoch=epoch, n_epochs=args.n_epochs, iters_per_epoch=iters_per_epoch,
                 lr_schedule=lr_schedule, base_lr=args.base_lr, wd_schedule=wd_schedule, amp=amp, accum_iters=args.accum_iters,
-                info=info, progress=args.progress,
+                info=info, progress=args.progress, check_every=args.check_every,
             )
             del loader
             epoch += 1

@@ -98,13 +98,14 @@ class SimSiamMethod(PretrainMethod):
         self.train_module = wrap_ddp(self.model, info)
         self.criterion = SimSiamLoss()
         self.base_lr = args.base_lr
-        self.optimizer = torch.optim.SGD(
-            engine.param_groups(self.model, fixed_lr_prefixes=("predictor.",)), lr=args.base_lr, momentum=0.9
+        self.optimizer = engine.make_optimizer(
+            torch.optim.SGD, engine.param_groups(self.model, fixed_lr_prefixes=("predictor.",)), args.fused_optimizer,
+            lr=args.base_lr, momentum=0.9,
         )
         self.lr_schedule = engine.cosine_schedule(args.base_lr, args.end_lr, args.n_epochs, iters_per_epoch, args.warmup_epochs)
         self.wd_schedule = np.full(args.n_epochs * iters_per_epoch, args.wd)
 
-    def loss_fn(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
         from models import collapse_coefficient
 
         dev = self.info.device

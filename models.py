@@ -332,17 +332,18 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
 
 
 @torch.no_grad()
-def collapse_coefficient(p: torch.Tensor) -> float:
+def collapse_coefficient(p: torch.Tensor) -> torch.Tensor:
     """max(0, 1 - sqrt(d) * s): 0 for healthy outputs, 1 for complete collapse.
 
     s is the mean over channels of the per-channel std of the L2-normalised outputs.
     SimSiam notes that for outputs spread on the unit hypersphere s ~ 1 / sqrt(d); a
-    collapsed network gives s = 0.
+    collapsed network gives s = 0. Returns a 0-dim tensor on ``p``'s device (no host sync;
+    ``float()`` it to read it).
     """
-    p = F.normalize(p.float(), dim=1)
-    s = p.std(dim=0).mean().item()
+    p = F.normalize(p.detach().float(), dim=1)
+    s = p.std(dim=0).mean()
     d = p.shape[1]
-    return max(0.0, 1.0 - math.sqrt(d) * s)
+    return (1.0 - math.sqrt(d) * s).clamp(min=0.0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -142,10 +142,6 @@ def add_common_args(
     g_opt.add_argument("--accum_iters", type=int, default=1,
                        help="Backward passes accumulated per optimizer step (a larger effective batch on a small GPU). "
                             "The last incomplete step of an epoch is skipped.")
-    g_opt.add_argument("--use_amp", action="store_true",
-                       help="Mixed precision on CUDA (fp16 with a gradient scaler, as the paper). No effect on the CPU.")
-    g_opt.add_argument("--amp_dtype", type=str, default="fp16", choices=("fp16", "bf16"),
-                       help="Autocast dtype with --use_amp; bf16 needs no gradient scaler (Ampere GPUs and newer).")
 
     g_run = parser.add_argument_group("run")
     g_run.add_argument("--run_name", type=str, default=None,
@@ -170,6 +166,7 @@ def add_common_args(
     g_hw.add_argument("--num_workers", type=int, default=0,
                       help="Data-loading processes per GPU; -1 times a few batches with 0, 2, 4, ... workers and keeps "
                            "the fastest. Results depend on this value (each worker has its own random stream).")
+    engine.add_speed_args(g_hw)
     return {"data": g_data, "model": g_model, "optim": g_opt, "run": g_run, "hardware": g_hw}
 
 
@@ -211,6 +208,7 @@ def check_common_args(args: argparse.Namespace) -> None:
         raise UserError("--batch_augment and --no_augment contradict each other (augment on the device, or not at all)")
     if args.cache_images and args.spatial_dims != 2:
         raise UserError("--cache_images keeps decoded 2D slices in memory; it is not available with --spatial_dims 3")
+    engine.check_speed_args(args)
 
 
 def apply_low_resource_mode(args: argparse.Namespace) -> None:
@@ -486,8 +484,14 @@ class PretrainMethod:
     def adjust_args(args: argparse.Namespace) -> None:
         """Method-specific flag checks and ``--low_resource_mode`` changes (in place)."""
 
-    def loss_fn(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss_fn(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        """Forward pass of one batch: the loss and scalars to average (tensors are read on the
+        host only every ``--check_every`` batches)."""
         raise NotImplementedError
+
+    def compile(self) -> None:
+        """``--compile``: compile the forward passes (``train_module``; methods add theirs)."""
+        self.train_module = engine.maybe_compile(self.train_module, self.args)
 
     def before_optimizer_step(self, it: int) -> None:
         """Called after clipping, just before ``optimizer.step()`` (global iteration ``it``)."""
@@ -596,6 +600,7 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
     cfg = model_config(args)
     engine.fix_random_seeds(args.seed)
     method = method_cls(args, cfg, info, iters_per_epoch)
+    method.compile()
     amp = engine.Amp(info.device, args.use_amp, args.amp_dtype)
 
     start_epoch, wandb_id, last_record = 0, None, None
@@ -708,6 +713,7 @@ def _train_epoch(
             after_optimizer_step=method.after_optimizer_step,
             info=info,
             progress=args.progress,
+            check_every=args.check_every,
         )
     except (UserError, TrainingError):
         raise

@@ -472,3 +472,27 @@ def test_cli_exit_code_2_on_bad_input(phantom, tmp_path, capsys):
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "outside 0..2" in errors[0] and "labels/FLARE22_Tr_000" in errors[0]
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".jsonl")]
+
+
+def test_speed_flags_keep_the_fine_tuning_numbers(phantom, tmp_path):
+    """--fused_optimizer, --check_every and --compile (eager backend: tracing only, inductor
+    compiles for minutes on this CPU) change the training numbers at most by rounding."""
+    from torch._dynamo.utils import counters
+
+    common = ("--n_epochs", "2", "--eval_every", "1", "--eval_every_from", "1", "--drop_path_rate", "0")
+    a = main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "plain", "--check_every", "1"))
+    torch._dynamo.reset()
+    counters.clear()
+    b = main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "fast", "--check_every", "3",
+                                 "--fused_optimizer", "--compile", "--compile_backend", "eager"))
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch._dynamo.reset()
+    la, lb = _log(tmp_path / "plain_log.jsonl"), _log(tmp_path / "fast_log.jsonl")
+    assert len(la) == len(lb) == 2
+    np.testing.assert_allclose([r["train_loss"] for r in la], [r["train_loss"] for r in lb], rtol=1e-4)
+    np.testing.assert_allclose([r["val_dice_paper"] for r in la], [r["val_dice_paper"] for r in lb], atol=1e-3)
+    sa = torch.load(tmp_path / "plain_last.pt", weights_only=True)["model"]
+    sb = torch.load(tmp_path / "fast_last.pt", weights_only=True)["model"]
+    assert set(sa) == set(sb) and not any("_orig_mod" in k for k in sb)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-5, msg=k)

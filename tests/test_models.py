@@ -78,12 +78,14 @@ def test_collapse_coefficient():
     rng = np.random.default_rng(0)
     row = rng.normal(size=(1, 64))
     same = np.repeat(row, 10, axis=0)
-    assert collapse_coefficient(torch.from_numpy(same)) == pytest.approx(1.0, abs=1e-6)
+    assert float(collapse_coefficient(torch.from_numpy(same))) == pytest.approx(1.0, abs=1e-6)
     spread = rng.normal(size=(4000, 64))
-    assert collapse_coefficient(torch.from_numpy(spread)) < 0.02
+    assert float(collapse_coefficient(torch.from_numpy(spread))) < 0.02
     # in between: a common direction plus a little noise, against the formula by hand
     mixed = same[:1] + 0.3 * rng.normal(size=(50, 64))
-    got = collapse_coefficient(torch.from_numpy(mixed))
+    got_t = collapse_coefficient(torch.from_numpy(mixed).requires_grad_(True))
+    assert got_t.dim() == 0 and not got_t.requires_grad  # stays on the device, no graph
+    got = float(got_t)
     assert got == pytest.approx(_collapse_by_hand(mixed), abs=1e-6)
     assert 0.1 < got < 0.99
 

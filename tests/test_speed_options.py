@@ -209,3 +209,113 @@ def test_fast_padding_gives_what_monai_spatialpadd_gave(phantoms, tmp_path):
                     for k in ("image1", "image2"):
                         assert type(b[k]) is torch.Tensor and torch.equal(a[k], b[k]), (dims, augment, seed, p, k)
 
+
+
+# ---------------------------------------------------------------------------------------
+# Loss reads every --check_every batches, fused optimizers, torch.compile
+# ---------------------------------------------------------------------------------------
+
+
+def test_loss_check_reads_every_n_batches_and_names_the_first_bad_iteration():
+    from utils import TrainingError
+
+    c = engine.LossCheck(3, engine.DistInfo(), epoch=4)
+    assert not c.add(10, torch.tensor(1.0), {"collapse": torch.tensor(0.5), "host": 2.0})
+    assert not c.add(11, torch.tensor(3.0, requires_grad=True) * 1, {"collapse": torch.tensor(0.1), "host": 4.0})
+    assert c.avg.means() == {} and np.isnan(c.last_loss)  # nothing read yet
+    assert c.add(12, torch.tensor(2.0), {"collapse": torch.tensor(0.3), "host": 6.0})
+    got = c.avg.means()
+    assert got["loss"] == pytest.approx(2.0) and got["collapse"] == pytest.approx(0.3) and got["host"] == pytest.approx(4.0)
+    assert c.last_loss == 2.0 and c.pending == []
+    c.add(13, torch.tensor(5.0), {"collapse": torch.tensor(0.0), "host": 0.0})
+    c.add(14, torch.tensor(float("nan")), {"collapse": torch.tensor(0.0), "host": 0.0})
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 5, iteration 14.*--check_every"):
+        c.add(15, torch.tensor(float("inf")), {"collapse": torch.tensor(0.0), "host": 0.0})
+    one = engine.LossCheck(1, engine.DistInfo(), epoch=0)
+    with pytest.raises(TrainingError, match=r"loss is inf at epoch 1, iteration 7; stopping \(the last good"):
+        one.add(7, torch.tensor(float("inf")), {})
+    with pytest.raises(UserError, match="--check_every"):
+        engine.LossCheck(0, engine.DistInfo(), epoch=0)
+
+
+def test_check_every_changes_nothing_but_when_losses_are_read(phantoms, tmp_path):
+    common = ("--batch_size", 2, "--n_epochs", 2)  # 4 steps per epoch
+    a = _run(phantoms["2d"], tmp_path / "a", *common, "--check_every", 1)
+    b = _run(phantoms["2d"], tmp_path / "b", *common, "--check_every", 3)
+    la, lb = _log(a["log"]), _log(b["log"])
+    assert [(r["loss"], r["collapse"]) for r in la] == [(r["loss"], r["collapse"]) for r in lb]
+    assert _same_weights(_state(a["last"]), _state(b["last"]))
+    with pytest.raises(UserError, match="--check_every must be at least 1, got 0"):
+        _run(phantoms["2d"], tmp_path / "c", *common, "--check_every", 0)
+
+
+@pytest.mark.parametrize("method", ["simsiam", "dino"])
+def test_fused_optimizer_gives_the_same_run_up_to_rounding(method, phantoms, tmp_path):
+    import main_dino
+
+    mod = main_simsiam if method == "simsiam" else main_dino
+    argv = _argv(phantoms["2d"], tmp_path / "plain", "--batch_size", 4, "--n_epochs", 2, "--warmup_epochs", 1)
+
+    def run(where, *extra):
+        args = mod.get_args_parser().parse_args([*argv, "--chkpt_dir", str(where), *map(str, extra)])
+        return mod.main(args)
+
+    a, b = run(tmp_path / "plain"), run(tmp_path / "fused", "--fused_optimizer")
+    la, lb = _log(a["log"]), _log(b["log"])
+    np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb], rtol=1e-5, atol=1e-6)
+    sa = torch.load(a["last"], map_location="cpu", weights_only=True)["method_state"]
+    sb = torch.load(b["last"], map_location="cpu", weights_only=True)["method_state"]
+    key = "model" if method == "simsiam" else "student"
+    assert set(sa[key]) == set(sb[key])
+    for k in sa[key]:
+        torch.testing.assert_close(sa[key][k], sb[key][k], rtol=1e-4, atol=1e-5, msg=k)
+    # (plain SGD / AdamW do move the weights: test_pretrain; a fused step that did nothing would differ here)
+
+
+def test_dino_teacher_ema_with_foreach_equals_the_loop_bit_for_bit():
+    import main_dino
+
+    args = main_dino.get_args_parser().parse_args(["--data_dir", ".", "--low_resource_mode", "--crop_size", "32", "--n_epochs", "1", "--warmup_epochs", "0"])
+    main_dino.DINOMethod.adjust_args(args)
+    import pretrain
+
+    pretrain.apply_low_resource_mode(args)
+    m = main_dino.DINOMethod(args, pretrain.model_config(args), engine.DistInfo(), 3)
+    with torch.no_grad():
+        for p in m.student.parameters():
+            p.add_(torch.randn_like(p))
+    ref = [pt.detach().clone() for pt in m.teacher.parameters()]
+    mom = float(m.momentum_schedule[1])
+    for pt, ps in zip(ref, m.student.parameters()):
+        pt.mul_(mom).add_(ps.detach(), alpha=1.0 - mom)
+    m.after_optimizer_step(1)
+    assert all(torch.equal(a, b) for a, b in zip(m.teacher.parameters(), ref))
+
+
+@pytest.mark.parametrize("method", ["simsiam", "dino"])
+def test_compile_traces_the_model_and_keeps_losses_and_checkpoints(method, phantoms, tmp_path):
+    """--compile with the eager backend (tracing only: inductor's code generation takes
+    minutes on this CPU): same losses, same checkpoint keys, and dynamo did capture graphs."""
+    import main_dino
+    from torch._dynamo.utils import counters
+
+    mod = main_simsiam if method == "simsiam" else main_dino
+    argv = _argv(phantoms["2d"], tmp_path, "--batch_size", 4, "--n_epochs", 1, "--warmup_epochs", 0, "--max_images", 8, "--drop_path_rate", 0)
+
+    def run(name, *extra):
+        return mod.main(mod.get_args_parser().parse_args([*argv, "--run_name", name, *map(str, extra)]))
+
+    torch._dynamo.reset()
+    counters.clear()
+    a = run("plain")
+    b = run("compiled", "--compile", "--compile_backend", "eager")
+    assert counters["stats"]["unique_graphs"] >= (1 if method == "simsiam" else 2)  # student (+ teacher)
+    la, lb = _log(a["log"]), _log(b["log"])
+    np.testing.assert_allclose([r["loss"] for r in la], [r["loss"] for r in lb], rtol=1e-5)
+    wa = torch.load(a["weights"], map_location="cpu", weights_only=True)
+    wb = torch.load(b["weights"], map_location="cpu", weights_only=True)
+    sa, sb = wa["encoder"], wb["encoder"]
+    assert set(sa) == set(sb) and not any("_orig_mod" in k for k in sb)
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6, msg=k)
+    torch._dynamo.reset()
