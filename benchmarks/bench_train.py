@@ -23,6 +23,11 @@ Sections (CPU / CUDA):
 * ``pretrain_2d``: pairs/s of the whole loop (data loading included) with MONAI's per-sample
   augmentations in the workers, and with ``--batch_augment`` (workers stop after the IoU
   crops, the views are augmented on the device); on CUDA for fp32, fp16 and bf16 autocast;
+* ``lever_2d``: the speed levers of issue 7 stacked one on the other (``--batch_augment``, bf16 on
+  CUDA): ``check_every_1`` (the loss read on the host at every step, a GPU sync), ``check_every_20``
+  (the scripts' default), ``fused`` (``--fused_optimizer``) and, on CUDA, ``fused_compile``
+  (``--compile``, inductor); each as the step alone and as the whole loop, with the mean loss on
+  the same seed and data (a lever must not change it beyond rounding);
 * ``pipeline_2d``: pairs/s of the data loader alone (decode + IoU crops [+ augmentations]),
   per number of workers, with and without ``--cache_images``;
 * ``step_2d``: pairs/s of the training step alone on a batch already on the device, with the
@@ -35,7 +40,10 @@ Sections (CPU / CUDA):
   paper's evaluation schedule (144 evaluations).
 
 Results: ``benchmarks/results/train_<cpu|cuda>.json`` (``--out`` to change), with the device
-name, torch version and every figure; a summary table is printed at the end.
+name, torch version and every figure; a summary table is printed at the end. The file is
+rewritten after each measurement with ``"complete": false`` until the end, so a run cut short
+by a time limit keeps what it measured. On CUDA the order is: bf16 loop and step, the levers,
+the pipeline, 3D, fine-tuning, then fp16 and fp32.
 """
 
 from __future__ import annotations
@@ -64,6 +72,7 @@ logger = logging.getLogger(__name__)
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 H100_H200_BF16_TFLOPS = 989.0  # dense bf16 peak of an H100 / H200 SXM
 PAPER_PAIRS_PER_S = 443.0  # 100 epochs x 237,449 slices in 14.9 h on one V100
+PRETRAIN_SLICES = 237_449  # FLARE 2022's unlabelled pretraining slices (one epoch)
 FLARE_TRAIN_SLICES, FLARE_VAL_SLICES = 1515, 3535  # 5,050 labelled slices, 15 / 35 cases
 EVALS_IN_225_EPOCHS = sum(1 for e in range(1, 226) if e % 10 == 0 or e >= 90)  # 144
 
@@ -104,6 +113,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--three_d", action=argparse.BooleanOptionalAction, default=True, help="Measure the 3D step and pipeline.")
     g.add_argument("--two_d", action=argparse.BooleanOptionalAction, default=True,
                    help="Measure the 2D loop, step and pipeline (--no-two_d with --finetune: fine-tuning alone).")
+    g.add_argument("--compile_lever", action=argparse.BooleanOptionalAction, default=None,
+                   help="Also measure --compile (inductor) among the levers (default: on CUDA only; on the CPU "
+                        "compilation alone takes several minutes).")
     g.add_argument("--seed", type=int, default=0, help="Seed of the phantoms and of the runs.")
     return p
 
@@ -199,7 +211,7 @@ class Repeat:
 
 def pretrain_args(data_dir: Path, spatial_dims: int, crop: int, batch: int, embed: int, small: bool, *,
                   batch_augment: bool = False, cache: bool = False, amp: str | None = None, workers: int = 0,
-                  seed: int = 0) -> argparse.Namespace:
+                  seed: int = 0, check_every: int = 20, fused: bool = False, compile: bool = False) -> argparse.Namespace:
     """The flags of main_simsiam.py for one measurement (batch size not capped by low-resource mode)."""
     import main_simsiam
 
@@ -214,6 +226,11 @@ def pretrain_args(data_dir: Path, spatial_dims: int, crop: int, batch: int, embe
         argv.append("--cache_images")
     if amp:
         argv += ["--use_amp", "--amp_dtype", amp]
+    argv += ["--check_every", str(check_every)]
+    if fused:
+        argv.append("--fused_optimizer")
+    if compile:
+        argv.append("--compile")
     args = main_simsiam.get_args_parser().parse_args(argv)
     main_simsiam.SimSiamMethod.adjust_args(args)  # small heads with --low_resource_mode
     return args
@@ -238,27 +255,32 @@ def _method(args: argparse.Namespace, info, steps: int):
 
     engine.fix_random_seeds(args.seed)
     method = main_simsiam.SimSiamMethod(args, pretrain.model_config(args), info, steps)
+    method.compile()
     amp = engine.Amp(info.device, args.use_amp, args.amp_dtype)
     return method, amp
 
 
-def _train(method, amp, batches: Iterable, args, info, steps: int, aug) -> None:
-    """``steps`` optimizer steps through engine.train_one_epoch, exactly as pretrain.py runs them."""
+def _train(method, amp, batches: Iterable, args, info, steps: int, aug) -> dict[str, float]:
+    """``steps`` optimizer steps through engine.train_one_epoch, exactly as pretrain.py runs
+    them; returns its averages (the mean loss, to compare variants on the same seed)."""
     import engine
     from pretrain import augment_views
 
     def loss_fn(batch):
         return method.loss_fn(augment_views(batch, aug, info.device), 0)
 
-    engine.train_one_epoch(
+    return engine.train_one_epoch(
         method.train_module, batches, method.optimizer, loss_fn, epoch=0, n_epochs=1, iters_per_epoch=steps,
         lr_schedule=method.lr_schedule, base_lr=method.base_lr, wd_schedule=method.wd_schedule, amp=amp,
-        info=info, progress=False,
+        info=info, progress=False, check_every=args.check_every,
     )
 
 
-def measure_loop(args: argparse.Namespace, info, steps: int, warmup: int) -> float:
-    """Pairs/s of the whole pretraining loop, data loading included (steady state)."""
+def measure_loop(args: argparse.Namespace, info, steps: int, warmup: int) -> dict[str, float]:
+    """The whole pretraining loop, data loading included: ``pairs_per_s`` in steady state,
+    ``mean_loss`` over all steps (same seed: comparable between variants within noise) and
+    ``first_batch_s``, the loader's start-up (from ``iter()`` to the first batch: what
+    persistent workers would save once per epoch)."""
     import engine
     import pretrain
 
@@ -267,9 +289,11 @@ def measure_loop(args: argparse.Namespace, info, steps: int, warmup: int) -> flo
     method, amp = _method(args, info, n)
     loader = engine.build_loader(ds, args.batch_size, args.num_workers, args.seed, 0, info, pin_memory=info.device.type == "cuda")
     stamps = Stamped(loader, n)
-    _train(method, amp, stamps, args, info, n, pretrain.make_batch_augment(args, 0, info))
+    t_start = time.perf_counter()
+    stats = _train(method, amp, stamps, args, info, n, pretrain.make_batch_augment(args, 0, info))
     _sync(info.device)
-    return _rate(stamps, time.perf_counter(), warmup, args.batch_size)
+    return {"pairs_per_s": _rate(stamps, time.perf_counter(), warmup, args.batch_size), "mean_loss": stats["loss"],
+            "first_batch_s": stamps.times[0] - t_start}
 
 
 def measure_pipeline(args: argparse.Namespace, info, batches: int, warmup: int) -> float:
@@ -285,9 +309,11 @@ def measure_pipeline(args: argparse.Namespace, info, batches: int, warmup: int) 
     return _rate(stamps, time.perf_counter(), warmup, args.batch_size)
 
 
-def measure_step(args: argparse.Namespace, info, steps: int, warmup: int, peak_tflops: float | None) -> dict[str, Any]:
-    """Pairs/s of the training step alone (one batch already on the device), FLOPs of a step,
-    and the model FLOP utilisation when a peak is known."""
+def measure_step(args: argparse.Namespace, info, steps: int, warmup: int, peak_tflops: float | None,
+                 flops: int | None = None) -> dict[str, Any]:
+    """Pairs/s of the training step alone (one batch already on the device), FLOPs of a step
+    (counted unless given: pass them for a compiled model), the model FLOP utilisation when a
+    peak is known, the mean loss, and ``warmup_s`` (the uncounted first steps: compilation)."""
     import engine
     import pretrain
 
@@ -297,13 +323,14 @@ def measure_step(args: argparse.Namespace, info, steps: int, warmup: int, peak_t
     batch = {k: (v.to(info.device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     method, amp = _method(args, info, n)
     aug = pretrain.make_batch_augment(args, 0, info)
-    flops = step_flops(method, amp, batch, info, aug)
+    if flops is None:
+        flops = step_flops(method, amp, batch, info, aug)
     stamps = Stamped(Repeat(batch, n), n)
-    _train(method, amp, stamps, args, info, n, aug)
+    stats = _train(method, amp, stamps, args, info, n, aug)
     _sync(info.device)
     rate = _rate(stamps, time.perf_counter(), warmup, args.batch_size)
-    out: dict[str, Any] = {"pairs_per_s": rate, "flops_per_step": flops, "flops_per_pair": flops / args.batch_size,
-                           "achieved_tflops": flops * rate / args.batch_size / 1e12}
+    out: dict[str, Any] = {"pairs_per_s": rate, "mean_loss": stats["loss"], "warmup_s": stamps.times[warmup] - stamps.times[0], "flops_per_step": flops,
+                           "flops_per_pair": flops / args.batch_size, "achieved_tflops": flops * rate / args.batch_size / 1e12}
     if peak_tflops:
         out["mfu"] = out["achieved_tflops"] / peak_tflops
     return out
@@ -412,7 +439,7 @@ def _defaults(args: argparse.Namespace, cuda: bool) -> None:
         "steps": 60 if cuda else (12 if quick else 30), "warmup": 10 if cuda else 3,
         "batch_size": 128 if cuda else 16, "crop_size": 96 if cuda else 64, "embedding_size": 48 if cuda else 12,
         "batch_size_3d": 8 if cuda else 2, "workers": [min(16, os.cpu_count() or 1)] if cuda else ([1] if quick else [0, 1, 2]),
-        "threads": None if cuda else 1, "finetune": cuda,
+        "threads": None if cuda else 1, "finetune": cuda, "compile_lever": cuda,
     }
     for k, v in fill.items():
         if getattr(args, k) is None:
@@ -462,23 +489,58 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                                  "workers_in_loop": W, "workers_pipeline": args.workers}
         logger.info("data ready in %.0f s", time.perf_counter() - t0)
 
+        def save_partial() -> None:  # a run cut short by a time limit keeps what it measured
+            atomic_write_json(out_path, {**res, "complete": False})
+
+        def loop(key: str, a: argparse.Namespace, steps: int, warmup: int) -> None:
+            r = measure_loop(a, info, steps, warmup)
+            fig[f"{key}_pairs_per_s"] = r["pairs_per_s"]
+            fig[f"{key}_mean_loss"] = r["mean_loss"]
+            fig[f"{key}_first_batch_s"] = r["first_batch_s"]
+            logger.info("%s: %.1f pairs/s", key, r["pairs_per_s"])
+            save_partial()
+
+        def step(key: str, a: argparse.Namespace, steps: int, warmup: int, flops: int | None = None) -> dict[str, Any]:
+            st = measure_step(a, info, steps, warmup, peak, flops)
+            for k, v in st.items():
+                if flops is None or not k.startswith("flops_"):  # given FLOPs are already in the table
+                    fig[f"{key}_{k}"] = v
+            logger.info("%s (step alone): %.1f pairs/s", key, st["pairs_per_s"])
+            save_partial()
+            return st
+
+        def precision_2d(prec: str | None) -> None:
+            tag = prec or "fp32"
+            for ba in (False, True):
+                a = pretrain_args(dir2d, **common, batch_augment=ba, amp=prec, workers=W)
+                loop(f"pretrain_2d_{tag}_{'batch_augment' if ba else 'monai_workers'}", a, args.steps, args.warmup)
+            step(f"step_2d_{tag}_batch_augment", pretrain_args(dir2d, **common, batch_augment=True, amp=prec, workers=W), args.steps, args.warmup)
+            a = pretrain_args(dir2d, **common, batch_augment=False, amp=prec, workers=0)
+            fig[f"step_2d_{tag}_no_augment_pairs_per_s"] = measure_step(a, info, args.steps, args.warmup, peak)["pairs_per_s"]
+
         if args.two_d:
             fig["flops_per_pair_paper_size"] = paper_flops_per_pair()
-            precisions = ["bf16", "fp16", None] if cuda else [None]
-            for prec in precisions:
-                tag = prec or "fp32"
-                for ba in (False, True):
-                    a = pretrain_args(dir2d, **common, batch_augment=ba, amp=prec, workers=W)
-                    key = f"pretrain_2d_{tag}_{'batch_augment' if ba else 'monai_workers'}_pairs_per_s"
-                    fig[key] = measure_loop(a, info, args.steps, args.warmup)
-                    logger.info("%s: %.1f", key, fig[key])
-                a = pretrain_args(dir2d, **common, batch_augment=True, amp=prec, workers=W)
-                st = measure_step(a, info, args.steps, args.warmup, peak)
-                for k, v in st.items():
-                    fig[f"step_2d_{tag}_batch_augment_{k}"] = v
-                logger.info("step alone (%s, batch augment): %.1f pairs/s", tag, st["pairs_per_s"])
-                a = pretrain_args(dir2d, **common, batch_augment=False, amp=prec, workers=0)
-                fig[f"step_2d_{tag}_no_augment_pairs_per_s"] = measure_step(a, info, args.steps, args.warmup, peak)["pairs_per_s"]
+            main_prec = "bf16" if cuda else None
+            precision_2d(main_prec)
+
+            # the levers, one after the other on top of each other (--batch_augment, main precision):
+            # the step alone shows their effect on the device, the loop the whole effect
+            tag = main_prec or "fp32"
+            levers = [("check_every_1", dict(check_every=1)), ("check_every_20", dict(check_every=20)),
+                      ("fused", dict(check_every=20, fused=True))]
+            if args.compile_lever:
+                levers.append(("fused_compile", dict(check_every=20, fused=True, compile=True)))
+            flops = fig.get(f"step_2d_{tag}_batch_augment_flops_per_step")
+            for name, kw in levers:
+                a = pretrain_args(dir2d, **common, batch_augment=True, amp=main_prec, workers=W, **kw)
+                try:
+                    step(f"lever_2d_{tag}_{name}_step", a, args.steps, args.warmup, flops)
+                    loop(f"lever_2d_{tag}_{name}_loop", a, args.steps, args.warmup)
+                except Exception as e:  # noqa: BLE001 - torch.compile may fail on a machine without a compiler; keep the rest
+                    if not kw.get("compile"):
+                        raise
+                    fig[f"lever_2d_{tag}_{name}_error"] = f"{type(e).__name__}: {e}"[:500]
+                    logger.error("--compile failed, the other figures are kept: %s", fig[f"lever_2d_{tag}_{name}_error"])
 
             for nw in args.workers:
                 for ba in (False, True):
@@ -489,6 +551,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         logger.info("%s: %.1f", key, fig[key])
             views = 2 * args.batch_size
             fig["batch_augment_2d_views_per_s"] = measure_batch_augment(2, views, args.crop_size, device, max(3, args.steps // 3))
+            save_partial()
 
         if args.three_d:
             dir3d = make_pretrain_data(work, 3, 2 if not cuda else 4, 128 if not cuda else 256, 40 if not cuda else 80, W)
@@ -505,15 +568,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 key = f"pipeline_3d_{'crops_only' if ba else 'monai_augment'}_w{W}_pairs_per_s"
                 fig[key] = measure_pipeline(a, info, n3, 1)
             a = pretrain_args(dir3d, **c3, batch_augment=True, amp=prec3, workers=W)
-            fig[f"pretrain_3d_{prec3 or 'fp32'}_batch_augment_pairs_per_s"] = measure_loop(a, info, n3, max(1, args.warmup // 3))
+            loop(f"pretrain_3d_{prec3 or 'fp32'}_batch_augment", a, n3, max(1, args.warmup // 3))
 
         if args.finetune:
             ft_dir, split = make_labelled_data(work, args.ft_cases, 256 if cuda else 96, W)
             fig["finetune"] = measure_finetune(ft_dir, split, work, W, args.seed, small=not cuda)
             res["settings"]["finetune"] = {"cases": args.ft_cases, "paper_settings": cuda}
+            save_partial()
+
+        if args.two_d and cuda:  # the other precisions last: the paper's fp16, and fp32
+            for prec in ("fp16", None):
+                precision_2d(prec)
 
         _ratios(res)
         res["wall_s"] = time.perf_counter() - t0
+        res["complete"] = True
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -532,7 +601,12 @@ def _ratios(res: dict[str, Any]) -> None:
     * ``pipeline_2d_crops_only[_cached]_w<n>_over_step_<prec>``: what the loader delivers with
       --batch_augment over what the step (with batched augmentations) consumes: at least 1.5 wanted;
     * ``pipeline_2d_monai_augment[_cached]_w<n>_over_step_<prec>``: the same for MONAI's per-sample views;
-    * ``step_2d_<prec>_batch_augment_cost_frac``: share of the step spent on the batched augmentations.
+    * ``step_2d_<prec>_batch_augment_cost_frac``: share of the step spent on the batched augmentations;
+    * ``lever_2d_<prec>_<lever>_<step|loop>_over_check_every_1``: each lever (cumulative) against
+      the loop that reads every loss on the host; ``..._loss_abs_diff``: its mean loss against that
+      loop's (same seed and data: rounding only; SimSiam's loss lies in [-1, 1]);
+    * ``pretrain_2d_<prec>_batch_augment_epoch_start_frac``: the loader's start-up over the time of a
+      FLARE-size epoch (237,449 slices) at the measured rate: what persistent workers could save.
     """
     f = res["figures"]
     r: dict[str, float] = {}
@@ -548,6 +622,17 @@ def _ratios(res: dict[str, Any]) -> None:
         for pk in [p for p in f if p.startswith("pipeline_2d_")]:
             consumer = f[key] if "crops_only" in pk else plain
             r[f"{pk.replace('_pairs_per_s', '')}_over_step_{prec}"] = f[pk] / consumer
+    for key in [k for k in f if k.startswith("lever_2d_") and k.endswith("_pairs_per_s")]:
+        tag = key.split("_")[2]
+        kind = "step" if key.endswith("_step_pairs_per_s") else "loop"
+        base = f.get(f"lever_2d_{tag}_check_every_1_{kind}_pairs_per_s")
+        if base:
+            r[key.replace("_pairs_per_s", "_over_check_every_1")] = f[key] / base
+            loss, base_loss = f[key.replace("_pairs_per_s", "_mean_loss")], f[f"lever_2d_{tag}_check_every_1_{kind}_mean_loss"]
+            r[key.replace("_pairs_per_s", "_loss_abs_diff")] = abs(loss - base_loss)
+    for key in [k for k in f if k.startswith("pretrain_2d_") and k.endswith("_batch_augment_first_batch_s")]:
+        rate = f[key.replace("_first_batch_s", "_pairs_per_s")]
+        r[key.replace("_first_batch_s", "_epoch_start_frac")] = f[key] / (PRETRAIN_SLICES / rate)
     res["ratios"] = r
 
 

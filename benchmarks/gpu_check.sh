@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# The whole GPU measurement of issue 7 in one go (about 5-7 minutes on one H200): the CUDA
-# tests of the batched augmentations, then benchmarks/bench_train.py --device cuda (2D SimSiam
-# pairs/s with data loading for bf16 / fp16 / fp32 and --batch_augment on and off, the step
-# alone with FLOPs and model FLOP utilisation, the pipeline alone, 3D 96^3, fine-tuning time).
+# The whole GPU measurement of issue 7 in one go (within 8 minutes on one H200): the CUDA
+# tests of the batched augmentations, then benchmarks/bench_train.py --device cuda, in this
+# order: 2D SimSiam pairs/s with data loading in bf16 with --batch_augment on and off, the step
+# alone with FLOPs and model FLOP utilisation; the levers stacked (loss read every step /
+# every 20 steps, --fused_optimizer, --compile) with their mean losses; the pipeline alone;
+# 3D 96^3; fine-tuning time; then fp16 and fp32. train_cuda.json is rewritten after every
+# measurement, so a run stopped by the time limit keeps what it measured ("complete": false).
 #
 # On the GPU machine (see ../shared/gpu/README.md; MONAI, einops and nibabel come as wheels in
 # .whl/, installed into .site/ here when they are not importable):
