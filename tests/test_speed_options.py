@@ -319,3 +319,49 @@ def test_compile_traces_the_model_and_keeps_losses_and_checkpoints(method, phant
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-4, atol=1e-6, msg=k)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("method", ["simsiam", "dino"])
+def test_training_steps_read_nothing_on_the_host_between_loss_checks(method, monkeypatch):
+    """A host read of a tensor (item, tolist, bool, float, ...) waits for the GPU. Between two
+    loss checks the project's code (loop, losses, heads, EMA) must make none: with 6 steps and
+    --check_every 4, only LossCheck.flush reads, twice (loss and, for SimSiam, the collapse)."""
+    import inspect
+
+    import main_dino
+    import pretrain
+
+    mod = main_simsiam if method == "simsiam" else main_dino
+    cls = main_simsiam.SimSiamMethod if method == "simsiam" else main_dino.DINOMethod
+    args = mod.get_args_parser().parse_args(["--data_dir", ".", "--low_resource_mode", "--crop_size", "32", "--n_epochs", "1",
+                                             "--warmup_epochs", "0", "--batch_size", "4"])
+    cls.adjust_args(args)
+    pretrain.apply_low_resource_mode(args)
+    info = engine.DistInfo()
+    m = cls(args, pretrain.model_config(args), info, 6)
+    batch = {"image1": torch.rand(4, 1, 32, 32), "image2": torch.rand(4, 1, 32, 32)}
+    project = Path(engine.__file__).resolve().parent
+    reads = []
+
+    def counting(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *a, **k):
+            caller = Path(inspect.stack(context=0)[1].filename).resolve()
+            if caller.parent == project:  # the project's modules, not torch's or MONAI's
+                reads.append((name, caller.name))
+            return original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"):
+        counting(name)
+    engine.train_one_epoch(
+        m.train_module, [batch] * 6, m.optimizer, lambda b: m.loss_fn(b, 0), epoch=0, n_epochs=1, iters_per_epoch=6,
+        lr_schedule=m.lr_schedule, base_lr=m.base_lr, wd_schedule=m.wd_schedule, amp=engine.Amp(info.device, False),
+        clip_grad=m.clip_grad, clip_mode=m.clip_mode, before_optimizer_step=m.before_optimizer_step,
+        after_optimizer_step=m.after_optimizer_step, progress=False, check_every=4,
+    )
+    monkeypatch.undo()
+    per_flush = 2 if method == "simsiam" else 1
+    assert reads == [("tolist", "engine.py")] * (2 * per_flush), reads
