@@ -230,9 +230,28 @@ def read_image_2d(path: str | os.PathLike) -> np.ndarray:
     Raises:
         UserError: the file is missing, corrupt, or not a grayscale 8/16-bit PNG.
     """
-    pic = _open_png(path)
-    scale = 255.0 if pic.dtype == np.uint8 else 65535.0
-    return (_from_display(pic).astype(np.float32) / np.float32(scale)).astype(np.float32)
+    return stored_to_float(read_image_2d_stored(path))
+
+
+def read_image_2d_stored(path: str | os.PathLike) -> np.ndarray:
+    """Read an image slice as stored: uint8 or uint16 array (X, Y) of PNG values
+    (:func:`stored_to_float` gives what :func:`read_image_2d` returns).
+
+    Raises:
+        UserError: as :func:`read_image_2d`.
+    """
+    return _from_display(_open_png(path))
+
+
+def stored_to_float(stored: np.ndarray) -> np.ndarray:
+    """Stored PNG values -> float32 in [0, 1]: uint8 / 255, uint16 / 65535 (one float32
+    division, so ``torch`` on any device gives the same bits: ``t.float() / 255.0``);
+    float arrays are returned as float32 unchanged."""
+    if stored.dtype == np.uint8:
+        return stored.astype(np.float32) / np.float32(255.0)
+    if stored.dtype == np.uint16:
+        return stored.astype(np.float32) / np.float32(65535.0)
+    return np.asarray(stored, dtype=np.float32)
 
 
 def read_label_2d(path: str | os.PathLike) -> np.ndarray:

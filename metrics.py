@@ -103,12 +103,59 @@ def _check_ids(arr: np.ndarray | torch.Tensor, what: str, n_classes: int) -> Non
 # ----------------------------------------------------------------------------------------------
 
 
+def class_counts(pred: torch.Tensor, label: torch.Tensor, n_classes: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per item and class: voxels in both (intersection), in the label, in the prediction.
+
+    Args:
+        pred, label: class ids of shape ``[B, *spatial]`` on one device (ids in ``0..n_classes-1``,
+            not checked here).
+        method: "bincount" (fastest on the CPU), "scatter" (no host sync on CUDA, where
+            bincount reads the maximum on the host) or "auto" (bincount on the CPU only).
+
+    Returns:
+        Three int64 tensors of shape ``[B, n_classes]`` on that device, read off the per-item
+        confusion matrix (one counting pass, no one-hot tensor, no host sync).
+    """
+    b, k = pred.shape[0], int(n_classes)
+    p = pred.reshape(b, -1).long()
+    g = label.reshape(b, -1).long()
+    idx = ((torch.arange(b, device=pred.device)[:, None] * k + g) * k + p).reshape(-1)
+    n = b * k * k
+    if method not in ("auto", "bincount", "scatter"):
+        raise ValueError(f"method must be 'auto', 'bincount' or 'scatter', got {method!r}")
+    if method == "bincount" or (method == "auto" and idx.device.type == "cpu"):
+        conf = torch.bincount(idx, minlength=n)
+    else:
+        conf = torch.zeros(n, dtype=torch.int64, device=idx.device).scatter_add_(0, idx, torch.ones_like(idx))
+    conf = conf.reshape(b, k, k)  # [item, label class, predicted class]
+    return conf.diagonal(dim1=1, dim2=2), conf.sum(2), conf.sum(1)
+
+
+def paper_dice_per_item(pred: torch.Tensor, label: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``dice_paper`` of each item of a batch: float64 tensor ``[B]`` on the inputs' device.
+
+    Per class c present in the label, ``2 |P_c & G_c| / (|G_c| + |P_c|)`` computed in float32
+    as MONAI's ``DiceMetric(include_background=True, ignore_empty=True)`` does (its sums
+    of one-hot voxels are exact below 2^24 voxels per class and item, so the values are the
+    same bit for bit there; above, within float32 rounding); classes absent from the label
+    are left out; the item's value is the mean over the others (in float64, as
+    ``torch.nanmean`` of MONAI's output). ``pred`` and ``label``: class ids ``[B, *spatial]``.
+    """
+    both, in_label, in_pred = class_counts(pred, label, n_classes)
+    dice = (2.0 * both.float()) / (in_label.float() + in_pred.float())
+    dice = torch.where(in_label > 0, dice, torch.full_like(dice, float("nan")))
+    return torch.nanmean(dice.double(), dim=1)
+
+
 class PaperDice:
     """Accumulates ``dice_paper``: what the paper reported; not the FLARE challenge metric.
 
     For every item of a batch (one 2D slice, or one volume with ``--spatial_dims 3``)
     MONAI ``DiceMetric(include_background=True, ignore_empty=True, reduction="none")``
-    is computed on the one-hot prediction and label. With ``ignore_empty=True`` a
+    on the one-hot prediction and label: computed here by :func:`paper_dice_per_item`
+    from per-class voxel counts, on the tensors' device (equal to MONAI's values, which
+    the tests check; MONAI's loop over items and channels took 0.26 s per 512 x 512 slice
+    on one CPU core). With ``ignore_empty=True`` a
     channel absent from the label is NaN whatever the prediction holds, so the
     item's value is the mean over the channels present in the label, background
     included. A slice whose label is all background therefore scores the Dice of
@@ -144,8 +191,6 @@ class PaperDice:
         Raises:
             UserError: shapes differ, a tensor is not integer ids, or an id is outside ``0..n_classes-1``.
         """
-        from monai.metrics import DiceMetric
-
         pred = torch.as_tensor(pred)
         label = torch.as_tensor(label)
         if pred.shape != label.shape:
@@ -154,11 +199,7 @@ class PaperDice:
             raise UserError(f"dice_paper: expected [B, *spatial] class ids, got shape {tuple(pred.shape)}")
         _check_ids(pred, "prediction", n_classes)
         _check_ids(label, "label", n_classes)
-        pred_oh = torch.nn.functional.one_hot(pred.long().cpu(), n_classes).movedim(-1, 1).float()
-        label_oh = torch.nn.functional.one_hot(label.long().cpu(), n_classes).movedim(-1, 1).float()
-        per_channel = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(pred_oh, label_oh)
-        per_item = torch.nanmean(per_channel.double(), dim=1)
-        new = [float(v) for v in per_item]
+        new = paper_dice_per_item(pred, label, n_classes).tolist()
         if any(math.isnan(v) for v in new):  # cannot happen with background included; guard anyway
             raise UserError("dice_paper: an item has no channel present in its label (empty label?)")
         self._values.extend(new)

@@ -35,6 +35,9 @@ Sections (CPU / CUDA):
   utilisation against ``--peak_tflops``;
 * ``flops_per_pair``: FLOPs of a SimSiam pair at the paper's size (embed 48, 96 x 96);
 * ``pretrain_3d`` (CUDA; CPU with small sizes): the training step and the pipeline for 3D crops;
+* ``eval_overhead``: an evaluation's cost beside the model per 512 x 512 slice: reading the PNGs
+  (saved by ``--cache_eval`` after the first evaluation), ``dice_paper`` by MONAI's one-hot
+  DiceMetric on the CPU (the former path) and from class counts on the device (the current);
 * ``finetune`` (CUDA): seconds per training epoch and per evaluation (3 epochs, the last evaluated) at the paper's settings
   on phantoms the size of FLARE's labelled split, and the estimate for 225 epochs with the
   paper's evaluation schedule (144 evaluations).
@@ -63,6 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from utils import UserError, atomic_write_json, run_cli  # noqa: E402
@@ -388,6 +392,56 @@ def measure_batch_augment(spatial_dims: int, batch: int, size: int, device: torc
 # ---------------------------------------------------------------------------------------
 
 
+def measure_eval_overhead(work: Path, device: torch.device, n_slices: int = 12, size: int = 512) -> dict[str, float]:
+    """What an evaluation costs beside the model, per 512 x 512 slice with 14 classes:
+    reading the image and label PNGs (what --cache_eval saves after the first evaluation),
+    ``dice_paper`` with MONAI's DiceMetric on one-hot tensors on the CPU (the former path),
+    and ``metrics.paper_dice_per_item`` from class counts on ``device`` (the current one)."""
+    from monai.metrics import DiceMetric
+
+    import data
+    import metrics
+
+    rng = np.random.default_rng(0)
+    folder = work / "eval_overhead"
+    folder.mkdir(exist_ok=True)
+    label = np.zeros((n_slices, size, size), dtype=np.int64)
+    for c in range(1, 14):  # a block per organ, shifted per slice
+        x0, y0 = rng.integers(0, size - 80, size=2)
+        for z in range(n_slices):
+            label[z, x0 + z: x0 + z + 60, y0: y0 + 60] = c
+    pred = np.where(rng.random(label.shape) < 0.95, label, rng.integers(0, 14, size=label.shape))
+    paths = []
+    for z in range(n_slices):
+        img = np.clip(rng.normal(0.4, 0.1, size=(size, size)).cumsum(1) / size, 0, 1).astype(np.float32)
+        (folder / f"i{z}.png").write_bytes(data.encode_png_2d(img))
+        (folder / f"l{z}.png").write_bytes(data.encode_png_2d(label[z].astype(np.uint8), is_label=True))
+        paths.append((folder / f"i{z}.png", folder / f"l{z}.png"))
+    t0 = time.perf_counter()
+    for pi, pl in paths:
+        data.read_image_2d(pi)
+        data.read_label_2d(pl)
+    read_s = (time.perf_counter() - t0) / n_slices
+    pt, lt = torch.from_numpy(pred), torch.from_numpy(label)
+    t0 = time.perf_counter()
+    oh = lambda t: torch.nn.functional.one_hot(t, 14).movedim(-1, 1).float()  # noqa: E731
+    for z in range(0, n_slices, 4):
+        DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pt[z:z + 4]), oh(lt[z:z + 4]))
+    monai_s = (time.perf_counter() - t0) / n_slices
+    pd, ld = pt.to(torch.uint8).to(device), lt.to(torch.uint8).to(device)
+    metrics.paper_dice_per_item(pd, ld, 14)
+    _sync(device)
+    reps = 5
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        metrics.paper_dice_per_item(pd, ld, 14).tolist()
+    counts_s = (time.perf_counter() - t0) / (reps * n_slices)
+    return {"read_png_s_per_slice": read_s, "dice_monai_cpu_s_per_slice": monai_s, "dice_counts_s_per_slice": counts_s,
+            "per_eval_flare_val_old_s": FLARE_VAL_SLICES * (read_s + monai_s),
+            "per_eval_flare_val_new_s": FLARE_VAL_SLICES * counts_s}
+
+
+
 def measure_finetune(data_dir: Path, split: Path, work: Path, workers: int, seed: int, small: bool = False) -> dict[str, Any]:
     """Three epochs of main_finetune.py at the paper's settings (embed 48, batch 32 x 2 crops,
     bf16; ``small``: low-resource model, 64-pixel crops, batch 2, for a CPU dry run); the third is evaluated. The second epoch's time is the training epoch (the first
@@ -570,6 +624,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             a = pretrain_args(dir3d, **c3, batch_augment=True, amp=prec3, workers=W)
             loop(f"pretrain_3d_{prec3 or 'fp32'}_batch_augment", a, n3, max(1, args.warmup // 3))
 
+        fig["eval_overhead"] = measure_eval_overhead(work, device)
+        logger.info("evaluation beside the model: %s", fig["eval_overhead"])
+        save_partial()
+
         if args.finetune:
             ft_dir, split = make_labelled_data(work, args.ft_cases, 256 if cuda else 96, W)
             fig["finetune"] = measure_finetune(ft_dir, split, work, W, args.seed, small=not cuda)
@@ -640,6 +698,7 @@ def _print_table(res: dict[str, Any]) -> None:
     print(f"\n{res['device_name']} ({res['device']}), torch {res['torch']}, {res['threads']} threads")
     rows = [(k, v) for k, v in res["figures"].items() if not isinstance(v, dict)]
     rows += [(f"finetune.{k}", v) for k, v in res["figures"].get("finetune", {}).items()]
+    rows += [(f"eval_overhead.{k}", v) for k, v in res["figures"].get("eval_overhead", {}).items()]
     rows += [(f"ratio.{k}", v) for k, v in res.get("ratios", {}).items()]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:

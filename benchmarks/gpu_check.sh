@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The whole GPU measurement of issue 7 in one go (within 8 minutes on one H200): the CUDA
-# tests of the batched augmentations, then benchmarks/bench_train.py --device cuda, in this
+# tests (batched augmentations, dice_paper, stored slices), then benchmarks/bench_train.py --device cuda, in this
 # order: 2D SimSiam pairs/s with data loading in bf16 with --batch_augment on and off, the step
 # alone with FLOPs and model FLOP utilisation; the levers stacked (loss read every step /
 # every 20 steps, --fused_optimizer, --compile) with their mean losses; the pipeline alone;
-# 3D 96^3; fine-tuning time; then fp16 and fp32. train_cuda.json is rewritten after every
+# 3D 96^3; the evaluation's cost beside the model; fine-tuning time; then fp16 and fp32.
+# train_cuda.json is rewritten after every
 # measurement, so a run stopped by the time limit keeps what it measured ("complete": false).
 #
 # On the GPU machine (see ../shared/gpu/README.md; MONAI, einops and nibabel come as wheels in
@@ -51,8 +52,8 @@ fi
 cat "$OUT/env.txt"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || echo "(no nvidia-smi)" >> "$OUT/nvidia-smi.txt"
 
-# 1. the CUDA tests of batch_augment.py (equal in distribution to MONAI, on the GPU)
-timeout 120 "$PY" -m pytest -q tests/test_batch_augment.py -k cuda > "$OUT/pytest_cuda.log" 2>&1
+# 1. the CUDA tests: batch_augment.py (equal in distribution to MONAI), dice_paper and stored slices on the GPU
+timeout 150 "$PY" -m pytest -q tests/test_batch_augment.py tests/test_metrics.py tests/test_finetune.py -k cuda > "$OUT/pytest_cuda.log" 2>&1
 pytest_rc=$?
 echo "pytest -k cuda: exit $pytest_rc ($(tail -n 1 "$OUT/pytest_cuda.log"))"
 

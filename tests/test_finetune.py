@@ -496,3 +496,70 @@ def test_speed_flags_keep_the_fine_tuning_numbers(phantom, tmp_path):
     assert set(sa) == set(sb) and not any("_orig_mod" in k for k in sb)
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-5, msg=k)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation speed paths: cached stored slices, Dice on the prediction's device
+# ---------------------------------------------------------------------------------------
+
+
+def _device_image_cases():
+    rng = np.random.default_rng(4)
+    return [rng.integers(0, 256, size=(9, 7, 3)).astype(np.uint8), rng.integers(0, 65536, size=(9, 7, 3)).astype(np.uint16),
+            rng.random((9, 7, 3)).astype(np.float32)]
+
+
+def test_stored_slices_become_the_floats_of_read_image_2d():
+    for image in _device_image_cases():
+        take = finetune._device_image(image, torch.device("cpu"))
+        want = data.stored_to_float(image)
+        assert torch.equal(take(None), torch.from_numpy(want)) and torch.equal(take(slice(1, 3)), torch.from_numpy(want[..., 1:3]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_stored_slices_become_the_same_floats_on_cuda():
+    for image in _device_image_cases():
+        got = finetune._device_image(image, torch.device("cuda"))(None).cpu()
+        assert torch.equal(got, torch.from_numpy(data.stored_to_float(image)))
+
+
+def test_cached_evaluation_equals_reading_every_slice_and_monai_dice(phantom, ddp_run, monkeypatch):
+    """evaluate() with --cache_eval (stored uint8 slices, Dice counted on the prediction's
+    device) gives the predictions and dice_paper values of the plain path: float slices read
+    from the PNGs, prediction on the host, MONAI's DiceMetric per slice. A second evaluation
+    reads no file."""
+    from monai.metrics import DiceMetric
+
+    _, ddp = ddp_run
+    model, _, _ = finetune.load_finetuned(ddp["weights"])
+    split = data.load_split(phantom["split"])
+    items = data.list_finetune_pairs(phantom["d2"], split, 2)["val"]
+    cases = finetune.group_cases_2d(items, finetune.read_manifest_spacing(phantom["d2"]), phantom["d2"])
+    kw = dict(spatial_dims=2, crop_size=64, sw_batch_size=16, sw_overlap=0.25, device=torch.device("cpu"),
+              autocast=contextlib.nullcontext)
+    ref_values = []
+    for ref in cases:
+        image, label, _ = finetune.load_case_2d(ref, 14)
+        assert image.dtype == np.float32
+        pred = finetune.predict_volume(model, image, **kw)
+        oh = lambda a: torch.nn.functional.one_hot(torch.from_numpy(np.moveaxis(a, -1, 0)).long(), 14).movedim(-1, 1).float()  # noqa: E731
+        dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pred), oh(label))
+        ref_values.append(torch.nanmean(dice.double(), dim=1).tolist())
+        stored, label2, _ = finetune.load_case_2d(ref, 14, stored=True)
+        assert stored.dtype == np.uint8 and np.array_equal(label, label2)
+        assert np.array_equal(finetune.predict_volume(model, stored, **kw), pred)
+    cache = finetune.CaseCache(lambda ref: finetune.load_case_2d(ref, 14, stored=True))
+    info = main_finetune.engine.DistInfo()
+    res = finetune.evaluate(model, cases, cache.load, n_classes=14, info=info, progress=False, **kw)
+    assert res.n_items == sum(len(v) for v in ref_values)
+    assert res.paper_per_case == {ref.case: float(np.mean(v)) for ref, v in zip(cases, ref_values)}
+    voxels = sum(img.size for img, _, _ in cache.cases.values())
+    assert all(img.dtype == np.uint8 for img, _, _ in cache.cases.values())
+    assert cache.nbytes == 2 * voxels + 16 * 8 * len(cases)  # uint8 image and label, float64 4x4 affine
+
+    def no_reading(path):
+        raise AssertionError(f"read {path} although its case is cached")
+
+    monkeypatch.setattr(data, "read_image_2d_stored", no_reading)
+    again = finetune.evaluate(model, cases, cache.load, n_classes=14, info=info, progress=False, full=True, **kw)
+    assert again.dice_paper == res.dice_paper and again.per_case is not None

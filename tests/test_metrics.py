@@ -428,3 +428,48 @@ def test_real_ct_label_against_itself_and_shifted():
     vol = torch.from_numpy(label.astype(np.int64)).permute(2, 0, 1)
     pd.update(vol, vol, n_classes=14)
     assert pd.count() == label.shape[2] and pd.mean() == 1.0
+
+
+def test_paper_dice_equals_monai_dicemetric_bit_for_bit():
+    """paper_dice_per_item (per-class counts) against MONAI's DiceMetric on one-hot tensors,
+    the definition the paper used: equal bit for bit on slices, incl. absent classes,
+    predictions of classes absent from the label, and all-background labels."""
+    from monai.metrics import DiceMetric
+
+    from metrics import class_counts, paper_dice_per_item
+
+    rng = np.random.default_rng(11)
+    for shape, k in (((6, 40, 33), 14), ((3, 17, 9, 11), 5), ((2, 64, 64), 3)):
+        label = np.zeros(shape, dtype=np.int64)
+        for b in range(shape[0]):  # blobs of a few classes, some items background only
+            for c in rng.choice(np.arange(1, k), size=rng.integers(0, min(4, k - 1) + 1), replace=False):
+                sl = tuple(slice(int(a), int(a) + int(rng.integers(2, max(3, n // 2)))) for a, n in
+                           ((rng.integers(0, n - 2), n) for n in shape[1:]))
+                label[(b, *sl)] = c
+        noise = rng.integers(0, k, size=shape)
+        pred = np.where(rng.random(shape) < 0.8, label, noise)
+        pt, lt = torch.from_numpy(pred), torch.from_numpy(label)
+        oh = lambda t: torch.nn.functional.one_hot(t, k).movedim(-1, 1).float()  # noqa: E731
+        ref = torch.nanmean(DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pt), oh(lt)).double(), dim=1)
+        got = paper_dice_per_item(pt, lt, k)
+        assert got.dtype == torch.float64 and torch.equal(got, ref), (shape, got, ref)
+        both, in_label, in_pred = class_counts(pt.to(torch.uint8), lt.to(torch.uint8), k)
+        scattered = class_counts(pt, lt, k, method="scatter")  # the CUDA path, here on the CPU
+        assert all(torch.equal(a, c) for a, c in zip((both, in_label, in_pred), scattered))
+        for b in range(shape[0]):
+            for c in range(k):
+                assert in_label[b, c] == (label[b] == c).sum() and in_pred[b, c] == (pred[b] == c).sum()
+                assert both[b, c] == ((label[b] == c) & (pred[b] == c)).sum()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_paper_dice_on_cuda_equals_the_cpu():
+    from metrics import class_counts, paper_dice_per_item
+
+    rng = np.random.default_rng(2)
+    label = torch.from_numpy(rng.integers(0, 14, size=(5, 96, 80)))
+    pred = torch.where(torch.from_numpy(rng.random((5, 96, 80))) < 0.7, label, torch.from_numpy(rng.integers(0, 14, size=(5, 96, 80))))
+    cpu = class_counts(pred, label, 14)
+    gpu = class_counts(pred.cuda().to(torch.uint8), label.cuda().to(torch.uint8), 14)
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu))
+    assert torch.equal(paper_dice_per_item(pred, label, 14), paper_dice_per_item(pred.cuda(), label.cuda(), 14).cpu())
