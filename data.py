@@ -260,12 +260,21 @@ def read_label_2d(path: str | os.PathLike) -> np.ndarray:
     Raises:
         UserError: the file is missing, corrupt, not grayscale, or holds ids above 255.
     """
-    pic = _open_png(path)
-    if pic.dtype != np.uint8:
-        if pic.size and pic.max() > 255:
-            raise UserError(f"label PNG {path} holds values above 255")
-        pic = pic.astype(np.uint8)
-    return _from_display(pic)
+    return label_from_stored(read_image_2d_stored(path), path)
+
+
+def label_from_stored(stored: np.ndarray, path: str | os.PathLike) -> np.ndarray:
+    """A label slice as stored in its PNG -> uint8 ids (a 16-bit PNG is accepted when its
+    values fit); ``path`` names the file in the error.
+
+    Raises:
+        UserError: values above 255.
+    """
+    if stored.dtype != np.uint8:
+        if stored.size and stored.max() > 255:
+            raise UserError(f"label PNG {os.fspath(path)} holds values above 255")
+        stored = stored.astype(np.uint8)
+    return stored
 
 
 # --------------------------------------------------------------------------------------

@@ -223,12 +223,21 @@ class CaseCache:
 
 
 class LoadSliceAndLabel2d:
-    """Read an (image, label) PNG pair into (1, X, Y) float32 tensors (``data.read_*_2d``)."""
+    """Read an (image, label) PNG pair into (1, X, Y) float32 tensors (``data.read_*_2d``),
+    or take them from ``cache`` (a ``transforms.SliceCache`` of both, same values)."""
+
+    def __init__(self, cache: Any = None):
+        self.cache = cache
 
     def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
         d = dict(item)
-        d["image"] = torch.from_numpy(data.read_image_2d(item["image"]))[None]
-        d["label"] = torch.from_numpy(data.read_label_2d(item["label"]).astype(np.float32))[None]
+        if self.cache is None:
+            image, label = data.read_image_2d(item["image"]), data.read_label_2d(item["label"])
+        else:
+            image = self.cache.read(item["image"])
+            label = data.label_from_stored(self.cache.read_stored(item["label"]), item["label"])
+        d["image"] = torch.from_numpy(image)[None]
+        d["label"] = torch.from_numpy(label.astype(np.float32))[None]
         d["image_path"] = item["image"]
         return d
 
@@ -250,11 +259,12 @@ def _keep_affine_transform():
     return KeepAffined()
 
 
-def random_crop_transforms(spatial_dims: int, crop_size: int, n_crops: int) -> list:
+def random_crop_transforms(spatial_dims: int, crop_size: int, n_crops: int, augment: bool = True) -> list:
     """``RandCropByPosNegLabeld`` (pos 1, neg 1, ``n_crops`` per item) + pad + the paper's augmentations.
 
     Items smaller than the crop keep their size along that axis and are zero-padded to
-    ``crop_size`` after cropping.
+    ``crop_size`` after cropping. ``augment=False`` leaves the augmentations out (``--batch_augment``
+    applies them on the training device: ``batch_augment.BatchFinetuneAugment``).
     """
     from monai.transforms import EnsureTyped, RandCropByPosNegLabeld, SelectItemsd, SpatialPadd
 
@@ -265,18 +275,20 @@ def random_crop_transforms(spatial_dims: int, crop_size: int, n_crops: int) -> l
     return [
         RandCropByPosNegLabeld(keys, label_key="label", spatial_size=size, pos=1, neg=1, num_samples=int(n_crops), allow_smaller=True),
         SpatialPadd(keys, spatial_size=size),
-        *finetune_augmentations(spatial_dims).transforms,
+        *(finetune_augmentations(spatial_dims).transforms if augment else ()),
         EnsureTyped(keys, track_meta=False),
         SelectItemsd(keys),  # batches hold image and label only
     ]
 
 
-def train_dataset_2d(items: Sequence[dict[str, Any]], crop_size: int, n_crops: int):
-    """The 2D training set: one item per labelled slice, ``n_crops`` crops each."""
+def train_dataset_2d(items: Sequence[dict[str, Any]], crop_size: int, n_crops: int, augment: bool = True, cache: Any = None):
+    """The 2D training set: one item per labelled slice, ``n_crops`` crops each (``augment``
+    and ``cache``: see :func:`random_crop_transforms` and :class:`LoadSliceAndLabel2d`)."""
     from monai.data import Dataset
     from monai.transforms import Compose
 
-    return Dataset(list(items), transform=Compose([LoadSliceAndLabel2d(), *random_crop_transforms(2, crop_size, n_crops)]))
+    steps = [LoadSliceAndLabel2d(cache), *random_crop_transforms(2, crop_size, n_crops, augment)]
+    return Dataset(list(items), transform=Compose(steps))
 
 
 def preprocess_config_3d(a_min: float = -500.0, a_max: float = 500.0, pixdim: Sequence[float] = (1.0, 1.0, 2.5), min_xy: int = 96) -> dict[str, Any]:
@@ -307,12 +319,14 @@ def preprocessed_dataset_3d(items: Sequence[dict[str, Any]], cache_folder: str, 
     return PersistentDataset(list(items), transform=Compose(_preprocess_steps_3d(config)), cache_dir=cache_folder)
 
 
-def train_dataset_3d(items: Sequence[dict[str, Any]], cache_folder: str, config: Mapping[str, Any], crop_size: int, n_crops: int):
-    """3D training set: the cached preprocessing (same cache files), then random crops and augmentations."""
+def train_dataset_3d(items: Sequence[dict[str, Any]], cache_folder: str, config: Mapping[str, Any], crop_size: int, n_crops: int,
+                     augment: bool = True):
+    """3D training set: the cached preprocessing (same cache files), then random crops and
+    (unless ``augment`` is False) augmentations."""
     from monai.data import PersistentDataset
     from monai.transforms import Compose
 
-    steps = _preprocess_steps_3d(config) + random_crop_transforms(3, crop_size, n_crops)
+    steps = _preprocess_steps_3d(config) + random_crop_transforms(3, crop_size, n_crops, augment)
     return PersistentDataset(list(items), transform=Compose(steps), cache_dir=cache_folder)
 
 

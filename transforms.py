@@ -167,16 +167,26 @@ class SliceCache:
         Raises:
             KeyError: ``path`` was not among the cached paths.
         """
+        from data import stored_to_float
+
+        return stored_to_float(self.read_stored(path))
+
+    def read_stored(self, path: str) -> np.ndarray:
+        """The slice ``path`` as stored in its PNG: uint8 or uint16 (X, Y), a read-only view
+        (label slices: the ids, as :func:`data.read_label_2d` reads them before its checks).
+
+        Raises:
+            KeyError: ``path`` was not among the cached paths.
+        """
         try:
             i = self.index[str(path)]
         except KeyError:
             raise KeyError(f"slice {path} is not in the image cache (built for {len(self)} other paths)") from None
         x, y = (int(v) for v in self.shapes[i])
         o = int(self.offsets[i])
-        buf = self.buffers[int(self.chunk[i])]
-        scale = 65535.0 if buf.dtype == np.uint16 else 255.0
-        pic = buf[o : o + x * y].reshape(x, y)
-        return (pic.astype(np.float32) / np.float32(scale)).astype(np.float32)
+        pic = self.buffers[int(self.chunk[i])][o : o + x * y].reshape(x, y)
+        pic.flags.writeable = False
+        return pic
 
 
 class LoadSlice2Dd(MapTransform):

@@ -35,10 +35,12 @@ Sections (CPU / CUDA):
   utilisation against ``--peak_tflops``;
 * ``flops_per_pair``: FLOPs of a SimSiam pair at the paper's size (embed 48, 96 x 96);
 * ``pretrain_3d`` (CUDA; CPU with small sizes): the training step and the pipeline for 3D crops;
+* ``finetune_pipeline``: slices/s of the 2D fine-tuning loader alone (512 x 512, 2 crops each) with
+  the MONAI augmentations, with ``--batch_augment`` (load and crop only) and with ``--cache_images``;
 * ``eval_overhead``: an evaluation's cost beside the model per 512 x 512 slice: reading the PNGs
   (saved by ``--cache_eval`` after the first evaluation), ``dice_paper`` by MONAI's one-hot
   DiceMetric on the CPU (the former path) and from class counts on the device (the current);
-* ``finetune`` (CUDA): seconds per training epoch and per evaluation (3 epochs, the last evaluated) at the paper's settings
+* ``finetune`` (CUDA): seconds per training epoch and per evaluation (5 epochs, the last 3 evaluated) at the paper's settings
   on phantoms the size of FLARE's labelled split, and the estimate for 225 epochs with the
   paper's evaluation schedule (144 evaluations).
 
@@ -392,6 +394,52 @@ def measure_batch_augment(spatial_dims: int, batch: int, size: int, device: torc
 # ---------------------------------------------------------------------------------------
 
 
+def measure_finetune_pipeline(work: Path, workers: int, batches: int, n_slices: int = 12) -> dict[str, float]:
+    """Slices per second of the 2D fine-tuning loader alone (512 x 512 slices, 2 crops of 96
+    each, batch 4): with the MONAI augmentations in the workers, with ``--batch_augment``
+    (load + crop only), and with ``--cache_images`` as well."""
+    import engine
+    import finetune
+    from transforms import SliceCache
+
+    items, _, _ = synthetic_labelled_slices(work, n_slices)
+    info = engine.DistInfo()
+    out = {}
+    for name, augment, cached in (("monai_augment", True, False), ("crops_only", False, False), ("crops_only_cached", False, True)):
+        cache = SliceCache([p for it in items for p in (it["image"], it["label"])], progress=False) if cached else None
+        ds = finetune.train_dataset_2d(items * -(-(batches + 2) * 4 // n_slices), 96, 2, augment=augment, cache=cache)
+        loader = engine.build_loader(ds, 4, workers, 0, 0, info)
+        stamps = Stamped(loader, batches + 2)
+        for _ in stamps:
+            pass
+        out[f"{name}_w{workers}_slices_per_s"] = _rate(stamps, time.perf_counter(), 2, 4)
+    return out
+
+
+
+def synthetic_labelled_slices(work: Path, n_slices: int = 12, size: int = 512) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray]:
+    """``n_slices`` labelled slices of ``size``^2 with 14 classes (a block per organ) written as
+    PNG pairs; returns (items {"image", "label"}, labels [Z, X, Y], a prediction with 5 % noise)."""
+    import data
+
+    rng = np.random.default_rng(0)
+    folder = work / f"labelled_slices_{size}"
+    folder.mkdir(exist_ok=True)
+    label = np.zeros((n_slices, size, size), dtype=np.int64)
+    for c in range(1, 14):  # a block per organ, shifted per slice
+        x0, y0 = rng.integers(0, size - 60 - n_slices, size=2)
+        for z in range(n_slices):
+            label[z, x0 + z: x0 + z + 60, y0: y0 + 60] = c
+    pred = np.where(rng.random(label.shape) < 0.95, label, rng.integers(0, 14, size=label.shape))
+    items = []
+    for z in range(n_slices):
+        img = np.clip(rng.normal(0.4, 0.1, size=(size, size)).cumsum(1) / size, 0, 1).astype(np.float32)
+        (folder / f"i{z}.png").write_bytes(data.encode_png_2d(img))
+        (folder / f"l{z}.png").write_bytes(data.encode_png_2d(label[z].astype(np.uint8), is_label=True))
+        items.append({"image": str(folder / f"i{z}.png"), "label": str(folder / f"l{z}.png")})
+    return items, label, pred
+
+
 def measure_eval_overhead(work: Path, device: torch.device, n_slices: int = 12, size: int = 512) -> dict[str, float]:
     """What an evaluation costs beside the model, per 512 x 512 slice with 14 classes:
     reading the image and label PNGs (what --cache_eval saves after the first evaluation),
@@ -402,25 +450,11 @@ def measure_eval_overhead(work: Path, device: torch.device, n_slices: int = 12, 
     import data
     import metrics
 
-    rng = np.random.default_rng(0)
-    folder = work / "eval_overhead"
-    folder.mkdir(exist_ok=True)
-    label = np.zeros((n_slices, size, size), dtype=np.int64)
-    for c in range(1, 14):  # a block per organ, shifted per slice
-        x0, y0 = rng.integers(0, size - 80, size=2)
-        for z in range(n_slices):
-            label[z, x0 + z: x0 + z + 60, y0: y0 + 60] = c
-    pred = np.where(rng.random(label.shape) < 0.95, label, rng.integers(0, 14, size=label.shape))
-    paths = []
-    for z in range(n_slices):
-        img = np.clip(rng.normal(0.4, 0.1, size=(size, size)).cumsum(1) / size, 0, 1).astype(np.float32)
-        (folder / f"i{z}.png").write_bytes(data.encode_png_2d(img))
-        (folder / f"l{z}.png").write_bytes(data.encode_png_2d(label[z].astype(np.uint8), is_label=True))
-        paths.append((folder / f"i{z}.png", folder / f"l{z}.png"))
+    items, label, pred = synthetic_labelled_slices(work, n_slices, size)
     t0 = time.perf_counter()
-    for pi, pl in paths:
-        data.read_image_2d(pi)
-        data.read_label_2d(pl)
+    for it in items:
+        data.read_image_2d(it["image"])
+        data.read_label_2d(it["label"])
     read_s = (time.perf_counter() - t0) / n_slices
     pt, lt = torch.from_numpy(pred), torch.from_numpy(label)
     t0 = time.perf_counter()
@@ -443,10 +477,13 @@ def measure_eval_overhead(work: Path, device: torch.device, n_slices: int = 12, 
 
 
 def measure_finetune(data_dir: Path, split: Path, work: Path, workers: int, seed: int, small: bool = False) -> dict[str, Any]:
-    """Three epochs of main_finetune.py at the paper's settings (embed 48, batch 32 x 2 crops,
-    bf16; ``small``: low-resource model, 64-pixel crops, batch 2, for a CPU dry run); the third is evaluated. The second epoch's time is the training epoch (the first
-    carries start-up costs), the third's minus it the evaluation. Scaled to FLARE's
-    1,515 train / 3,535 val slices."""
+    """Three epochs of main_finetune.py at the paper's settings (embed 48, batch 32 x 2 crops;
+    bf16, --batch_augment, --cache_images, --fused_optimizer, the default --sw_batch_size and
+    --cache_eval; ``small``: low-resource model, 64-pixel crops, batch 2, for a CPU dry run), five
+    epochs, the last three evaluated. The second epoch's time is the training epoch (the first
+    carries start-up costs); the third's minus it the first evaluation (reading the cases), the
+    fourth's a routine one (cases in memory), the fifth's the final full one. Scaled to FLARE's
+    1,515 train / 3,535 val slices with the paper's 144 evaluations."""
     import json
 
     import main_finetune
@@ -457,17 +494,23 @@ def measure_finetune(data_dir: Path, split: Path, work: Path, workers: int, seed
     n_val = sum(1 for p in imgs if any(p.name.startswith(c + "_") for c in split_d["val"]))
     size = ["--low_resource_mode", "--crop_size", "64", "--batch_size", "2"] if small else ["--embedding_size", "48", "--batch_size", "32"]
     argv = ["--data_dir", str(data_dir), "--split_path", str(split), *size,
-            "--n_epochs", "3", "--warmup_epochs", "1", "--num_workers", str(workers), "--use_amp", "--amp_dtype", "bf16",
+            "--n_epochs", "5", "--eval_every_from", "3", "--warmup_epochs", "1", "--num_workers", str(workers),
+            "--use_amp", "--amp_dtype", "bf16",
+            "--batch_augment", "--cache_images", "--fused_optimizer",
             "--chkpt_dir", str(work / "ft_runs"), "--run_name", "bench", "--no-progress", "--ignore_user_warning",
             "--n_vis", "0", "--seed", str(seed)]
     res = main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
     with open(res["log"]) as fh:
         log = [json.loads(ln) for ln in fh if ln.strip()]
     t_train = float(log[1]["time_s"])
-    t_eval = max(0.0, float(log[2]["time_s"]) - t_train)
-    est = 225 * t_train * FLARE_TRAIN_SLICES / n_train + EVALS_IN_225_EPOCHS * t_eval * FLARE_VAL_SLICES / n_val
+    t_eval_first = max(0.0, float(log[2]["time_s"]) - t_train)  # reads the cases (then cached)
+    t_eval = max(0.0, float(log[3]["time_s"]) - t_train)  # a routine evaluation, cases in memory
+    t_eval_full = max(0.0, float(log[4]["time_s"]) - t_train)  # the last: per-organ Dice and NSD too
+    scale_val = FLARE_VAL_SLICES / n_val
+    est = (225 * t_train * FLARE_TRAIN_SLICES / n_train
+           + ((EVALS_IN_225_EPOCHS - 2) * t_eval + t_eval_first + t_eval_full) * scale_val)
     return {"train_slices": n_train, "val_slices": n_val, "first_epoch_s": float(log[0]["time_s"]),
-            "epoch_train_s": t_train, "eval_s": t_eval,
+            "epoch_train_s": t_train, "eval_first_s": t_eval_first, "eval_s": t_eval, "eval_full_s": t_eval_full,
             "estimate_225_epochs_min_flare_size": est / 60.0}
 
 
@@ -624,6 +667,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             a = pretrain_args(dir3d, **c3, batch_augment=True, amp=prec3, workers=W)
             loop(f"pretrain_3d_{prec3 or 'fp32'}_batch_augment", a, n3, max(1, args.warmup // 3))
 
+        fig["finetune_pipeline"] = measure_finetune_pipeline(work, W, max(4, args.steps // 2))
+        logger.info("fine-tuning loader alone: %s", fig["finetune_pipeline"])
         fig["eval_overhead"] = measure_eval_overhead(work, device)
         logger.info("evaluation beside the model: %s", fig["eval_overhead"])
         save_partial()
@@ -699,6 +744,7 @@ def _print_table(res: dict[str, Any]) -> None:
     rows = [(k, v) for k, v in res["figures"].items() if not isinstance(v, dict)]
     rows += [(f"finetune.{k}", v) for k, v in res["figures"].get("finetune", {}).items()]
     rows += [(f"eval_overhead.{k}", v) for k, v in res["figures"].get("eval_overhead", {}).items()]
+    rows += [(f"finetune_pipeline.{k}", v) for k, v in res["figures"].get("finetune_pipeline", {}).items()]
     rows += [(f"ratio.{k}", v) for k, v in res.get("ratios", {}).items()]
     w = max(len(k) for k, _ in rows)
     for k, v in rows:

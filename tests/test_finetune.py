@@ -563,3 +563,40 @@ def test_cached_evaluation_equals_reading_every_slice_and_monai_dice(phantom, dd
     monkeypatch.setattr(data, "read_image_2d_stored", no_reading)
     again = finetune.evaluate(model, cases, cache.load, n_classes=14, info=info, progress=False, full=True, **kw)
     assert again.dice_paper == res.dice_paper and again.per_case is not None
+
+
+def test_batch_augment_and_cache_images_in_fine_tuning(phantom, tmp_path, monkeypatch):
+    """--cache_images: the same run as reading the PNGs; --batch_augment: the augmentations run
+    on the device once per step, reproducibly, and a run cannot be resumed with the other value."""
+    import batch_augment
+
+    common = ("--n_epochs", "2", "--eval_every", "2", "--eval_every_from", "2", "--max_images", "4", "--num_workers", "0")
+
+    def run(name, *extra):
+        main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", name, *extra))
+        return _log(tmp_path / f"{name}_log.jsonl"), torch.load(tmp_path / f"{name}_last.pt", weights_only=True)["model"]
+
+    def same(a, b):
+        return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+    log_a, wa = run("plain")
+    log_b, wb = run("cached", "--cache_images")
+    assert [r["train_loss"] for r in log_a] == [r["train_loss"] for r in log_b] and same(wa, wb)
+
+    calls = []
+    original = batch_augment.BatchFinetuneAugment.forward
+
+    def counted(self, image, label):
+        calls.append((tuple(image.shape), tuple(label.shape), image.device.type))
+        return original(self, image, label)
+
+    monkeypatch.setattr(batch_augment.BatchFinetuneAugment, "forward", counted)
+    log_c, wc = run("ba", "--batch_augment")
+    assert len(calls) == 2 * 2 and all(c == ((2, 1, 64, 64), (2, 1, 64, 64), "cpu") for c in calls)  # 2 epochs x 2 steps
+    log_d, wd = run("ba2", "--batch_augment", "--cache_images")
+    assert [r["train_loss"] for r in log_c] == [r["train_loss"] for r in log_d] and same(wc, wd)
+    assert not same(wa, wc) and all(np.isfinite(r["train_loss"]) for r in log_c)
+    with pytest.raises(UserError, match=r"different arguments \(batch_augment: True -> False\)"):
+        main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "ba", "--resume"))
+    with pytest.raises(UserError, match="--cache_images"):
+        main_finetune.main(_args(phantom, tmp_path, "--spatial_dims", "3", "--cache_images"))
