@@ -47,8 +47,9 @@ Sections (CPU / CUDA):
 Results: ``benchmarks/results/train_<cpu|cuda>.json`` (``--out`` to change), with the device
 name, torch version and every figure; a summary table is printed at the end. The file is
 rewritten after each measurement with ``"complete": false`` until the end, so a run cut short
-by a time limit keeps what it measured. On CUDA the order is: bf16 loop and step, the levers,
-the pipeline, 3D, fine-tuning, then fp16 and fp32.
+by a time limit keeps what it measured. On CUDA the order is: bf16 loop and step, the levers
+without compilation, the pipeline, 3D, the evaluation overhead, fine-tuning, ``--compile``,
+then fp16 and fp32.
 """
 
 from __future__ import annotations
@@ -617,6 +618,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             a = pretrain_args(dir2d, **common, batch_augment=False, amp=prec, workers=0)
             fig[f"step_2d_{tag}_no_augment_pairs_per_s"] = measure_step(a, info, args.steps, args.warmup, peak)["pairs_per_s"]
 
+        def lever(tag: str, main_prec: str | None, name: str, kw: dict[str, Any]) -> None:
+            a = pretrain_args(dir2d, **common, batch_augment=True, amp=main_prec, workers=W, **kw)
+            flops = fig.get(f"step_2d_{tag}_batch_augment_flops_per_step")
+            try:
+                step(f"lever_2d_{tag}_{name}_step", a, args.steps, args.warmup, flops)
+                loop(f"lever_2d_{tag}_{name}_loop", a, args.steps, args.warmup)
+            except Exception as e:  # noqa: BLE001 - torch.compile may fail on a machine without a compiler; keep the rest
+                if not kw.get("compile"):
+                    raise
+                fig[f"lever_2d_{tag}_{name}_error"] = f"{type(e).__name__}: {e}"[:500]
+                logger.error("--compile failed, the other figures are kept: %s", fig[f"lever_2d_{tag}_{name}_error"])
+
+        def main_levers(main_prec: str | None) -> None:
+            tag = main_prec or "fp32"
+            for name, kw in (("check_every_1", dict(check_every=1)), ("check_every_20", dict(check_every=20)),
+                             ("fused", dict(check_every=20, fused=True))):
+                lever(tag, main_prec, name, kw)
+
         if args.two_d:
             fig["flops_per_pair_paper_size"] = paper_flops_per_pair()
             main_prec = "bf16" if cuda else None
@@ -624,22 +643,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
             # the levers, one after the other on top of each other (--batch_augment, main precision):
             # the step alone shows their effect on the device, the loop the whole effect
-            tag = main_prec or "fp32"
-            levers = [("check_every_1", dict(check_every=1)), ("check_every_20", dict(check_every=20)),
-                      ("fused", dict(check_every=20, fused=True))]
-            if args.compile_lever:
-                levers.append(("fused_compile", dict(check_every=20, fused=True, compile=True)))
-            flops = fig.get(f"step_2d_{tag}_batch_augment_flops_per_step")
-            for name, kw in levers:
-                a = pretrain_args(dir2d, **common, batch_augment=True, amp=main_prec, workers=W, **kw)
-                try:
-                    step(f"lever_2d_{tag}_{name}_step", a, args.steps, args.warmup, flops)
-                    loop(f"lever_2d_{tag}_{name}_loop", a, args.steps, args.warmup)
-                except Exception as e:  # noqa: BLE001 - torch.compile may fail on a machine without a compiler; keep the rest
-                    if not kw.get("compile"):
-                        raise
-                    fig[f"lever_2d_{tag}_{name}_error"] = f"{type(e).__name__}: {e}"[:500]
-                    logger.error("--compile failed, the other figures are kept: %s", fig[f"lever_2d_{tag}_{name}_error"])
+            main_levers(main_prec)
 
             for nw in args.workers:
                 for ba in (False, True):
@@ -680,6 +684,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             fig["finetune"] = measure_finetune(ft_dir, split, work, W, args.seed, small=not cuda)
             res["settings"]["finetune"] = {"cases": args.ft_cases, "paper_settings": cuda}
             save_partial()
+
+        if args.two_d and args.compile_lever:  # after the fine-tuning: compilation takes minutes
+            prec = "bf16" if cuda else None
+            lever(prec or "fp32", prec, "fused_compile", dict(check_every=20, fused=True, compile=True))
 
         if args.two_d and cuda:  # the other precisions last: the paper's fp16, and fp32
             for prec in ("fp16", None):

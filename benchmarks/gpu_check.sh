@@ -3,8 +3,9 @@
 # tests (batched augmentations, dice_paper, stored slices), then benchmarks/bench_train.py --device cuda, in this
 # order: 2D SimSiam pairs/s with data loading in bf16 with --batch_augment on and off, the step
 # alone with FLOPs and model FLOP utilisation; the levers stacked (loss read every step /
-# every 20 steps, --fused_optimizer, --compile) with their mean losses; the pipeline alone;
-# 3D 96^3; the evaluation's cost beside the model; fine-tuning time; then fp16 and fp32.
+# every 20 steps, --fused_optimizer) with their mean losses; the pipeline alone; 3D 96^3;
+# the evaluation's cost beside the model; fine-tuning time; --compile on top of the levers
+# (compilation takes minutes); then fp16 and fp32.
 # train_cuda.json is rewritten after every
 # measurement, so a run stopped by the time limit keeps what it measured ("complete": false).
 #
