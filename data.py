@@ -243,15 +243,20 @@ def read_image_2d_stored(path: str | os.PathLike) -> np.ndarray:
     return _from_display(_open_png(path))
 
 
+def stored_scale(dtype: Any) -> float | None:
+    """The divisor that maps stored PNG values of ``dtype`` to [0, 1]: 255 for uint8, 65535
+    for uint16; None for anything else (already float)."""
+    return {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(np.dtype(dtype))
+
+
 def stored_to_float(stored: np.ndarray) -> np.ndarray:
     """Stored PNG values -> float32 in [0, 1]: uint8 / 255, uint16 / 65535 (one float32
-    division, so ``torch`` on any device gives the same bits: ``t.float() / 255.0``);
-    float arrays are returned as float32 unchanged."""
-    if stored.dtype == np.uint8:
-        return stored.astype(np.float32) / np.float32(255.0)
-    if stored.dtype == np.uint16:
-        return stored.astype(np.float32) / np.float32(65535.0)
-    return np.asarray(stored, dtype=np.float32)
+    division, so a true division by a tensor on any device gives the same bits); float
+    arrays are returned as float32 unchanged."""
+    scale = stored_scale(stored.dtype)
+    if scale is None:
+        return np.asarray(stored, dtype=np.float32)
+    return stored.astype(np.float32) / np.float32(scale)
 
 
 def read_label_2d(path: str | os.PathLike) -> np.ndarray:

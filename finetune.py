@@ -181,7 +181,7 @@ def _device_image(image: np.ndarray, device: torch.device) -> Callable[[slice | 
     PNG values travel as integers and are divided there by a tensor (a true division, the
     bits of :func:`data.stored_to_float`; a Python-number divisor may become a multiplication
     by its reciprocal on CUDA)."""
-    scale = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(image.dtype)
+    scale = data.stored_scale(image.dtype)
     if image.dtype == np.uint16:  # torch has few uint16 kernels; int32 holds the same values
         image = image.astype(np.int32)
     vol = torch.from_numpy(np.ascontiguousarray(image))
@@ -426,7 +426,8 @@ def paper_dice_values(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch
     """``dice_paper`` values of one case: one per slice (2D; volumes (X, Y, Z)) or one for the
     volume (3D). Computed where ``pred`` lies (the GPU during training), ``chunk`` slices at a time."""
     acc = metrics.PaperDice()
-    p, g = torch.as_tensor(pred), torch.as_tensor(label).to(torch.as_tensor(pred).device)
+    p = torch.as_tensor(pred)
+    g = torch.as_tensor(label).to(p.device)
     if spatial_dims == 3:
         acc.update(p[None], g[None], n_classes)
         return acc.values()
@@ -517,13 +518,13 @@ def evaluate(
         ref = cases[i]
         image, label, affine = load_case(ref)
         pred_t = predict_volume(model, image, spatial_dims, crop_size, sw_batch_size, sw_overlap, device, autocast, on_device=True)
-        rec: dict[str, Any] = {"index": i, "case": ref.case,
-                               "paper": paper_dice_values(pred_t, torch.from_numpy(label).to(device), spatial_dims, n_classes)}
+        rec: dict[str, Any] = {"index": i, "case": ref.case, "paper": paper_dice_values(pred_t, label, spatial_dims, n_classes)}
         if not (full or i in vis_idx or save_dir is not None):
             local.append(rec)  # the scores of a routine evaluation need nothing on the host
             continue
         pred = pred_t.cpu().numpy()
-        image = data.stored_to_float(image)
+        if i in vis_idx or save_dir is not None:  # the figure and the saved image want floats
+            image = data.stored_to_float(image)
         if full:
             rec["scores"] = metrics.organ_scores(pred, label, ref.spacing, n_classes=n_classes, tolerance_mm=tolerance_mm, z_axis=-1)
         if i in vis_idx:

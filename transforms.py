@@ -113,7 +113,7 @@ class SliceCache:
 
         from tqdm import tqdm
 
-        from data import _from_display, _open_png
+        from data import read_image_2d_stored
 
         paths = [str(p) for p in paths]
         self.index = {p: i for i, p in enumerate(paths)}
@@ -136,12 +136,9 @@ class SliceCache:
                 off += part.size
             pending[dt], members[dt] = [], []
 
-        def decode(p: str) -> np.ndarray:
-            return _from_display(_open_png(p))
-
         workers = threads or min(8, os.cpu_count() or 1)
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for i, pic in enumerate(tqdm(pool.map(decode, paths), total=n, desc="decoding slices", disable=not progress, leave=False)):
+            for i, pic in enumerate(tqdm(pool.map(read_image_2d_stored, paths), total=n, desc="decoding slices", disable=not progress, leave=False)):
                 self.shapes[i] = pic.shape
                 pending[pic.dtype].append(pic.ravel())
                 members[pic.dtype].append(i)
