@@ -221,6 +221,29 @@ def _open_png(path: str | os.PathLike) -> np.ndarray:
     raise UserError(f"PNG {path} has mode {mode!r}; expected an 8- or 16-bit grayscale slice")
 
 
+def stored_nbytes_2d(path: str | os.PathLike) -> int:
+    """Bytes a slice takes in memory as stored (:func:`read_image_2d_stored`), from the PNG
+    header alone: X * Y for 8-bit, twice that for 16-bit grayscale.
+
+    Raises:
+        UserError: the file is missing or not a PNG that :func:`read_image_2d_stored` reads.
+    """
+    path = os.fspath(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            mode = im.mode
+    except FileNotFoundError:
+        raise UserError(f"slice file {path} does not exist") from None
+    except Exception as e:
+        raise UserError(f"cannot read PNG {path}: {type(e).__name__}: {e}") from None
+    if mode == "L":
+        return int(w) * int(h)
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        return 2 * int(w) * int(h)
+    raise UserError(f"PNG {path} has mode {mode!r}; expected an 8- or 16-bit grayscale slice")
+
+
 def read_image_2d(path: str | os.PathLike) -> np.ndarray:
     """Read an image slice written by the preprocessing scripts.
 

@@ -56,6 +56,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world_size: int = 1  # processes on this machine (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def distributed(self) -> bool:
@@ -85,7 +86,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    info = DistInfo(rank=rank, world_size=world, local_rank=local, device=dev)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    info = DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, local_world_size=local_world)
     if info.distributed:
         logger.info("distributed: rank %d of %d on %s", rank, world, dev)
     return info

@@ -61,7 +61,7 @@ import engine
 import finetune
 import metrics
 import models
-from utils import TrainingError, UserError, append_jsonl, atomic_torch_save, atomic_write_json, run_cli
+from utils import TrainingError, UserError, append_jsonl, atomic_torch_save, atomic_write_json, check_fits_in_memory, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache_images", action="store_true",
                    help="2D: decode every training slice and label once at start-up and keep them in memory as stored "
                         "(X*Y*2 bytes per slice: 0.8 GB for FLARE's 1,515 training slices of 512 x 512, per process); "
-                        "the workers then skip PNG decoding. Same numbers.")
+                        "the workers then skip PNG decoding; refused before decoding when it would not fit in the available memory. Same numbers.")
     g.add_argument("--num_workers", type=int, default=4,
                    help="Data loader processes; -1 measures the fastest count (engine.pick_num_workers). The crops depend on it: keep it fixed to reproduce or resume a run exactly.")
 
@@ -144,7 +144,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="2D: keep the evaluated cases in memory after their first reading, as stored in the PNGs (X*Y*2 "
                         "bytes per slice with its label: 1.9 GB for FLARE's 3,535 validation slices of 512 x 512; each "
                         "process holds its own cases). Same scores; --no-cache_eval re-reads the PNGs at every evaluation "
-                        "(about 5 ms per slice).")
+                        "(about 5 ms per slice). Refused at start-up when the cases would not fit in the available memory.")
     g.add_argument("--eval_train", action="store_true", help="Also evaluate on the training cases (logged as train_dice_paper; train_scores.* at the end).")
     g.add_argument("--eval_only", action="store_true",
                    help="Do not train: evaluate the fine-tuned model given by --chkpt_path (a <run>.pt) on the validation cases; the model's configuration and crop size come from that file.")
@@ -257,10 +257,18 @@ class _Data:
                     from transforms import SliceCache
 
                     paths = [p for it in self.train_items for p in (it["image"], it["label"])]
-                    cache = SliceCache(paths, progress=args.progress and info.is_main)
-                    logger.info("--cache_images: %d training slices and labels in memory (%.2f GB)", len(self.train_items), cache.nbytes / 1e9)
+                    cache = SliceCache.build(paths, f"{len(self.train_items):,} training slices and their labels", "--cache_images",
+                                             copies=info.local_world_size, progress=args.progress and info.is_main)
                 self.train_ds = finetune.train_dataset_2d(self.train_items, args.crop_size, args.n_crops_per_ct,
                                                           augment=not args.batch_augment, cache=cache)
+            if self.case_cache is not None:  # filled at the first evaluation; refused now if it cannot fit
+                from transforms import SliceCache
+
+                evaluated = list(val_items) + (list(pairs["train"][: n or None]) if args.eval_train else [])
+                need = SliceCache.planned_nbytes([p for it in evaluated for p in (it["image"], it["label"])],
+                                                 progress=args.progress and info.is_main)
+                check_fits_in_memory(need, f"--cache_eval: {len(evaluated):,} evaluated slices and their labels",
+                                     "pass --no-cache_eval to read them from the PNGs at every evaluation")
         else:
             config = finetune.preprocess_config_3d()
             folder = finetune.prepare_cache_3d(args.cache_dir, config)
@@ -441,11 +449,7 @@ def _train(args, info) -> dict[str, Any]:
     logger.info("run %r: files in %s", args.run_name, paths["chkpt_dir"])
     resume_path = engine.resolve_resume(args.resume, paths)
     engine.prepare_run_dir(paths, resume=resume_path is not None, info=info)
-    try:
-        cfg = models.encoder_config(args.arch, args.spatial_dims, args.embedding_size, args.low_resource_mode,
-                                    args.drop_path_rate, args.use_gradient_checkpointing, args.crop_size)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    cfg = models.encoder_config_from_args(args)
     state = None
     if resume_path is not None:
         state = engine.load_training_state(resume_path)

@@ -97,6 +97,29 @@ def encoder_config(
     return cfg
 
 
+def encoder_config_from_args(args: Any) -> dict[str, Any]:
+    """:func:`encoder_config` for a script's flags (``--arch``, ``--spatial_dims``,
+    ``--embedding_size``, ``--low_resource_mode``, ``--drop_path_rate``,
+    ``--use_gradient_checkpointing``, ``--crop_size``): the one mapping from flags to the
+    encoder that pretraining and fine-tuning share.
+
+    Raises:
+        UserError: the flags describe no valid encoder (the message names the value).
+    """
+    try:
+        return encoder_config(
+            args.arch,
+            spatial_dims=args.spatial_dims,
+            embedding_size=args.embedding_size,
+            low_resource_mode=args.low_resource_mode,
+            drop_path_rate=args.drop_path_rate,
+            use_gradient_checkpointing=args.use_gradient_checkpointing,
+            crop_size=args.crop_size,
+        )
+    except ValueError as e:
+        raise UserError(f"bad encoder flags: {e}") from None
+
+
 def encoder_out_dim(cfg: dict[str, Any]) -> int:
     """Size of the representation an encoder with this config returns."""
     return 16 * cfg["embedding_size"]

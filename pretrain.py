@@ -110,8 +110,9 @@ def add_common_args(
                         help="Decode every 2D slice once at start-up and keep it in memory as stored (uint8, or "
                              "uint16 for 16-bit PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice "
                              "and process (twice that for 16-bit PNGs; on every rank): 8.75 GB per 100k slices of "
-                             "350 x 250 pixels; the log states the size after decoding. Use it when the data set "
-                             "fits in RAM and PNG decoding limits the workers; the numbers do not change. 2D only.")
+                             "350 x 250 pixels; the size is read from the PNG headers first and a cache that would not fit "
+                             "in the available memory is refused before decoding. Use it when PNG decoding limits the "
+                             "workers; the numbers do not change. 2D only.")
 
     g_model = parser.add_argument_group("model")
     g_model.add_argument("--arch", type=str, default="swin", choices=("swin", "unetr"),
@@ -221,17 +222,9 @@ def apply_low_resource_mode(args: argparse.Namespace) -> None:
 
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
     """The encoder configuration for these flags (stored in every checkpoint)."""
-    from models import encoder_config
+    from models import encoder_config_from_args
 
-    return encoder_config(
-        args.arch,
-        spatial_dims=args.spatial_dims,
-        embedding_size=args.embedding_size,
-        low_resource_mode=args.low_resource_mode,
-        drop_path_rate=args.drop_path_rate,
-        use_gradient_checkpointing=args.use_gradient_checkpointing,
-        crop_size=args.crop_size,
-    )
+    return encoder_config_from_args(args)
 
 
 # ---------------------------------------------------------------------------------------
@@ -352,8 +345,8 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
     if args.cache_images:
         from transforms import SliceCache
 
-        cache = SliceCache(paths, progress=args.progress and info.is_main)
-        logger.info("--cache_images: %d slices decoded, %.1f MB in memory", len(cache), cache.nbytes / 1e6)
+        cache = SliceCache.build(paths, f"{len(paths):,} slices", "--cache_images", copies=info.local_world_size,
+                                 progress=args.progress and info.is_main)
     # with --batch_augment the workers stop after the IoU crops; the views are augmented in the training step
     augment = not args.no_augment and not args.batch_augment
     tf = pretrain_transforms(args.spatial_dims, args.crop_size, args.min_iou, args.max_iou, strict=args.strict_iou,

@@ -20,6 +20,7 @@ intensity shift and noise (p 0.15 each); geometric ones move image and label tog
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -39,6 +40,8 @@ from monai.transforms import (
     RandShiftIntensityd,
     RandZoomd,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def _blur(keys: Sequence[str], spatial_dims: int, prob: float) -> RandGaussianSmoothd:
@@ -146,6 +149,52 @@ class SliceCache:
                     flush(pic.dtype)
         for dt in list(pending):
             flush(dt)
+
+    @staticmethod
+    def planned_nbytes(paths: Sequence[str], progress: bool = False, threads: int = 0) -> int:
+        """Bytes a cache of ``paths`` will hold, from the PNG headers alone (no decoding).
+
+        Raises:
+            UserError: a file is missing or not an 8- or 16-bit grayscale PNG (names the file).
+        """
+        import os
+        from concurrent.futures import ThreadPoolExecutor
+
+        from tqdm import tqdm
+
+        from data import stored_nbytes_2d
+
+        workers = threads or min(8, os.cpu_count() or 1)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            sizes = tqdm(pool.map(stored_nbytes_2d, paths), total=len(paths), desc="sizing the slice cache",
+                         disable=not progress or len(paths) < 1000, leave=False)
+            return int(sum(sizes))
+
+    @classmethod
+    def build(cls, paths: Sequence[str], what: str, flag: str, copies: int = 1, progress: bool = True) -> "SliceCache":
+        """Check that the decoded ``paths`` fit in memory, decode them and log the size.
+
+        The scripts' ``--cache_images`` goes through here: a cache that would not fit is
+        refused before anything is decoded (:func:`utils.check_fits_in_memory`), instead
+        of the system killing the run part-way through an epoch.
+
+        Args:
+            what: what the paths are, for the log and the error (e.g. ``"1,024 slices"``).
+            flag: the option that asked for the cache, named in the error.
+            copies: processes on this machine that each build the same cache (one per GPU
+                under torchrun); the check counts them all.
+
+        Raises:
+            UserError: a file cannot be read, or the cache does not fit.
+        """
+        from utils import check_fits_in_memory, format_bytes
+
+        need = cls.planned_nbytes(paths, progress=progress) * max(int(copies), 1)
+        per = f" in each of {copies} processes" if copies > 1 else ""
+        check_fits_in_memory(need, f"{flag}: {what}{per}", f"run without {flag}")
+        cache = cls(paths, progress=progress)
+        logger.info("%s: %s decoded, %s in memory%s", flag, what, format_bytes(cache.nbytes), per)
+        return cache
 
     def __len__(self) -> int:
         return len(self.index)

@@ -80,6 +80,68 @@ def run_cli(main: Callable[[Any], Any], parser, argv: list[str] | None = None) -
         sys.exit(e.exit_code)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory a new allocation can use without swapping: ``MemAvailable`` of
+    ``/proc/meminfo`` (Linux), else free physical pages (``os.sysconf``); None when the
+    system tells neither."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+#: Memory left alone by :func:`check_fits_in_memory`: this share of what is available, at least
+#: ``MEMORY_RESERVE_MIN`` bytes (the model, the data workers, the OS page cache need some).
+MEMORY_RESERVE_FRAC = 0.15
+MEMORY_RESERVE_MIN = 2 * 1024**3
+
+
+def check_fits_in_memory(need: int, what: str, hint: str, available: int | None = None) -> None:
+    """Refuse a cache of ``need`` bytes that would not fit in memory, before it is built.
+
+    It fits when ``need <= available - max(MEMORY_RESERVE_MIN, MEMORY_RESERVE_FRAC * available)``;
+    ``available`` defaults to :func:`available_memory` (when that is unknown the check
+    logs a warning and lets the cache be built).
+
+    Args:
+        need: bytes the cache will hold (all processes of this machine together).
+        what: what is cached, for the message (e.g. ``"--cache_images: 237,449 slices"``).
+        hint: what the user can do instead, appended to the message.
+
+    Raises:
+        UserError: it does not fit (the message gives both sizes in GB).
+    """
+    if available is None:
+        available = available_memory()
+        if available is None:
+            logger.warning("%s: %s; the free memory of this system is unknown, so it is not checked", what, format_bytes(need))
+            return
+    room = available - max(MEMORY_RESERVE_MIN, MEMORY_RESERVE_FRAC * available)
+    if need > room:
+        raise UserError(
+            f"{what} need {format_bytes(need)} of memory, but {format_bytes(available)} is available and at most "
+            f"{format_bytes(max(room, 0))} of it can go to a cache; {hint}"
+        )
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes in decimal units for messages: "512 B", "3.4 MB", "1.25 GB"."""
+    if n < 1e3:
+        return f"{n:.0f} B"
+    if n < 1e6:
+        return f"{n / 1e3:.1f} kB"
+    if n < 1e9:
+        return f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB"
+
+
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[io.IOBase]:
     """Open a temporary file next to ``path``; on success fsync and rename it over ``path``.

@@ -600,3 +600,20 @@ def test_batch_augment_and_cache_images_in_fine_tuning(phantom, tmp_path, monkey
         main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "ba", "--resume"))
     with pytest.raises(UserError, match="--cache_images"):
         main_finetune.main(_args(phantom, tmp_path, "--spatial_dims", "3", "--cache_images"))
+
+
+def test_caches_refused_when_they_cannot_fit(phantom, tmp_path, monkeypatch):
+    """--cache_eval (on by default) and --cache_images are sized from the PNG headers at start-up
+    and refused, naming the way out, when they would not fit; nothing is written."""
+    import utils
+
+    monkeypatch.setattr(utils, "available_memory", lambda: utils.MEMORY_RESERVE_MIN)  # no room for any cache
+    out = tmp_path / "runs"
+    with pytest.raises(UserError, match=r"--cache_eval: 2 evaluated slices and their labels need .*--no-cache_eval"):
+        main_finetune.main(_args(phantom, out))
+    with pytest.raises(UserError, match=r"--cache_images: 2 training slices and their labels need .*run without --cache_images"):
+        main_finetune.main(_args(phantom, out, "--no-cache_eval", "--cache_images"))
+    assert not out.exists()
+    monkeypatch.setattr(utils, "available_memory", lambda: None)  # unknown: not checked (a warning says so)
+    main_finetune.main(_args(phantom, out, "--no-cache_eval", "--cache_images", "--n_vis", "0"))
+    assert (out / "run_log.jsonl").exists() or any(out.glob("*_log.jsonl"))

@@ -152,6 +152,7 @@ def test_slice_cache_reads_what_the_png_holds(tmp_path):
     cache = SliceCache(paths, progress=False)
     assert len(cache) == 3 and paths[1] in cache and "other.png" not in cache
     assert cache.nbytes == 40 * 33 + 2 * 50 * 64 + 7 * 9
+    assert SliceCache.planned_nbytes(paths) == cache.nbytes  # from the headers alone
     for p in paths:
         got, want = cache.read(p), read_image_2d(p)
         assert got.dtype == np.float32 and got.shape == want.shape and np.array_equal(got, want)
@@ -164,6 +165,53 @@ def test_slice_cache_reads_what_the_png_holds(tmp_path):
     bad.write_bytes(b"not a png")
     with pytest.raises(UserError, match="bad.png"):
         SliceCache([paths[0], str(bad)], progress=False)
+    with pytest.raises(UserError, match="bad.png"):
+        SliceCache.planned_nbytes([paths[0], str(bad)])
+
+
+def test_check_fits_in_memory():
+    from utils import MEMORY_RESERVE_MIN, available_memory, check_fits_in_memory, format_bytes
+
+    gb = 10**9
+    check_fits_in_memory(7 * gb, "x", "hint", available=10 * gb)  # reserve max(2 GiB, 15 %) = 2.15 GB: room 7.85 GB
+    with pytest.raises(UserError, match=r"--cache_images: 9 slices need 8\.00 GB .* 10\.00 GB is available .*7\.85 GB.*; run without"):
+        check_fits_in_memory(8 * gb, "--cache_images: 9 slices", "run without --cache_images", available=10 * gb)
+    check_fits_in_memory(84 * gb, "x", "h", available=100 * gb)  # the 15 % share is the reserve above 2 GiB
+    with pytest.raises(UserError, match="86.00 GB"):
+        check_fits_in_memory(86 * gb, "x", "h", available=100 * gb)
+    with pytest.raises(UserError, match="at most 0 B of it"):
+        check_fits_in_memory(1, "x", "h", available=MEMORY_RESERVE_MIN)
+    free = available_memory()
+    assert free is None or free > 0
+    assert [format_bytes(n) for n in (512, 18432, 3.4e6, 1.25e9)] == ["512 B", "18.4 kB", "3.4 MB", "1.25 GB"]
+
+
+def test_cache_images_refused_when_it_cannot_fit(phantoms, tmp_path, monkeypatch):
+    """A cache larger than the free memory is refused before decoding, with both sizes, exit
+    code 2 and no run files; the header estimate counts one copy per local process."""
+    import transforms
+    import utils
+
+    need = 8 * 48 * 48
+    decoded = []
+    original = transforms.SliceCache.__init__
+
+    def counted(self, *a, **k):
+        decoded.append(1)
+        original(self, *a, **k)
+
+    monkeypatch.setattr(transforms.SliceCache, "__init__", counted)
+    monkeypatch.setattr(utils, "available_memory", lambda: utils.MEMORY_RESERVE_MIN + need // 2)
+    with pytest.raises(UserError, match=r"--cache_images: 8 slices need 18\.4 kB of memory, but 2\.15 GB is available and at most 9\.2 kB"):
+        _run(phantoms["2d"], tmp_path / "r", "--batch_size", 4, "--n_epochs", 1, "--cache_images")
+    assert not decoded and not (tmp_path / "r").exists()
+    # the same check through SliceCache.build, with the room just enough for one copy, not two
+    monkeypatch.setattr(utils, "available_memory", lambda: utils.MEMORY_RESERVE_MIN + need)
+    paths = sorted(str(p) for p in phantoms["2d"].glob("*.png"))
+    assert transforms.SliceCache.build(paths, "8 slices", "--cache_images", copies=1, progress=False).nbytes == need
+    assert decoded == [1]
+    with pytest.raises(UserError, match="in each of 2 processes"):
+        transforms.SliceCache.build(paths, "8 slices", "--cache_images", copies=2, progress=False)
 
 
 def test_speed_flags_refuse_bad_combinations(phantoms, tmp_path):
