@@ -201,24 +201,48 @@ def encode_png_2d(arr: np.ndarray, bits: int = 8, is_label: bool = False) -> byt
     return buf.getvalue()
 
 
-def _open_png(path: str | os.PathLike) -> np.ndarray:
+#: PNG modes of the slices, and the dtype they are held in as stored (8- or 16-bit grayscale).
+_STORED_DTYPES: dict[str, Any] = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "I": np.uint16}
+
+
+def _read_png(path: str | os.PathLike, pixels: bool = True) -> tuple[str, tuple[int, int], np.ndarray | None]:
+    """(PIL mode, (width, height), pixels or None) of a PNG; with ``pixels=False`` only the
+    header is read. Raises UserError naming the file when it is missing or unreadable."""
     path = os.fspath(path)
     try:
         with Image.open(path) as im:
-            im.load()
-            mode = im.mode
-            pic = np.asarray(im)
+            if pixels:
+                im.load()
+            return im.mode, (int(im.size[0]), int(im.size[1])), (np.asarray(im) if pixels else None)
     except FileNotFoundError:
         raise UserError(f"slice file {path} does not exist") from None
     except Exception as e:  # PIL raises many types for broken files
         raise UserError(f"cannot read PNG {path}: {type(e).__name__}: {e}") from None
-    if mode == "L":
+
+
+def _stored_dtype(path: str | os.PathLike, mode: str) -> np.dtype:
+    if mode not in _STORED_DTYPES:
+        raise UserError(f"PNG {os.fspath(path)} has mode {mode!r}; expected an 8- or 16-bit grayscale slice")
+    return np.dtype(_STORED_DTYPES[mode])
+
+
+def _open_png(path: str | os.PathLike) -> np.ndarray:
+    mode, _, pic = _read_png(path)
+    if _stored_dtype(path, mode) == np.uint8:
         return pic
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        if pic.size and (pic.min() < 0 or pic.max() > 65535):
-            raise UserError(f"PNG {path} holds values outside 0..65535")
-        return pic.astype(np.uint16)
-    raise UserError(f"PNG {path} has mode {mode!r}; expected an 8- or 16-bit grayscale slice")
+    if pic.size and (pic.min() < 0 or pic.max() > 65535):
+        raise UserError(f"PNG {os.fspath(path)} holds values outside 0..65535")
+    return pic.astype(np.uint16)
+
+
+def png_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(X, Y) of a PNG slice as :func:`read_image_2d` returns it (= (width, height)), from
+    the header alone.
+
+    Raises:
+        UserError: the file is missing or cannot be read as a PNG (names the file).
+    """
+    return _read_png(path, pixels=False)[1]
 
 
 def stored_nbytes_2d(path: str | os.PathLike) -> int:
@@ -228,20 +252,8 @@ def stored_nbytes_2d(path: str | os.PathLike) -> int:
     Raises:
         UserError: the file is missing or not a PNG that :func:`read_image_2d_stored` reads.
     """
-    path = os.fspath(path)
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            mode = im.mode
-    except FileNotFoundError:
-        raise UserError(f"slice file {path} does not exist") from None
-    except Exception as e:
-        raise UserError(f"cannot read PNG {path}: {type(e).__name__}: {e}") from None
-    if mode == "L":
-        return int(w) * int(h)
-    if mode in ("I;16", "I;16B", "I;16L", "I"):
-        return 2 * int(w) * int(h)
-    raise UserError(f"PNG {path} has mode {mode!r}; expected an 8- or 16-bit grayscale slice")
+    mode, (w, h), _ = _read_png(path, pixels=False)
+    return w * h * _stored_dtype(path, mode).itemsize
 
 
 def read_image_2d(path: str | os.PathLike) -> np.ndarray:

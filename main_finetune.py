@@ -245,26 +245,24 @@ class _Data:
         if args.spatial_dims == 2 and args.cache_eval:
             self.case_cache = finetune.CaseCache(lambda ref: finetune.load_case_2d(ref, args.n_classes, stored=True))
         if args.spatial_dims == 2:
+            from transforms import SliceCache
+
             spacing = finetune.read_manifest_spacing(args.data_dir)
-            checked = list(val_items) + (pairs["train"][: n or None] if need_train or args.eval_train else [])
+            checked = list(val_items) + (train_items if need_train or args.eval_train else [])
             finetune.check_label_slices(checked, args.n_classes, progress=args.progress and info.is_main)
             self.val_cases = finetune.group_cases_2d(val_items, spacing, args.data_dir)
-            self.train_cases = finetune.group_cases_2d(pairs["train"][: n or None], spacing, args.data_dir) if args.eval_train else []
+            self.train_cases = finetune.group_cases_2d(train_items, spacing, args.data_dir) if args.eval_train else []
             self.train_ds = None
             if need_train:
                 cache = None
                 if args.cache_images:
-                    from transforms import SliceCache
-
                     paths = [p for it in self.train_items for p in (it["image"], it["label"])]
                     cache = SliceCache.build(paths, f"{len(self.train_items):,} training slices and their labels", "--cache_images",
                                              copies=info.local_world_size, progress=args.progress and info.is_main)
                 self.train_ds = finetune.train_dataset_2d(self.train_items, args.crop_size, args.n_crops_per_ct,
                                                           augment=not args.batch_augment, cache=cache)
             if self.case_cache is not None:  # filled at the first evaluation; refused now if it cannot fit
-                from transforms import SliceCache
-
-                evaluated = list(val_items) + (list(pairs["train"][: n or None]) if args.eval_train else [])
+                evaluated = list(val_items) + (list(train_items) if args.eval_train else [])
                 need = SliceCache.planned_nbytes([p for it in evaluated for p in (it["image"], it["label"])],
                                                  progress=args.progress and info.is_main)
                 check_fits_in_memory(need, f"--cache_eval: {len(evaluated):,} evaluated slices and their labels",
@@ -273,7 +271,7 @@ class _Data:
             config = finetune.preprocess_config_3d()
             folder = finetune.prepare_cache_3d(args.cache_dir, config)
             logger.info("3D preprocessing cache: %s", folder)
-            eval_train_items = pairs["train"][: n or None] if args.eval_train else []
+            eval_train_items = train_items if args.eval_train else []
             all_items = list({it["case"]: it for it in (list(self.train_items) + eval_train_items + list(val_items))}.values())
             self.pre_ds = finetune.preprocessed_dataset_3d(all_items, folder, config)
             self.index = {it["case"]: i for i, it in enumerate(all_items)}

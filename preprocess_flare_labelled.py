@@ -31,7 +31,7 @@ import os
 from typing import Any
 
 import data
-from preprocessing import CaseTask, add_common_args, config_from_args, print_summary, raise_if_failed, run_preprocessing
+from preprocessing import CaseTask, add_common_args, config_from_args, run_from_args
 from utils import run_cli
 
 logger = logging.getLogger(__name__)
@@ -86,13 +86,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     config = config_from_args(args, kind="labelled", spatial_dims=2)
     split = data.load_split(args.split_path)
     tasks = build_tasks(args.data_dir, split, os.path.abspath(args.split_path))
-    summary = run_preprocessing(
-        tasks, args.output_dir, config, num_workers=args.num_workers,
-        shard_index=args.shard_index, num_shards=args.num_shards, raise_on_failure=False,
-    )
-    print_summary(summary)
-    raise_if_failed(summary)
-    return summary
+    return run_from_args(tasks, args, config)
 
 
 if __name__ == "__main__":

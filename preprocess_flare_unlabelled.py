@@ -34,7 +34,7 @@ import os
 from typing import Any
 
 import data
-from preprocessing import CaseTask, add_common_args, config_from_args, print_summary, raise_if_failed, run_preprocessing
+from preprocessing import CaseTask, add_common_args, config_from_args, run_from_args
 from utils import UserError, run_cli
 
 logger = logging.getLogger(__name__)
@@ -67,13 +67,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if out == data_dir or out.startswith(data_dir + os.sep):
         raise UserError(f"--output_dir {args.output_dir} lies inside --data_dir {args.data_dir}: its output would be read as input")
     tasks = [CaseTask(case=c, image=p) for c, p in cases.items()]
-    summary = run_preprocessing(
-        tasks, args.output_dir, config, num_workers=args.num_workers,
-        shard_index=args.shard_index, num_shards=args.num_shards, raise_on_failure=False,
-    )
-    print_summary(summary)
-    raise_if_failed(summary)
-    return summary
+    return run_from_args(tasks, args, config)
 
 
 if __name__ == "__main__":

@@ -575,6 +575,19 @@ def run_preprocessing(
     return summary
 
 
+def run_from_args(tasks: Sequence[CaseTask], args: argparse.Namespace, config: PreprocessConfig) -> dict[str, Any]:
+    """What both preprocessing scripts do with their tasks: :func:`run_preprocessing` into
+    ``--output_dir`` with ``--num_workers`` / ``--shard_index`` / ``--num_shards``, the summary
+    table on stdout, then TrainingError (exit code 1) when a case failed. Returns the summary."""
+    summary = run_preprocessing(
+        tasks, args.output_dir, config, num_workers=args.num_workers,
+        shard_index=args.shard_index, num_shards=args.num_shards, raise_on_failure=False,
+    )
+    print_summary(summary)
+    raise_if_failed(summary)
+    return summary
+
+
 def raise_if_failed(summary: dict[str, Any]) -> None:
     """Raise TrainingError (exit code 1) listing the failed cases of a :func:`run_preprocessing` summary."""
     failed = summary["failed"]

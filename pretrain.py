@@ -239,14 +239,9 @@ def image_shape(path: str, spatial_dims: int) -> tuple[int, ...]:
         UserError: the file cannot be read as an image of that kind.
     """
     if spatial_dims == 2:
-        from PIL import Image
+        from data import png_size
 
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except Exception as e:
-            raise UserError(f"cannot read PNG {path}: {type(e).__name__}: {e}") from None
-        return (int(w), int(h))  # data.read_image_2d returns (X, Y) = (width, height)
+        return png_size(path)
     import nibabel as nib
 
     try:

@@ -88,6 +88,18 @@ def finetune_augmentations(spatial_dims: int, image_key: str = "image", label_ke
     )
 
 
+def _threaded_map(fn: Any, paths: Sequence[str], threads: int, desc: str, progress: bool):
+    """``fn(path)`` for every path, in order, from ``threads`` threads (0 = up to 8; PIL
+    releases the GIL while reading), with a tqdm bar when ``progress``."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
+        yield from tqdm(pool.map(fn, paths), total=len(paths), desc=desc, disable=not progress, leave=False)
+
+
 class SliceCache:
     """Decoded 2D slices held in memory as stored: uint8 (8-bit PNGs) or uint16 (16-bit).
 
@@ -111,11 +123,6 @@ class SliceCache:
     CHUNK = 4096  # slices per buffer
 
     def __init__(self, paths: Sequence[str], progress: bool = True, threads: int = 0):
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
-        from tqdm import tqdm
-
         from data import read_image_2d_stored
 
         paths = [str(p) for p in paths]
@@ -139,14 +146,12 @@ class SliceCache:
                 off += part.size
             pending[dt], members[dt] = [], []
 
-        workers = threads or min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for i, pic in enumerate(tqdm(pool.map(read_image_2d_stored, paths), total=n, desc="decoding slices", disable=not progress, leave=False)):
-                self.shapes[i] = pic.shape
-                pending[pic.dtype].append(pic.ravel())
-                members[pic.dtype].append(i)
-                if len(pending[pic.dtype]) >= self.CHUNK:
-                    flush(pic.dtype)
+        for i, pic in enumerate(_threaded_map(read_image_2d_stored, paths, threads, "decoding slices", progress)):
+            self.shapes[i] = pic.shape
+            pending[pic.dtype].append(pic.ravel())
+            members[pic.dtype].append(i)
+            if len(pending[pic.dtype]) >= self.CHUNK:
+                flush(pic.dtype)
         for dt in list(pending):
             flush(dt)
 
@@ -157,18 +162,9 @@ class SliceCache:
         Raises:
             UserError: a file is missing or not an 8- or 16-bit grayscale PNG (names the file).
         """
-        import os
-        from concurrent.futures import ThreadPoolExecutor
-
-        from tqdm import tqdm
-
         from data import stored_nbytes_2d
 
-        workers = threads or min(8, os.cpu_count() or 1)
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            sizes = tqdm(pool.map(stored_nbytes_2d, paths), total=len(paths), desc="sizing the slice cache",
-                         disable=not progress or len(paths) < 1000, leave=False)
-            return int(sum(sizes))
+        return int(sum(_threaded_map(stored_nbytes_2d, paths, threads, "sizing the slice cache", progress and len(paths) >= 1000)))
 
     @classmethod
     def build(cls, paths: Sequence[str], what: str, flag: str, copies: int = 1, progress: bool = True) -> "SliceCache":

@@ -116,7 +116,7 @@ def check_fits_in_memory(need: int, what: str, hint: str, available: int | None 
         hint: what the user can do instead, appended to the message.
 
     Raises:
-        UserError: it does not fit (the message gives both sizes in GB).
+        UserError: it does not fit (the message gives both sizes).
     """
     if available is None:
         available = available_memory()

@@ -21,6 +21,7 @@ import torch
 import engine
 import main_dino
 import main_simsiam
+from conftest import write_unlabelled_phantoms
 from data import encode_png_2d
 from utils import TrainingError, UserError
 
@@ -68,20 +69,7 @@ def _write_png(path: Path, arr: np.ndarray) -> None:
 def phantom_data(tmp_path_factory):
     """Two phantom CT cases (48 x 48 x 8) as PNG slices (16) and as NIfTI volumes (2),
     windowed to [0, 1] as the preprocessing does."""
-    import nibabel as nib
-
-    from make_phantoms import make_case
-
-    root = tmp_path_factory.mktemp("phantoms")
-    (root / "2d").mkdir()
-    (root / "3d").mkdir()
-    for case in range(2):
-        img, _, affine = make_case(case, size_xy=48, n_slices=8, labelled=False)
-        v = np.clip((img.astype(np.float32) + 500.0) / 1000.0, 0.0, 1.0)
-        for z in range(v.shape[2]):
-            _write_png(root / "2d" / f"Case_{case:05d}_{z:04d}.png", v[:, :, z])
-        nib.save(nib.Nifti1Image(v, affine), str(root / "3d" / f"Case_{case:05d}.nii.gz"))
-    return {"2d": root / "2d", "3d": root / "3d"}
+    return write_unlabelled_phantoms(tmp_path_factory.mktemp("phantoms"), png_cases=(0, 1))
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import torch
 
 import engine
 import main_simsiam
+from conftest import write_unlabelled_phantoms
 from data import encode_png_2d, read_image_2d
 from utils import UserError
 
@@ -24,21 +25,7 @@ class _Stop(Exception):
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory):
     """Phantom cases of 48 x 48 x 8: the first as 8 PNG slices, both as NIfTI volumes (3D)."""
-    import nibabel as nib
-
-    from make_phantoms import make_case
-
-    root = tmp_path_factory.mktemp("speed_phantoms")
-    (root / "2d").mkdir()
-    (root / "3d").mkdir()
-    for case in range(2):
-        img, _, affine = make_case(case, size_xy=48, n_slices=8, labelled=False)
-        v = np.clip((img.astype(np.float32) + 500.0) / 1000.0, 0.0, 1.0)
-        if case == 0:
-            for z in range(v.shape[2]):
-                (root / "2d" / f"Case_{case:05d}_{z:04d}.png").write_bytes(encode_png_2d(v[:, :, z]))
-        nib.save(nib.Nifti1Image(v, affine), str(root / "3d" / f"Case_{case:05d}.nii.gz"))  # padded to the crop
-    return {"2d": root / "2d", "3d": root / "3d"}
+    return write_unlabelled_phantoms(tmp_path_factory.mktemp("speed_phantoms"), png_cases=(0,))
 
 
 def _argv(data_dir, chkpt_dir, *extra):
