@@ -30,14 +30,19 @@ import os
 import random
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from utils import TrainingError, UserError, append_jsonl, atomic_torch_save, atomic_write_json
+from monai.data import DataLoader
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from models import ARCHS
+from utils import TrainingError, UserError, append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +98,37 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return info
 
 
+@contextlib.contextmanager
+def distributed(device: str = "auto") -> Iterator[DistInfo]:
+    """:func:`init_distributed` for the length of a run. The process group is torn down at the
+    end only when this call created it: a caller that set one up (a driver running several
+    scripts' ``main`` in one torchrun) keeps it."""
+    created = not (dist.is_available() and dist.is_initialized())
+    info = init_distributed(device)
+    ok = False
+    try:
+        yield info
+        ok = True
+    finally:
+        if created and dist.is_available() and dist.is_initialized():
+            if ok:
+                cleanup_distributed()
+            else:
+                dist.destroy_process_group()
+
+
 def cleanup_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
+    """DistributedDataParallel around ``module`` when running with several processes."""
+    if not info.distributed:
+        return module
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(module, device_ids=ids)
 
 
 def all_reduce_mean(value: float, info: DistInfo) -> float:
@@ -277,6 +309,165 @@ def check_speed_args(args: argparse.Namespace) -> None:
         raise UserError(f"--check_every must be at least 1, got {args.check_every}")
 
 
+# ---------------------------------------------------------------------------------------
+# Flags shared by the training scripts (pretraining and fine-tuning)
+# ---------------------------------------------------------------------------------------
+
+#: flags that define a run in every training script: a ``--resume`` with another value is
+#: refused (each script adds its own, e.g. the IoU interval or the fine-tuning split)
+COMMON_RESUME_KEYS = (
+    "data_dir", "spatial_dims", "arch", "embedding_size", "crop_size", "low_resource_mode", "drop_path_rate",
+    "use_gradient_checkpointing", "max_images", "batch_size", "accum_iters", "n_epochs", "base_lr", "end_lr",
+    "warmup_epochs", "seed", "use_amp", "amp_dtype", "batch_augment",
+)
+#: values of resume keys that states saved before the key existed had implicitly
+RESUME_KEY_DEFAULTS = {"batch_augment": False}
+
+_COMMON_HELP = {
+    "data_dir": "Folder of preprocessed data. Required.",
+    "spatial_dims": "2: train on 2D slices (the paper); 3: on 3D volumes with cubic crops. Must match --data_dir.",
+    "crop_size": "Side of each training crop (and sliding window) in pixels (96 in the paper). Swin needs a multiple of "
+                 "32, UNETR a multiple of 16. Images smaller than this are zero-padded to it.",
+    "max_images": "Use only the first N images of the sorted list (demos, tests); 0 = all.",
+    "batch_augment": "Run the augmentations on the training device as batched tensor operations (batch_augment.py, same "
+                     "distributions as the MONAI chain) instead of per sample in the data workers. Use it on a GPU when "
+                     "the data workers cannot keep up (GPU idle between steps); on the CPU it brings little. It changes "
+                     "the random stream, so a run cannot be resumed with a different value.",
+    "cache_images": "Decode every 2D training slice once at start-up and keep it in memory as stored (uint8, or uint16 "
+                    "for 16-bit PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice "
+                    "that for 16-bit PNGs; on every rank); the size is read from the PNG headers first and a cache that "
+                    "would not fit in the available memory is refused before decoding. Use it when PNG decoding limits "
+                    "the workers; the numbers do not change. 2D only.",
+    "arch": "Encoder: 'swin' = Swin-UNETR's SwinTransformer (the paper); 'unetr' = UNETR's ViT.",
+    "embedding_size": "Swin embedding size C (48 in the paper; the representation has 16*C values). Must be a "
+                      "multiple of 12. For UNETR the ViT hidden size is 16*C.",
+    "drop_path_rate": "Stochastic depth rate of the Swin encoder.",
+    "use_gradient_checkpointing": "Recompute Swin activations in the backward pass: less GPU memory, about 30%% slower "
+                                  "(large 3D crops). Swin only.",
+    "low_resource_mode": "Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3).",
+    "batch_size": "Images per process and per backward pass (the effective batch is batch_size x accum_iters x "
+                  "number of processes).",
+    "n_epochs": "Epochs of training.",
+    "base_lr": "Peak learning rate, used as given (no scaling with the batch size).",
+    "end_lr": "Learning rate at the end of the cosine schedule.",
+    "warmup_epochs": "Epochs of linear learning-rate warm-up from 0 before the cosine decay.",
+    "accum_iters": "Backward passes accumulated per optimizer step (a larger effective batch on a small GPU). The last "
+                   "incomplete step of an epoch is skipped.",
+    "seed": "Random seed (the paper's: 4294967295; its second seed is 381122412).",
+    "run_name": "Name of the run; its files are <chkpt_dir>/<run_name>.pt, _last.pt, _log.jsonl, _args.json and _files/.",
+    "chkpt_dir": "Folder for every file the run writes (default: the project's runs/ folder).",
+    "resume": "Continue an interrupted run: alone, from this run's <run_name>_last.pt; with a path, from that file. The "
+              "flags that define the run must be unchanged.",
+    "use_wandb": "Also log every epoch to Weights & Biases (works offline with WANDB_MODE=offline).",
+    "wandb_project": "W&B project name.",
+    "progress": "Show tqdm progress bars (--no-progress for batch jobs).",
+    "device": "'auto' uses CUDA when available. Several GPUs: launch with torchrun.",
+    "num_workers": "Data-loading processes per GPU; -1 times a few batches with 0, 2, 4, ... workers and keeps the "
+                   "fastest. The crops depend on it (each worker has its own random stream): keep it fixed to "
+                   "reproduce or resume a run exactly.",
+}
+
+
+def add_training_args(
+    parser: argparse.ArgumentParser,
+    defaults: dict[str, Any],
+    helps: dict[str, str] | None = None,
+    batch_size_aliases: tuple[str, ...] = (),
+) -> dict[str, argparse._ArgumentGroup]:
+    """Add the flags every training script shares, in groups; return the groups by name
+    ("data", "model", "optim", "run", "hardware") so a script can add its own flags to them.
+
+    Args:
+        defaults: the script's defaults for ``num_workers``, ``embedding_size``,
+            ``drop_path_rate``, ``batch_size``, ``n_epochs``, ``base_lr``, ``end_lr``,
+            ``warmup_epochs`` and ``wandb_project`` (they differ between pretraining and
+            fine-tuning); a default that appears in the help text is added to it.
+        helps: help texts that replace the shared ones where a flag means more in a script
+            (e.g. what ``--data_dir`` holds).
+        batch_size_aliases: other names of ``--batch_size`` (the original DINO script's
+            ``--batch_size_per_gpu``).
+    """
+    text = {**_COMMON_HELP, **(helps or {})}
+    d = defaults
+
+    g_data = parser.add_argument_group("data")
+    g_data.add_argument("--data_dir", type=str, default=None, help=text["data_dir"])
+    g_data.add_argument("--spatial_dims", type=int, default=2, choices=(2, 3), help=text["spatial_dims"])
+    g_data.add_argument("--crop_size", type=int, default=96, help=text["crop_size"])
+    g_data.add_argument("--max_images", type=int, default=0, help=text["max_images"])
+    g_data.add_argument("--batch_augment", action="store_true", help=text["batch_augment"])
+    g_data.add_argument("--cache_images", action="store_true", help=text["cache_images"])
+
+    g_model = parser.add_argument_group("model")
+    g_model.add_argument("--arch", type=str, default="swin", choices=ARCHS, help=text["arch"])
+    g_model.add_argument("--embedding_size", type=int, default=d["embedding_size"], help=text["embedding_size"])
+    g_model.add_argument("--drop_path_rate", type=float, default=d["drop_path_rate"], help=text["drop_path_rate"])
+    g_model.add_argument("--use_gradient_checkpointing", action="store_true", help=text["use_gradient_checkpointing"])
+    g_model.add_argument("--low_resource_mode", action="store_true", help=text["low_resource_mode"])
+
+    g_opt = parser.add_argument_group("optimisation")
+    g_opt.add_argument("--batch_size", *batch_size_aliases, dest="batch_size", type=int, default=d["batch_size"],
+                       help=text["batch_size"])
+    g_opt.add_argument("--n_epochs", type=int, default=d["n_epochs"], help=text["n_epochs"])
+    g_opt.add_argument("--base_lr", type=float, default=d["base_lr"], help=text["base_lr"])
+    g_opt.add_argument("--end_lr", type=float, default=d["end_lr"], help=text["end_lr"])
+    g_opt.add_argument("--warmup_epochs", type=int, default=d["warmup_epochs"], help=text["warmup_epochs"])
+    g_opt.add_argument("--accum_iters", type=int, default=1, help=text["accum_iters"])
+
+    g_run = parser.add_argument_group("run")
+    g_run.add_argument("--run_name", type=str, default=None, help=text["run_name"])
+    g_run.add_argument("--chkpt_dir", type=str, default=DEFAULT_CHKPT_DIR, help=text["chkpt_dir"])
+    g_run.add_argument("--resume", type=str, nargs="?", const="auto", default=None, help=text["resume"])
+    g_run.add_argument("--seed", type=int, default=4294967295, help=text["seed"])
+    g_run.add_argument("--use_wandb", action="store_true", help=text["use_wandb"])
+    g_run.add_argument("--wandb_project", type=str, default=d["wandb_project"], help=text["wandb_project"])
+    g_run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help=text["progress"])
+
+    g_hw = parser.add_argument_group("hardware")
+    g_hw.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda"), help=text["device"])
+    g_hw.add_argument("--num_workers", type=int, default=d["num_workers"], help=text["num_workers"])
+    add_speed_args(g_hw)
+    return {"data": g_data, "model": g_model, "optim": g_opt, "run": g_run, "hardware": g_hw}
+
+
+def check_training_args(args: argparse.Namespace, min_crop_windows: int = 1) -> None:
+    """Refuse bad values of the shared flags with one line each (UserError).
+
+    ``min_crop_windows``: the smallest crop, in multiples of the encoder's size unit (32 for
+    Swin, 16 for UNETR); fine-tuning needs 2 (at one unit Swin-UNETR's bottleneck is one
+    voxel, which its InstanceNorm cannot train on).
+    """
+    if not args.data_dir:
+        raise UserError("--data_dir is required (a folder of preprocessed data)")
+    unit = 32 if args.arch == "swin" else 16
+    least = unit * min_crop_windows
+    if args.crop_size < least or args.crop_size % unit:
+        why = " (at 32 its bottleneck is one voxel, which its InstanceNorm cannot train on)" if least == 64 else ""
+        net = "Swin-UNETR" if args.arch == "swin" else "UNETR"
+        raise UserError(f"--crop_size {args.crop_size}: {net} needs a multiple of {unit} of at least {least}{why}")
+    if args.embedding_size <= 0 or args.embedding_size % 12:
+        raise UserError(f"--embedding_size must be a positive multiple of 12, got {args.embedding_size}")
+    for name in ("batch_size", "n_epochs", "accum_iters"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if not 0 <= args.warmup_epochs <= args.n_epochs:
+        raise UserError(f"--warmup_epochs must lie in [0, --n_epochs={args.n_epochs}], got {args.warmup_epochs}; "
+                        f"lower it for short runs")
+    if not (args.base_lr >= 0 and args.end_lr >= 0):
+        raise UserError(f"--base_lr and --end_lr must not be negative, got {args.base_lr} and {args.end_lr}")
+    if args.max_images < 0:
+        raise UserError(f"--max_images must be 0 (all) or positive, got {args.max_images}")
+    if not 0.0 <= args.drop_path_rate < 1.0:
+        raise UserError(f"--drop_path_rate must lie in [0, 1), got {args.drop_path_rate}")
+    if args.num_workers < -1:
+        raise UserError(f"--num_workers must be -1 (measure) or at least 0, got {args.num_workers}")
+    if args.use_gradient_checkpointing and args.arch != "swin":
+        raise UserError("--use_gradient_checkpointing is only available with --arch swin")
+    if args.cache_images and args.spatial_dims != 2:
+        raise UserError("--cache_images keeps decoded 2D slices in memory; it is not available with --spatial_dims 3")
+    check_speed_args(args)
+
+
 def make_optimizer(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], fused: bool, **kwargs: Any) -> torch.optim.Optimizer:
     """``cls(groups, **kwargs)``, with its fused implementation when ``fused`` (``--fused_optimizer``)."""
     if fused:
@@ -327,9 +518,6 @@ def build_loader(
     that seed and epoch); MONAI seeds every Randomizable transform of every worker from
     the same generator, so an epoch can be replayed exactly after a resume.
     """
-    from monai.data import DataLoader
-    from torch.utils.data import DistributedSampler
-
     g = torch.Generator()
     g.manual_seed(derived_seed(seed, epoch, info.rank))
     sampler = None
@@ -355,8 +543,6 @@ def build_loader(
 
 def pick_num_workers(dataset, batch_size: int, n_batches: int = 4) -> int:
     """``--num_workers -1``: time a few batches with 0, 2, 4, ... workers and keep the fastest."""
-    from monai.data import DataLoader
-
     candidates = sorted({0, *range(2, (os.cpu_count() or 1) + 1, 2)})
     best, best_t = 0, float("inf")
     for n in candidates:
@@ -371,6 +557,23 @@ def pick_num_workers(dataset, batch_size: int, n_batches: int = 4) -> int:
             best, best_t = n, dt
     logger.info("--num_workers -1: using %d workers", best)
     return best
+
+
+def resolve_num_workers(requested: int, state: dict[str, Any] | None, dataset, batch_size: int) -> int:
+    """The data workers of a run: ``--num_workers``, or with -1 the measured count
+    (:func:`pick_num_workers`; a resumed run keeps the count it measured). Resuming with
+    another count than the run started with is allowed but logged: the crops then differ
+    from an uninterrupted run's (each worker has its own random stream)."""
+    saved = state.get("num_workers") if state is not None else None
+    if requested == -1 and saved is not None:
+        return int(saved)
+    n = pick_num_workers(dataset, batch_size) if requested == -1 else requested
+    if saved is not None and int(saved) != n:
+        logger.warning(
+            "resuming with %d data workers, the run started with %d: the remaining epochs see other random crops "
+            "than an uninterrupted run would", n, int(saved),
+        )
+    return n
 
 
 # ---------------------------------------------------------------------------------------
@@ -510,8 +713,6 @@ def train_one_epoch(
     (TrainingError, exit code 1); the losses and the logs returned as tensors are read on the
     host every ``check_every`` batches (:class:`LossCheck`; 1 = before each backward pass).
     """
-    from tqdm import tqdm
-
     model.train()
     check = LossCheck(check_every, info, epoch)
     n_batches = iters_per_epoch * accum_iters
@@ -659,8 +860,6 @@ def save_training_state(path: str, state: dict[str, Any], info: DistInfo) -> Non
 
 def load_training_state(path: str, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load a ``<run>_last.pt`` written by :func:`save_training_state` (weights_only)."""
-    from models import torch_load
-
     state = torch_load(path, map_location=map_location)
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise UserError(f"--resume {path!r} is not a training state of this project (expected format {STATE_FORMAT!r})")
@@ -739,11 +938,86 @@ def truncate_log(path: str, n_epochs_done: int) -> None:
         lines = [ln for ln in f if ln.strip()]
     keep = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= n_epochs_done]
     if len(keep) != len(lines):
-        from utils import atomic_write_text
-
         atomic_write_text(path, "".join(keep))
 
 
 def write_args(paths: dict[str, str], args_d: dict[str, Any], info: DistInfo) -> None:
     if info.is_main:
         atomic_write_json(paths["args"], args_d)
+
+
+class RunFiles:
+    """The files of one training run and the one protocol that keeps them resumable.
+
+    Pretraining and fine-tuning both go through it. At the end of every epoch a run
+    writes, in this order: its weights (``<run>.pt``, by the caller), the full training
+    state ``<run>_last.pt`` (which holds the epoch's log record), then that record as a line
+    of ``<run>_log.jsonl``. The state decides what exists: a run killed before its first
+    state was saved has not started (a plain rerun starts it afresh), and ``--resume`` makes
+    the log agree with the state (lines of epochs after it dropped; its record appended
+    when the kill came between the two writes)::
+
+        run = RunFiles(args.chkpt_dir, args.run_name, "finetune", info)
+        state = run.open(args.resume, args_dict(args), resume_keys)   # None: a new run
+        ...
+        run.end_epoch({"epoch": epoch + 1, ...}, record, epoch_logger)
+    """
+
+    def __init__(self, chkpt_dir: str, run_name: str, method: str, info: DistInfo):
+        self.paths = run_paths(chkpt_dir, run_name)
+        self.method = method
+        self.info = info
+        self.resume_path: str | None = None
+
+    def open(self, resume: str | None, args_d: dict[str, Any], resume_keys: Iterable[str]) -> dict[str, Any] | None:
+        """Check the run folder; with ``--resume`` load the saved state, check that it is a
+        state of this method saved with the same ``resume_keys``, and return it.
+
+        Raises:
+            UserError: the state is missing, foreign or was saved with other flags; the run
+                exists and ``--resume`` was not given; the folder cannot be written.
+        """
+        self.resume_path = resolve_resume(resume, self.paths)
+        state = None
+        if self.resume_path is not None:
+            state = load_training_state(self.resume_path)
+            if state.get("method") != self.method:
+                raise UserError(f"--resume {self.resume_path!r} is a {state.get('method')!r} run, "
+                                f"not a {self.method!r} one (not a training state of this script)")
+            check_resume_args({**RESUME_KEY_DEFAULTS, **state["args"]}, args_d, resume_keys, self.resume_path)
+        prepare_run_dir(self.paths, resume=state is not None, info=self.info)
+        return state
+
+    def restore_log(self, state: dict[str, Any]) -> None:
+        """After loading ``state``: make the log hold exactly the records of its epochs (rank 0)."""
+        if self.info.is_main:
+            # "last_record": the name in states of older versions
+            repair_log(self.paths["log"], int(state["epoch"]), state.get("record", state.get("last_record")))
+
+    def end_epoch(self, state: dict[str, Any], record: dict[str, Any], epoch_logger: "EpochLogger") -> None:
+        """Save the full state (with ``record`` in it), then log ``record``."""
+        save_training_state(self.paths["last"], {"method": self.method, **state, "record": record}, self.info)
+        epoch_logger.log(record)
+
+    def write_result(self, result: dict[str, Any]) -> None:
+        """``<run>_files/result.json`` (written last: the run is finished)."""
+        if self.info.is_main:
+            atomic_write_json(os.path.join(self.paths["dir"], "result.json"), result)
+
+
+def repair_log(path: str, epochs_done: int, record: dict[str, Any] | None) -> None:
+    """Make the log of a resumed run hold the records of its ``epochs_done`` epochs: lines of
+    later epochs dropped; ``record`` (the last saved epoch's, from the state) appended
+    when the kill came between saving the state and writing its line."""
+    truncate_log(path, epochs_done)
+    logged = [r.get("epoch", 0) for r in read_log(path)]
+    if record is not None and int(record.get("epoch", 0)) == epochs_done and epochs_done not in logged:
+        append_jsonl(path, record)
+
+
+def read_log(path: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log (``[]`` when the file does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]

@@ -27,45 +27,56 @@ one process exactly (no sample is padded or counted twice).
 
 from __future__ import annotations
 
+import argparse
 import gzip
 import hashlib
 import json
 import logging
 import math
 import os
+import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
+from monai.losses import DiceCELoss
+from tqdm import tqdm
 
 import data
 import engine
 import metrics
-from utils import UserError, atomic_write
+import models
+from batch_augment import BatchFinetuneAugment
+from transforms import SliceCache
+from utils import (
+    TrainingError,
+    UserError,
+    atomic_torch_save,
+    atomic_write,
+    atomic_write_json,
+    check_fits_in_memory,
+    torch_load,
+    user_error_in,
+)
 
 logger = logging.getLogger(__name__)
 
 FINETUNE_FORMAT = "ioupos-finetune-v1"
 MANIFEST_NAME = "manifest.json"
+METHOD = "finetune"  # the "method" of fine-tuning's training states
+#: flags that must be equal to resume a run (anything that changes the model, data or schedule)
+RESUME_KEYS = engine.COMMON_RESUME_KEYS + (
+    "split_path", "n_classes", "n_crops_per_ct", "wd", "chkpt_path", "checkpoint_key", "eval_every", "eval_every_from",
+    "patience",
+)
 
 
 # ---------------------------------------------------------------------------------------
-# Errors raised inside MONAI transforms
+# Labels
 # ---------------------------------------------------------------------------------------
-
-
-def find_user_error(exc: BaseException) -> UserError | None:
-    """The UserError behind an exception that MONAI wrapped (``applying transform ...``), if any."""
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, UserError):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def check_label_ids(label: np.ndarray | torch.Tensor, n_classes: int, path: str) -> None:
@@ -349,7 +360,7 @@ def load_preprocessed_3d(ds, index: int, item: Mapping[str, Any], n_classes: int
     try:
         d = ds[index]
     except Exception as e:
-        ue = find_user_error(e)
+        ue = user_error_in(e)
         if ue is not None:
             raise ue from None
         root = e
@@ -577,16 +588,498 @@ def load_finetuned(path: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]
         UserError: unreadable file, not a fine-tuned model of this project, or weights that
             do not fit the stored configuration.
     """
-    from models import build_segmenter, torch_load
-
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FINETUNE_FORMAT:
         fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(f"--chkpt_path {path!r} is not a fine-tuned model of this project (format {fmt!r}, expected {FINETUNE_FORMAT!r})")
     cfg = dict(ckpt["model_config"])
-    model = build_segmenter(cfg, int(ckpt["n_classes"]))
+    model = models.build_segmenter(cfg, int(ckpt["n_classes"]))
     try:
         model.load_state_dict(ckpt["model"], strict=True)
     except RuntimeError as e:
         raise UserError(f"weights in {path!r} do not fit its model configuration: {str(e).splitlines()[0]}") from None
     return model, cfg, ckpt
+
+
+# ---------------------------------------------------------------------------------------
+# Flags and their checks
+# ---------------------------------------------------------------------------------------
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse bad flag values with one line each (UserError); fill ``--sw_batch_size``'s default."""
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise UserError(msg)
+
+    if args.eval_only:  # the model's own crop size and architecture count, not the flags'
+        need(bool(args.data_dir), "--data_dir is required (a folder of preprocessed data)")
+    else:
+        engine.check_training_args(args, min_crop_windows=2)
+    need(args.n_classes >= 2, f"--n_classes must be at least 2, got {args.n_classes}")
+    need(args.n_crops_per_ct >= 1, f"--n_crops_per_ct must be at least 1, got {args.n_crops_per_ct}")
+    need(args.wd >= 0, f"--wd must not be negative, got {args.wd}")
+    need(args.patience >= 1, f"--patience must be at least 1, got {args.patience}")
+    need(args.eval_every >= 1, f"--eval_every must be at least 1, got {args.eval_every}")
+    if args.sw_batch_size is None:
+        args.sw_batch_size = 512 if args.spatial_dims == 2 else 64
+    need(args.sw_batch_size >= 1, f"--sw_batch_size must be at least 1, got {args.sw_batch_size}")
+    need(0 <= args.sw_overlap < 1, f"--sw_overlap must be in [0, 1), got {args.sw_overlap}")
+    need(args.n_vis >= 0, f"--n_vis must be 0 or positive, got {args.n_vis}")
+    need(args.nsd_tolerance_mm is None or args.nsd_tolerance_mm >= 0,
+         f"--nsd_tolerance_mm must not be negative, got {args.nsd_tolerance_mm}")
+    if args.eval_only:
+        need(args.chkpt_path is not None, "--eval_only needs --chkpt_path, the fine-tuned model to evaluate")
+        need(args.resume is None, "--eval_only and --resume cannot be used together")
+        need(not args.cache_images, "--cache_images caches the training slices; --eval_only does not train "
+                                    "(--cache_eval caches evaluated cases)")
+        engine.check_speed_args(args)
+
+
+def default_run_name(args: argparse.Namespace) -> str:
+    """``finetune_<pretrained file or 'scratch'>_<arch><dims>d_seed<seed>``; ``<model>_eval`` with ``--eval_only``."""
+    stem = "scratch"
+    if args.chkpt_path:
+        stem = os.path.basename(args.chkpt_path)
+        stem = stem[:-3] if stem.endswith(".pt") else stem.rsplit(".", 1)[0]
+    if args.eval_only:
+        return f"{stem}_eval"
+    return f"finetune_{stem}_{args.arch}{args.spatial_dims}d_seed{args.seed}"
+
+
+def should_evaluate(epoch: int, args: argparse.Namespace) -> bool:
+    """Evaluate after ``epoch`` (1-based): every ``eval_every`` epochs, every epoch from ``eval_every_from``, and the last."""
+    return epoch % args.eval_every == 0 or epoch >= args.eval_every_from or epoch == args.n_epochs
+
+
+# ---------------------------------------------------------------------------------------
+# What a run reads
+# ---------------------------------------------------------------------------------------
+
+
+class FinetuneData:
+    """Everything a run reads: the training set, the evaluation cases and how to load them.
+
+    2D: slice items from ``data.list_finetune_pairs``; every label is read once at start-up
+    and ids outside ``0..n_classes-1`` are refused (file named); ``--cache_images`` and
+    ``--cache_eval`` are sized before anything is decoded. 3D: the raw volumes, preprocessed
+    once into MONAI's PersistentDataset cache (``--cache_dir``), labels checked likewise.
+    """
+
+    def __init__(self, args: argparse.Namespace, info: engine.DistInfo, need_train: bool):
+        split = data.load_split(args.split_path)
+        if not split["val"]:
+            raise UserError(f"the split {args.split_path} has no validation cases ('val' is empty)")
+        pairs = data.list_finetune_pairs(args.data_dir, split, args.spatial_dims)
+        n = args.max_images
+        train_items = pairs["train"][:n] if n else pairs["train"]
+        val_items = pairs["val"][:n] if n else pairs["val"]
+        if not val_items:
+            raise UserError(f"no validation slices in {args.data_dir} for the split {args.split_path}")
+        if need_train and not train_items:
+            raise UserError(f"no training slices in {args.data_dir} for the split {args.split_path} ('train' is empty)")
+        self.spatial_dims = args.spatial_dims
+        self.n_classes = args.n_classes
+        self.train_items = train_items if need_train else []
+        self.case_cache: CaseCache | None = None
+        self.train_ds = None
+        progress = args.progress and info.is_main
+        if args.spatial_dims == 2:
+            self._init_2d(args, info, train_items, val_items, need_train, progress)
+        else:
+            self._init_3d(args, train_items, val_items, need_train, progress)
+
+    def _init_2d(self, args, info, train_items, val_items, need_train: bool, progress: bool) -> None:
+        spacing = read_manifest_spacing(args.data_dir)
+        checked = list(val_items) + (train_items if need_train or args.eval_train else [])
+        check_label_slices(checked, args.n_classes, progress=progress)
+        self.val_cases = group_cases_2d(val_items, spacing, args.data_dir)
+        self.train_cases = group_cases_2d(train_items, spacing, args.data_dir) if args.eval_train else []
+        if need_train:
+            cache = None
+            if args.cache_images:
+                paths = [p for it in self.train_items for p in (it["image"], it["label"])]
+                cache = SliceCache.build(paths, f"{len(self.train_items):,} training slices and their labels",
+                                         "--cache_images", copies=info.local_world_size, progress=progress)
+            self.train_ds = train_dataset_2d(self.train_items, args.crop_size, args.n_crops_per_ct,
+                                             augment=not args.batch_augment, cache=cache)
+        if args.cache_eval:  # filled at the first evaluation; refused now if it cannot fit
+            self.case_cache = CaseCache(lambda ref: load_case_2d(ref, args.n_classes, stored=True))
+            evaluated = list(val_items) + (list(train_items) if args.eval_train else [])
+            need = SliceCache.planned_nbytes([p for it in evaluated for p in (it["image"], it["label"])], progress=progress)
+            check_fits_in_memory(need, f"--cache_eval: {len(evaluated):,} evaluated slices and their labels",
+                                 "pass --no-cache_eval to read them from the PNGs at every evaluation")
+
+    def _init_3d(self, args, train_items, val_items, need_train: bool, progress: bool) -> None:
+        config = preprocess_config_3d()
+        folder = prepare_cache_3d(args.cache_dir, config)
+        logger.info("3D preprocessing cache: %s", folder)
+        eval_train_items = train_items if args.eval_train else []
+        all_items = list({it["case"]: it for it in (list(self.train_items) + eval_train_items + list(val_items))}.values())
+        self.pre_ds = preprocessed_dataset_3d(all_items, folder, config)
+        index = {it["case"]: i for i, it in enumerate(all_items)}
+        for i, it in enumerate(tqdm(all_items, desc="preprocessing (cached)", disable=not progress, leave=False)):
+            load_preprocessed_3d(self.pre_ds, i, it, args.n_classes)  # fills the cache, checks labels
+        pixdim = tuple(config["pixdim"])
+        self._items = all_items
+        self.val_cases = [CaseRef(case=it["case"], spacing=pixdim, index=index[it["case"]]) for it in val_items]
+        self.train_cases = [CaseRef(case=it["case"], spacing=pixdim, index=index[it["case"]]) for it in eval_train_items]
+        if need_train:
+            self.train_ds = train_dataset_3d(self.train_items, folder, config, args.crop_size, args.n_crops_per_ct,
+                                             augment=not args.batch_augment)
+
+    def load_case(self, ref: CaseRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(image (X, Y, Z), label (X, Y, Z) uint8, affine)`` of an evaluation case."""
+        if self.spatial_dims == 2:
+            if self.case_cache is not None:
+                return self.case_cache.load(ref)
+            return load_case_2d(ref, self.n_classes)
+        d = load_preprocessed_3d(self.pre_ds, ref.index, self._items[ref.index], self.n_classes)
+        image = np.asarray(d["image"][0], dtype=np.float32)
+        label = np.asarray(d["label"][0]).round().astype(np.uint8)
+        return image, label, np.asarray(d["affine"], dtype=np.float64)
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation during and after training
+# ---------------------------------------------------------------------------------------
+
+
+def evaluate_cases(model: nn.Module, cases: Sequence[CaseRef], dat: FinetuneData, args: argparse.Namespace,
+                   info: engine.DistInfo, amp: engine.Amp, full: bool, desc: str, save_dir: str | None = None) -> EvalResult:
+    """:func:`evaluate` with the run's flags (tolerances, sliding window, figure slices)."""
+    tol = metrics.FLARE22_TOLERANCE_MM if args.nsd_tolerance_mm is None else float(args.nsd_tolerance_mm)
+    n_cached = len(dat.case_cache.cases) if dat.case_cache is not None else 0
+    res = evaluate(
+        model, cases, dat.load_case, spatial_dims=args.spatial_dims, n_classes=args.n_classes, crop_size=args.crop_size,
+        sw_batch_size=args.sw_batch_size, sw_overlap=args.sw_overlap, device=info.device, autocast=amp.autocast, info=info,
+        full=full, tolerance_mm=tol, n_vis=args.n_vis if desc == "val" else 0, save_dir=save_dir, progress=args.progress,
+        desc=desc,
+    )
+    if dat.case_cache is not None and len(dat.case_cache.cases) > n_cached:
+        logger.info("--cache_eval: %d cases in memory (%.2f GB)", len(dat.case_cache.cases), dat.case_cache.nbytes / 1e9)
+    return res
+
+
+def _prepare_predictions_dir(args: argparse.Namespace, info: engine.DistInfo) -> None:
+    if args.save_predictions and info.is_main:
+        os.makedirs(args.save_predictions, exist_ok=True)
+    if info.distributed:
+        torch.distributed.barrier()
+
+
+def final_outputs(model: nn.Module, dat: FinetuneData, args: argparse.Namespace, info: engine.DistInfo, amp: engine.Amp,
+                  paths: dict[str, str], val_result: EvalResult | None = None) -> dict[str, Any]:
+    """Challenge-grade scores, figure and summary of ``model`` on the validation (and train) cases.
+
+    ``val_result``: a full evaluation of this very model done during training (the last
+    epoch's, when it was the best; it also wrote ``--save_predictions``), used instead of
+    predicting the validation cases again.
+    """
+    _prepare_predictions_dir(args, info)
+    res = val_result
+    if res is None or res.per_case is None:
+        res = evaluate_cases(model, dat.val_cases, dat, args, info, amp, full=True, desc="val", save_dir=args.save_predictions)
+    out: dict[str, Any] = {"dice_paper": res.dice_paper, "n_val_items": res.n_items}
+    summary = metrics.summarize_case_scores(res.per_case)
+    out["summary"] = {k: v for k, v in summary.items() if k != "per_case"}
+    out["summary"]["dice_paper"] = res.dice_paper
+    if info.is_main:
+        files = metrics.write_scores(res.per_case, paths["dir"], prefix="val")
+        out["scores"], out["scores_csv"] = files["json"], files["csv"]
+        if res.vis:
+            img, lab, prd, titles = zip(*res.vis)
+            out["figure"] = metrics.plot_predictions(img, lab, prd, os.path.join(paths["dir"], "predictions.png"),
+                                                     titles=titles, n_classes=args.n_classes)
+        # the scores are the command's result: stdout (progress and messages go to the log on stderr)
+        print(f"dice_paper (the paper's score: per-slice Dice incl. background, mean over {res.n_items} slices/volumes): "
+              f"{res.dice_paper:.4f}")
+        print(metrics.format_summary(summary))
+    else:
+        out["scores"] = os.path.join(paths["dir"], "val_scores.json")
+    if args.eval_train and dat.train_cases:
+        tr = evaluate_cases(model, dat.train_cases, dat, args, info, amp, full=True, desc="train")
+        out["train_dice_paper"] = tr.dice_paper
+        out["train_summary"] = {k: v for k, v in metrics.summarize_case_scores(tr.per_case).items() if k != "per_case"}
+        if info.is_main:
+            out["train_scores"] = metrics.write_scores(tr.per_case, paths["dir"], prefix="train")["json"]
+    if args.save_predictions:
+        out["predictions_dir"] = os.path.abspath(args.save_predictions)
+    return out
+
+
+class EarlyStopping:
+    """The best validation ``dice_paper`` so far, its epoch, and the evaluations since:
+    the run stops after ``patience`` evaluations without a better score."""
+
+    def __init__(self, patience: int):
+        self.patience = patience
+        self.dice_paper = -math.inf
+        self.epoch = 0
+        self.bad_evals = 0
+        self.stopped = False
+
+    def update(self, epoch: int, dice_paper: float) -> bool:
+        """Record an evaluation after ``epoch``; return whether it is the best so far."""
+        if dice_paper > self.dice_paper:
+            self.dice_paper, self.epoch, self.bad_evals = dice_paper, epoch, 0
+            return True
+        self.bad_evals += 1
+        self.stopped = self.bad_evals >= self.patience
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dice_paper": self.dice_paper, "epoch": self.epoch, "bad_evals": self.bad_evals, "stopped": self.stopped}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.dice_paper, self.epoch = float(state["dice_paper"]), int(state["epoch"])
+        self.bad_evals, self.stopped = int(state["bad_evals"]), bool(state["stopped"])
+
+
+# ---------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------
+
+
+class Segmentation:
+    """What fine-tuning trains, like a pretraining method: the segmenter (DDP-wrapped and
+    compiled for the training forward as asked), DiceCE loss, AdamW with the per-iteration
+    cosine schedule (weight decay except on biases and norms), AMP, and ``--batch_augment``'s
+    device augmentations (seeded per (seed, epoch, rank) by :meth:`start_epoch`)."""
+
+    def __init__(self, args: argparse.Namespace, model: nn.Module, info: engine.DistInfo, iters_per_epoch: int):
+        self.args = args
+        self.info = info
+        self.model = model
+        self.optimizer = engine.make_optimizer(torch.optim.AdamW, engine.param_groups(model), args.fused_optimizer,
+                                               lr=args.base_lr)
+        self.amp = engine.Amp(info.device, args.use_amp, args.amp_dtype)
+        self.lr_schedule = engine.cosine_schedule(args.base_lr, args.end_lr, args.n_epochs, iters_per_epoch, args.warmup_epochs)
+        self.wd_schedule = np.full(args.n_epochs * iters_per_epoch, args.wd)
+        self.criterion = DiceCELoss(to_onehot_y=True, softmax=True)
+        # --compile: the training forward only (evaluation stays eager)
+        self.train_module = engine.maybe_compile(engine.wrap_ddp(model, info), args)
+        self.aug: BatchFinetuneAugment | None = None
+
+    def start_epoch(self, epoch: int) -> None:
+        """Seed the model's randomness (drop path) and the device augmentations from (seed, epoch, rank)."""
+        engine.fix_random_seeds(engine.derived_seed(self.args.seed, epoch, self.info.rank))
+        if self.args.batch_augment:
+            gen = torch.Generator(device=self.info.device)
+            gen.manual_seed(engine.derived_seed(self.args.seed, epoch, self.info.rank, 2))
+            self.aug = BatchFinetuneAugment(self.args.spatial_dims, gen)
+
+    def loss_fn(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        x = batch["image"].to(self.info.device, non_blocking=True)
+        y = batch["label"].to(self.info.device, non_blocking=True)
+        if self.aug is not None:
+            with torch.no_grad(), torch.autocast(device_type=self.info.device.type, enabled=False):
+                x, y = self.aug(x, y)
+        return self.criterion(self.train_module(x), y), {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "amp": self.amp.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.amp.load_state_dict(state.get("amp", {}))
+
+
+def run_finetuning(args: argparse.Namespace) -> dict[str, Any]:
+    """Fine-tune (or with ``--eval_only`` evaluate) and return the run's result dict.
+
+    Returns:
+        ``{"run_name", "weights", "log", "epochs_done", "best_dice_paper", "best_epoch",
+        "scores", "summary": {"dice_mean", "nsd_mean", "dice_paper", ...}, ...}``, also
+        written to ``<run>_files/result.json``.
+
+    Raises:
+        UserError: bad input (exit code 2 from the command line).
+        TrainingError: a non-finite loss.
+    """
+    args = argparse.Namespace(**vars(args))  # never change the caller's namespace
+    check_args(args)
+    for key in ("data_dir", "split_path", "chkpt_path", "chkpt_dir", "save_predictions", "cache_dir"):
+        if getattr(args, key, None):
+            setattr(args, key, os.path.abspath(getattr(args, key)))
+    if args.cache_dir is None:
+        args.cache_dir = os.path.join(args.chkpt_dir, "cache")
+    if args.run_name is None:
+        args.run_name = default_run_name(args)
+    with warnings.catch_warnings():
+        if args.ignore_user_warning:
+            warnings.simplefilter("ignore", UserWarning)
+        with engine.distributed(args.device) as info:
+            return _evaluate_only(args, info) if args.eval_only else _train(args, info)
+
+
+def _evaluate_only(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
+    """``--eval_only``: the fine-tuned model of ``--chkpt_path`` on the validation cases."""
+    paths = engine.run_paths(args.chkpt_dir, args.run_name)
+    logger.info("evaluating %s; outputs in %s", args.chkpt_path, paths["dir"])
+    model, cfg, ckpt = load_finetuned(args.chkpt_path)
+    if cfg["spatial_dims"] != args.spatial_dims:
+        raise UserError(f"--chkpt_path {args.chkpt_path!r} is a {cfg['spatial_dims']}D model but --spatial_dims is {args.spatial_dims}")
+    if int(ckpt["n_classes"]) != args.n_classes:
+        raise UserError(f"--chkpt_path {args.chkpt_path!r} predicts {ckpt['n_classes']} classes but --n_classes is {args.n_classes}")
+    saved_crop = int(ckpt.get("args", {}).get("crop_size", args.crop_size))
+    if saved_crop != args.crop_size:
+        logger.info("using the model's training crop size %d for the sliding window (not --crop_size %d)", saved_crop, args.crop_size)
+        args.crop_size = saved_crop
+    if info.is_main:
+        os.makedirs(paths["dir"], exist_ok=True)
+    model.to(info.device)
+    amp = engine.Amp(info.device, args.use_amp, args.amp_dtype)
+    dat = FinetuneData(args, info, need_train=False)
+    out = final_outputs(model, dat, args, info, amp, paths)
+    result = {
+        "run_name": args.run_name, "weights": args.chkpt_path, "log": None, "epochs_done": 0,
+        "best_dice_paper": out["dice_paper"], "best_epoch": int(ckpt.get("epoch", 0)), **out,
+    }
+    if info.is_main:
+        atomic_write_json(os.path.join(paths["dir"], "result.json"), result)
+    return result
+
+
+def _build_model(args: argparse.Namespace, cfg: dict[str, Any], state: dict[str, Any] | None, info: engine.DistInfo) -> tuple[nn.Module, int | None]:
+    """The segmenter, with the pretrained encoder of ``--chkpt_path`` in a new run (the count
+    of loaded tensors is returned; a resumed run restores everything from its state)."""
+    engine.fix_random_seeds(args.seed)
+    model = models.build_segmenter(cfg, args.n_classes)
+    n_loaded = None
+    if args.chkpt_path and state is None:
+        n_loaded = models.load_pretrained_encoder(model, args.chkpt_path, cfg, args.checkpoint_key)
+        logger.info("loaded %d encoder tensors from %s (--checkpoint_key %s)", n_loaded, args.chkpt_path, args.checkpoint_key)
+    elif state is not None and args.chkpt_path:
+        n_loaded = state.get("pretrained_tensors")
+    return model.to(info.device), n_loaded
+
+
+def _train(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
+    """The run in its steps: files and resume, model, data, then epochs of training with
+    evaluations and early stopping, then the best model's final scores."""
+    run = engine.RunFiles(args.chkpt_dir, args.run_name, METHOD, info)
+    paths = run.paths
+    logger.info("run %r: files in %s", args.run_name, paths["chkpt_dir"])
+    args_d = engine.args_dict(args)
+    state = run.open(args.resume, args_d, RESUME_KEYS)
+    cfg = models.encoder_config_from_args(args)
+    model, n_loaded = _build_model(args, cfg, state, info)
+    dat = FinetuneData(args, info, need_train=True)
+    per_step = args.batch_size * info.world_size * args.accum_iters
+    iters_per_epoch = len(dat.train_ds) // per_step
+    if iters_per_epoch == 0:
+        raise UserError(f"{len(dat.train_ds)} training slices are fewer than one optimizer step needs "
+                        f"({per_step} = batch_size x processes x accum_iters)")
+    n_workers = engine.resolve_num_workers(args.num_workers, state, dat.train_ds, args.batch_size)
+    logger.info("%d training slices/volumes (x %d crops), %d validation cases, %d steps per epoch",
+                len(dat.train_ds), args.n_crops_per_ct, len(dat.val_cases), iters_per_epoch)
+
+    seg = Segmentation(args, model, info, iters_per_epoch)
+    best = EarlyStopping(args.patience)
+    best_result: EvalResult | None = None  # the best evaluation, when it was a full one
+    start_epoch, wandb_id = 0, None
+    if state is not None:
+        seg.load_state_dict(state)
+        engine.set_rng_state(state["rng"])
+        best.load_state_dict(state["best"])
+        start_epoch, wandb_id = int(state["epoch"]), state.get("wandb_id")
+        run.restore_log(state)
+        logger.info("resumed %s after epoch %d (best dice_paper %.4f at epoch %d)", run.resume_path, start_epoch,
+                    best.dice_paper, best.epoch)
+    engine.write_args(paths, args_d, info)
+
+    elog = engine.EpochLogger(paths, info, args.use_wandb, args.wandb_project, args_d, wandb_id)
+    try:
+        epoch = start_epoch
+        while epoch < args.n_epochs and not best.stopped:
+            t0 = time.time()
+            stats = _train_epoch(args, seg, dat, n_workers, epoch, info, iters_per_epoch)
+            epoch += 1
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]}
+            if should_evaluate(epoch, args):
+                res = _evaluate_epoch(args, seg, dat, best, epoch, info, cfg, paths, record)
+                if res is not None:
+                    best_result = res
+            record["time_s"] = round(time.time() - t0, 3)
+            run.end_epoch({
+                "epoch": epoch, **seg.state_dict(), "rng": engine.rng_state(), "best": best.state_dict(),
+                "wandb_id": elog.wandb_id, "args": args_d, "pretrained_tensors": n_loaded, "num_workers": n_workers,
+            }, record, elog)
+            if best.stopped:
+                logger.info("early stopping after epoch %d: %d evaluations without improvement", epoch, best.bad_evals)
+        out = _final_scores(args, seg, dat, best, best_result, info, paths)
+        result = {
+            "run_name": args.run_name, "weights": paths["weights"], "log": paths["log"], "epochs_done": epoch,
+            "best_dice_paper": best.dice_paper, "best_epoch": best.epoch, "stopped_early": bool(best.stopped),
+            "pretrained": args.chkpt_path, "pretrained_tensors": n_loaded, **out,
+        }
+        run.write_result(result)
+        return result
+    finally:
+        elog.finish()
+
+
+def _train_epoch(args: argparse.Namespace, seg: Segmentation, dat: FinetuneData, n_workers: int, epoch: int,
+                 info: engine.DistInfo, iters_per_epoch: int) -> dict[str, float]:
+    """One epoch of training on a fresh loader seeded from (seed, epoch, rank)."""
+    seg.start_epoch(epoch)
+    loader = engine.build_loader(dat.train_ds, args.batch_size, n_workers, args.seed, epoch, info,
+                                 pin_memory=info.device.type == "cuda")
+    try:
+        return engine.train_one_epoch(
+            seg.train_module, loader, seg.optimizer, seg.loss_fn, epoch=epoch, n_epochs=args.n_epochs,
+            iters_per_epoch=iters_per_epoch, lr_schedule=seg.lr_schedule, base_lr=args.base_lr,
+            wd_schedule=seg.wd_schedule, amp=seg.amp, accum_iters=args.accum_iters, info=info, progress=args.progress,
+            check_every=args.check_every,
+        )
+    except (UserError, TrainingError):
+        raise
+    except Exception as e:
+        found = user_error_in(e)
+        if found is not None:
+            raise found from None
+        raise
+    finally:
+        del loader
+
+
+def _evaluate_epoch(args: argparse.Namespace, seg: Segmentation, dat: FinetuneData, best: EarlyStopping, epoch: int,
+                    info: engine.DistInfo, cfg: dict[str, Any], paths: dict[str, str],
+                    record: dict[str, Any]) -> EvalResult | None:
+    """Evaluate after ``epoch``, save the model when it is the best so far, and add the
+    scores to ``record``. The last epoch gets the full scores at once (if it is the best,
+    they are the final ones): returns that result when it is the new best, else None."""
+    full = epoch == args.n_epochs
+    if full:
+        _prepare_predictions_dir(args, info)
+    res = evaluate_cases(seg.model, dat.val_cases, dat, args, info, seg.amp, full=full, desc="val",
+                         save_dir=args.save_predictions if full else None)
+    record["val_dice_paper"] = res.dice_paper
+    if args.eval_train and dat.train_cases:
+        record["train_dice_paper"] = evaluate_cases(seg.model, dat.train_cases, dat, args, info, seg.amp, full=False,
+                                                    desc="train").dice_paper
+    improved = best.update(epoch, res.dice_paper)
+    if improved and info.is_main:
+        atomic_torch_save(finetuned_checkpoint(seg.model, cfg, args.n_classes, engine.args_dict(args), epoch, res.dice_paper),
+                          paths["weights"])
+    record.update(best_dice_paper=best.dice_paper, best_epoch=best.epoch)
+    logger.info("epoch %d: val dice_paper %.4f (best %.4f at epoch %d)", epoch, res.dice_paper, best.dice_paper, best.epoch)
+    return res if improved and full else None
+
+
+def _final_scores(args: argparse.Namespace, seg: Segmentation, dat: FinetuneData, best: EarlyStopping,
+                  best_result: EvalResult | None, info: engine.DistInfo, paths: dict[str, str]) -> dict[str, Any]:
+    """The best model reloaded from ``<run>.pt`` and scored (:func:`final_outputs`)."""
+    if info.distributed:
+        torch.distributed.barrier()
+    if not os.path.isfile(paths["weights"]):
+        raise TrainingError(f"the best model {paths['weights']!r} is missing; the run cannot be evaluated")
+    seg.model.load_state_dict(torch_load(paths["weights"])["model"])
+    out = final_outputs(seg.model, dat, args, info, seg.amp, paths, val_result=best_result)
+    if abs(out["dice_paper"] - best.dice_paper) > 1e-6:
+        logger.warning("the final dice_paper %.6f differs from the best one during training %.6f", out["dice_paper"],
+                       best.dice_paper)
+    return out

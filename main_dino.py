@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 import engine
-from pretrain import PretrainMethod, add_common_args, run_pretraining, wrap_ddp
+from pretrain import PretrainMethod, add_common_args, run_pretraining
 from utils import UserError, run_cli
 
 LOW_RESOURCE_HEAD = {"hidden_dim": 256, "bottleneck_dim": 64, "out_dim": 256}
@@ -125,7 +125,7 @@ class DINOMethod(PretrainMethod):
         self.teacher.eval()
         self.encoder = self.teacher.encoder
         self.teacher_forward: torch.nn.Module = self.teacher  # compiled with --compile
-        self.train_module = wrap_ddp(self.student, info)
+        self.train_module = engine.wrap_ddp(self.student, info)
         self.ema_params = ([p for p in self.student.parameters()], [p for p in self.teacher.parameters()])
         self.criterion = DINOLoss(
             args.out_dim,

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import engine
-from pretrain import PretrainMethod, add_common_args, run_pretraining, wrap_ddp
+from pretrain import PretrainMethod, add_common_args, run_pretraining
 from utils import UserError, run_cli
 
 LOW_RESOURCE_PROJ_DIM = 256
@@ -95,7 +95,7 @@ class SimSiamMethod(PretrainMethod):
             model = convert_sync_batchnorm(model, info.device)
         self.model = model.to(info.device)
         self.encoder = self.model.encoder
-        self.train_module = wrap_ddp(self.model, info)
+        self.train_module = engine.wrap_ddp(self.model, info)
         self.criterion = SimSiamLoss()
         self.base_lr = args.base_lr
         self.optimizer = engine.make_optimizer(

@@ -23,7 +23,6 @@ Example (2D, the paper's encoder)::
 from __future__ import annotations
 
 import math
-import pickle
 from typing import Any
 
 import torch
@@ -31,7 +30,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import UserError
+from utils import UserError, torch_load
 
 ENCODER_FORMAT = "ioupos-encoder-v1"
 ARCHS = ("swin", "unetr")
@@ -539,36 +538,6 @@ def segmenter_encoder(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 # Checkpoint loading
 # ---------------------------------------------------------------------------------------
-
-
-def torch_load(path: str, map_location: str | torch.device = "cpu") -> Any:
-    """``torch.load(weights_only=True)`` with one clear line for every way it can fail.
-
-    Raises:
-        UserError: the file is missing, not a torch file, or needs arbitrary pickled objects.
-    """
-    import os
-
-    if not os.path.isfile(path):
-        raise UserError(f"checkpoint {path!r} does not exist")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        import re
-
-        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
-        if found:
-            raise UserError(
-                f"checkpoint {path!r} needs the Python object {found.group(1)} to load; this project loads "
-                f"checkpoints with weights_only=True and refuses arbitrary pickled objects"
-            ) from None
-        raise UserError(
-            f"{path!r} is not a readable PyTorch checkpoint (not written by torch.save, or it holds pickled "
-            f"data that weights_only=True refuses)"
-        ) from None
-    except Exception as e:  # zip errors, truncated files, text files...
-        raise UserError(f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).strip()[:200]})") from None
 
 
 def encoder_checkpoint(encoder: nn.Module, cfg: dict[str, Any], method: str, epoch: int, args: dict[str, Any], **extra: Any) -> dict[str, Any]:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import time
 from typing import Any
 
@@ -45,22 +44,42 @@ import torch
 import torch.nn as nn
 
 import engine
-from utils import TrainingError, UserError, atomic_torch_save, atomic_write_json
+from models import encoder_checkpoint, encoder_config_from_args
+from utils import TrainingError, UserError, atomic_torch_save, user_error_in
 
 logger = logging.getLogger(__name__)
 
 WANDB_PROJECT = "exploring-ssl-for-ct-pre"
 AUDIT_BINS = 10
 
-# flags whose value must not change when a run is resumed (plus each method's own)
-RESUME_KEYS = (
-    "spatial_dims", "arch", "embedding_size", "crop_size", "low_resource_mode", "drop_path_rate",
-    "use_gradient_checkpointing", "min_iou", "max_iou", "strict_iou", "max_images", "no_augment",
-    "batch_size", "accum_iters", "n_epochs", "base_lr", "end_lr", "warmup_epochs", "seed", "use_amp", "amp_dtype",
-    "batch_augment",
-)
-# values of resume keys that runs saved before the key existed had implicitly
-RESUME_KEY_DEFAULTS = {"batch_augment": False}
+#: flags whose value must not change when a run is resumed (plus each method's own)
+RESUME_KEYS = engine.COMMON_RESUME_KEYS + ("min_iou", "max_iou", "strict_iou", "no_augment")
+
+_HELP = {
+    "data_dir": "Folder of preprocessed pretraining data, searched recursively: PNG slices (--spatial_dims 2, from "
+                "preprocess_flare_unlabelled.py) or NIfTI volumes (3). Required.",
+    "spatial_dims": "2: train on 2D slices (the paper); 3: on 3D volumes with cubic crops.",
+    "crop_size": "Side of each crop in pixels (96 in the paper). Swin needs a multiple of 32, UNETR a multiple of 16. "
+                 "Images smaller than this are zero-padded to it.",
+    "batch_augment": "Run the view augmentations on the training device as batched tensor operations "
+                     "(batch_augment.BatchViewAugment, same distributions as the MONAI chain) instead of per sample in "
+                     "the data workers. Use it on a GPU when the data workers cannot keep up (GPU idle between steps); "
+                     "on the CPU it brings little. It changes the random stream, so a run cannot be resumed with a "
+                     "different value.",
+    "cache_images": "Decode every 2D slice once at start-up and keep it in memory as stored (uint8, or uint16 for 16-bit "
+                    "PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice that for "
+                    "16-bit PNGs; on every rank): 8.75 GB per 100k slices of 350 x 250 pixels; the size is read from the "
+                    "PNG headers first and a cache that would not fit in the available memory is refused before "
+                    "decoding. Use it when PNG decoding limits the workers; the numbers do not change. 2D only.",
+    "drop_path_rate": "Stochastic depth rate of the Swin encoder (0.1 in the paper's pretraining).",
+    "low_resource_mode": "Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3), batch size at "
+                         "most 4, and smaller projection heads (see the method's flags).",
+    "batch_size": "Images per process and per backward pass (the effective batch is batch_size x accum_iters x number "
+                  "of processes). 128 in the paper.",
+    "n_epochs": "Epochs of pretraining (100 in the paper).",
+    "num_workers": "Data-loading processes per GPU; -1 times a few batches with 0, 2, 4, ... workers and keeps the "
+                   "fastest. Results depend on this value (each worker has its own random stream).",
+}
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,104 +90,43 @@ RESUME_KEY_DEFAULTS = {"batch_augment": False}
 def add_common_args(
     parser: argparse.ArgumentParser, method: str, defaults: dict[str, Any], batch_size_aliases: tuple[str, ...] = ()
 ) -> dict[str, argparse._ArgumentGroup]:
-    """Add the flags both pretraining scripts share, in groups; return the groups by name
-    ("data", "model", "optim", "run", "hardware") so a script can add its own flags to them.
+    """Add the flags both pretraining scripts share (the training flags of
+    :func:`engine.add_training_args` and the IoU interval), in groups; return the groups by
+    name ("data", "model", "optim", "run", "hardware") so a script can add its own flags.
 
     ``defaults`` sets the method's own defaults for ``base_lr``, ``warmup_epochs`` and ``end_lr``;
     ``batch_size_aliases`` are other names of ``--batch_size`` (the original DINO script's
     ``--batch_size_per_gpu``).
     """
-    g_data = parser.add_argument_group("data")
-    g_data.add_argument("--data_dir", type=str, default=None,
-                        help="Folder of preprocessed pretraining data, searched recursively: PNG slices "
-                             "(--spatial_dims 2, from preprocess_flare_unlabelled.py) or NIfTI volumes (3). Required.")
-    g_data.add_argument("--spatial_dims", type=int, default=2, choices=(2, 3),
-                        help="2: train on 2D slices (the paper); 3: on 3D volumes with cubic crops.")
-    g_data.add_argument("--crop_size", type=int, default=96,
-                        help="Side of each crop in pixels (96 in the paper). Swin needs a multiple of 32, "
-                             "UNETR a multiple of 16. Images smaller than this are zero-padded to it.")
-    g_data.add_argument("--min_iou", type=float, default=0.0,
-                        help="Smallest IoU allowed between the two crops of a positive pair (0.3 is the paper's best).")
-    g_data.add_argument("--max_iou", type=float, default=1.0,
-                        help="Largest IoU allowed between the two crops (0.6 is the paper's best; "
-                             "[0, 1] is plain random cropping).")
-    g_data.add_argument("--strict_iou", action="store_true",
-                        help="Refuse to start when any image cannot meet the interval. By default such images "
-                             "get the pair closest to the interval, and the log reports how often (audit_infeasible_frac).")
-    g_data.add_argument("--max_images", type=int, default=0,
-                        help="Use only the first N images of the sorted list (demos, tests); 0 = all.")
-    g_data.add_argument("--no_augment", action="store_true",
-                        help="Leave out the view augmentations (the two crops are used as cut). For debugging "
-                             "and for comparing runs exactly; never for real pretraining.")
-    g_data.add_argument("--batch_augment", action="store_true",
-                        help="Run the view augmentations on the training device as batched tensor operations "
-                             "(batch_augment.BatchViewAugment, same distributions as the MONAI chain) instead of per "
-                             "sample in the data workers. Use it on a GPU when the data workers cannot keep up "
-                             "(GPU idle between steps); on the CPU it brings little. It changes the random stream, "
-                             "so a run cannot be resumed with a different value.")
-    g_data.add_argument("--cache_images", action="store_true",
-                        help="Decode every 2D slice once at start-up and keep it in memory as stored (uint8, or "
-                             "uint16 for 16-bit PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice "
-                             "and process (twice that for 16-bit PNGs; on every rank): 8.75 GB per 100k slices of "
-                             "350 x 250 pixels; the size is read from the PNG headers first and a cache that would not fit "
-                             "in the available memory is refused before decoding. Use it when PNG decoding limits the "
-                             "workers; the numbers do not change. 2D only.")
-
-    g_model = parser.add_argument_group("model")
-    g_model.add_argument("--arch", type=str, default="swin", choices=("swin", "unetr"),
-                         help="Encoder: 'swin' = Swin-UNETR's SwinTransformer (the paper); 'unetr' = UNETR's ViT.")
-    g_model.add_argument("--embedding_size", type=int, default=48,
-                         help="Swin embedding size C (48 in the paper; the representation has 16*C values). "
-                              "Must be a multiple of 12. For UNETR the ViT hidden size is 16*C.")
-    g_model.add_argument("--drop_path_rate", type=float, default=0.1,
-                         help="Stochastic depth rate of the Swin encoder (0.1 in the paper).")
-    g_model.add_argument("--use_gradient_checkpointing", action="store_true",
-                         help="Recompute Swin activations in the backward pass: less GPU memory, about 30%% slower.")
-    g_model.add_argument("--low_resource_mode", action="store_true",
-                         help="Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3), "
-                              "batch size at most 4, and smaller projection heads (see the method's flags).")
-
-    g_opt = parser.add_argument_group("optimisation")
-    g_opt.add_argument("--batch_size", *batch_size_aliases, dest="batch_size", type=int, default=128,
-                       help="Images per process and per backward pass (the effective batch is "
-                            "batch_size x accum_iters x number of processes). 128 in the paper.")
-    g_opt.add_argument("--n_epochs", type=int, default=100, help="Epochs of pretraining (100 in the paper).")
-    g_opt.add_argument("--base_lr", type=float, default=defaults["base_lr"],
-                       help=f"Peak learning rate, used as given (no scaling with the batch size; the paper passes "
-                            f"0.025 with batch 128 for SimSiam). Default {defaults['base_lr']:g}.")
-    g_opt.add_argument("--end_lr", type=float, default=defaults.get("end_lr", 1e-6),
-                       help="Learning rate at the end of the cosine schedule.")
-    g_opt.add_argument("--warmup_epochs", type=int, default=defaults["warmup_epochs"],
-                       help=f"Epochs of linear learning-rate warm-up before the cosine decay (default {defaults['warmup_epochs']}).")
-    g_opt.add_argument("--accum_iters", type=int, default=1,
-                       help="Backward passes accumulated per optimizer step (a larger effective batch on a small GPU). "
-                            "The last incomplete step of an epoch is skipped.")
-
-    g_run = parser.add_argument_group("run")
-    g_run.add_argument("--run_name", type=str, default=None,
-                       help=f"Name of the run; its files are <chkpt_dir>/<run_name>.pt, _last.pt, _log.jsonl, _args.json "
-                            f"and _files/. Default: {method}_<2|3>d_iou_<min>_<max>.")
-    g_run.add_argument("--chkpt_dir", type=str, default=engine.DEFAULT_CHKPT_DIR,
-                       help="Folder for the run's files (default: the project's runs/ folder).")
-    g_run.add_argument("--resume", type=str, nargs="?", const="auto", default=None,
-                       help="Continue an interrupted run: alone, from this run's <run_name>_last.pt; "
-                            "with a path, from that file. The flags that define the run must be unchanged.")
-    g_run.add_argument("--seed", type=int, default=4294967295, help="Random seed (the paper's: 4294967295).")
-    g_run.add_argument("--use_wandb", action="store_true",
-                       help="Also log every epoch to Weights & Biases (works offline with WANDB_MODE=offline).")
-    g_run.add_argument("--wandb_project", type=str, default=WANDB_PROJECT,
-                       help=f"W&B project name (the original's: {WANDB_PROJECT}).")
-    g_run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True,
-                       help="Show tqdm progress bars (--no-progress for batch jobs).")
-
-    g_hw = parser.add_argument_group("hardware")
-    g_hw.add_argument("--device", type=str, default="auto", choices=("auto", "cpu", "cuda"),
-                      help="'auto' uses CUDA when available. Multi-GPU: launch with torchrun.")
-    g_hw.add_argument("--num_workers", type=int, default=0,
-                      help="Data-loading processes per GPU; -1 times a few batches with 0, 2, 4, ... workers and keeps "
-                           "the fastest. Results depend on this value (each worker has its own random stream).")
-    engine.add_speed_args(g_hw)
-    return {"data": g_data, "model": g_model, "optim": g_opt, "run": g_run, "hardware": g_hw}
+    helps = {
+        **_HELP,
+        "base_lr": f"Peak learning rate, used as given (no scaling with the batch size; the paper passes 0.025 with "
+                   f"batch 128 for SimSiam). Default {defaults['base_lr']:g}.",
+        "warmup_epochs": f"Epochs of linear learning-rate warm-up before the cosine decay (default {defaults['warmup_epochs']}).",
+        "run_name": f"Name of the run; its files are <chkpt_dir>/<run_name>.pt, _last.pt, _log.jsonl, _args.json and "
+                    f"_files/. Default: {method}_<2|3>d_iou_<min>_<max>.",
+        "wandb_project": f"W&B project name (the original's: {WANDB_PROJECT}).",
+    }
+    groups = engine.add_training_args(
+        parser,
+        {"num_workers": 0, "embedding_size": 48, "drop_path_rate": 0.1, "batch_size": 128, "n_epochs": 100,
+         "end_lr": 1e-6, "wandb_project": WANDB_PROJECT, **defaults},
+        helps,
+        batch_size_aliases,
+    )
+    g_iou = parser.add_argument_group("IoU-based positives")
+    g_iou.add_argument("--min_iou", type=float, default=0.0,
+                       help="Smallest IoU allowed between the two crops of a positive pair (0.3 is the paper's best).")
+    g_iou.add_argument("--max_iou", type=float, default=1.0,
+                       help="Largest IoU allowed between the two crops (0.6 is the paper's best; [0, 1] is plain "
+                            "random cropping).")
+    g_iou.add_argument("--strict_iou", action="store_true",
+                       help="Refuse to start when any image cannot meet the interval. By default such images get the "
+                            "pair closest to the interval, and the log reports how often (audit_infeasible_frac).")
+    groups["data"].add_argument("--no_augment", action="store_true",
+                                help="Leave out the view augmentations (the two crops are used as cut). For debugging "
+                                     "and for comparing runs exactly; never for real pretraining.")
+    return groups
 
 
 def default_run_name(method: str, args: argparse.Namespace) -> str:
@@ -177,39 +135,15 @@ def default_run_name(method: str, args: argparse.Namespace) -> str:
 
 def check_common_args(args: argparse.Namespace) -> None:
     """Refuse bad flag values with one line each (UserError)."""
-    if not args.data_dir:
-        raise UserError("--data_dir is required (a folder of preprocessed PNG slices or NIfTI volumes)")
+    engine.check_training_args(args)
     for name in ("min_iou", "max_iou"):
         v = getattr(args, name)
         if not (0.0 <= v <= 1.0):
             raise UserError(f"--{name} must lie in [0, 1], got {v}")
     if args.min_iou > args.max_iou:
         raise UserError(f"--min_iou {args.min_iou} is larger than --max_iou {args.max_iou}")
-    mult = 32 if args.arch == "swin" else 16
-    if args.crop_size <= 0 or args.crop_size % mult:
-        raise UserError(f"--crop_size must be a positive multiple of {mult} for --arch {args.arch}, got {args.crop_size}")
-    if args.embedding_size <= 0 or args.embedding_size % 12:
-        raise UserError(f"--embedding_size must be a positive multiple of 12, got {args.embedding_size}")
-    for name in ("batch_size", "n_epochs", "accum_iters"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.warmup_epochs < 0 or args.warmup_epochs > args.n_epochs:
-        raise UserError(f"--warmup_epochs must lie in [0, --n_epochs={args.n_epochs}], got {args.warmup_epochs}")
-    if args.base_lr <= 0 or args.end_lr < 0:
-        raise UserError(f"--base_lr must be positive and --end_lr non-negative, got {args.base_lr} and {args.end_lr}")
-    if args.max_images < 0:
-        raise UserError(f"--max_images must be 0 (all) or positive, got {args.max_images}")
-    if not 0.0 <= args.drop_path_rate < 1.0:
-        raise UserError(f"--drop_path_rate must lie in [0, 1), got {args.drop_path_rate}")
-    if args.num_workers < -1:
-        raise UserError(f"--num_workers must be -1 (measure) or at least 0, got {args.num_workers}")
-    if args.use_gradient_checkpointing and args.arch != "swin":
-        raise UserError("--use_gradient_checkpointing is only available with --arch swin")
     if args.batch_augment and args.no_augment:
         raise UserError("--batch_augment and --no_augment contradict each other (augment on the device, or not at all)")
-    if args.cache_images and args.spatial_dims != 2:
-        raise UserError("--cache_images keeps decoded 2D slices in memory; it is not available with --spatial_dims 3")
-    engine.check_speed_args(args)
 
 
 def apply_low_resource_mode(args: argparse.Namespace) -> None:
@@ -222,8 +156,6 @@ def apply_low_resource_mode(args: argparse.Namespace) -> None:
 
 def model_config(args: argparse.Namespace) -> dict[str, Any]:
     """The encoder configuration for these flags (stored in every checkpoint)."""
-    from models import encoder_config_from_args
-
     return encoder_config_from_args(args)
 
 
@@ -378,24 +310,6 @@ def augment_views(batch: dict[str, Any], aug: Any, device: torch.device) -> dict
     return out
 
 
-def user_error_in(exc: BaseException) -> UserError | None:
-    """The UserError behind an exception raised while loading data, if there is one.
-
-    MONAI wraps transform errors in RuntimeError, and DataLoader workers re-raise them
-    with the worker's traceback as text; both are unwrapped here so that a corrupt file
-    stops the run with the one line that names it.
-    """
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, UserError) and "Traceback" not in str(e):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    found = re.findall(r"^(?:[\w.]*\.)?UserError: (.+)$", str(exc), flags=re.MULTILINE)
-    return UserError(found[-1].strip()) if found else None
-
-
 # ---------------------------------------------------------------------------------------
 # The pair audit
 # ---------------------------------------------------------------------------------------
@@ -502,16 +416,6 @@ class PretrainMethod:
         return {}
 
 
-def wrap_ddp(module: nn.Module, info: engine.DistInfo) -> nn.Module:
-    """DistributedDataParallel around ``module`` when running with several processes."""
-    if not info.distributed:
-        return module
-    from torch.nn.parallel import DistributedDataParallel
-
-    ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=ids)
-
-
 # ---------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------
@@ -529,41 +433,24 @@ def run_pretraining(args: argparse.Namespace, method_cls: type[PretrainMethod]) 
     check_common_args(args)
     apply_low_resource_mode(args)
     method_cls.adjust_args(args)
+    args.data_dir = os.path.abspath(args.data_dir)
     if args.run_name is None:
         args.run_name = default_run_name(method_cls.name, args)
-    we_initialised = not (torch.distributed.is_available() and torch.distributed.is_initialized())
-    info = engine.init_distributed(args.device)
-    ok = False
-    try:
-        result = _run(args, method_cls, info)
-        ok = True
-        return result
-    finally:
-        if we_initialised and torch.distributed.is_available() and torch.distributed.is_initialized():
-            if ok:
-                engine.cleanup_distributed()
-            else:
-                torch.distributed.destroy_process_group()
+    with engine.distributed(args.device) as info:
+        return _run(args, method_cls, info)
 
 
 def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engine.DistInfo) -> dict[str, Any]:
-    paths = engine.run_paths(args.chkpt_dir, args.run_name)
-    resume_path = engine.resolve_resume(args.resume, paths)
+    run = engine.RunFiles(args.chkpt_dir, args.run_name, method_cls.name, info)
+    paths = run.paths
     logger.info("%s pretraining run %r; its files go to %s", method_cls.name, args.run_name, paths["chkpt_dir"])
-
-    state = None
-    if resume_path is not None:
-        state = engine.load_training_state(resume_path)
-        if state.get("method") != method_cls.name:
-            raise UserError(f"--resume {resume_path!r} is a {state.get('method')!r} run, not a {method_cls.name!r} one")
-        keys = RESUME_KEYS + method_cls.resume_keys
-        engine.check_resume_args({**RESUME_KEY_DEFAULTS, **state["args"]}, engine.args_dict(args), keys, resume_path)
-        if int(state.get("world_size", 1)) != info.world_size:
-            raise UserError(
-                f"cannot resume {resume_path!r} with {info.world_size} processes: it was started with "
-                f"{state.get('world_size')} (the data partition would change)"
-            )
-    engine.prepare_run_dir(paths, resume=resume_path is not None, info=info)
+    args_d = engine.args_dict(args)
+    state = run.open(args.resume, args_d, RESUME_KEYS + method_cls.resume_keys)
+    if state is not None and int(state.get("world_size", 1)) != info.world_size:
+        raise UserError(
+            f"cannot resume {run.resume_path!r} with {info.world_size} processes: it was started with "
+            f"{state.get('world_size')} (the data partition would change)"
+        )
 
     dataset, check = build_dataset(args, info)
     per_rank = len(dataset) // info.world_size
@@ -573,17 +460,7 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
             f"{len(dataset)} images are too few for one optimizer step of --batch_size {args.batch_size} x "
             f"--accum_iters {args.accum_iters} x {info.world_size} processes"
         )
-
-    num_workers = args.num_workers
-    if state is not None and args.num_workers == -1 and state.get("num_workers") is not None:
-        num_workers = int(state["num_workers"])  # keep the measured value of the run
-    elif num_workers == -1:
-        num_workers = engine.pick_num_workers(dataset, args.batch_size)
-    if state is not None and state.get("num_workers") is not None and int(state["num_workers"]) != num_workers:
-        logger.warning(
-            "resuming with %d data workers, the run started with %d: the remaining epochs see other random "
-            "crops than an uninterrupted run would", num_workers, int(state["num_workers"]),
-        )
+    num_workers = engine.resolve_num_workers(args.num_workers, state, dataset, args.batch_size)
 
     cfg = model_config(args)
     engine.fix_random_seeds(args.seed)
@@ -598,27 +475,20 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
         engine.set_rng_state(state["rng"])
         start_epoch = int(state["epoch"])
         wandb_id = state.get("wandb_id")
-        last_record = state.get("last_record")
-        if info.is_main:
-            engine.truncate_log(paths["log"], start_epoch)
-        logger.info("resumed %s after epoch %d of %d", resume_path, start_epoch, args.n_epochs)
+        last_record = state.get("record", state.get("last_record"))
+        run.restore_log(state)
+        logger.info("resumed %s after epoch %d of %d", run.resume_path, start_epoch, args.n_epochs)
 
-    args_d = engine.args_dict(args)
     engine.write_args(paths, {**args_d, "model_config": cfg, "num_workers_used": num_workers, "world_size": info.world_size}, info)
     epoch_logger = engine.EpochLogger(paths, info, args.use_wandb, args.wandb_project, args_d, wandb_id)
     try:
         for epoch in range(start_epoch, args.n_epochs):
             last_record = _train_epoch(args, method, amp, dataset, num_workers, epoch, info, iters_per_epoch)
-            epoch_logger.log(last_record)
             if info.is_main:
-                from models import encoder_checkpoint
-
                 weights = encoder_checkpoint(method.encoder, cfg, method.name, epoch + 1, args_d, **method.extra_checkpoint())
                 atomic_torch_save(weights, paths["weights"])
-            engine.save_training_state(
-                paths["last"],
+            run.end_epoch(
                 {
-                    "method": method.name,
                     "epoch": epoch + 1,
                     "method_state": method.state_dict(),
                     "amp": amp.state_dict(),
@@ -628,9 +498,9 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
                     "model_config": cfg,
                     "num_workers": num_workers,
                     "world_size": info.world_size,
-                    "last_record": last_record,
                 },
-                info,
+                last_record,
+                epoch_logger,
             )
             logger.info(
                 "epoch %d/%d: loss %.4f, lr %.3g, IoU mean %.3f, infeasible %.1f%%, %.1f pairs/s",
@@ -652,8 +522,7 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
         "images_infeasible_frac": check["infeasible_frac"],
         "final": last_record,
     }
-    if info.is_main:
-        atomic_write_json(os.path.join(paths["dir"], "result.json"), result)
+    run.write_result(result)
     return result
 
 

@@ -24,9 +24,13 @@ import io
 import json
 import logging
 import os
+import pickle
+import re
 import sys
 import tempfile
 from typing import Any, Callable, Iterator
+
+import torch
 
 logger = logging.getLogger("ioupos")
 
@@ -47,6 +51,24 @@ class TrainingError(Exception):
     """
 
     exit_code = 1
+
+
+def user_error_in(exc: BaseException) -> UserError | None:
+    """The UserError behind an exception raised while loading data, if there is one.
+
+    MONAI wraps transform errors in RuntimeError (``applying transform ...``), and DataLoader
+    workers re-raise them with the worker's traceback as text; both are unwrapped here so
+    that a corrupt file stops the run with the one line that names it.
+    """
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UserError) and "Traceback" not in str(e):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    found = re.findall(r"^(?:[\w.]*\.)?UserError: (.+)$", str(exc), flags=re.MULTILINE)
+    return UserError(found[-1].strip()) if found else None
 
 
 def setup_logging(level: int = logging.INFO, rank: int = 0) -> None:
@@ -181,8 +203,6 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save`` through :func:`atomic_write`: a kill mid-save keeps the previous file."""
-    import torch
-
     with atomic_write(path, "wb") as f:
         torch.save(obj, f)
 
@@ -194,3 +214,29 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def torch_load(path: str, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with one clear line for every way it can fail.
+
+    Raises:
+        UserError: the file is missing, not a torch file, or needs arbitrary pickled objects.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path!r} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        msg = re.sub(r"\x1b\[[0-9;]*m", "", str(e))
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", msg)
+        if found:
+            raise UserError(
+                f"checkpoint {path!r} needs the Python object {found.group(1)} to load; this project loads "
+                f"checkpoints with weights_only=True and refuses arbitrary pickled objects"
+            ) from None
+        raise UserError(
+            f"{path!r} is not a readable PyTorch checkpoint (not written by torch.save, or it holds pickled "
+            f"data that weights_only=True refuses)"
+        ) from None
+    except Exception as e:  # zip errors, truncated files, text files...
+        raise UserError(f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).strip()[:200]})") from None

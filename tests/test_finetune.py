@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 import data
+import engine
 import finetune
 import main_finetune
 import metrics
@@ -124,7 +125,7 @@ def test_run_files_schedule_early_stopping_from_dino_student(phantom, tmp_path):
         main_finetune.main(_args(phantom, tmp_path, "--run_name", "es"))
     # the paper's schedule: every 10 epochs, every epoch from 90 (and the last)
     a = main_finetune.get_args_parser().parse_args(["--data_dir", "x"])
-    evals = [e for e in range(1, 226) if main_finetune._should_eval(e, a)]
+    evals = [e for e in range(1, 226) if finetune.should_evaluate(e, a)]
     assert evals == list(range(10, 90, 10)) + list(range(90, 226))
 
 
@@ -304,10 +305,10 @@ def test_resume_after_sigkill_equals_uninterrupted(phantom, tmp_path):
     assert [r["train_loss"] for r in la] == [r["train_loss"] for r in lb]
     # the log after a resume: lines of redone epochs dropped; the line of a kill between state and log restored
     log_b = b / "r_log.jsonl"
-    main_finetune._repair_log(str(log_b), 2, {"epoch": 2, "train_loss": 0.5})
+    engine.repair_log(str(log_b), 2, {"epoch": 2, "train_loss": 0.5})
     assert [r["epoch"] for r in _log(log_b)] == [1, 2] and _log(log_b)[1] == lb[1]
     log_b.write_text(json.dumps(lb[0]) + "\n")
-    main_finetune._repair_log(str(log_b), 2, {"epoch": 2, "train_loss": 0.5})
+    engine.repair_log(str(log_b), 2, {"epoch": 2, "train_loss": 0.5})
     assert _log(log_b) == [lb[0], {"epoch": 2, "train_loss": 0.5}]
     # --resume with a foreign file or a missing one
     with pytest.raises(UserError, match="not a training state"):
@@ -335,7 +336,7 @@ def _evaluate(pred, label, spacing, tolerance=1.0, spatial_dims=2, crop=16):
     return finetune.evaluate(
         _EchoModel(), [ref], lambda r: (pred.astype(np.float32) / 100, label, affine), spatial_dims=spatial_dims, n_classes=14,
         crop_size=crop, sw_batch_size=4, sw_overlap=0.25, device=torch.device("cpu"), autocast=contextlib.nullcontext,
-        info=finetune.engine.DistInfo(), full=True,
+        info=engine.DistInfo(), full=True,
         tolerance_mm=tolerance, progress=False,
     )
 
@@ -549,7 +550,7 @@ def test_cached_evaluation_equals_reading_every_slice_and_monai_dice(phantom, dd
         assert stored.dtype == np.uint8 and np.array_equal(label, label2)
         assert np.array_equal(finetune.predict_volume(model, stored, **kw), pred)
     cache = finetune.CaseCache(lambda ref: finetune.load_case_2d(ref, 14, stored=True))
-    info = main_finetune.engine.DistInfo()
+    info = engine.DistInfo()
     res = finetune.evaluate(model, cases, cache.load, n_classes=14, info=info, progress=False, **kw)
     assert res.n_items == sum(len(v) for v in ref_values)
     assert res.paper_per_case == {ref.case: float(np.mean(v)) for ref, v in zip(cases, ref_values)}

@@ -51,8 +51,9 @@ if snap:
         original(path, state, info)
         if info.is_main and state["epoch"] == 1 and os.path.basename(path) == run + "_last.pt" and not os.path.exists(dst):
             os.makedirs(dst)
-            for suffix in (".pt", "_last.pt", "_log.jsonl", "_args.json"):
-                shutil.copy(os.path.join(src, run + suffix), os.path.join(dst, run + suffix))
+            for suffix in (".pt", "_last.pt", "_log.jsonl", "_args.json"):  # the log line comes after the state
+                if os.path.exists(os.path.join(src, run + suffix)):
+                    shutil.copy(os.path.join(src, run + suffix), os.path.join(dst, run + suffix))
     engine.save_training_state = save_and_snapshot
 import importlib
 for name, argv in json.load(open(sys.argv[1])):
