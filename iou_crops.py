@@ -662,13 +662,22 @@ def _spatial_shape(img: Any, name: str) -> tuple[int, ...]:
 class IoUCrop(Randomizable, Transform):
     """Two crops of a channel-first image with IoU in [min_iou, max_iou] (array-level MONAI transform).
 
+    ``__call__(img, randomize=True) -> (crop1, crop2)``. After a call, ``start_a``,
+    ``start_b`` (tuples of ints), ``iou`` (float) and ``feasible`` (bool) describe the
+    last pair. With ``randomize=False`` the last boxes are reused. For example, with
+    ``crop_size=96`` an image of shape ``(1, 300, 250)`` gives two crops of shape
+    ``(1, 96, 96)``, and one of shape ``(2, 200, 200, 120)`` with ``crop_size=(64, 64, 32)``
+    two of shape ``(2, 64, 64, 32)``.
+
     Args:
         crop_size: crop size, an int or one int per spatial axis.
         min_iou, max_iou, strict: see :class:`IoUCropSampler`.
 
-    ``__call__(img, randomize=True) -> (crop1, crop2)``. After a call, ``start_a``,
-    ``start_b`` (tuples of ints), ``iou`` (float) and ``feasible`` (bool) describe the
-    last pair. With ``randomize=False`` the last boxes are reused.
+    Raises:
+        ValueError: a bad crop size or interval (the message holds the values); at call
+            time, an image that is not channel-first 2D / 3D or smaller than the crop, or
+            (``strict=True``) one that admits no pair in the interval.
+        TypeError: an image that is not a numpy array, torch tensor or MetaTensor.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -703,12 +712,22 @@ class IoUCrop(Randomizable, Transform):
 class IoUCropd(Randomizable, MapTransform):
     """Dictionary version of :class:`IoUCrop`: the same two boxes for every key.
 
-    For each key ``k`` it writes ``{k}1`` and ``{k}2`` and drops ``{k}``. With
-    ``store_boxes=True`` it also writes ``iou_start1`` and ``iou_start2`` (int64 arrays
-    of shape ``(spatial_dims,)``), ``iou_value`` (float, the realised IoU) and
-    ``iou_feasible`` (bool, False when the image admitted no pair in the interval and
-    the closest pair was returned). Crops are views of the input, as with MONAI's own
-    crop transforms (see :func:`cut_crop`).
+    Like MONAI's ``RandSpatialCropd`` around ``RandSpatialCrop``, it holds an
+    :class:`IoUCrop` (``self.cropper``), draws one pair per call with it and cuts that
+    pair from every key. For each key ``k`` it writes ``{k}1`` and ``{k}2`` and drops
+    ``{k}``. With ``store_boxes=True`` it also writes ``iou_start1`` and ``iou_start2``
+    (int64 arrays of shape ``(spatial_dims,)``), ``iou_value`` (float, the realised IoU)
+    and ``iou_feasible`` (bool, False when the image admitted no pair in the interval
+    and the closest pair was returned). Crops are views of the input, as with MONAI's
+    own crop transforms (see :func:`cut_crop`).
+
+    Example: ``IoUCropd(["image", "label"], spatial_dims=2, crop_size=96, min_iou=0.3,
+    max_iou=0.6, store_boxes=True)`` turns ``{"image": (1, 300, 250) array, "label":
+    (1, 300, 250) array, "case": "x"}`` into ``{"case": "x", "image1", "image2",
+    "label1", "label2": (1, 96, 96) each, "iou_start1", "iou_start2": int64 (2,) each,
+    "iou_value": float in [0.3, 0.6], "iou_feasible": True}``; ``image1`` and ``label1``
+    are cut from the same box. With ``spatial_dims=3`` and ``crop_size=(64, 64, 32)`` a
+    ``(1, 200, 200, 120)`` volume gives ``(1, 64, 64, 32)`` crops and ``(3,)`` starts.
 
     Args:
         keys: keys of the channel-first images to crop (image and label get identical boxes).
@@ -719,8 +738,10 @@ class IoUCropd(Randomizable, MapTransform):
         allow_missing_keys: skip keys absent from the data instead of raising KeyError.
 
     Raises:
-        ValueError: bad arguments; at call time, images of the wrong dimensionality or
-            keys whose spatial shapes differ.
+        ValueError: bad arguments (the message holds the values); at call time, images
+            of the wrong dimensionality, keys whose spatial shapes differ, an output key
+            that already exists, or (``strict=True``) an image admitting no pair.
+        KeyError: a key is missing and ``allow_missing_keys`` is False.
     """
 
     backend = IoUCrop.backend
@@ -741,24 +762,63 @@ class IoUCropd(Randomizable, MapTransform):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = int(spatial_dims)
         self.crop_size = _crop_size_tuple(crop_size, self.spatial_dims)
-        self.sampler = IoUCropSampler(self.crop_size, min_iou, max_iou, strict)
+        self.cropper = IoUCrop(self.crop_size, min_iou, max_iou, strict)
         self.store_boxes = bool(store_boxes)
-        self.pair: CropPair | None = None
+
+    @property
+    def sampler(self) -> IoUCropSampler:
+        """The wrapped :class:`IoUCrop`'s sampler."""
+        return self.cropper.sampler
+
+    @property
+    def pair(self) -> CropPair | None:
+        """The last pair drawn (None before the first)."""
+        c = self.cropper
+        if c.start_a is None:
+            return None
+        return CropPair(c.start_a, c.start_b, c.iou, c.feasible)  # type: ignore[arg-type]
 
     @property
     def stats(self) -> dict[str, int]:
         """The sampler's counters (pairs drawn, infeasible pairs) in this process."""
-        return self.sampler.stats
+        return self.cropper.stats
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> IoUCropd:
+        """Set ``self.R`` (see MONAI's ``Randomizable``); the wrapped :class:`IoUCrop` shares it. Returns self."""
+        super().set_random_state(seed, state)
+        self.cropper.set_random_state(state=self.R)
+        return self
 
     def randomize(self, data: Sequence[int]) -> None:
-        """Draw the pair for spatial shape ``data`` from ``self.R``."""
-        self.pair = self.sampler.sample_pair(tuple(data), self.R)
+        """Draw the pair for spatial shape ``data`` from ``self.R``, with the wrapped :class:`IoUCrop`."""
+        if self.cropper.R is not self.R:  # R replaced without set_random_state: share it again
+            self.cropper.set_random_state(state=self.R)
+        self.cropper.randomize(data)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         keys = list(self.key_iterator(d))
         if not keys:
             return d
+        self.randomize(self._spatial_shape_of(d, keys))
+        for key in keys:
+            d[f"{key}1"], d[f"{key}2"] = self.cropper(d.pop(key), randomize=False)
+        if self.store_boxes:
+            pair = self.pair
+            assert pair is not None
+            d["iou_start1"] = np.asarray(pair.start_a, dtype=np.int64)
+            d["iou_start2"] = np.asarray(pair.start_b, dtype=np.int64)
+            d["iou_value"] = float(pair.iou)
+            d["iou_feasible"] = bool(pair.feasible)
+        return d
+
+    def _spatial_shape_of(self, d: dict, keys: list) -> tuple[int, ...]:
+        """The spatial shape all ``keys`` share.
+
+        Raises:
+            ValueError: an image of the wrong dimensionality, two keys with different
+                spatial shapes, or an output key already in the data.
+        """
         shape = None
         for key in keys:
             s = _spatial_shape(d[key], f"IoUCropd key {key!r}")
@@ -773,19 +833,8 @@ class IoUCropd(Randomizable, MapTransform):
             for suffix in ("1", "2"):
                 if f"{key}{suffix}" in d:
                     raise ValueError(f"IoUCropd: output key {key}{suffix!s} already exists in the data")
-        self.randomize(shape)  # type: ignore[arg-type]
-        pair = self.pair
-        assert pair is not None
-        for key in keys:
-            img = d.pop(key)
-            d[f"{key}1"] = cut_crop(img, pair.start_a, self.crop_size)
-            d[f"{key}2"] = cut_crop(img, pair.start_b, self.crop_size)
-        if self.store_boxes:
-            d["iou_start1"] = np.asarray(pair.start_a, dtype=np.int64)
-            d["iou_start2"] = np.asarray(pair.start_b, dtype=np.int64)
-            d["iou_value"] = float(pair.iou)
-            d["iou_feasible"] = bool(pair.feasible)
-        return d
+        assert shape is not None
+        return shape
 
 
 # --------------------------------------------------------------------------- command line
