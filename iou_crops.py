@@ -255,6 +255,132 @@ def _draw_index_cum(cum: np.ndarray, u: float) -> int:
     return int(cum.searchsorted(r, side="right"))
 
 
+def _draw_first_start(plan: _ShapePlan, draws: list[float]) -> list[int]:
+    """Start corner of the first crop: uniform over the positions that have a valid partner.
+
+    Args:
+        plan: the image shape's plan.
+        draws: ``ndim + 1`` uniforms: the position on each axis, then the group (see below).
+
+    When every position has a partner (``plan.all_uniform``) each axis is drawn on its
+    own from ``draws[axis]``. Otherwise the positions of each axis are grouped by the
+    largest offset class they can reach (``plan.groups``); ``draws[ndim]`` picks one
+    group per axis at once (weight: does the group combination reach a valid class,
+    times the number of positions in it, ``plan.first_cum``), then ``draws[axis]`` a
+    position within the axis's group.
+    """
+    n_starts = plan.n
+    ndim = len(n_starts)
+    if plan.all_uniform:
+        return [min(int(draws[axis] * n_starts[axis]), n_starts[axis] - 1) for axis in range(ndim)]
+    cell = _draw_index_cum(plan.first_cum, draws[ndim])  # type: ignore[arg-type]
+    group_of_axis = np.unravel_index(cell, plan.first_shape)
+    start_a = []
+    for axis in range(ndim):
+        order, group_starts, group_sizes = plan.groups[axis]
+        group = int(group_of_axis[axis])
+        group_size = int(group_sizes[group])
+        start_a.append(int(order[int(group_starts[group]) + min(int(draws[axis] * group_size), group_size - 1)]))
+    return start_a
+
+
+def _draw_offset_classes(
+    plan: _ShapePlan, size: tuple[int, ...], start_a: list[int], draws: list[float]
+) -> tuple[list[int], int]:
+    """Offset classes of the second crop, axis by axis, exactly from their conditional laws.
+
+    Args:
+        plan: the image shape's plan (``plan.classes``: the class vectors allowed).
+        size: crop size per axis.
+        start_a: the first crop's start corner.
+        draws: ``ndim`` uniforms: one per axis 0 .. last - 1, then one for the last axis.
+
+    Returns:
+        (class per axis, last_pick): ``last_pick`` says which of the partner positions of
+        the last axis's class to take (drawn jointly with that class from the last draw).
+
+    The weight of class ``t`` on axis ``j``, given the classes of the axes before it, is
+    the number of partner positions of ``start_a`` at class ``t`` on that axis
+    (:func:`_partner_row`) times the number of partners over the later axes whose class
+    vector completes an allowed one. The sum over the last axis is read from prefix
+    sums, because the last axis's partner row is a step function (1 at class 0, 2 up
+    to ``both_max``, 1 up to ``one_max``, 0 below the crop size, ``n_apart`` at it).
+    """
+    classes = plan.classes
+    n_starts = plan.n
+    ndim = len(n_starts)
+    last = ndim - 1
+    both_max, one_max, n_apart = _row_steps(start_a[last], n_starts[last], size[last])
+    offset_class: list[int] = []
+    for axis in range(last):
+        chosen = tuple(offset_class)
+        # sum over the last axis of member * partner row, from the prefix sums (row is a step function)
+        weights = (
+            classes.prefix_cols[both_max + 1][chosen]
+            + classes.prefix_cols[one_max + 1][chosen]
+            - classes.first_col[chosen]
+            + n_apart * classes.last_col[chosen]
+        )
+        for middle in range(last - 1, axis, -1):  # middle axes (3D only): contract with the partner row
+            weights = weights @ _partner_row(start_a[middle], n_starts[middle], size[middle])
+        offset_class.append(_draw_index(weights * _partner_row(start_a[axis], n_starts[axis], size[axis]), draws[axis]))
+    # last axis: pick a step of the row (weight = partners per class x allowed classes in
+    # the step), then a class in the step and one of its partner positions
+    prefix = classes.prefix_rows[tuple(offset_class)].tolist()  # prefix[t]: allowed classes below t
+    last_size = size[last]
+    steps = ((0, 0, 1), (1, both_max, 2), (both_max + 1, one_max, 1), (last_size, last_size, n_apart))
+    step_weights = [per_class * (prefix[hi + 1] - prefix[lo]) for lo, hi, per_class in steps]
+    total = step_weights[0] + step_weights[1] + step_weights[2] + step_weights[3]
+    rank = min(math.floor(draws[last] * total), total - 1)
+    for (lo, hi, per_class), weight in zip(steps, step_weights):
+        if rank < weight:
+            break
+        rank -= weight
+    # rank // per_class: which allowed class of the step; rank % per_class: which of its partner positions
+    offset_class.append(bisect.bisect_right(prefix, prefix[lo] + rank // per_class) - 1)
+    return offset_class, rank % per_class
+
+
+def _place_partner(
+    n_starts: tuple[int, ...],
+    size: tuple[int, ...],
+    start_a: list[int],
+    offset_class: list[int],
+    draws: list[float],
+    last_pick: int,
+) -> list[int]:
+    """Start corner of the second crop from the first one and the offset classes.
+
+    Args:
+        n_starts: start positions per axis (image size - crop size + 1).
+        size: crop size per axis.
+        start_a: the first crop's start corner.
+        offset_class: the drawn class per axis (``size[axis]``: no overlap on that axis).
+        draws: ``ndim - 1`` uniforms, the partner position on axes 0 .. last - 1.
+        last_pick: the partner position on the last axis (from :func:`_draw_offset_classes`).
+
+    Class ``t < size``: the partner is ``t`` below or ``t`` above ``start_a`` (one of the
+    two that exist; pick 0 prefers below). Class ``size``: one of the positions that do
+    not overlap, those below ``start_a`` first.
+    """
+    last = len(n_starts) - 1
+    start_b = []
+    for axis in range(last + 1):
+        t, pos_a, n_axis, c_axis = offset_class[axis], start_a[axis], n_starts[axis], size[axis]
+        if t == 0:
+            start_b.append(pos_a)
+            continue
+        below = pos_a - t >= 0 if t < c_axis else max(0, pos_a - c_axis + 1)  # partners below (bool or count)
+        above = pos_a + t <= n_axis - 1 if t < c_axis else max(0, n_axis - c_axis - pos_a)  # partners above
+        n_partners = int(below) + int(above)
+        pick = last_pick if axis == last else min(int(draws[axis] * n_partners), n_partners - 1)
+        if t < c_axis:
+            start_b.append(pos_a - t if below and (pick == 0 or not above) else pos_a + t)
+        else:
+            start_b.append(pick if pick < below else pos_a + c_axis + (pick - below))
+    return start_b
+
+
 # --------------------------------------------------------------------------- the sampler
 
 
@@ -380,84 +506,52 @@ class IoUCropSampler:
         return pair.start_a, pair.start_b
 
     def sample_pair(self, image_shape: Sequence[int], rng: RNG) -> CropPair:
-        """Like :meth:`sample`, but also returns the pair's IoU and whether it is in the interval."""
-        key = tuple(image_shape) if not isinstance(image_shape, tuple) else image_shape
-        plan = self._plans.get(key)
+        """Like :meth:`sample`, but also returns the pair's IoU and whether it is in the interval.
+
+        Every pair takes exactly ``3 * ndim`` uniform draws on [0, 1) from ``rng``, in one
+        call (``rng.random`` or ``RandomState.random_sample``), whatever the image and the
+        interval; ``ndim`` is the number of spatial axes and ``last = ndim - 1``::
+
+            draws[0 : ndim]                first crop: its position on each axis (uniform over
+                                           the axis, or within the group drawn with draws[ndim])
+            draws[ndim]                    first crop: one group of positions per axis, when
+                                           some positions have no partner (else unused)
+            draws[ndim + 1 : 2 * ndim]     second crop: the offset class on axes 0 .. last - 1,
+                                           each given the classes drawn before it
+            draws[2 * ndim]                second crop: the offset class on the last axis and,
+                                           jointly, the partner position on that axis
+            draws[2 * ndim + 1 : 3 * ndim] second crop: the partner position on axes 0 .. last - 1
+                                           (below or above the first crop, or which of the
+                                           non-overlapping positions; unused for class 0)
+
+        Each draw picks among integer weights by ``floor(draw * total)``, so the result
+        is a deterministic function of the draws (see :func:`_draw_index`).
+        """
+        shape = tuple(image_shape) if not isinstance(image_shape, tuple) else image_shape
+        plan = self._plans.get(shape)
         if plan is None:
-            plan = self._plan(key)
+            plan = self._plan(shape)
         if not plan.feasible and self.strict:
-            size = self.crop_size_for(len(key))
+            size = self.crop_size_for(len(shape))
             raise ValueError(
-                f"image of shape {tuple(int(s) for s in key)} admits no pair of {size} crops with IoU in "
+                f"image of shape {tuple(int(s) for s in shape)} admits no pair of {size} crops with IoU in "
                 f"[{self.min_iou}, {self.max_iou}]"
             )
         if isinstance(rng, np.random.Generator):
-            u = rng.random(3 * len(key)).tolist()
+            draws = rng.random(3 * len(shape)).tolist()
         elif isinstance(rng, np.random.RandomState):
-            u = rng.random_sample(3 * len(key)).tolist()
+            draws = rng.random_sample(3 * len(shape)).tolist()
         else:
             raise TypeError(f"rng must be a numpy.random.Generator or RandomState, got {type(rng).__name__}")
-        table = self._tables[len(key)]
-        size = table.size
-        n = plan.n
-        k = len(n)
-
-        # first crop: uniform over positions with at least one partner
-        if plan.all_uniform:
-            a = [min(int(u[i] * n[i]), n[i] - 1) for i in range(k)]
-        else:
-            j = _draw_index_cum(plan.first_cum, u[k])  # type: ignore[arg-type]
-            g = np.unravel_index(j, plan.first_shape)
-            a = []
-            for i in range(k):
-                order, starts, counts = plan.groups[i]
-                gi = int(g[i])
-                h = int(counts[gi])
-                a.append(int(order[int(starts[gi]) + min(int(u[i] * h), h - 1)]))
-
-        # second crop: offset class on axis 0 from its marginal, then axis 1 given axis 0, ...
-        cls = plan.classes
-        e2, e1, z = _row_steps(a[k - 1], n[k - 1], size[k - 1])
-        t_sel: list[int] = []
-        for j in range(k - 1):
-            idx = tuple(t_sel)
-            # sum over the last axis of member * partner row, from the prefix sums (row is a step function)
-            w = cls.prefix_cols[e2 + 1][idx] + cls.prefix_cols[e1 + 1][idx] - cls.first_col[idx] + z * cls.last_col[idx]
-            for i in range(k - 2, j, -1):  # middle axes (3D only): contract with the partner row
-                w = w @ _partner_row(a[i], n[i], size[i])
-            t_sel.append(_draw_index(w * _partner_row(a[j], n[j], size[j]), u[k + 1 + j]))
-        # last axis: pick a step of the row (weight = step value x members in it), then a member in it
-        prow = cls.prefix_rows[tuple(t_sel)].tolist()
-        c_last = size[k - 1]
-        steps = ((0, 0, 1), (1, e2, 2), (e2 + 1, e1, 1), (c_last, c_last, z))
-        masses = [val * (prow[hi + 1] - prow[lo]) for lo, hi, val in steps]
-        total = masses[0] + masses[1] + masses[2] + masses[3]
-        r = min(math.floor(u[2 * k] * total), total - 1)
-        for (lo, hi, val), mass in zip(steps, masses):
-            if r < mass:
-                break
-            r -= mass
-        # r // val: which member of the step; r % val: which of the val partner positions
-        t_sel.append(bisect.bisect_right(prow, prow[lo] + r // val) - 1)
-        last_pick = r % val
-        b = []
-        for i in range(k):
-            t, ai, ni, ci = t_sel[i], a[i], n[i], size[i]
-            if t == 0:
-                b.append(ai)
-                continue
-            left = ai - t >= 0 if t < ci else max(0, ai - ci + 1)  # partners below a (bool or count)
-            right = ai + t <= ni - 1 if t < ci else max(0, ni - ci - ai)  # partners above a
-            count = int(left) + int(right)
-            pick = last_pick if i == k - 1 else min(int(u[2 * k + 1 + i] * count), count - 1)
-            if t < ci:
-                b.append(ai - t if left and (pick == 0 or not right) else ai + t)
-            else:
-                b.append(pick if pick < left else ai + ci + (pick - left))
+        table = self._tables[len(shape)]
+        ndim = len(shape)
+        start_a = _draw_first_start(plan, draws[: ndim + 1])
+        offset_class, last_pick = _draw_offset_classes(plan, table.size, start_a, draws[ndim + 1 : 2 * ndim + 1])
+        start_b = _place_partner(plan.n, table.size, start_a, offset_class, draws[2 * ndim + 1 :], last_pick)
         self._pairs += 1
         if not plan.feasible:
             self._infeasible += 1
-        return CropPair(tuple(a), tuple(b), float(table.iou[tuple(t_sel)]), plan.feasible)
+        return CropPair(tuple(start_a), tuple(start_b), float(table.iou[tuple(offset_class)]), plan.feasible)
 
     # ---- per-shape plan
 
@@ -568,13 +662,22 @@ def _spatial_shape(img: Any, name: str) -> tuple[int, ...]:
 class IoUCrop(Randomizable, Transform):
     """Two crops of a channel-first image with IoU in [min_iou, max_iou] (array-level MONAI transform).
 
+    ``__call__(img, randomize=True) -> (crop1, crop2)``. After a call, ``start_a``,
+    ``start_b`` (tuples of ints), ``iou`` (float) and ``feasible`` (bool) describe the
+    last pair. With ``randomize=False`` the last boxes are reused. For example, with
+    ``crop_size=96`` an image of shape ``(1, 300, 250)`` gives two crops of shape
+    ``(1, 96, 96)``, and one of shape ``(2, 200, 200, 120)`` with ``crop_size=(64, 64, 32)``
+    two of shape ``(2, 64, 64, 32)``.
+
     Args:
         crop_size: crop size, an int or one int per spatial axis.
         min_iou, max_iou, strict: see :class:`IoUCropSampler`.
 
-    ``__call__(img, randomize=True) -> (crop1, crop2)``. After a call, ``start_a``,
-    ``start_b`` (tuples of ints), ``iou`` (float) and ``feasible`` (bool) describe the
-    last pair. With ``randomize=False`` the last boxes are reused.
+    Raises:
+        ValueError: a bad crop size or interval (the message holds the values); at call
+            time, an image that is not channel-first 2D / 3D or smaller than the crop, or
+            (``strict=True``) one that admits no pair in the interval.
+        TypeError: an image that is not a numpy array, torch tensor or MetaTensor.
     """
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
@@ -609,12 +712,22 @@ class IoUCrop(Randomizable, Transform):
 class IoUCropd(Randomizable, MapTransform):
     """Dictionary version of :class:`IoUCrop`: the same two boxes for every key.
 
-    For each key ``k`` it writes ``{k}1`` and ``{k}2`` and drops ``{k}``. With
-    ``store_boxes=True`` it also writes ``iou_start1`` and ``iou_start2`` (int64 arrays
-    of shape ``(spatial_dims,)``), ``iou_value`` (float, the realised IoU) and
-    ``iou_feasible`` (bool, False when the image admitted no pair in the interval and
-    the closest pair was returned). Crops are views of the input, as with MONAI's own
-    crop transforms (see :func:`cut_crop`).
+    Like MONAI's ``RandSpatialCropd`` around ``RandSpatialCrop``, it holds an
+    :class:`IoUCrop` (``self.cropper``), draws one pair per call with it and cuts that
+    pair from every key. For each key ``k`` it writes ``{k}1`` and ``{k}2`` and drops
+    ``{k}``. With ``store_boxes=True`` it also writes ``iou_start1`` and ``iou_start2``
+    (int64 arrays of shape ``(spatial_dims,)``), ``iou_value`` (float, the realised IoU)
+    and ``iou_feasible`` (bool, False when the image admitted no pair in the interval
+    and the closest pair was returned). Crops are views of the input, as with MONAI's
+    own crop transforms (see :func:`cut_crop`).
+
+    Example: ``IoUCropd(["image", "label"], spatial_dims=2, crop_size=96, min_iou=0.3,
+    max_iou=0.6, store_boxes=True)`` turns ``{"image": (1, 300, 250) array, "label":
+    (1, 300, 250) array, "case": "x"}`` into ``{"case": "x", "image1", "image2",
+    "label1", "label2": (1, 96, 96) each, "iou_start1", "iou_start2": int64 (2,) each,
+    "iou_value": float in [0.3, 0.6], "iou_feasible": True}``; ``image1`` and ``label1``
+    are cut from the same box. With ``spatial_dims=3`` and ``crop_size=(64, 64, 32)`` a
+    ``(1, 200, 200, 120)`` volume gives ``(1, 64, 64, 32)`` crops and ``(3,)`` starts.
 
     Args:
         keys: keys of the channel-first images to crop (image and label get identical boxes).
@@ -625,8 +738,10 @@ class IoUCropd(Randomizable, MapTransform):
         allow_missing_keys: skip keys absent from the data instead of raising KeyError.
 
     Raises:
-        ValueError: bad arguments; at call time, images of the wrong dimensionality or
-            keys whose spatial shapes differ.
+        ValueError: bad arguments (the message holds the values); at call time, images
+            of the wrong dimensionality, keys whose spatial shapes differ, an output key
+            that already exists, or (``strict=True``) an image admitting no pair.
+        KeyError: a key is missing and ``allow_missing_keys`` is False.
     """
 
     backend = IoUCrop.backend
@@ -647,24 +762,63 @@ class IoUCropd(Randomizable, MapTransform):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = int(spatial_dims)
         self.crop_size = _crop_size_tuple(crop_size, self.spatial_dims)
-        self.sampler = IoUCropSampler(self.crop_size, min_iou, max_iou, strict)
+        self.cropper = IoUCrop(self.crop_size, min_iou, max_iou, strict)
         self.store_boxes = bool(store_boxes)
-        self.pair: CropPair | None = None
+
+    @property
+    def sampler(self) -> IoUCropSampler:
+        """The wrapped :class:`IoUCrop`'s sampler."""
+        return self.cropper.sampler
+
+    @property
+    def pair(self) -> CropPair | None:
+        """The last pair drawn (None before the first)."""
+        c = self.cropper
+        if c.start_a is None:
+            return None
+        return CropPair(c.start_a, c.start_b, c.iou, c.feasible)  # type: ignore[arg-type]
 
     @property
     def stats(self) -> dict[str, int]:
         """The sampler's counters (pairs drawn, infeasible pairs) in this process."""
-        return self.sampler.stats
+        return self.cropper.stats
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> IoUCropd:
+        """Set ``self.R`` (see MONAI's ``Randomizable``); the wrapped :class:`IoUCrop` shares it. Returns self."""
+        super().set_random_state(seed, state)
+        self.cropper.set_random_state(state=self.R)
+        return self
 
     def randomize(self, data: Sequence[int]) -> None:
-        """Draw the pair for spatial shape ``data`` from ``self.R``."""
-        self.pair = self.sampler.sample_pair(tuple(data), self.R)
+        """Draw the pair for spatial shape ``data`` from ``self.R``, with the wrapped :class:`IoUCrop`."""
+        if self.cropper.R is not self.R:  # R replaced without set_random_state: share it again
+            self.cropper.set_random_state(state=self.R)
+        self.cropper.randomize(data)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         keys = list(self.key_iterator(d))
         if not keys:
             return d
+        self.randomize(self._spatial_shape_of(d, keys))
+        for key in keys:
+            d[f"{key}1"], d[f"{key}2"] = self.cropper(d.pop(key), randomize=False)
+        if self.store_boxes:
+            pair = self.pair
+            assert pair is not None
+            d["iou_start1"] = np.asarray(pair.start_a, dtype=np.int64)
+            d["iou_start2"] = np.asarray(pair.start_b, dtype=np.int64)
+            d["iou_value"] = float(pair.iou)
+            d["iou_feasible"] = bool(pair.feasible)
+        return d
+
+    def _spatial_shape_of(self, d: dict, keys: list) -> tuple[int, ...]:
+        """The spatial shape all ``keys`` share.
+
+        Raises:
+            ValueError: an image of the wrong dimensionality, two keys with different
+                spatial shapes, or an output key already in the data.
+        """
         shape = None
         for key in keys:
             s = _spatial_shape(d[key], f"IoUCropd key {key!r}")
@@ -679,19 +833,8 @@ class IoUCropd(Randomizable, MapTransform):
             for suffix in ("1", "2"):
                 if f"{key}{suffix}" in d:
                     raise ValueError(f"IoUCropd: output key {key}{suffix!s} already exists in the data")
-        self.randomize(shape)  # type: ignore[arg-type]
-        pair = self.pair
-        assert pair is not None
-        for key in keys:
-            img = d.pop(key)
-            d[f"{key}1"] = cut_crop(img, pair.start_a, self.crop_size)
-            d[f"{key}2"] = cut_crop(img, pair.start_b, self.crop_size)
-        if self.store_boxes:
-            d["iou_start1"] = np.asarray(pair.start_a, dtype=np.int64)
-            d["iou_start2"] = np.asarray(pair.start_b, dtype=np.int64)
-            d["iou_value"] = float(pair.iou)
-            d["iou_feasible"] = bool(pair.feasible)
-        return d
+        assert shape is not None
+        return shape
 
 
 # --------------------------------------------------------------------------- command line

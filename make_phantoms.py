@@ -62,9 +62,13 @@ import logging
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
+import nibabel as nib
 import numpy as np
+from tqdm import tqdm
 
 from data import LABEL_NAMES as FLARE_LABEL_NAMES
 from utils import UserError, atomic_write, atomic_write_json, run_cli
@@ -164,6 +168,7 @@ class _Canvas:
         self.label = np.zeros(grid.shape, dtype=np.uint8)
 
     def paint(self, sl, mask: np.ndarray, tissue: int, label: int = 0) -> None:
+        """Set ``tissue`` and ``label`` where ``mask`` (broadcast to the box ``sl``) is True; no-op when ``sl`` is None."""
         if sl is None:
             return
         mask = np.broadcast_to(mask, tuple(s.stop - s.start for s in sl))
@@ -385,17 +390,156 @@ def make_case(
     return image, label, affine
 
 
+@dataclass
+class _Body:
+    """The body's nested layers over the whole grid (see :func:`_draw_body_wall`).
+
+    ``rho`` is the normalised radius of the body outline (< 1 inside the body), to be
+    compared with the per-voxel edges ``fat_edge`` (inner edge of the subcutaneous fat)
+    and ``inner`` (inner edge of the muscle wall); ``cavity`` is inside the muscle wall.
+    """
+
+    rho: np.ndarray
+    fat_edge: np.ndarray
+    inner: np.ndarray
+    cavity: np.ndarray
+    half_width: float  #: half the body's width at mid level
+    back_depth: float  #: from the body's centre to the back
+    muscle_width: float  #: thickness of the muscle wall (in rho)
+
+
+@dataclass
+class _Diaphragm:
+    """The two diaphragm domes (see :func:`_draw_diaphragm_and_lungs`)."""
+
+    right_top: float  #: top of the right dome (the higher one)
+    left_top: float  #: top of the left dome
+    curvature: float
+
+    def height(self, xx, yy):
+        """z of the diaphragm above (x, y): two domes, flat in front, lower at the back."""
+        ap = 0.8 * np.minimum((yy - 0.02) ** 2, 0.1)  # flat towards the front: no lung in front of the liver
+        right = self.right_top - self.curvature * ((xx + 0.38) ** 2 + ap)
+        left = self.left_top - self.curvature * ((xx - 0.4) ** 2 + ap)
+        return np.maximum(right, left) + 0.3 * np.minimum(yy + 0.05, 0)  # lower at the back
+
+
+class _Spine(NamedTuple):
+    """Where the spine lies (y in anatomy units); organs around it are placed from it."""
+
+    y: float  #: centre of the vertebral bodies
+    canal_y: float  #: centre of the spinal canal
+
+
+class _Aorta(NamedTuple):
+    """The abdominal aorta's axis, radius and bifurcation (anatomy units)."""
+
+    x: float
+    y: float
+    radius: float
+    bifurcation: float  #: z of the aortic bifurcation
+
+
+@dataclass
+class _Case:
+    """What the structures of one case are drawn with and painted on.
+
+    ``rng`` gives every random draw of the case (the structures take theirs in a fixed
+    order); ``body`` and ``diaphragm`` are set by the first structures and shared by
+    the later ones.
+    """
+
+    rng: np.random.Generator
+    grid: _Grid
+    canvas: _Canvas
+    min_r: float  #: smallest radius of thin structures (vessels, adrenals): a few voxels wide
+    t_lo: float  #: 0.2 units below the lowest slice (long vessels run past the field of view)
+    t_hi: float  #: 0.2 units above the highest slice
+    body: _Body = field(init=False)  # set by _draw_body_wall
+    diaphragm: _Diaphragm = field(init=False)  # set by _draw_diaphragm_and_lungs
+
+    def jitter(self, s: float = 0.03, n: int = 3) -> np.ndarray:
+        """``n`` Gaussian offsets of standard deviation ``s`` (a position's or an angle's jitter)."""
+        return self.rng.normal(0.0, s, n)
+
+    def bumps(self, s: float = 0.07) -> np.ndarray:
+        """The 9 surface-bump coefficients of a deformed ellipsoid (see :func:`_blob`)."""
+        return self.rng.normal(0.0, s, 9)
+
+    def cavity(self, sl) -> np.ndarray:
+        """Inside the muscle wall, in the box ``sl``."""
+        return self.body.cavity[sl]
+
+    def abdomen(self, sl) -> np.ndarray:
+        """Inside the abdominal cavity, below the diaphragm, in the box ``sl``."""
+        xx, yy, tt = self.grid.coords(sl)
+        return (tt < self.diaphragm.height(xx, yy) - 0.025) & self.body.cavity[sl]
+
+
 def _make_case_full(seed: int, size_xy: int, n_slices: int, labelled: bool, spacing) -> tuple:
-    """make_case, also returning the uint8 tissue map (ids of ``TISSUES``) the image was drawn from."""
+    """make_case, also returning the uint8 tissue map (ids of ``TISSUES``) the image was drawn from.
+
+    Every random draw of a case comes from one generator in a fixed order: the voxel
+    size, the field of view, each structure in the order :func:`_paint_anatomy` lists
+    them, then the intensities. Changing that order (or a structure's own draws)
+    changes every case: bump ``GENERATOR_VERSION`` then.
+    """
     _validate(size_xy, n_slices, spacing)
     rng = np.random.default_rng(np.random.SeedSequence(int(seed)))
     sp = _draw_spacing(rng) if spacing is None else tuple(float(v) for v in spacing)
-    X = Y = int(size_xy)
-    Z = int(n_slices)
+    shape = (int(size_xy), int(size_xy), int(n_slices))
+    canvas = _paint_anatomy(rng, sp, shape, labelled)  # the geometry's float volumes are freed on return
+    image = _draw_intensities(rng, canvas.tissue)
+    return _to_ras(image, canvas, sp, labelled)
 
-    # ---- field of view in anatomy units ----------------------------------------------
-    # In plane the body fills the field of view; along z the anatomy is stretched so a
-    # labelled case spans 1.3-1.7 units (lung bases to below the kidneys).
+
+def _paint_anatomy(rng: np.random.Generator, sp: tuple[float, float, float], shape: tuple[int, int, int], labelled: bool) -> _Canvas:
+    """Paint every structure of a case, in drawing order (later paint wins); returns the canvas.
+
+    Args:
+        rng: the case's generator, right after the voxel size was drawn.
+        sp: voxel size (x, y, z) in mm.
+        shape: (X, Y, Z) voxels.
+        labelled: the field of view of a labelled case (True) or of an unlabelled one.
+    """
+    case = _start_case(rng, sp, shape, labelled)
+    _draw_body_wall(case)
+    _draw_rectus_abdominis(case)
+    _draw_diaphragm_and_lungs(case)
+    _draw_heart(case)
+    _draw_colon(case)
+    _draw_small_bowel(case)
+    liver_centre = _draw_liver(case)
+    _draw_liver_vessels(case, liver_centre)
+    spleen_centre = _draw_spleen(case)
+    stomach_path = _draw_stomach(case)
+    _draw_gallbladder(case)
+    spine = _draw_spine_position(case)
+    _draw_kidneys(case, spine)
+    _draw_adrenal_glands(case, spine)
+    pancreas_path = _draw_pancreas(case)
+    _draw_portal_veins(case, pancreas_path, spleen_centre, liver_centre)
+    _draw_duodenum(case)
+    aorta = _draw_aorta(case, spine)
+    _draw_iliac_arteries(case, aorta)
+    _draw_superior_mesenteric_artery(case, aorta)
+    _draw_ivc(case, spine, aorta)
+    _draw_esophagus(case, aorta, stomach_path)
+    _draw_pelvis(case, spine)
+    _draw_back_muscles(case, spine)
+    _draw_vertebrae(case, spine)
+    _draw_ribs(case, spine)
+    return case.canvas
+
+
+def _start_case(rng: np.random.Generator, sp: tuple[float, float, float], shape: tuple[int, int, int], labelled: bool) -> _Case:
+    """The field of view in anatomy units (grid, empty canvas, smallest radius).
+
+    In plane the body fills the field of view; along z the anatomy is stretched so a
+    labelled case spans 1.3-1.7 units (lung bases to below the kidneys) and an
+    unlabelled one 1.9-2.6 units with a randomly placed top.
+    """
+    X, Y, Z = shape
     scale_xy = 0.5 * X * sp[0] * rng.uniform(0.97, 1.04)  # mm per unit
     physical_span = Z * sp[2] / scale_xy
     if labelled:
@@ -410,16 +554,22 @@ def _make_case_full(seed: int, size_xy: int, n_slices: int, labelled: bool, spac
     yu = (np.arange(Y) - (Y - 1) / 2) * sp[1] / scale_xy - y_shift
     tu = t_top - (Z - 1 - np.arange(Z)) * sp[2] / scale_z
     grid = _Grid(xu, yu, tu)
-    cv = _Canvas(grid)
-    min_r = 1.6 * sp[0] / scale_xy  # small structures stay a few voxels wide
+    return _Case(
+        rng=rng,
+        grid=grid,
+        canvas=_Canvas(grid),
+        min_r=1.6 * sp[0] / scale_xy,
+        # from the float64 coordinates (the grid keeps float32 ones)
+        t_lo=float(tu[0]) - 0.2,
+        t_hi=float(tu[-1]) + 0.2,
+    )
 
-    def jit(s: float = 0.03, n: int = 3) -> np.ndarray:
-        return rng.normal(0.0, s, n)
 
-    def coef(s: float = 0.07) -> np.ndarray:
-        return rng.normal(0.0, s, 9)
-
-    # ---- body outline, subcutaneous fat, muscle wall ---------------------------------
+# ---- body wall ---------------------------------------------------------------------------
+def _draw_body_wall(case: _Case) -> None:
+    """Body outline, subcutaneous fat and the muscle wall (the first paint); sets ``case.body``."""
+    rng, grid = case.rng, case.grid
+    X, Y, Z = grid.shape
     x, y, t = grid.coords((slice(0, X), slice(0, Y), slice(0, Z)))
     a0 = rng.uniform(0.84, 0.94)
     b_ant0 = rng.uniform(0.58, 0.72)
@@ -441,78 +591,101 @@ def _make_case_full(seed: int, size_xy: int, n_slices: int, labelled: bool, spac
     # the layers are nested: count how many of them a voxel is inside
     layer = in_body.view(np.uint8) + wall.view(np.uint8) + cavity.view(np.uint8)
     layer[in_body & (rho_body > 0.985)] = 2  # skin: a thin rim of soft tissue
-    cv.tissue = np.array([T["air"], T["fat"], T["muscle"], T["visceral_fat"]], dtype=np.uint8)[layer]
-    del wall, layer
-    # rectus abdominis: the anterior wall is thicker on both sides of the midline
-    rb = grid.box((-0.3, 0.2, -5), (0.3, 2, 5))
-    if rb is not None:
-        xx, yy, _ = grid.coords(rb)
-        r_rho = rho_body[rb]
-        rect = (np.abs(xx) < 0.22) & (r_rho < fat_edge[rb]) & (r_rho > inner[rb] - 0.035)
-        cv.paint(rb, rect, T["muscle"])
-        cavity[rb] &= ~rect
+    case.canvas.tissue = np.array([T["air"], T["fat"], T["muscle"], T["visceral_fat"]], dtype=np.uint8)[layer]
+    case.body = _Body(rho_body, fat_edge, inner, cavity, half_width=a0, back_depth=b_post0, muscle_width=musc_w)
 
-    # ---- diaphragm, lungs, heart -----------------------------------------------------
+
+def _draw_rectus_abdominis(case: _Case) -> None:
+    """The anterior wall, thicker on both sides of the midline (taken out of the cavity)."""
+    grid, body = case.grid, case.body
+    rb = grid.box((-0.3, 0.2, -5), (0.3, 2, 5))
+    if rb is None:
+        return
+    xx, yy, _ = grid.coords(rb)
+    r_rho = body.rho[rb]
+    rect = (np.abs(xx) < 0.22) & (r_rho < body.fat_edge[rb]) & (r_rho > body.inner[rb] - 0.035)
+    case.canvas.paint(rb, rect, T["muscle"])
+    body.cavity[rb] &= ~rect
+
+
+# ---- chest -------------------------------------------------------------------------------
+def _chest_box(case: _Case):
+    """Index box of the chest (from 1 unit below the right dome up); None when out of view."""
+    return case.grid.box((-2, -2, case.diaphragm.right_top - 1.0), (2, 2, 9))
+
+
+def _draw_diaphragm_and_lungs(case: _Case) -> None:
+    """The diaphragm domes (sets ``case.diaphragm``), the lungs above them and the mediastinum."""
+    rng, grid, cv = case.rng, case.grid, case.canvas
     dome_r_top = 0.70 + rng.uniform(-0.03, 0.06)
     dome_l_top = dome_r_top - rng.uniform(0.02, 0.07)
     k_dome = rng.uniform(1.1, 1.5)
+    case.diaphragm = _Diaphragm(dome_r_top, dome_l_top, k_dome)
+    tb = _chest_box(case)
+    if tb is None:
+        return
+    xx, yy, tt = grid.coords(tb)
+    dm = case.diaphragm.height(xx, yy)
+    above = tt > dm
+    cav = case.cavity(tb)
+    mediastinum = (np.abs(xx - 0.03) < 0.08) & (yy > -0.35) & (yy < 0.1)
+    cv.paint(tb, cav & above & ~mediastinum, T["lung"])
+    cv.paint(tb, cav & above & mediastinum, T["visceral_fat"])
+    cv.paint(tb, cav & ~above & (tt > dm - 0.025), T["muscle"])  # the diaphragm itself
 
-    def dome(xx, yy):
-        ap = 0.8 * np.minimum((yy - 0.02) ** 2, 0.1)  # flat towards the front: no lung in front of the liver
-        right = dome_r_top - k_dome * ((xx + 0.38) ** 2 + ap)
-        left = dome_l_top - k_dome * ((xx - 0.4) ** 2 + ap)
-        return np.maximum(right, left) + 0.3 * np.minimum(yy + 0.05, 0)  # lower at the back
 
-    tb = grid.box((-2, -2, dome_r_top - 1.0), (2, 2, 9))
-    if tb is not None:
-        xx, yy, tt = grid.coords(tb)
-        dm = dome(xx, yy)
-        above = tt > dm
-        cav = cavity[tb]
-        mediastinum = (np.abs(xx - 0.03) < 0.08) & (yy > -0.35) & (yy < 0.1)
-        cv.paint(tb, cav & above & ~mediastinum, T["lung"])
-        cv.paint(tb, cav & above & mediastinum, T["visceral_fat"])
-        cv.paint(tb, cav & ~above & (tt > dm - 0.025), T["muscle"])  # the diaphragm itself
-        # the heart sits on the central diaphragm
-        h_c = (0.12 + jit(0.03, 1)[0], 0.2 + jit(0.02, 1)[0], dome_r_top + 0.12 + jit(0.03, 1)[0])
-        s_h, m_h, rho_h = _blob(grid, h_c, (0.34, 0.27, 0.36), _rot(rz=-0.5), coef(0.05))
-        if s_h is not None:
-            xx, yy, tt = grid.coords(s_h)
-            m_h = m_h & (tt > dome(xx, yy)) & cavity[s_h]
-            cv.paint(s_h, m_h, T["heart_muscle"])
-            cv.paint(s_h, m_h & (rho_h < 0.78), T["blood_pool"])
+def _draw_heart(case: _Case) -> None:
+    """The heart on the central diaphragm: muscle around a blood pool (drawn only when the chest is in view)."""
+    if _chest_box(case) is None:
+        return
+    grid, cv = case.grid, case.canvas
+    top = case.diaphragm.right_top
+    h_c = (0.12 + case.jitter(0.03, 1)[0], 0.2 + case.jitter(0.02, 1)[0], top + 0.12 + case.jitter(0.03, 1)[0])
+    s_h, m_h, rho_h = _blob(grid, h_c, (0.34, 0.27, 0.36), _rot(rz=-0.5), case.bumps(0.05))
+    if s_h is None:
+        return
+    xx, yy, tt = grid.coords(s_h)
+    m_h = m_h & (tt > case.diaphragm.height(xx, yy)) & case.cavity(s_h)
+    cv.paint(s_h, m_h, T["heart_muscle"])
+    cv.paint(s_h, m_h & (rho_h < 0.78), T["blood_pool"])
 
-    def abdomen(sl):
-        """Inside the abdominal cavity, below the diaphragm."""
-        xx, yy, tt = grid.coords(sl)
-        return (tt < dome(xx, yy) - 0.025) & cavity[sl]
 
-    # ---- colon and small bowel loops (not labelled) ----------------------------------
-    colon_pts = np.array(
-        [
-            [-0.50, 0.08, -0.75],  # caecum
-            [-0.58, 0.0, -0.45],
-            [-0.58, 0.02, -0.10],  # hepatic flexure
-            [-0.40, 0.30, -0.05],
-            [0.0, 0.44, -0.18],  # transverse colon sags
-            [0.40, 0.30, 0.02],
-            [0.62, 0.02, 0.15],  # splenic flexure
-            [0.64, -0.06, -0.25],
-            [0.58, 0.0, -0.65],  # descending colon
-            [0.30, 0.08, -0.95],  # sigmoid
-            [0.05, -0.12, -1.15],
-            [0.0, -0.30, -1.6],  # rectum
-        ]
-    ) + rng.normal(0, 0.03, (12, 3))
+# ---- bowel (not labelled) ----------------------------------------------------------------
+#: control points of the colon, caecum to rectum (jittered per case)
+_COLON_PATH = [
+    [-0.50, 0.08, -0.75],  # caecum
+    [-0.58, 0.0, -0.45],
+    [-0.58, 0.02, -0.10],  # hepatic flexure
+    [-0.40, 0.30, -0.05],
+    [0.0, 0.44, -0.18],  # transverse colon sags
+    [0.40, 0.30, 0.02],
+    [0.62, 0.02, 0.15],  # splenic flexure
+    [0.64, -0.06, -0.25],
+    [0.58, 0.0, -0.65],  # descending colon
+    [0.30, 0.08, -0.95],  # sigmoid
+    [0.05, -0.12, -1.15],
+    [0.0, -0.30, -1.6],  # rectum
+]
+
+
+def _draw_colon(case: _Case) -> None:
+    """The colon: a wall around stool, with gas in its anterior part."""
+    rng, grid, cv = case.rng, case.grid, case.canvas
+    colon_pts = np.array(_COLON_PATH) + rng.normal(0, 0.03, (12, 3))
     s_c, d_c = _tube(grid, colon_pts, 0.085 * rng.uniform(0.85, 1.15))
-    if s_c is not None:
-        m = (d_c < 1) & cavity[s_c]
-        cv.paint(s_c, m, T["bowel_wall"])
-        lumen = m & (d_c < 0.8)
-        cv.paint(s_c, lumen, T["stool"])
-        _, yy, _ = grid.coords(s_c)
-        cv.paint(s_c, lumen & (yy > 0.1 + rng.uniform(-0.05, 0.1)), T["gut_gas"])
-    # small bowel: meandering loops packed into the mid and lower abdomen
+    if s_c is None:
+        return
+    m = (d_c < 1) & case.cavity(s_c)
+    cv.paint(s_c, m, T["bowel_wall"])
+    lumen = m & (d_c < 0.8)
+    cv.paint(s_c, lumen, T["stool"])
+    _, yy, _ = grid.coords(s_c)
+    cv.paint(s_c, lumen & (yy > 0.1 + rng.uniform(-0.05, 0.1)), T["gut_gas"])
+
+
+def _draw_small_bowel(case: _Case) -> None:
+    """Small bowel: meandering loops packed into the mid and lower abdomen, with fluid or gas."""
+    rng, grid, cv = case.rng, case.grid, case.canvas
     for _ in range(int(rng.integers(12, 16))):
         start = np.array([rng.uniform(-0.45, 0.45), rng.uniform(-0.05, 0.45), rng.uniform(-1.0, 0.0)])
         pts = start + np.cumsum(rng.normal(0, 0.1, (12, 3)) * np.array([1.0, 0.7, 0.5]), axis=0)
@@ -522,78 +695,104 @@ def _make_case_full(seed: int, size_xy: int, n_slices: int, labelled: bool, spac
         s_b, d_b = _tube(grid, pts, rng.uniform(0.05, 0.07), per_segment=3)
         if s_b is None:
             continue
-        m = (d_b < 1) & abdomen(s_b)
+        m = (d_b < 1) & case.abdomen(s_b)
         cv.paint(s_b, m, T["bowel_wall"])
         content = T["gut_gas"] if rng.random() < 0.1 else T["gut_fluid"]
         cv.paint(s_b, m & (d_b < 0.65), content)
 
-    # ---- liver -----------------------------------------------------------------------
+
+# ---- upper abdominal organs --------------------------------------------------------------
+def _draw_liver(case: _Case) -> np.ndarray:
+    """The liver: right lobe, left lobe and the medial segments bridging them; returns the right lobe's centre."""
+    rng, grid, cv = case.rng, case.grid, case.canvas
     liver_scale = rng.uniform(0.9, 1.1)
-    c_right = np.array([-0.42, 0.0, 0.38]) + jit(0.03)
-    c_left = np.array([0.0, 0.26, 0.5]) + jit(0.03)
-    s1, m1, _ = _blob(grid, c_right, np.array([0.42, 0.54, 0.42]) * liver_scale, _rot(rz=0.35, ry=0.2), coef(0.07))
+    c_right = np.array([-0.42, 0.0, 0.38]) + case.jitter(0.03)
+    c_left = np.array([0.0, 0.26, 0.5]) + case.jitter(0.03)
+    s1, m1, _ = _blob(grid, c_right, np.array([0.42, 0.54, 0.42]) * liver_scale, _rot(rz=0.35, ry=0.2), case.bumps(0.07))
     s2, m2, _ = _blob(
-        grid, c_left, np.array([0.4, 0.17, 0.17]) * liver_scale * rng.uniform(0.85, 1.15, 3), _rot(rz=-0.3, ry=-0.3), coef(0.08)
+        grid, c_left, np.array([0.4, 0.17, 0.17]) * liver_scale * rng.uniform(0.85, 1.15, 3), _rot(rz=-0.3, ry=-0.3), case.bumps(0.08)
     )
-    c_mid = np.array([-0.15, 0.12, 0.38]) + jit(0.03)  # medial segments bridging the lobes
-    s3, m3, _ = _blob(grid, c_mid, np.array([0.26, 0.24, 0.26]) * liver_scale, _rot(rz=0.5), coef(0.07))
+    c_mid = np.array([-0.15, 0.12, 0.38]) + case.jitter(0.03)  # medial segments bridging the lobes
+    s3, m3, _ = _blob(grid, c_mid, np.array([0.26, 0.24, 0.26]) * liver_scale, _rot(rz=0.5), case.bumps(0.07))
     liver_tip = rng.uniform(-0.3, -0.12)  # lowest point of the right lobe
     for s_l, m_l in ((s1, m1), (s2, m2), (s3, m3)):
         if s_l is None:
             continue
         xx, _, tt = grid.coords(s_l)
         low_ok = tt > liver_tip + 0.5 * np.maximum(xx + 0.35, 0)  # the inferior edge rises medially
-        cv.paint(s_l, m_l & abdomen(s_l) & low_ok, T["liver"], LABELS["liver"])
-    # intrahepatic vessels: a few branches of the portal and hepatic veins
+        cv.paint(s_l, m_l & case.abdomen(s_l) & low_ok, T["liver"], LABELS["liver"])
+    return c_right
+
+
+def _draw_liver_vessels(case: _Case, liver_centre: np.ndarray) -> None:
+    """Intrahepatic vessels: a few branches of the portal and hepatic veins (labelled liver)."""
+    rng, grid, cv = case.rng, case.grid, case.canvas
     for _ in range(6):
-        p0 = c_right + np.array([0.2, 0.0, -0.05]) + jit(0.03)
+        p0 = liver_centre + np.array([0.2, 0.0, -0.05]) + case.jitter(0.03)
         d = rng.normal(0, 1, 3)
         d[0] = -abs(d[0])
         d /= np.linalg.norm(d)
-        s_v, d_v = _tube(grid, np.stack([p0, p0 + 0.15 * d, p0 + 0.32 * d + jit(0.04)]), [0.03, 0.02, 0.013])
+        s_v, d_v = _tube(grid, np.stack([p0, p0 + 0.15 * d, p0 + 0.32 * d + case.jitter(0.04)]), [0.03, 0.02, 0.013])
         if s_v is not None:
             cv.paint(s_v, (d_v < 1) & (cv.label[s_v] == LABELS["liver"]), T["portal_vein"], LABELS["liver"])
 
-    # ---- spleen ----------------------------------------------------------------------
-    c_sp = np.array([0.58, -0.22, 0.38]) + jit(0.03)
+
+def _draw_spleen(case: _Case) -> np.ndarray:
+    """The spleen, left and posterior; returns its centre."""
+    rng, grid = case.rng, case.grid
+    c_sp = np.array([0.58, -0.22, 0.38]) + case.jitter(0.03)
     s_s, m_s, _ = _blob(
-        grid, c_sp, np.array([0.12, 0.25, 0.24]) * rng.uniform(0.85, 1.2), _rot(rz=-0.6 + jit(0.1, 1)[0]), coef(0.07)
+        grid, c_sp, np.array([0.12, 0.25, 0.24]) * rng.uniform(0.85, 1.2), _rot(rz=-0.6 + case.jitter(0.1, 1)[0]), case.bumps(0.07)
     )
     if s_s is not None:
-        cv.paint(s_s, m_s & abdomen(s_s), T["spleen"], LABELS["spleen"])
+        case.canvas.paint(s_s, m_s & case.abdomen(s_s), T["spleen"], LABELS["spleen"])
+    return c_sp
 
-    # ---- stomach (J shape: fundus, body, antrum, pylorus) ----------------------------
+
+def _draw_stomach(case: _Case) -> np.ndarray:
+    """The stomach (J shape: fundus, body, antrum, pylorus) with fluid and a gas cap; returns its path."""
+    rng, grid, cv = case.rng, case.grid, case.canvas
     st_pts = np.array([[0.34, 0.0, 0.56], [0.38, 0.16, 0.36], [0.22, 0.32, 0.20], [0.0, 0.28, 0.15], [-0.08, 0.22, 0.15]])
     st_pts += rng.normal(0, 0.025, st_pts.shape)
     s_st, d_st = _tube(grid, st_pts, np.array([0.15, 0.14, 0.11, 0.07, 0.05]) * rng.uniform(0.8, 1.2))
     if s_st is not None:
-        m = (d_st < 1) & abdomen(s_st)
+        m = (d_st < 1) & case.abdomen(s_st)
         cv.paint(s_st, m, T["gut_wall"], LABELS["stomach"])
         lumen = m & (d_st < 0.8)
         _, yy, _ = grid.coords(s_st)
         cv.paint(s_st, lumen, T["gut_fluid"], LABELS["stomach"])
         cv.paint(s_st, lumen & (yy > rng.uniform(0.05, 0.22)), T["gut_gas"], LABELS["stomach"])
+    return st_pts
 
-    # ---- gallbladder -----------------------------------------------------------------
-    c_gb = np.array([-0.30, 0.24, 0.06]) + jit(0.03)
+
+def _draw_gallbladder(case: _Case) -> None:
+    """The gallbladder under the liver, filled with bile."""
+    rng, grid = case.rng, case.grid
+    c_gb = np.array([-0.30, 0.24, 0.06]) + case.jitter(0.03)
     s_g, m_g, _ = _blob(
-        grid, c_gb, np.array([0.065, 0.075, 0.13]) * rng.uniform(0.8, 1.25), _rot(rx=-0.5, rz=0.3), coef(0.05)
+        grid, c_gb, np.array([0.065, 0.075, 0.13]) * rng.uniform(0.8, 1.25), _rot(rx=-0.5, rz=0.3), case.bumps(0.05)
     )
     if s_g is not None:
-        cv.paint(s_g, m_g & cavity[s_g], T["bile"], LABELS["gallbladder"])
+        case.canvas.paint(s_g, m_g & case.cavity(s_g), T["bile"], LABELS["gallbladder"])
 
-    # ---- spine landmarks used below --------------------------------------------------
-    sp_y = -b_post0 + 0.36 + jit(0.015, 1)[0]  # vertebral body centre
-    canal_y = sp_y - 0.14
 
-    # ---- kidneys (cortex, medulla, renal sinus) --------------------------------------
+# ---- retroperitoneum ---------------------------------------------------------------------
+def _draw_spine_position(case: _Case) -> _Spine:
+    """Where the spine lies (drawn here: the kidneys, adrenals and vessels are placed from it)."""
+    sp_y = -case.body.back_depth + 0.36 + case.jitter(0.015, 1)[0]  # vertebral body centre
+    return _Spine(y=sp_y, canal_y=sp_y - 0.14)
+
+
+def _draw_kidneys(case: _Case, spine: _Spine) -> None:
+    """Both kidneys beside the spine: cortex, medulla and the renal sinus fat."""
+    rng, grid, cv = case.rng, case.grid, case.canvas
     for side, lab in ((-1, LABELS["right_kidney"]), (1, LABELS["left_kidney"])):
-        ck = np.array([0.33 * side, sp_y + 0.06, -0.10 if side < 0 else 0.0]) + jit(0.025)
+        ck = np.array([0.33 * side, spine.y + 0.06, -0.10 if side < 0 else 0.0]) + case.jitter(0.025)
         rk = np.array([0.16, 0.11, 0.29]) * rng.uniform(0.85, 1.15)
-        s_k, m_k, rho_k = _blob(grid, ck, rk, _rot(rz=side * (0.6 + jit(0.1, 1)[0]), ry=-side * 0.15), coef(0.04))
+        s_k, m_k, rho_k = _blob(grid, ck, rk, _rot(rz=side * (0.6 + case.jitter(0.1, 1)[0]), ry=-side * 0.15), case.bumps(0.04))
         if s_k is None:
             continue
-        m_k &= cavity[s_k]
+        m_k &= case.cavity(s_k)
         cv.paint(s_k, m_k, T["kidney_cortex"], lab)
         cv.paint(s_k, m_k & (rho_k < 0.72), T["kidney_medulla"], lab)
         # renal sinus fat opening towards the hilum (medial and anterior)
@@ -601,159 +800,235 @@ def _make_case_full(seed: int, size_xy: int, n_slices: int, labelled: bool, spac
         toward = ((x_k - ck[0]) * -side + (y_k - ck[1]) * 0.6) / rk[0]
         cv.paint(s_k, m_k & (rho_k < 0.55) & (toward > 0.1), T["renal_sinus"], 0)
 
-    # ---- adrenal glands (thin inverted Y above the kidneys) --------------------------
+
+def _draw_adrenal_glands(case: _Case, spine: _Spine) -> None:
+    """Both adrenal glands: a thin inverted Y above each kidney."""
+    grid, cv = case.grid, case.canvas
     for side, lab, top in ((-1, LABELS["right_adrenal_gland"], 0.30), (1, LABELS["left_adrenal_gland"], 0.32)):
-        apex = np.array([0.19 * side, sp_y + 0.14, top]) + jit(0.02)
-        r = max(0.022, min_r)
+        apex = np.array([0.19 * side, spine.y + 0.14, top]) + case.jitter(0.02)
+        r = max(0.022, case.min_r)
         for limb in (
-            apex + np.array([0.05 * side, -0.06, -0.12]) + jit(0.015),
-            apex + np.array([-0.01 * side, -0.09, -0.10]) + jit(0.015),
+            apex + np.array([0.05 * side, -0.06, -0.12]) + case.jitter(0.015),
+            apex + np.array([-0.01 * side, -0.09, -0.10]) + case.jitter(0.015),
         ):
             s_a, d_a = _tube(grid, np.stack([apex, limb]), [r, r * 0.8])
             if s_a is not None:
-                cv.paint(s_a, (d_a < 1) & cavity[s_a], T["adrenal"], lab)
+                cv.paint(s_a, (d_a < 1) & case.cavity(s_a), T["adrenal"], lab)
 
-    # ---- pancreas and the portal venous system ---------------------------------------
+
+def _draw_pancreas(case: _Case) -> np.ndarray:
+    """The pancreas from the head (in the duodenal C-loop) to the tail (at the spleen); returns its path."""
+    rng = case.rng
     pa_pts = np.array([[-0.17, 0.06, -0.02], [-0.02, 0.13, 0.05], [0.18, 0.08, 0.10], [0.40, -0.06, 0.18], [0.50, -0.12, 0.24]])
     pa_pts += rng.normal(0, 0.02, pa_pts.shape)
-    pa_r = np.maximum(np.array([0.075, 0.05, 0.05, 0.045, 0.035]) * rng.uniform(0.8, 1.2), min_r)
-    s_p, d_p = _tube(grid, pa_pts, pa_r)
+    pa_r = np.maximum(np.array([0.075, 0.05, 0.05, 0.045, 0.035]) * rng.uniform(0.8, 1.2), case.min_r)
+    s_p, d_p = _tube(case.grid, pa_pts, pa_r)
     if s_p is not None:
-        cv.paint(s_p, (d_p < 1) & cavity[s_p], T["pancreas"], LABELS["pancreas"])
-    conf = pa_pts[1] + np.array([0.0, -0.07, 0.0])  # portal confluence behind the pancreatic neck
+        case.canvas.paint(s_p, (d_p < 1) & case.cavity(s_p), T["pancreas"], LABELS["pancreas"])
+    return pa_pts
+
+
+def _draw_portal_veins(case: _Case, pancreas_path: np.ndarray, spleen_centre: np.ndarray, liver_centre: np.ndarray) -> None:
+    """Splenic, portal and superior mesenteric veins, meeting behind the pancreatic neck (no draws)."""
+    conf = pancreas_path[1] + np.array([0.0, -0.07, 0.0])  # portal confluence behind the pancreatic neck
     veins = [
-        (np.stack([c_sp + [-0.08, 0.04, -0.05], pa_pts[3] + [0, -0.06, 0], pa_pts[2] + [0, -0.06, 0], conf]), 0.028),  # splenic
-        (np.stack([conf, conf + [-0.1, -0.01, 0.1], c_right + [0.18, 0.02, -0.05]]), 0.035),  # portal
+        (np.stack([spleen_centre + [-0.08, 0.04, -0.05], pancreas_path[3] + [0, -0.06, 0], pancreas_path[2] + [0, -0.06, 0], conf]), 0.028),  # splenic
+        (np.stack([conf, conf + [-0.1, -0.01, 0.1], liver_centre + [0.18, 0.02, -0.05]]), 0.035),  # portal
         (np.stack([conf, conf + [0.01, 0.04, -0.2], conf + [0.0, 0.06, -0.45]]), 0.028),  # superior mesenteric
     ]
     for pts, r in veins:
-        s_v, d_v = _tube(grid, pts, max(r, min_r))
+        s_v, d_v = _tube(case.grid, pts, max(r, case.min_r))
         if s_v is not None:
-            cv.paint(s_v, (d_v < 1) & cavity[s_v], T["portal_vein"], 0)
+            case.canvas.paint(s_v, (d_v < 1) & case.cavity(s_v), T["portal_vein"], 0)
 
-    # ---- duodenum (C-loop around the pancreatic head) --------------------------------
+
+def _draw_duodenum(case: _Case) -> None:
+    """The duodenum: a C-loop around the pancreatic head, with fluid or gas."""
+    rng, cv = case.rng, case.canvas
     du_pts = np.array(
         [[-0.06, 0.22, 0.14], [-0.22, 0.16, 0.13], [-0.31, 0.03, 0.04], [-0.31, 0.01, -0.14],
          [-0.14, -0.02, -0.24], [0.08, -0.01, -0.22], [0.16, 0.05, -0.10]]
     )
     du_pts += rng.normal(0, 0.02, du_pts.shape)
-    s_d, d_d = _tube(grid, du_pts, 0.055 * rng.uniform(0.85, 1.15))
+    s_d, d_d = _tube(case.grid, du_pts, 0.055 * rng.uniform(0.85, 1.15))
     if s_d is not None:
-        m = (d_d < 1) & cavity[s_d]
+        m = (d_d < 1) & case.cavity(s_d)
         cv.paint(s_d, m, T["gut_wall"], LABELS["duodenum"])
         cv.paint(s_d, m & (d_d < 0.6), T["gut_gas"] if rng.random() < 0.15 else T["gut_fluid"], LABELS["duodenum"])
 
-    # ---- aorta, iliac arteries, SMA, IVC, esophagus ----------------------------------
-    t_lo, t_hi = float(tu[0]) - 0.2, float(tu[-1]) + 0.2
-    ao_r = max(0.062 * rng.uniform(0.85, 1.2), min_r)
-    ao_x = 0.05 + jit(0.015, 1)[0]
-    ao_y = sp_y + 0.085 + ao_r + 0.01
+
+# ---- great vessels and esophagus ---------------------------------------------------------
+def _draw_aorta(case: _Case, spine: _Spine) -> _Aorta:
+    """The aorta, left-anterior of the spine, from above the field of view down to its bifurcation."""
+    rng = case.rng
+    ao_r = max(0.062 * rng.uniform(0.85, 1.2), case.min_r)
+    ao_x = 0.05 + case.jitter(0.015, 1)[0]
+    ao_y = spine.y + 0.085 + ao_r + 0.01
     bif = rng.uniform(-0.75, -0.55)  # aortic bifurcation
-    zs = np.linspace(max(bif, t_lo), max(t_hi, bif + 0.1), 6)
+    zs = np.linspace(max(bif, case.t_lo), max(case.t_hi, bif + 0.1), 6)
     ao_pts = np.stack([ao_x + 0.015 * np.sin(2 * zs), ao_y + 0.03 * np.clip(zs - 0.4, 0, None), zs], axis=1)
-    s_a, d_a = _tube(grid, ao_pts, ao_r)
+    s_a, d_a = _tube(case.grid, ao_pts, ao_r)
     if s_a is not None:
-        cv.paint(s_a, d_a < 1, T["aorta"], LABELS["aorta"])
+        case.canvas.paint(s_a, d_a < 1, T["aorta"], LABELS["aorta"])
+    return _Aorta(x=ao_x, y=ao_y, radius=ao_r, bifurcation=bif)
+
+
+def _draw_iliac_arteries(case: _Case, aorta: _Aorta) -> None:
+    """The common iliac arteries from the bifurcation (not labelled; no draws)."""
+    ao_x, ao_y, bif = aorta.x, aorta.y, aorta.bifurcation
     for side in (-1, 1):
         il = np.array([[ao_x, ao_y, bif + 0.02], [ao_x + 0.12 * side, ao_y, bif - 0.25], [0.3 * side, ao_y + 0.1, bif - 0.7]])
-        s_i, d_i = _tube(grid, il, ao_r * 0.7)
+        s_i, d_i = _tube(case.grid, il, aorta.radius * 0.7)
         if s_i is not None:
-            cv.paint(s_i, d_i < 1, T["aorta"], 0)
+            case.canvas.paint(s_i, d_i < 1, T["aorta"], 0)
+
+
+def _draw_superior_mesenteric_artery(case: _Case, aorta: _Aorta) -> None:
+    """The SMA, leaving the aorta forwards and running down (not labelled; no draws)."""
+    ao_x, ao_y = aorta.x, aorta.y
     sma = np.array([[ao_x, ao_y + 0.04, 0.14], [ao_x + 0.01, ao_y + 0.15, 0.06], [ao_x + 0.03, ao_y + 0.2, -0.1], [ao_x + 0.04, ao_y + 0.22, -0.45]])
-    s_m, d_m = _tube(grid, sma, max(0.022, min_r * 0.8))
+    s_m, d_m = _tube(case.grid, sma, max(0.022, case.min_r * 0.8))
     if s_m is not None:
-        cv.paint(s_m, (d_m < 1) & cavity[s_m], T["aorta"], 0)
-    ivc_r = max(0.06 * rng.uniform(0.85, 1.2), min_r)
-    zs = np.linspace(max(bif - 0.05, t_lo), max(min(dome_r_top + 0.05, t_hi), bif + 0.1), 6)
+        case.canvas.paint(s_m, (d_m < 1) & case.cavity(s_m), T["aorta"], 0)
+
+
+def _draw_ivc(case: _Case, spine: _Spine, aorta: _Aorta) -> None:
+    """The inferior vena cava, right of the aorta, from the bifurcation up to the right dome."""
+    rng = case.rng
+    bif = aorta.bifurcation
+    ivc_r = max(0.06 * rng.uniform(0.85, 1.2), case.min_r)
+    zs = np.linspace(max(bif - 0.05, case.t_lo), max(min(case.diaphragm.right_top + 0.05, case.t_hi), bif + 0.1), 6)
     up = np.clip(zs - 0.15, 0, None)
-    ivc_pts = np.stack([-0.11 + jit(0.015, 1)[0] - 0.08 * up, sp_y + 0.09 + ivc_r + 0.2 * up, zs], axis=1)
-    s_v, d_v = _tube(grid, ivc_pts, ivc_r)
+    ivc_pts = np.stack([-0.11 + case.jitter(0.015, 1)[0] - 0.08 * up, spine.y + 0.09 + ivc_r + 0.2 * up, zs], axis=1)
+    s_v, d_v = _tube(case.grid, ivc_pts, ivc_r)
     if s_v is not None:
-        cv.paint(s_v, d_v < 1, T["ivc"], LABELS["inferior_vena_cava"])
-    es_pts = np.array([[0.02, ao_y + 0.1, max(t_hi, 0.95)], [0.04, ao_y + 0.12, 0.72], [0.12, ao_y + 0.17, 0.6], [0.0, 0.0, 0.0]])
+        case.canvas.paint(s_v, d_v < 1, T["ivc"], LABELS["inferior_vena_cava"])
+
+
+def _draw_esophagus(case: _Case, aorta: _Aorta, stomach_path: np.ndarray) -> None:
+    """The esophagus, in front of the aorta down into the cardia, with a little gas."""
+    rng, grid, cv = case.rng, case.grid, case.canvas
+    ao_y = aorta.y
+    es_pts = np.array([[0.02, ao_y + 0.1, max(case.t_hi, 0.95)], [0.04, ao_y + 0.12, 0.72], [0.12, ao_y + 0.17, 0.6], [0.0, 0.0, 0.0]])
     es_pts[1:3] += rng.normal(0, 0.015, (2, 3))
-    es_pts[3] = st_pts[0] + np.array([-0.12, 0.02, -0.02])  # into the cardia
-    s_e, d_e = _tube(grid, es_pts, max(0.045, min_r))
+    es_pts[3] = stomach_path[0] + np.array([-0.12, 0.02, -0.02])  # into the cardia
+    s_e, d_e = _tube(grid, es_pts, max(0.045, case.min_r))
     if s_e is not None:
         _, _, tt = grid.coords(s_e)
-        m = (d_e < 1) & (tt > st_pts[0, 2] - 0.06)
+        m = (d_e < 1) & (tt > stomach_path[0, 2] - 0.06)
         cv.paint(s_e, m, T["esophagus"], LABELS["esophagus"])
         cv.paint(s_e, m & (d_e < 0.35), T["gut_gas"], LABELS["esophagus"])
 
-    # ---- pelvis: iliac wings, femoral heads, bladder ---------------------------------
+
+# ---- pelvis, back, spine, ribs -----------------------------------------------------------
+def _draw_pelvis(case: _Case, spine: _Spine) -> None:
+    """Iliac wings, femoral heads and the bladder (no draws)."""
+    grid, cv = case.grid, case.canvas
     pb = grid.box((-2, -2, -9), (2, 2, -0.7))
-    if pb is not None:
-        xx, yy, tt = grid.coords(pb)
-        for side in (-1, 1):
-            # iliac wing: a curved plate from the sacroiliac joint outwards and forwards,
-            # concave in front, flaring wider towards the crest
-            depth = np.clip((-0.72 - tt) / 0.5, 0, 1)  # 0 at the crest, 1 at the acetabulum roof
-            r_w = 0.42 - 0.1 * depth
-            cy_ = sp_y + 0.36
-            dist = np.sqrt((xx - 0.14 * side) ** 2 + (yy - cy_) ** 2)
-            wing = (np.abs(dist - r_w) < 0.022 + 0.02 * depth) & (yy < cy_) & (xx * side > 0.13)
-            wing &= (tt < -0.72) & (tt > -1.45)
-            cv.paint(pb, wing, T["bone_cortex"])
-            cv.paint(pb, wing & (np.abs(dist - r_w) < 0.01 + 0.02 * depth), T["bone_marrow"])
-            fem = np.sqrt((xx - 0.42 * side) ** 2 + (yy - 0.02) ** 2 + (tt + 1.75) ** 2)
-            cv.paint(pb, fem < 0.12, T["bone_cortex"])
-            cv.paint(pb, fem < 0.1, T["bone_marrow"])
-        bl = np.sqrt((xx / 0.2) ** 2 + ((yy - 0.22) / 0.15) ** 2 + ((tt + 1.5) / 0.16) ** 2)
-        cv.paint(pb, (bl < 1) & cavity[pb], T["urine"])
+    if pb is None:
+        return
+    xx, yy, tt = grid.coords(pb)
+    for side in (-1, 1):
+        # iliac wing: a curved plate from the sacroiliac joint outwards and forwards,
+        # concave in front, flaring wider towards the crest
+        depth = np.clip((-0.72 - tt) / 0.5, 0, 1)  # 0 at the crest, 1 at the acetabulum roof
+        r_w = 0.42 - 0.1 * depth
+        cy_ = spine.y + 0.36
+        dist = np.sqrt((xx - 0.14 * side) ** 2 + (yy - cy_) ** 2)
+        wing = (np.abs(dist - r_w) < 0.022 + 0.02 * depth) & (yy < cy_) & (xx * side > 0.13)
+        wing &= (tt < -0.72) & (tt > -1.45)
+        cv.paint(pb, wing, T["bone_cortex"])
+        cv.paint(pb, wing & (np.abs(dist - r_w) < 0.01 + 0.02 * depth), T["bone_marrow"])
+        fem = np.sqrt((xx - 0.42 * side) ** 2 + (yy - 0.02) ** 2 + (tt + 1.75) ** 2)
+        cv.paint(pb, fem < 0.12, T["bone_cortex"])
+        cv.paint(pb, fem < 0.1, T["bone_marrow"])
+    bl = np.sqrt((xx / 0.2) ** 2 + ((yy - 0.22) / 0.15) ** 2 + ((tt + 1.5) / 0.16) ** 2)
+    cv.paint(pb, (bl < 1) & case.cavity(pb), T["urine"])
 
-    # ---- back muscles, psoas, spine --------------------------------------------------
-    sb = grid.box((-0.5, -2, -9), (0.5, sp_y + 0.2, 9))
-    if sb is not None:
-        xx, yy, tt = grid.coords(sb)
-        r_rho, f_edge = rho_body[sb], fat_edge[sb]
-        for side in (-1, 1):
-            para = ((xx - 0.16 * side) / 0.13) ** 2 + ((yy - canal_y + 0.03) / 0.12) ** 2 < 1
-            cv.paint(sb, para & (r_rho < f_edge), T["muscle"])
-            psoas_r = 0.015 + 0.065 * np.clip((0.15 - tt) / 0.8, 0, 1)
-            psoas = ((xx - (0.1 + psoas_r) * side) / 1.1) ** 2 + ((yy - sp_y - 0.01) / 0.85) ** 2 < psoas_r**2
-            cv.paint(sb, psoas & (tt < 0.15) & cavity[sb], T["muscle"])
-        pitch = rng.uniform(0.17, 0.21)  # one vertebra and its disc
-        phase = ((tt - rng.uniform(0, 1)) / pitch) % 1.0  # (1, 1, z)
-        disc = phase < 0.18
-        vb = np.sqrt((xx / 0.11) ** 2 + ((yy - sp_y) / 0.085) ** 2)
-        cv.paint(sb, (vb < 1) & disc, T["disc"])
-        cv.paint(sb, (vb < 1) & ~disc, T["bone_cortex"])
-        cv.paint(sb, (vb < 0.8) & ~disc, T["bone_marrow"])
-        canal = np.sqrt(xx**2 + (yy - canal_y) ** 2)
-        post = (phase > 0.25) & (phase < 0.85)
-        arch = (canal < 0.075) & (canal > 0.045) & (yy < canal_y + 0.02) & post
-        pedicle = (np.abs(np.abs(xx) - 0.055) < 0.02) & (yy > canal_y) & (yy < sp_y) & post
-        spinous = (np.abs(xx) < 0.018) & (yy < canal_y) & (yy > canal_y - 0.15) & post
-        tp_y = canal_y + 0.02 - 0.25 * (np.abs(xx) - 0.06)  # transverse processes point back and out
-        transverse = (np.abs(yy - tp_y) < 0.016) & (np.abs(xx) < 0.19) & (tt < 0.3) & (phase > 0.45) & (phase < 0.62)
-        cv.paint(sb, arch | pedicle | spinous | transverse, T["bone_cortex"])
-        cv.paint(sb, canal < 0.045, T["csf"])
 
-    # ---- ribs (oblique, descending anteriorly) and costal cartilage ------------------
-    rib_low = rng.uniform(-0.1, 0.05)
+def _spine_box(case: _Case, spine: _Spine):
+    """Index box around the spine and the back muscles; None when out of view."""
+    return case.grid.box((-0.5, -2, -9), (0.5, spine.y + 0.2, 9))
+
+
+def _draw_back_muscles(case: _Case, spine: _Spine) -> None:
+    """Paraspinal muscles and the psoas muscles, widening downwards (no draws)."""
+    sb = _spine_box(case, spine)
+    if sb is None:
+        return
+    xx, yy, tt = case.grid.coords(sb)
+    r_rho, f_edge = case.body.rho[sb], case.body.fat_edge[sb]
+    for side in (-1, 1):
+        para = ((xx - 0.16 * side) / 0.13) ** 2 + ((yy - spine.canal_y + 0.03) / 0.12) ** 2 < 1
+        case.canvas.paint(sb, para & (r_rho < f_edge), T["muscle"])
+        psoas_r = 0.015 + 0.065 * np.clip((0.15 - tt) / 0.8, 0, 1)
+        psoas = ((xx - (0.1 + psoas_r) * side) / 1.1) ** 2 + ((yy - spine.y - 0.01) / 0.85) ** 2 < psoas_r**2
+        case.canvas.paint(sb, psoas & (tt < 0.15) & case.cavity(sb), T["muscle"])
+
+
+def _draw_vertebrae(case: _Case, spine: _Spine) -> None:
+    """Vertebral bodies and discs, the canal and the posterior elements (drawn only when the spine is in view)."""
+    sb = _spine_box(case, spine)
+    if sb is None:
+        return
+    rng, cv = case.rng, case.canvas
+    sp_y, canal_y = spine.y, spine.canal_y
+    xx, yy, tt = case.grid.coords(sb)
+    pitch = rng.uniform(0.17, 0.21)  # one vertebra and its disc
+    phase = ((tt - rng.uniform(0, 1)) / pitch) % 1.0  # (1, 1, z)
+    disc = phase < 0.18
+    vb = np.sqrt((xx / 0.11) ** 2 + ((yy - sp_y) / 0.085) ** 2)
+    cv.paint(sb, (vb < 1) & disc, T["disc"])
+    cv.paint(sb, (vb < 1) & ~disc, T["bone_cortex"])
+    cv.paint(sb, (vb < 0.8) & ~disc, T["bone_marrow"])
+    canal = np.sqrt(xx**2 + (yy - canal_y) ** 2)
+    post = (phase > 0.25) & (phase < 0.85)
+    arch = (canal < 0.075) & (canal > 0.045) & (yy < canal_y + 0.02) & post
+    pedicle = (np.abs(np.abs(xx) - 0.055) < 0.02) & (yy > canal_y) & (yy < sp_y) & post
+    spinous = (np.abs(xx) < 0.018) & (yy < canal_y) & (yy > canal_y - 0.15) & post
+    tp_y = canal_y + 0.02 - 0.25 * (np.abs(xx) - 0.06)  # transverse processes point back and out
+    transverse = (np.abs(yy - tp_y) < 0.016) & (np.abs(xx) < 0.19) & (tt < 0.3) & (phase > 0.45) & (phase < 0.62)
+    cv.paint(sb, arch | pedicle | spinous | transverse, T["bone_cortex"])
+    cv.paint(sb, canal < 0.045, T["csf"])
+
+
+def _draw_ribs(case: _Case, spine: _Spine) -> None:
+    """Ribs (oblique, descending anteriorly) in the chest wall, and the costal cartilage."""
+    grid, cv, body = case.grid, case.canvas, case.body
+    rib_low = case.rng.uniform(-0.1, 0.05)
     rbox = grid.box((-2, -2, rib_low - 0.1), (2, 2, 9))
-    if rbox is not None:
-        # work on the voxels of the chest-wall band only (a few % of the box)
-        off_box = np.abs(rho_body[rbox] - (fat_edge[rbox] - np.float32(0.5 * musc_w)))
-        ix, iy, iz = np.nonzero(off_box < 0.026)
-        off = off_box[ix, iy, iz]
-        xx, yy, tt = grid.xu[rbox[0]][ix], grid.yu[rbox[1]][iy], grid.tu[rbox[2]][iz]
-        r_rho = np.maximum(rho_body[rbox][ix, iy, iz], np.float32(1e-3))
-        ny = np.clip(yy / np.float32(b_post0) / r_rho, -1, 1)
-        nx = np.abs(xx) / np.float32(a0) / r_rho
-        h = tt + np.float32(0.15) * (ny + 1)  # the rib's height where it leaves the spine
-        rib = ((h / np.float32(0.15)) % 1.0 < 0.27) & (h > rib_low)
-        rib &= ~((nx < 0.3) & (ny > 0))  # the sternal gap
-        rib &= (ny < -0.3 + 3.0 * (h - rib_low)) | (h > rib_low + 0.4)  # low ribs end at the flank
-        rib &= ~((np.abs(xx) < 0.22) & (yy < sp_y))  # next to the spine: back muscles
-        cart = rib & (ny > 0.4)
-        tis_box, lab_box = cv.tissue[rbox], cv.label[rbox]
-        for sel, tissue in ((rib & ~cart, T["bone_cortex"]), (rib & ~cart & (off < 0.012), T["bone_marrow"]), (cart, T["cartilage"])):
-            tis_box[ix[sel], iy[sel], iz[sel]] = tissue
-            lab_box[ix[sel], iy[sel], iz[sel]] = 0
-    del rho_body, cavity, in_body, fat_edge, inner
+    if rbox is None:
+        return
+    # work on the voxels of the chest-wall band only (a few % of the box)
+    off_box = np.abs(body.rho[rbox] - (body.fat_edge[rbox] - np.float32(0.5 * body.muscle_width)))
+    ix, iy, iz = np.nonzero(off_box < 0.026)
+    off = off_box[ix, iy, iz]
+    xx, yy, tt = grid.xu[rbox[0]][ix], grid.yu[rbox[1]][iy], grid.tu[rbox[2]][iz]
+    r_rho = np.maximum(body.rho[rbox][ix, iy, iz], np.float32(1e-3))
+    ny = np.clip(yy / np.float32(body.back_depth) / r_rho, -1, 1)
+    nx = np.abs(xx) / np.float32(body.half_width) / r_rho
+    h = tt + np.float32(0.15) * (ny + 1)  # the rib's height where it leaves the spine
+    rib = ((h / np.float32(0.15)) % 1.0 < 0.27) & (h > rib_low)
+    rib &= ~((nx < 0.3) & (ny > 0))  # the sternal gap
+    rib &= (ny < -0.3 + 3.0 * (h - rib_low)) | (h > rib_low + 0.4)  # low ribs end at the flank
+    rib &= ~((np.abs(xx) < 0.22) & (yy < spine.y))  # next to the spine: back muscles
+    cart = rib & (ny > 0.4)
+    tis_box, lab_box = cv.tissue[rbox], cv.label[rbox]
+    for sel, tissue in ((rib & ~cart, T["bone_cortex"]), (rib & ~cart & (off < 0.012), T["bone_marrow"]), (cart, T["cartilage"])):
+        tis_box[ix[sel], iy[sel], iz[sel]] = tissue
+        lab_box[ix[sel], iy[sel], iz[sel]] = 0
 
-    # ---- intensities -----------------------------------------------------------------
+
+# ---- image -------------------------------------------------------------------------------
+def _draw_intensities(rng: np.random.Generator, tissue: np.ndarray) -> np.ndarray:
+    """The int16 HU image of a tissue map.
+
+    Each tissue's HU is its base value (jittered per case; contrast-enhanced tissues
+    scaled by one per-case enhancement) plus smooth low-frequency and fine textures
+    scaled per tissue; then a light in-plane blur (partial volume) and Gaussian scanner
+    noise of a per-case level.
+    """
+    X, Y, Z = tissue.shape
     n_t = len(_TISSUES)
     base = np.array([v[1] for v in _TISSUES], dtype=np.float32)
     base += rng.normal(0, 1, n_t).astype(np.float32) * np.array([v[2] for v in _TISSUES], dtype=np.float32)
@@ -764,14 +1039,22 @@ def _make_case_full(seed: int, size_xy: int, n_slices: int, labelled: bool, spac
     amp2 = np.array([v[4] for v in _TISSUES], dtype=np.float32)
     low = _upsample(rng.normal(0, 1, (10, 10, max(4, Z // 10))), (X, Y, Z))
     fine = _upsample(rng.normal(0, 1, (max(8, X // 6), max(8, Y // 6), max(4, Z // 2))), (X, Y, Z))
-    tis = cv.tissue
-    hu = base[tis]
-    low *= amp1[tis]
+    hu = base[tissue]
+    low *= amp1[tissue]
     hu += low
-    fine *= amp2[tis]
+    fine *= amp2[tissue]
     hu += fine
     del low, fine
-    # partial volume: a light [0.15 0.7 0.15] blur in plane
+    _blur_in_plane(hu)
+    noise = rng.standard_normal(hu.shape, dtype=np.float32)
+    noise *= np.float32(rng.uniform(10.0, 20.0))
+    hu += noise
+    np.clip(hu, -1024, 3071, out=hu)
+    return np.rint(hu).astype(np.int16)
+
+
+def _blur_in_plane(hu: np.ndarray) -> None:
+    """Partial volume: a light [0.15 0.7 0.15] blur along x, then y, in place (the border voxels stay)."""
     for axis in (0, 1):
         lo_, mid, hi_ = ([slice(None)] * 3 for _ in range(3))
         lo_[axis], mid[axis], hi_[axis] = slice(0, -2), slice(1, -1), slice(2, None)
@@ -781,19 +1064,18 @@ def _make_case_full(seed: int, size_xy: int, n_slices: int, labelled: bool, spac
         centre *= np.float32(0.7)
         centre += side
         del side
-    noise = rng.standard_normal(hu.shape, dtype=np.float32)
-    noise *= np.float32(rng.uniform(10.0, 20.0))
-    hu += noise
-    np.clip(hu, -1024, 3071, out=hu)
-    image = np.rint(hu).astype(np.int16)
 
+
+def _to_ras(image: np.ndarray, canvas: _Canvas, sp: tuple[float, float, float], labelled: bool) -> tuple:
+    """(image, label or None, affine, tissue) in RAS+, the volume centred on the origin."""
+    X, Y, Z = image.shape
     affine = np.diag([sp[0], sp[1], sp[2], 1.0])
     affine[:3, 3] = -0.5 * (np.array([X, Y, Z]) - 1) * np.array(sp)
-    # the anatomy above is modelled with the patient's right at low x; RAS+ puts the
+    # the anatomy is modelled with the patient's right at low x; RAS+ puts the
     # patient's right at high x (world x grows towards the right), so mirror x once here
     image = np.ascontiguousarray(image[::-1])
-    label = np.ascontiguousarray(cv.label[::-1]) if labelled else None
-    tissue = np.ascontiguousarray(cv.tissue[::-1])
+    label = np.ascontiguousarray(canvas.label[::-1]) if labelled else None
+    tissue = np.ascontiguousarray(canvas.tissue[::-1])
     return image, label, affine, tissue
 
 
@@ -807,8 +1089,6 @@ def _case_seed(seed: int, kind: int, index: int) -> int:
 
 def _nifti_bytes(data: np.ndarray, affine: np.ndarray) -> bytes:
     """A gzipped NIfTI-1 file in memory, bit-identical for identical input (gzip mtime 0)."""
-    import nibabel as nib
-
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
@@ -869,8 +1149,47 @@ def generate_dataset(
         UserError: bad counts or sizes, an output folder that cannot be written, or one
             holding phantoms made with other settings.
     """
-    from tqdm import tqdm
+    n_train = _check_dataset_args(n_labelled, n_unlabelled, num_workers, size_xy, n_slices, n_train)
+    out = Path(output_dir).expanduser()
+    lab_dir, unl_dir = out / "labelled", out / "unlabelled"
+    _make_output_dirs(out, (lab_dir / "images", lab_dir / "labels", unl_dir))
+    settings = {"generator_version": GENERATOR_VERSION, "seed": int(seed), "size_xy": int(size_xy), "n_slices": int(n_slices)}
+    manifest = out / "phantoms.json"
+    _check_manifest(manifest, settings)
 
+    n_slices_unl = int(round(1.3 * n_slices))
+    jobs, skipped = _case_jobs(lab_dir, unl_dir, n_labelled, n_unlabelled, seed, int(size_xy), int(n_slices), n_slices_unl)
+
+    # the manifest first: a killed run is then resumed with the same settings
+    atomic_write_json(
+        manifest,
+        {
+            **settings,
+            "n_labelled": int(n_labelled),
+            "n_unlabelled": int(n_unlabelled),
+            "n_slices_unlabelled": n_slices_unl,
+            "labels": LABEL_NAMES,
+        },
+    )
+    if skipped:
+        logger.info("%d cases already in %s, skipped", skipped, out)
+    _run_jobs(jobs, num_workers, out)
+    split_path = _write_split(out, n_labelled, n_train)
+    return {
+        "labelled_dir": str(lab_dir),
+        "unlabelled_dir": str(unl_dir),
+        "split_path": None if split_path is None else str(split_path),
+        "n_written": len(jobs),
+        "n_skipped": skipped,
+    }
+
+
+def _check_dataset_args(n_labelled, n_unlabelled, num_workers, size_xy, n_slices, n_train) -> int:
+    """Check generate_dataset's counts and sizes; returns ``n_train`` (its default filled in).
+
+    Raises:
+        UserError: a count or size out of range, or an ``n_train`` that does not fit ``n_labelled``.
+    """
     for name, v, lo in (("n_labelled", n_labelled, 0), ("n_unlabelled", n_unlabelled, 0), ("num_workers", num_workers, 1)):
         if not isinstance(v, (int, np.integer)) or v < lo:
             raise UserError(f"{name} must be an integer >= {lo}, got {v!r}")
@@ -889,31 +1208,47 @@ def generate_dataset(
             n_train = min(n_train, n_labelled - 1)
     if n_labelled and (not isinstance(n_train, (int, np.integer)) or not 1 <= n_train <= n_labelled):
         raise UserError(f"n_train must be between 1 and n_labelled={n_labelled}, got {n_train!r}")
+    return n_train
 
-    out = Path(output_dir).expanduser()
-    lab_dir, unl_dir = out / "labelled", out / "unlabelled"
+
+def _make_output_dirs(out: Path, dirs) -> None:
+    """Create the output folders.
+
+    Raises:
+        UserError: a folder cannot be created, or ``out`` is not writable.
+    """
     try:
-        for d in (lab_dir / "images", lab_dir / "labels", unl_dir):
+        for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UserError(f"cannot create the output folder {str(out)!r}: {e.strerror}") from None
     if not os.access(out, os.W_OK):
         raise UserError(f"output folder {str(out)!r} is not writable")
 
-    settings = {"generator_version": GENERATOR_VERSION, "seed": int(seed), "size_xy": int(size_xy), "n_slices": int(n_slices)}
-    manifest = out / "phantoms.json"
-    if manifest.exists():
-        try:
-            old = json.loads(manifest.read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read {manifest}: {e}") from None
-        old_settings = {k: old.get(k) for k in settings}
-        if old_settings != settings:
-            raise UserError(
-                f"{manifest} records phantoms made with {old_settings}, not {settings}; use another --output_dir"
-            )
 
-    n_slices_unl = int(round(1.3 * n_slices))
+def _check_manifest(manifest: Path, settings: dict) -> None:
+    """Refuse an output folder whose ``phantoms.json`` records other settings.
+
+    Raises:
+        UserError: the manifest cannot be read or records other settings.
+    """
+    if not manifest.exists():
+        return
+    try:
+        old = json.loads(manifest.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {manifest}: {e}") from None
+    old_settings = {k: old.get(k) for k in settings}
+    if old_settings != settings:
+        raise UserError(
+            f"{manifest} records phantoms made with {old_settings}, not {settings}; use another --output_dir"
+        )
+
+
+def _case_jobs(
+    lab_dir: Path, unl_dir: Path, n_labelled: int, n_unlabelled: int, seed: int, size_xy: int, n_slices: int, n_slices_unl: int
+) -> tuple[list[tuple], int]:
+    """The :func:`_write_case` jobs of the cases not written yet, and how many were skipped."""
     jobs, skipped = [], 0
     for i in range(1, n_labelled + 1):
         cid = f"FLARE22_Tr_{i:04d}"
@@ -921,59 +1256,47 @@ def generate_dataset(
         if ip.exists() and lp.exists():
             skipped += 1
             continue
-        jobs.append((0, cid, _case_seed(seed, 0, i), int(size_xy), int(n_slices), str(ip), str(lp)))
+        jobs.append((0, cid, _case_seed(seed, 0, i), size_xy, n_slices, str(ip), str(lp)))
     for i in range(1, n_unlabelled + 1):
         cid = f"Case_{i:05d}"
         ip = unl_dir / f"{cid}_0000.nii.gz"
         if ip.exists():
             skipped += 1
             continue
-        jobs.append((1, cid, _case_seed(seed, 1, i), int(size_xy), n_slices_unl, str(ip), None))
+        jobs.append((1, cid, _case_seed(seed, 1, i), size_xy, n_slices_unl, str(ip), None))
+    return jobs, skipped
 
-    # the manifest first: a killed run is then resumed with the same settings
-    atomic_write_json(
-        manifest,
-        {
-            **settings,
-            "n_labelled": int(n_labelled),
-            "n_unlabelled": int(n_unlabelled),
-            "n_slices_unlabelled": n_slices_unl,
-            "labels": LABEL_NAMES,
-        },
-    )
-    if skipped:
-        logger.info("%d cases already in %s, skipped", skipped, out)
+
+def _run_jobs(jobs: list[tuple], num_workers: int, out: Path) -> None:
+    """Make and write the cases of ``jobs`` (see :func:`_write_case`), in worker processes when asked."""
+    if not jobs:
+        return
     t0 = time.perf_counter()
-    if jobs:
-        bar = tqdm(total=len(jobs), desc="phantoms", unit="case")
-        if num_workers == 1 or len(jobs) == 1:
-            for job in jobs:
-                _write_case(job)
-                bar.update()
-        else:
-            with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs))) as pool:
-                for _ in pool.map(_write_case, jobs):
-                    bar.update()
-        bar.close()
-        logger.info("wrote %d cases to %s in %.1f s", len(jobs), out, time.perf_counter() - t0)
-
-    split_path = None
-    if n_labelled:
-        ids = [f"FLARE22_Tr_{i:04d}" for i in range(1, n_labelled + 1)]
-        split = {"train": ids[:n_train], "val": ids[n_train:]}
-        if not split["val"]:
-            logger.warning("split.json has no validation cases (n_train == n_labelled == %d)", n_labelled)
-        split_path = out / "split.json"
-        atomic_write_json(split_path, split)
+    bar = tqdm(total=len(jobs), desc="phantoms", unit="case")
+    if num_workers == 1 or len(jobs) == 1:
+        for job in jobs:
+            _write_case(job)
+            bar.update()
     else:
+        with ProcessPoolExecutor(max_workers=min(num_workers, len(jobs))) as pool:
+            for _ in pool.map(_write_case, jobs):
+                bar.update()
+    bar.close()
+    logger.info("wrote %d cases to %s in %.1f s", len(jobs), out, time.perf_counter() - t0)
+
+
+def _write_split(out: Path, n_labelled: int, n_train: int) -> Path | None:
+    """Write ``split.json`` (the first ``n_train`` labelled cases in train); None without labelled cases."""
+    if not n_labelled:
         logger.info("no labelled cases, so no split.json")
-    return {
-        "labelled_dir": str(lab_dir),
-        "unlabelled_dir": str(unl_dir),
-        "split_path": None if split_path is None else str(split_path),
-        "n_written": len(jobs),
-        "n_skipped": skipped,
-    }
+        return None
+    ids = [f"FLARE22_Tr_{i:04d}" for i in range(1, n_labelled + 1)]
+    split = {"train": ids[:n_train], "val": ids[n_train:]}
+    if not split["val"]:
+        logger.warning("split.json has no validation cases (n_train == n_labelled == %d)", n_labelled)
+    split_path = out / "split.json"
+    atomic_write_json(split_path, split)
+    return split_path
 
 
 # --------------------------------------------------------------------------------------
@@ -991,6 +1314,7 @@ def render_preview(image: np.ndarray, label: np.ndarray | None, affine: np.ndarr
         path: PNG to write (atomically).
         title: figure title.
     """
+    # matplotlib only here: heavy, and the Agg backend must be chosen before pyplot is imported
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1078,9 +1402,6 @@ def main(args: argparse.Namespace) -> dict:
         num_workers=args.num_workers,
     )
     if args.preview is not None:
-        import nibabel as nib
-
-
         cid = "FLARE22_Tr_0001"
         img = nib.load(os.path.join(result["labelled_dir"], "images", f"{cid}_0000.nii.gz"))
         lab = nib.load(os.path.join(result["labelled_dir"], "labels", f"{cid}.nii.gz"))

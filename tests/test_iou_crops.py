@@ -407,6 +407,35 @@ def test_determinism_under_set_random_state_3d():
         assert 0.3 <= crop_iou(a, b, (6, 5, 4)) <= 0.6
 
 
+def test_iou_cropd_wraps_iou_crop_with_one_generator():
+    """IoUCropd draws with its IoUCrop from self.R: the same pairs as an IoUCrop seeded alike, also after pickling."""
+    import pickle
+
+    img = _coord_image((31, 27))
+    d = IoUCropd("image", spatial_dims=2, crop_size=(9, 6), min_iou=0.3, max_iou=0.6, store_boxes=True)
+    assert isinstance(d.cropper, IoUCrop) and d.sampler is d.cropper.sampler and d.pair is None
+    assert d.set_random_state(21) is d and d.cropper.R is d.R
+    c = IoUCrop((9, 6), 0.3, 0.6).set_random_state(21)
+    for i in range(12):
+        if i == 5:
+            d = pickle.loads(pickle.dumps(d))
+            assert d.cropper.R is d.R
+        out = d({"image": img})
+        c(img)
+        assert (tuple(out["iou_start1"].tolist()), tuple(out["iou_start2"].tolist())) == (c.start_a, c.start_b)
+        assert d.pair == (c.start_a, c.start_b, c.iou, c.feasible) and out["iou_value"] == c.iou
+    assert d.stats == {"pairs": 12, "infeasible": 0}
+    # a generator given as state, or set on R directly, is the one drawn from
+    rs = np.random.RandomState(4)
+    d.set_random_state(state=rs)
+    d.R = np.random.RandomState(8)
+    d({"image": img})
+    assert rs.random_sample() == np.random.RandomState(4).random_sample()
+    c.set_random_state(8)
+    c(img)
+    assert d.pair.start_a == c.start_a and d.pair.start_b == c.start_b
+
+
 def _pipeline_batches(seed, num_workers, cache=False):
     from monai.data import CacheDataset, DataLoader, Dataset
     from monai.transforms import Compose, RandFlipd
