@@ -8,6 +8,8 @@ pretraining" row fine-tunes a random encoder with the 2 x 2 (initialisation seed
 fine-tuning seed) pairs. 34 runs in all. Runs are called in-process
 (``main_simsiam.main`` / ``main_finetune.main``), are resumable, and can be spread over
 processes, GPUs and machines that share ``--output_dir`` (one lock file per run).
+This script is the command line (flags, presets, the plan's argv, data preparation,
+``grid.json``); ``runqueue.py`` runs the plan and ``report.py`` renders the results.
 
 Output folder::
 
@@ -60,20 +62,31 @@ import argparse
 import contextlib
 import json
 import logging
-import multiprocessing as mp
 import os
 import shlex
 import sys
 import time
 from typing import Any
 
-import grid
-from grid import GRID_FORMAT, PAPER_ROW_KEYS, PAPER_SEEDS, Row, Run
+import make_phantoms
+import preprocess_flare_labelled
+import preprocess_flare_unlabelled
+import report
+import runqueue
+from data import DEFAULT_SPLIT_PATH, load_split
+from engine import run_paths
+from report import PAPER_ROW_KEYS
+from runqueue import Row, Run
 from utils import TrainingError, UserError, atomic_write_json, run_cli
 
 logger = logging.getLogger(__name__)
 
 PROJECT_ROOT = os.path.dirname(os.path.abspath(__file__))
+
+#: Version of the results-folder layout (``grid.json``); a folder of another version is refused.
+GRID_FORMAT = "ioupos-table-v1"
+#: The two seeds of the paper, used for pretraining and for fine-tuning.
+PAPER_SEEDS: tuple[int, int] = (4294967295, 381122412)
 
 #: Hyper-parameters of each preset; every one can be overridden by the flag of the same name.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -248,8 +261,6 @@ def data_paths(args: argparse.Namespace, out: str) -> dict[str, str]:
         root = os.path.join(out, "data")
         return {"unlabelled_dir": os.path.join(root, "slices", "unlabelled"), "labelled_dir": os.path.join(root, "slices", "labelled"),
                 "split": os.path.join(root, "phantoms", "split.json")}
-    from data import DEFAULT_SPLIT_PATH
-
     res = {}
     for key in ("unlabelled_dir", "labelled_dir"):
         v = getattr(args, key)
@@ -267,8 +278,6 @@ def prepare_data(args: argparse.Namespace, settings: dict[str, Any], out: str) -
     """
     paths = data_paths(args, out)
     if args.preset == "demo":
-        import make_phantoms
-
         root = os.path.join(out, "data")
         logger.info("demo data: %d labelled + %d unlabelled phantoms of %d x %d x %d in %s", settings["phantom_labelled"],
                     settings["phantom_unlabelled"], settings["phantom_size_xy"], settings["phantom_size_xy"], settings["phantom_slices"], root)
@@ -292,9 +301,7 @@ def prepare_data(args: argparse.Namespace, settings: dict[str, Any], out: str) -
 
 
 def _preprocess(kind: str, raw: str, out: str, split: str | None, workers: int) -> None:
-    import preprocess_flare_labelled
-    import preprocess_flare_unlabelled
-
+    """Run ``preprocess_flare_<kind>.py`` on ``raw`` into ``out`` (its summary goes to stderr)."""
     mod = preprocess_flare_labelled if kind == "labelled" else preprocess_flare_unlabelled
     argv = ["--data_dir", raw, "--output_dir", out, "--num_workers", str(max(1, workers))]
     if split:
@@ -321,7 +328,7 @@ def _common_argv(s: dict[str, Any]) -> list[str]:
 
 def build_plan(args: argparse.Namespace, s: dict[str, Any], rows: list[Row], pre_seeds: list[int], ft_seeds: list[int],
                data: dict[str, str], chkpt_dir: str) -> list[Run]:
-    """Every run of the grid with its full argv (see grid.plan_grid for the order)."""
+    """Every run of the grid with its full argv (see runqueue.plan_grid for the order)."""
     pre_extra = shlex.split(args.pretrain_args)
     ft_extra = shlex.split(args.finetune_args)
     common = _common_argv(s)
@@ -350,7 +357,7 @@ def build_plan(args: argparse.Namespace, s: dict[str, Any], rows: list[Row], pre
            "low_resource_mode": bool(s["low_resource_mode"]), "drop_path_rate": float(s["drop_path_rate"]),
            "crop_size": s["finetune_crop_size"]}
     script = "main_simsiam" if args.method == "simsiam" else "main_dino"
-    return grid.plan_grid(rows, pre_seeds, ft_seeds, chkpt_dir, pre_argv, ft_argv, encoder_config=enc, pretrain_script=script)
+    return runqueue.plan_grid(rows, pre_seeds, ft_seeds, chkpt_dir, pre_argv, ft_argv, encoder_config=enc, pretrain_script=script)
 
 
 def execution_argv(args: argparse.Namespace, s: dict[str, Any], n_workers: int) -> dict[str, list[str]]:
@@ -367,6 +374,7 @@ def execution_argv(args: argparse.Namespace, s: dict[str, Any], n_workers: int) 
 
 
 def grid_meta(args: argparse.Namespace, s: dict[str, Any], rows: list[Row], pre_seeds: list[int], ft_seeds: list[int]) -> dict[str, Any]:
+    """What ``grid.json`` records of a grid (execution settings left out), compared on every invocation."""
     return {
         "format": GRID_FORMAT,
         "preset": args.preset,
@@ -428,11 +436,8 @@ def check_runs_split(plan: list[Run], chkpt_dir: str, split: dict[str, list[str]
     Raises:
         UserError: a run used another split (named).
     """
-    from data import load_split
-    from engine import run_paths
-
     for r in plan:
-        if r.kind != "finetune" or not grid.is_finished(chkpt_dir, r.name):
+        if r.kind != "finetune" or not runqueue.is_finished(chkpt_dir, r.name):
             continue
         args_path = run_paths(chkpt_dir, r.name)["args"]
         try:
@@ -451,122 +456,6 @@ def check_runs_split(plan: list[Run], chkpt_dir: str, split: dict[str, list[str]
 
 
 # ---------------------------------------------------------------------------------------
-# Running the grid
-# ---------------------------------------------------------------------------------------
-
-
-def run_grid(plan: list[Run], cfg: grid.WorkerConfig, args: argparse.Namespace, n_workers: int) -> dict[str, list[str]]:
-    """Run every unfinished run, in this process or in spawned workers; return done/failed lists."""
-    from tqdm import tqdm
-
-    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-    n_workers = len(gpus) if gpus else n_workers
-    if n_workers < 1:
-        raise UserError(f"--workers must be at least 1, got {n_workers}")
-    n_done0 = sum(grid.is_finished(cfg.chkpt_dir, r.name) for r in plan)
-    if n_done0:
-        logger.info("%d of %d runs are finished already and are skipped", n_done0, len(plan))
-    if n_done0 == len(plan):
-        return {"done": [], "failed": [], "blocked": []}
-    threads = args.threads_per_worker or max(1, (os.cpu_count() or 1) // n_workers)
-    bar = tqdm(total=len(plan), initial=n_done0, desc="grid", unit="run", disable=not args.progress, dynamic_ncols=True)
-    if n_workers == 1 and not gpus:
-        import torch
-
-        if args.threads_per_worker:
-            torch.set_num_threads(threads)
-
-        def runner(run: Run, *a: Any) -> dict:
-            try:
-                return grid.execute_run(run, *a)
-            finally:
-                bar.n = sum(grid.is_finished(cfg.chkpt_dir, r.name) for r in plan)
-                bar.refresh()
-
-        try:
-            return grid.run_worker(plan, cfg, runner=runner)
-        finally:
-            bar.close()
-    ctx = mp.get_context("spawn")
-    procs = []
-    plan_dicts = [r.to_dict() for r in plan]
-    for i in range(n_workers):
-        env = {"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {}
-        wcfg = grid.WorkerConfig(**{**cfg.__dict__, "owner": f"worker{i}" + (f"-gpu{gpus[i]}" if gpus else "")})
-        proc = ctx.Process(target=grid.worker_entry, args=(plan_dicts, wcfg.__dict__, env, threads, logging.getLogger().level or logging.INFO),
-                           name=wcfg.owner)
-        proc.start()
-        procs.append(proc)
-    logger.info("started %d worker(s) with %d torch thread(s) each%s", n_workers, threads, f" on GPUs {','.join(gpus)}" if gpus else "")
-    try:
-        while any(p.is_alive() for p in procs):
-            time.sleep(1.0)
-            n = sum(grid.is_finished(cfg.chkpt_dir, r.name) for r in plan)
-            if n != bar.n:
-                bar.n = n
-                bar.refresh()
-    except KeyboardInterrupt:
-        for p in procs:
-            p.join(timeout=30)
-        raise
-    finally:
-        bar.n = sum(grid.is_finished(cfg.chkpt_dir, r.name) for r in plan)
-        bar.close()
-    codes = [p.exitcode for p in procs]
-    if any(c == 2 for c in codes):
-        failed = sorted(os.listdir(os.path.join(cfg.state_dir, "failed")))
-        detail = ""
-        if failed:
-            with open(os.path.join(cfg.state_dir, "failed", failed[0])) as f:
-                detail = json.load(f).get("error", "")
-        raise UserError(f"a worker stopped on bad input: {detail}")
-    failed = sorted(f[:-5] for f in os.listdir(os.path.join(cfg.state_dir, "failed"))) if os.path.isdir(os.path.join(cfg.state_dir, "failed")) else []
-    if any(c not in (0, 1) for c in codes):
-        logger.error("worker exit codes: %s", codes)
-    return {"done": [], "failed": failed, "blocked": []}
-
-
-# ---------------------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------------------
-
-
-def make_figures(plan: list[Run], rows: list[Row], s: dict[str, Any], data: dict[str, str], split: dict[str, list[str]],
-                 chkpt_dir: str, fig_dir: str, n_pairs: int) -> dict[str, str]:
-    """collapse.png from the pretraining logs; organ_sharing.png and crop_pairs.png from the labelled slices."""
-    from data import list_finetune_pairs, read_label_2d
-
-    made = {}
-    curves = grid.collapse_curves(plan, rows, chkpt_dir)
-    p = grid.plot_collapse(curves, rows, os.path.join(fig_dir, "collapse.png"))
-    if p:
-        made["collapse"] = p
-    else:
-        logger.info("collapse.png: no pretraining log has a 'collapse' value yet")
-    if s["spatial_dims"] != 2:
-        logger.info("organ_sharing.png and crop_pairs.png are drawn for 2D slices only")
-        return made
-    pairs = list_finetune_pairs(data["labelled_dir"], split, 2)
-    items = pairs["train"] + pairs["val"]
-    frac = grid.organ_sharing([it["label"] for it in items], rows, s["crop_size"], n_pairs=n_pairs, seed=0)
-    p = grid.plot_organ_sharing(frac, rows, os.path.join(fig_dir, "organ_sharing.png"), s["crop_size"])
-    if p:
-        made["organ_sharing"] = p
-        atomic_write_json(os.path.join(fig_dir, "organ_sharing.json"), frac)
-    # the example slice: the one with the most organs (first such slice of the validation cases)
-    best, best_n = None, -1
-    for it in pairs["val"] or pairs["train"]:
-        n = len(set(read_label_2d(it["label"]).ravel().tolist()) - {0})
-        if n > best_n:
-            best, best_n = it, n
-    if best is not None:
-        p = grid.plot_crop_pairs(best["image"], best["label"], rows, os.path.join(fig_dir, "crop_pairs.png"), s["crop_size"])
-        if p:
-            made["crop_pairs"] = p
-    return made
-
-
-# ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
 
@@ -580,13 +469,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """
     t_start = time.time()
     s = resolve_settings(args)
-    rows = grid.parse_rows(args.rows)
-    pre_seeds = grid.parse_seeds(args.pretrain_seeds, "--pretrain_seeds")
-    ft_seeds = grid.parse_seeds(args.finetune_seeds, "--finetune_seeds")
+    rows = runqueue.parse_rows(args.rows)
+    pre_seeds = runqueue.parse_seeds(args.pretrain_seeds, "--pretrain_seeds")
+    ft_seeds = runqueue.parse_seeds(args.finetune_seeds, "--finetune_seeds")
     out = os.path.abspath(os.path.expanduser(args.output_dir))
     chkpt_dir = os.path.join(out, "runs")
     state_dir = os.path.join(out, "state")
-    n_workers = len([g for g in args.gpus.split(",") if g.strip()]) or s["workers"]
+    gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
+    n_workers = len(gpus) or s["workers"]
     meta = grid_meta(args, s, rows, pre_seeds, ft_seeds)
 
     if args.dry_run:
@@ -597,7 +487,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             if r.init:
                 dep = f" (from the random encoder reproduce_table.py writes with seed {r.init['seed']})"
             print(f"# {i}/{len(plan)} {r.name}{dep}")
-            print(grid.command_line(r, "python", extra[r.kind]))
+            print(runqueue.command_line(r, "python", extra[r.kind]))
         return {"plan": [r.to_dict() for r in plan]}
 
     check_grid_file(out, meta)
@@ -605,8 +495,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         data = data_paths(args, out)
     else:
         data = prepare_data(args, s, out)
-    from data import load_split
-
     split = load_split(data["split"])
     check_grid_file(out, meta, split)
     os.makedirs(out, exist_ok=True)
@@ -616,34 +504,37 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 sum(r.kind == "pretrain" for r in plan), sum(r.kind == "finetune" for r in plan), out)
 
     if args.write_scripts:
-        written = grid.write_run_scripts(plan, os.path.abspath(args.write_scripts), chkpt_dir, PROJECT_ROOT, execution_argv(args, s, 1),
-                                         python=sys.executable)
+        written = runqueue.write_run_scripts(plan, os.path.abspath(args.write_scripts), chkpt_dir, PROJECT_ROOT, execution_argv(args, s, 1),
+                                             python=sys.executable)
         logger.info("wrote %d shell files to %s (all.sh runs them in order)", len(written) - 1, args.write_scripts)
         return {"scripts": written}
 
     failed: list[str] = []
     if not args.collect_only:
-        cleared = grid.clear_failures(state_dir)
+        cleared = runqueue.clear_failures(state_dir)
         if cleared:
             logger.info("retrying %d run(s) that failed before: %s", len(cleared), ", ".join(cleared))
-        cfg = grid.WorkerConfig(chkpt_dir=chkpt_dir, state_dir=state_dir, extra_argv=execution_argv(args, s, n_workers),
-                                poll_s=args.poll_s, owner="main", timings_path=os.path.join(state_dir, "timings.jsonl"))
-        res = run_grid(plan, cfg, args, n_workers)
+        cfg = runqueue.WorkerConfig(chkpt_dir=chkpt_dir, state_dir=state_dir, extra_argv=execution_argv(args, s, n_workers),
+                                    poll_s=args.poll_s, owner="main", timings_path=os.path.join(state_dir, "timings.jsonl"))
+        if n_workers < 1:
+            raise UserError(f"--workers must be at least 1, got {n_workers}")
+        res = runqueue.run_local(plan, cfg, n_workers=n_workers, gpus=gpus, threads_per_worker=args.threads_per_worker, progress=args.progress)
         failed = res["failed"]
 
     check_runs_split(plan, chkpt_dir, split)
-    collected = grid.collect(plan, rows, chkpt_dir)
+    collected = report.collect(plan, rows, chkpt_dir)
     title = f"IoU-based positives: Dice per IoU interval ({args.preset} preset, {args.method})"
-    table = grid.render_table(rows, collected, out, title=title)
-    organs = grid.render_organs(rows, collected, out)
+    table = report.render_table(rows, collected, out, title=title)
+    organs = report.render_organs(rows, collected, out)
     figures = {}
     if not args.no_figures:
-        figures = make_figures(plan, rows, s, data, split, chkpt_dir, os.path.join(out, "figures"), args.figure_pairs)
+        figures = report.make_figures(plan, rows, chkpt_dir, os.path.join(out, "figures"), data["labelled_dir"], split, s["crop_size"],
+                                      spatial_dims=s["spatial_dims"], n_pairs=args.figure_pairs)
     print(table["text"], flush=True)
     result = {
         "output_dir": out, "table": table["md"], "table_csv": table["csv"], "organs": organs["md"], "organs_csv": organs["csv"],
-        "figures": figures, "rows": grid.table_rows(rows, collected), "n_runs": len(plan),
-        "n_finished": sum(grid.is_finished(chkpt_dir, r.name) for r in plan), "seconds": round(time.time() - t_start, 1),
+        "figures": figures, "rows": report.table_rows(rows, collected), "n_runs": len(plan),
+        "n_finished": sum(runqueue.is_finished(chkpt_dir, r.name) for r in plan), "seconds": round(time.time() - t_start, 1),
     }
     if failed:
         raise TrainingError(f"{len(failed)} run(s) failed (see {os.path.join(state_dir, 'failed')} and logs/): {', '.join(failed)}; "

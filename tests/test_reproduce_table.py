@@ -1,4 +1,4 @@
-"""Tests of reproduce_table.py and grid.py: the plan, locks, workers, collection, the table,
+"""Tests of reproduce_table.py, runqueue.py and report.py: the plan, locks, workers, collection, the table,
 bad input, and the whole grid end to end at a tiny size (killed, resumed, rerun, re-collected)."""
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import grid
+import report
 import reproduce_table as rt
+import runqueue
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +38,8 @@ def test_population_std_reproduces_the_papers_plus_minus():
     """The paper's ± is the population std of its four DSCs (to within their rounding);
     the sample std (ddof=1) is not, for at least one row."""
     sample_off = 0
-    for key, row in grid.PAPER_TABLE.items():
-        mean, std = grid.mean_std(row["dsc"])
+    for key, row in report.PAPER_TABLE.items():
+        mean, std = report.mean_std(row["dsc"])
         # each DSC is rounded to 0.001 (moves std by <= 0.0005), the paper's std too (0.0005)
         assert abs(std - row["std"]) <= 0.001 + 1e-12, key
         assert abs(mean - row["mean"]) <= 0.001 + 1e-12, key  # same two roundings
@@ -47,17 +48,17 @@ def test_population_std_reproduces_the_papers_plus_minus():
 
 
 def test_rows_parse_to_the_papers_labels():
-    rows = grid.parse_rows(",".join(grid.PAPER_ROW_KEYS))
+    rows = runqueue.parse_rows(",".join(report.PAPER_ROW_KEYS))
     assert [r.label for r in rows] == ["- (no pretraining)", "[0, 0]", "[0.0001, 0.3]", "[0.3, 0.6]", "[0.6, 1]", "Random crop ([0, 1])"]
-    assert [r.key for r in rows] == list(grid.PAPER_ROW_KEYS)
+    assert [r.key for r in rows] == list(report.PAPER_ROW_KEYS)
     assert rows[3].tag == "iou0.30-0.60" and rows[2].tag == "iou0.0001-0.30"
     for bad in ("0.6-0.3", "abc", "0.2-1.5", "0.1-0.2-0.3"):
         with pytest.raises(UserError):
-            grid.parse_row(bad)
+            runqueue.parse_row(bad)
     with pytest.raises(UserError, match="twice"):
-        grid.parse_rows("0.3-0.6,0.30-0.6")
+        runqueue.parse_rows("0.3-0.6,0.30-0.6")
     with pytest.raises(UserError):
-        grid.parse_seeds("1,x", "--pretrain_seeds")
+        runqueue.parse_seeds("1,x", "--pretrain_seeds")
 
 
 def test_paper_plan_has_34_runs_with_fixed_shared_seeds(tmp_path):
@@ -66,10 +67,10 @@ def test_paper_plan_has_34_runs_with_fixed_shared_seeds(tmp_path):
     args = parse(["--preset", "paper", "--output_dir", str(tmp_path / "out"), "--unlabelled_dir", str(tmp_path / "u"),
                   "--labelled_dir", str(tmp_path / "l")])
     s = rt.resolve_settings(args)
-    rows = grid.parse_rows(args.rows)
+    rows = runqueue.parse_rows(args.rows)
     data = rt.data_paths(args, str(tmp_path / "out"))
     chk = str(tmp_path / "out" / "runs")
-    plan = rt.build_plan(args, s, rows, list(grid.PAPER_SEEDS), list(grid.PAPER_SEEDS), data, chk)
+    plan = rt.build_plan(args, s, rows, list(rt.PAPER_SEEDS), list(rt.PAPER_SEEDS), data, chk)
     assert len(plan) == 34
     pre = [r for r in plan if r.kind == "pretrain"]
     ft = [r for r in plan if r.kind == "finetune"]
@@ -95,7 +96,7 @@ def test_paper_plan_has_34_runs_with_fixed_shared_seeds(tmp_path):
     per_row = {}
     for r in ft:
         per_row.setdefault(r.row, set()).add((r.pretrain_seed, r.finetune_seed))
-    expected = {(a, b) for a in grid.PAPER_SEEDS for b in grid.PAPER_SEEDS}
+    expected = {(a, b) for a in rt.PAPER_SEEDS for b in rt.PAPER_SEEDS}
     assert all(v == expected for v in per_row.values()) and len(per_row) == 6
     # every argv is accepted by the real scripts' parsers
     import main_finetune
@@ -109,7 +110,7 @@ def test_random_init_depends_on_the_seed_only(tmp_path):
     import torch
 
     cfg = {"arch": "swin", "spatial_dims": 2, "embedding_size": 12, "low_resource_mode": True, "drop_path_rate": 0.0, "crop_size": 64}
-    paths = [grid.ensure_random_init({"path": str(tmp_path / f"{i}.pt"), "seed": seed, "config": cfg}) for i, seed in enumerate((5, 5, 6))]
+    paths = [runqueue.ensure_random_init({"path": str(tmp_path / f"{i}.pt"), "seed": seed, "config": cfg}) for i, seed in enumerate((5, 5, 6))]
     a, b, c = (torch.load(p, weights_only=True)["encoder"] for p in paths)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
@@ -128,31 +129,31 @@ def _dead_pid() -> int:
 
 def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path, caplog):
     locks = str(tmp_path / "locks")
-    path = grid.try_lock(locks, "run_a")
+    path = runqueue.try_lock(locks, "run_a")
     assert path and os.path.isfile(path)
-    assert grid.try_lock(locks, "run_a") is None  # held by this live process
-    grid.release_lock(path)
+    assert runqueue.try_lock(locks, "run_a") is None  # held by this live process
+    runqueue.release_lock(path)
     assert not os.path.exists(path)
 
     # a lock of a process that is gone (same host) is taken over, with a log line
     stale = Path(locks) / "run_b.lock"
-    stale.write_text(json.dumps({"host": grid.HOST, "pid": _dead_pid(), "time": 0}))
-    with caplog.at_level(logging.WARNING, logger="grid"):
-        got = grid.try_lock(locks, "run_b")
+    stale.write_text(json.dumps({"host": runqueue.HOST, "pid": _dead_pid(), "time": 0}))
+    with caplog.at_level(logging.WARNING, logger="runqueue"):
+        got = runqueue.try_lock(locks, "run_b")
     assert got == str(stale) and "taking over the stale lock" in caplog.text
     assert json.loads(stale.read_text())["pid"] == os.getpid()
-    grid.release_lock(got)
+    runqueue.release_lock(got)
 
     # a lock of another host is respected; so is a fresh empty lock (being written)
     other = Path(locks) / "run_c.lock"
-    other.write_text(json.dumps({"host": grid.HOST + "-elsewhere", "pid": 1, "time": 0}))
-    assert grid.try_lock(locks, "run_c") is None
+    other.write_text(json.dumps({"host": runqueue.HOST + "-elsewhere", "pid": 1, "time": 0}))
+    assert runqueue.try_lock(locks, "run_c") is None
     empty = Path(locks) / "run_d.lock"
     empty.write_text("")
-    assert grid.try_lock(locks, "run_d") is None
+    assert runqueue.try_lock(locks, "run_d") is None
     old = time.time() - 3600
     os.utime(empty, (old, old))
-    assert grid.try_lock(locks, "run_d") == str(empty)
+    assert runqueue.try_lock(locks, "run_d") == str(empty)
 
 
 FAKE_SCRIPT = '''
@@ -184,20 +185,20 @@ def test_two_spawned_workers_run_every_run_once_in_dependency_order(tmp_path, mo
     (tmp_path / "fake_train.py").write_text(FAKE_SCRIPT)
     monkeypatch.syspath_prepend(str(tmp_path))  # the spawned workers inherit sys.path
     chk, claims = str(tmp_path / "runs"), str(tmp_path / "claims.txt")
-    rows = grid.parse_rows("0-0,0.3-0.6")
-    plan = grid.plan_grid(
+    rows = runqueue.parse_rows("0-0,0.3-0.6")
+    plan = runqueue.plan_grid(
         rows, [1, 2], [3, 4], chk,
         lambda row, seed, name: ["--run_name", name, "--chkpt_dir", chk, "--claims", claims],
-        lambda row, ps, fs, name, w: ["--run_name", name, "--chkpt_dir", chk, "--claims", claims, "--needs", grid.pretrain_name(row, ps)],
+        lambda row, ps, fs, name, w: ["--run_name", name, "--chkpt_dir", chk, "--claims", claims, "--needs", runqueue.pretrain_name(row, ps)],
         pretrain_script="fake_train", finetune_script="fake_train",
     )
     assert len(plan) == 12
-    cfg = grid.WorkerConfig(chkpt_dir=chk, state_dir=str(tmp_path / "state"), poll_s=0.1)
+    cfg = runqueue.WorkerConfig(chkpt_dir=chk, state_dir=str(tmp_path / "state"), poll_s=0.1)
     ctx = mp.get_context("spawn")
     procs = []
     for i in range(2):
         c = {**cfg.__dict__, "owner": f"w{i}"}
-        procs.append(ctx.Process(target=grid.worker_entry, args=([r.to_dict() for r in plan], c, {}, 1, logging.INFO)))
+        procs.append(ctx.Process(target=runqueue.worker_entry, args=([r.to_dict() for r in plan], c, {}, 1, logging.INFO)))
     for p in procs:
         p.start()
     for p in procs:
@@ -231,9 +232,9 @@ def _fake_finished(chk: Path, name: str, dice: float, organ_dice: float = 0.5, s
 
 
 def _small_plan(chk: str):
-    rows = grid.parse_rows("none,0.3-0.6")
+    rows = runqueue.parse_rows("none,0.3-0.6")
     enc = {"arch": "swin", "spatial_dims": 2, "embedding_size": 12, "low_resource_mode": True, "drop_path_rate": 0.0, "crop_size": 64}
-    plan = grid.plan_grid(rows, [1, 2], [3, 4], chk, lambda r, s, n: [], lambda r, p, f, n, w: [], encoder_config=enc)
+    plan = runqueue.plan_grid(rows, [1, 2], [3, 4], chk, lambda r, s, n: [], lambda r, p, f, n, w: [], encoder_config=enc)
     return rows, plan
 
 
@@ -244,9 +245,9 @@ def test_table_and_organs_come_from_the_run_folders(tmp_path):
     values = {r.name: 0.1 * (i + 1) for i, r in enumerate(ft)}
     for r in ft[:-1]:  # the last run is not finished
         _fake_finished(chk, r.name, values[r.name], organ_dice=values[r.name])
-    collected = grid.collect(plan, rows, str(chk))
-    out = grid.render_table(rows, collected, str(tmp_path))
-    grid.render_organs(rows, collected, str(tmp_path))
+    collected = report.collect(plan, rows, str(chk))
+    out = report.render_table(rows, collected, str(tmp_path))
+    report.render_organs(rows, collected, str(tmp_path))
     with open(out["csv"]) as f:
         lines = list(csv.reader(f))
     header = lines[0]
@@ -267,12 +268,12 @@ def test_table_and_organs_come_from_the_run_folders(tmp_path):
     res = json.loads((chk / f"{first.name}_files" / "result.json").read_text())
     res["best_dice_paper"] = 0.777
     (chk / f"{first.name}_files" / "result.json").write_text(json.dumps(res))
-    again = grid.table_rows(rows, grid.collect(plan, rows, str(chk)))
+    again = report.table_rows(rows, report.collect(plan, rows, str(chk)))
     assert again[0]["dsc"][0] == pytest.approx(0.777)
     res["best_dice_paper"] = None
     (chk / f"{first.name}_files" / "result.json").write_text(json.dumps(res))
     with pytest.raises(UserError, match="best_dice_paper"):
-        grid.collect(plan, rows, str(chk))
+        report.collect(plan, rows, str(chk))
 
 
 def test_runs_that_disagree_on_the_split_are_refused(tmp_path):
@@ -344,8 +345,8 @@ def test_write_scripts_and_refusing_another_grid(tmp_path):
     init = Path(none).read_text().split("--chkpt_path ")[1].split()[0]
     assert os.path.isfile(init)  # the random encoder of the no-pretraining row is written with the scripts
     grid_json = json.loads((tmp_path / "out" / "grid.json").read_text())
-    assert grid_json["format"] == grid.GRID_FORMAT and grid_json["split"] == {"train": ["A"], "val": ["B"]}
-    assert grid_json["pretrain_seeds"] == list(grid.PAPER_SEEDS)
+    assert grid_json["format"] == rt.GRID_FORMAT and grid_json["split"] == {"train": ["A"], "val": ["B"]}
+    assert grid_json["pretrain_seeds"] == list(rt.PAPER_SEEDS)
     # another grid in the same folder is refused, naming the difference
     with pytest.raises(UserError, match="n_pretrain_epochs"):
         rt.main(_paper_args(tmp_path, "--write_scripts", str(tmp_path / "jobs"), "--n_pretrain_epochs", "5"))
@@ -412,7 +413,7 @@ def test_grid_end_to_end_killed_resumed_rerun_recollected(tmp_path, caplog, caps
     assert len(lines) == 3 and "dsc_2" in header and "dsc_3" not in header
     for line, key in zip(lines[1:], ("none", "0.3-0.6")):
         row = dict(zip(header, line))
-        runs = [r for r in rt.build_plan(args, rt.resolve_settings(args), grid.parse_rows(args.rows), [7], [1, 2],
+        runs = [r for r in rt.build_plan(args, rt.resolve_settings(args), runqueue.parse_rows(args.rows), [7], [1, 2],
                                         rt.data_paths(args, str(out)), str(chk)) if r.kind == "finetune" and r.row == key]
         got = [float(row["dsc_1"]), float(row["dsc_2"])]
         want = [json.loads((chk / f"{r.name}_files" / "result.json").read_text())["best_dice_paper"] for r in runs]

@@ -1,4 +1,4 @@
-"""The IoU-interval grid behind ``reproduce_table.py``: plan, claim, run, collect, render.
+"""The runs of the IoU-interval table: the plan, and a lock-file queue that runs it.
 
 The paper's table has one row per IoU interval. A pretrained row is
 ``len(pretrain_seeds) x len(finetune_seeds)`` runs (2 x 2 in the paper): every
@@ -14,31 +14,36 @@ Run names encode the row and the seeds (and are the file names in ``<output_dir>
     ft_iou0.30-0.60_s4294967295_ft381122412        its fine-tuning with seed 381122412
     ft_none_init4294967295_ft381122412             no pretraining: init seed, fine-tuning seed
 
-Claiming runs. Every worker (a process of this machine, or of another machine that
-shares the output folder) loops over the plan and claims the first run that is not
-finished, not locked and whose pretraining is finished, by creating
-``<output_dir>/locks/<run>.lock`` with ``O_CREAT | O_EXCL`` (host, pid, time inside).
+Executing a run (:func:`execute_run`) is a plain function call in this process:
+``main(get_args_parser().parse_args(argv))`` of the training script the run names,
+looked up in :data:`TRAINERS`.
+
+Claiming runs. Every worker (:func:`run_worker`: a process of this machine, or of
+another machine that shares the output folder) loops over the plan and claims the first
+run that is not finished, not locked and whose pretraining is finished, by creating
+``<state_dir>/locks/<run>.lock`` with ``O_CREAT | O_EXCL`` (host, pid, time inside).
 A run is finished exactly when ``<run>_files/result.json`` exists (the training
 scripts write it last). A lock left by a process that is gone (same host, pid not
 alive, or alive but a different process) is stale and taken over, with a log line; a
 lock of another host is respected (delete it by hand if that machine died).
 
-Collecting: each fine-tuning's ``result.json`` gives its Dice (``best_dice_paper``,
-the thesis' Dice) and the path of its challenge-grade per-organ scores (Dice and NSD);
-:func:`collect` gathers them per row, :func:`render_table` / :func:`render_organs`
-write Markdown and CSV, and :func:`plot_collapse`, :func:`plot_organ_sharing`,
-:func:`plot_crop_pairs` draw the figures.
+Launching. :func:`run_local` runs the plan in this process or in spawned worker
+processes (one per GPU with ``gpus``); :func:`write_run_scripts` writes one shell file
+per run for a cluster scheduler instead.
+
+The results (tables, figures) are read from the run folders by ``report.py``.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
-import csv
 import importlib
 import io
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import shlex
 import shutil
@@ -46,29 +51,23 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
-import numpy as np
+import torch
+from tqdm import tqdm
 
-from utils import TrainingError, UserError, append_jsonl, atomic_write_json, atomic_write_text
+# The training scripts are imported here, at the top, so that a run is a plain call of
+# their ``main``. They pull in torch and MONAI (a few seconds), which every worker needs
+# anyway; none of them imports this module, so there is no cycle.
+import main_dino
+import main_finetune
+import main_simsiam
+from engine import run_paths
+import models
+from utils import TrainingError, UserError, append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-#: Version of the results-folder layout (``grid.json``); a folder of another version is refused.
-GRID_FORMAT = "ioupos-table-v1"
-#: The two seeds of the paper, used for pretraining and for fine-tuning.
-PAPER_SEEDS: tuple[int, int] = (4294967295, 381122412)
-#: Row keys of the paper's table, in the paper's order.
-PAPER_ROW_KEYS: tuple[str, ...] = ("none", "0-0", "0.0001-0.3", "0.3-0.6", "0.6-1", "0-1")
-#: The paper's table: mean, std and the four DSCs of each row.
-PAPER_TABLE: dict[str, dict[str, Any]] = {
-    "none": {"mean": 0.843, "std": 0.004, "dsc": [0.842, 0.848, 0.846, 0.836]},
-    "0-0": {"mean": 0.838, "std": 0.007, "dsc": [0.836, 0.831, 0.834, 0.850]},
-    "0.0001-0.3": {"mean": 0.839, "std": 0.012, "dsc": [0.847, 0.831, 0.855, 0.824]},
-    "0.3-0.6": {"mean": 0.853, "std": 0.002, "dsc": [0.854, 0.851, 0.851, 0.857]},
-    "0.6-1": {"mean": 0.843, "std": 0.013, "dsc": [0.850, 0.855, 0.848, 0.822]},
-    "0-1": {"mean": 0.824, "std": 0.011, "dsc": [0.815, 0.841, 0.828, 0.812]},
-}
 #: Files that mark a run's state inside ``<run>_files``.
 RESULT_NAME = "result.json"
 
@@ -90,6 +89,7 @@ class Row:
 
     @property
     def pretrained(self) -> bool:
+        """False for the "no pretraining" row."""
         return self.min_iou is not None
 
     @property
@@ -109,10 +109,12 @@ class Row:
 
 
 def _num(x: float) -> str:
+    """A bound as the paper prints it (``0.3``, ``0.0001``, ``1``)."""
     return f"{x:g}"
 
 
 def _tag_num(x: float) -> str:
+    """A bound in run names: two decimals (``0.30``) unless that would round it (``0.0001``)."""
     two = f"{x:.2f}"
     return two if float(two) == x else f"{x:g}"
 
@@ -182,7 +184,7 @@ class Run:
     name: str
     kind: str  # "pretrain" or "finetune"
     row: str  # Row.key
-    script: str  # module name: main_simsiam, main_dino, main_finetune
+    script: str  # training script, a key of TRAINERS: main_simsiam, main_dino, main_finetune
     argv: list[str]
     depends: str | None = None  # name of the pretraining run this fine-tuning needs
     pretrain_seed: int | None = None  # for "none": the initialisation seed
@@ -190,18 +192,22 @@ class Run:
     init: dict[str, Any] | None = None  # "none" rows: {"path", "seed", "config"} of the random encoder to write first
 
     def to_dict(self) -> dict[str, Any]:
+        """Plain data (for a spawned worker, or JSON)."""
         return asdict(self)
 
     @staticmethod
     def from_dict(d: dict[str, Any]) -> "Run":
+        """The inverse of :meth:`to_dict`."""
         return Run(**d)
 
 
 def pretrain_name(row: Row, seed: int) -> str:
+    """``pre_<row tag>_s<seed>``."""
     return f"pre_{row.tag}_s{seed}"
 
 
 def finetune_name(row: Row, pre_seed: int, ft_seed: int) -> str:
+    """``ft_<row tag>_s<pretraining seed>_ft<seed>``; "no pretraining": ``ft_none_init<seed>_ft<seed>``."""
     if not row.pretrained:
         return f"ft_none_init{pre_seed}_ft{ft_seed}"
     return f"ft_{row.tag}_s{pre_seed}_ft{ft_seed}"
@@ -236,8 +242,6 @@ def plan_grid(
         encoder_config: keyword arguments of ``models.encoder_config`` for the random
             encoders of the "none" row (must match the fine-tuning's model).
     """
-    from engine import run_paths
-
     pre: list[Run] = []
     ft_none: list[Run] = []
     ft: list[Run] = []
@@ -269,20 +273,14 @@ def ensure_random_init(init: dict[str, Any]) -> str:
     as an encoder file like a pretraining's (method "random_init", epoch 0). The file is a
     pure function of (config, seed), so workers that race to write it write the same bytes.
     """
-    import torch
-
-    from models import build_encoder, encoder_checkpoint, encoder_config
-
     path = init["path"]
     if os.path.isfile(path):
         return path
-    cfg = encoder_config(**init["config"])
+    cfg = models.encoder_config(**init["config"])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(init["seed"]))
-        enc = build_encoder(cfg)
-    ckpt = encoder_checkpoint(enc, cfg, method="random_init", epoch=0, args={"seed": int(init["seed"]), **init["config"]})
-    from utils import atomic_torch_save
-
+        enc = models.build_encoder(cfg)
+    ckpt = models.encoder_checkpoint(enc, cfg, method="random_init", epoch=0, args={"seed": int(init["seed"]), **init["config"]})
     atomic_torch_save(ckpt, path)
     logger.info("wrote the random initial encoder %s (seed %d)", path, init["seed"])
     return path
@@ -302,8 +300,6 @@ def write_run_scripts(plan: Sequence[Run], script_dir: str, chkpt_dir: str, proj
     per run kind ("pretrain" / "finetune"). The random encoders of the "no pretraining"
     row are written now. Returns the paths written.
     """
-    from engine import run_paths
-
     os.makedirs(script_dir, exist_ok=True)
     written = []
     width = max(2, len(str(len(plan))))
@@ -350,16 +346,21 @@ def write_run_scripts(plan: Sequence[Run], script_dir: str, chkpt_dir: str, proj
 
 
 def result_path(chkpt_dir: str, name: str) -> str:
-    from engine import run_paths
-
+    """``<run>_files/result.json``: written last by a training script, so it marks a finished run."""
     return os.path.join(run_paths(chkpt_dir, name)["dir"], RESULT_NAME)
 
 
 def is_finished(chkpt_dir: str, name: str) -> bool:
+    """True when run ``name`` has written its ``result.json``."""
     return os.path.isfile(result_path(chkpt_dir, name))
 
 
 def read_result(chkpt_dir: str, name: str) -> dict[str, Any]:
+    """The ``result.json`` of a finished run.
+
+    Raises:
+        UserError: unreadable, or not a JSON object.
+    """
     path = result_path(chkpt_dir, name)
     try:
         with open(path) as f:
@@ -372,6 +373,8 @@ def read_result(chkpt_dir: str, name: str) -> dict[str, Any]:
 
 
 def failed_path(state_dir: str, name: str) -> str:
+    """``<state_dir>/failed/<run>.json``: the error of a failed run (the run is not retried
+    by this invocation's workers; :func:`clear_failures` forgets it)."""
     return os.path.join(state_dir, "failed", name + ".json")
 
 
@@ -511,14 +514,49 @@ def release_lock(path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------
+# Training scripts
+# ---------------------------------------------------------------------------------------
+
+
+class Trainer(NamedTuple):
+    """A training script as two plain functions: its argument parser and its entry point."""
+
+    get_args_parser: Callable[[], argparse.ArgumentParser]
+    main: Callable[[argparse.Namespace], Any]
+
+
+#: The project's training scripts, by the module name a :class:`Run` gives in ``script``.
+TRAINERS: dict[str, Trainer] = {
+    "main_simsiam": Trainer(main_simsiam.get_args_parser, main_simsiam.main),
+    "main_dino": Trainer(main_dino.get_args_parser, main_dino.main),
+    "main_finetune": Trainer(main_finetune.get_args_parser, main_finetune.main),
+}
+
+
+def trainer_for(script: str) -> Trainer:
+    """The :class:`Trainer` of ``Run.script``: one of :data:`TRAINERS`, else a module of that name.
+
+    A script outside the project (the tests' stand-in, a method of your own) is found by
+    importing its module by name, because a spawned worker can only be handed names it
+    imports itself, not functions registered in its parent at run time; the module must
+    define ``get_args_parser()`` and ``main(args)`` like the project's scripts.
+
+    Raises:
+        ModuleNotFoundError: no such module (the run fails, like a crash in the run).
+    """
+    if script in TRAINERS:
+        return TRAINERS[script]
+    mod = importlib.import_module(script)
+    return Trainer(mod.get_args_parser, mod.main)
+
+
+# ---------------------------------------------------------------------------------------
 # Running
 # ---------------------------------------------------------------------------------------
 
 
 def _remove_partial_run(chkpt_dir: str, name: str) -> list[str]:
     """Delete the files of a run that stopped before its first checkpoint (no ``_last.pt``)."""
-    from engine import run_paths
-
     p = run_paths(chkpt_dir, name)
     removed = []
     for key in ("weights", "log", "args"):
@@ -532,7 +570,7 @@ def _remove_partial_run(chkpt_dir: str, name: str) -> list[str]:
 
 
 def execute_run(run: Run, chkpt_dir: str, extra_argv: dict[str, list[str]] | None = None, log_dir: str | None = None) -> dict[str, Any]:
-    """Run one training in this process: ``<script>.main(<script>.get_args_parser().parse_args(argv))``.
+    """Run one training in this process: ``main(get_args_parser().parse_args(argv))`` of its script.
 
     Adds the execution flags ``extra_argv[run.kind]``, and ``--resume`` when the run has a
     ``<run>_last.pt``; a run that died before its first checkpoint has its partial files
@@ -544,8 +582,6 @@ def execute_run(run: Run, chkpt_dir: str, extra_argv: dict[str, list[str]] | Non
         UserError: the script refuses its arguments.
         TrainingError: the run ended without writing ``result.json``.
     """
-    from engine import run_paths
-
     p = run_paths(chkpt_dir, run.name)
     argv = list(run.argv) + list((extra_argv or {}).get(run.kind, []))
     if run.init is not None:
@@ -557,8 +593,8 @@ def execute_run(run: Run, chkpt_dir: str, extra_argv: dict[str, list[str]] | Non
         removed = _remove_partial_run(chkpt_dir, run.name)
         if removed:
             logger.warning("%s: stopped before its first checkpoint; removed %s and starting over", run.name, ", ".join(removed))
-    mod = importlib.import_module(run.script)
-    parser = mod.get_args_parser()
+    trainer = trainer_for(run.script)
+    parser = trainer.get_args_parser()
     err = io.StringIO()
     try:
         with contextlib.redirect_stderr(err):
@@ -578,7 +614,7 @@ def execute_run(run: Run, chkpt_dir: str, extra_argv: dict[str, list[str]] | Non
             stack.callback(logging.getLogger().removeHandler, handler)
             stack.enter_context(contextlib.redirect_stdout(log_file))
         t0 = time.perf_counter()
-        out = mod.main(args)
+        out = trainer.main(args)
     if not is_finished(chkpt_dir, run.name):
         raise TrainingError(f"run {run.name} returned without writing {result_path(chkpt_dir, run.name)}")
     logger.info("%s: finished in %.1f s", run.name, time.perf_counter() - t0)
@@ -657,6 +693,7 @@ def run_worker(plan: Sequence[Run], cfg: WorkerConfig, runner: Callable[..., dic
 
 
 def _record_failure(cfg: WorkerConfig, run: Run, e: BaseException) -> None:
+    """Write :func:`failed_path` of ``run`` (so that every worker skips it and its fine-tunings)."""
     atomic_write_json(failed_path(cfg.state_dir, run.name), {"run": run.name, "error": f"{type(e).__name__}: {e}", "host": HOST, "pid": os.getpid(), "time": time.time()})
 
 
@@ -689,8 +726,6 @@ def worker_entry(plan_dicts: list[dict], cfg_dict: dict, env: dict[str, str], n_
     handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [{cfg.owner}] %(message)s", datefmt="%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(log_level)
-    import torch
-
     torch.set_num_threads(max(1, n_threads))
     plan = [Run.from_dict(d) for d in plan_dicts]
     try:
@@ -702,391 +737,95 @@ def worker_entry(plan_dicts: list[dict], cfg_dict: dict, env: dict[str, str], n_
 
 
 # ---------------------------------------------------------------------------------------
-# Collecting
+# Launching on this machine
 # ---------------------------------------------------------------------------------------
 
 
-def _scores_file(recorded: str, chkpt_dir: str, name: str) -> str:
-    """The per-organ scores file of a run.
+def run_local(plan: Sequence[Run], cfg: WorkerConfig, n_workers: int = 1, gpus: Sequence[str] = (), threads_per_worker: int = 0,
+              progress: bool = True) -> dict[str, list[str]]:
+    """Run every unfinished run of ``plan``, in this process or in spawned worker processes.
 
-    The recorded path is used when it exists; otherwise (the results folder was moved
-    or mounted elsewhere) the same path relative to the run's ``<run>_files`` folder.
-    """
-    if os.path.isfile(recorded):
-        return recorded
-    from engine import run_paths
+    One worker (and no GPU list) runs :func:`run_worker` in this process; otherwise
+    ``n_workers`` processes (one per GPU of ``gpus``, each seeing only its GPU through
+    ``CUDA_VISIBLE_DEVICES``) run :func:`worker_entry`. A progress bar counts finished runs.
 
-    files = run_paths(chkpt_dir, name)["dir"]
-    marker = f"{name}_files{os.sep}"
-    if marker in recorded:
-        moved = os.path.join(files, recorded.split(marker, 1)[1])
-        if os.path.isfile(moved):
-            return moved
-    raise UserError(f"run {name}: its scores file {recorded!r} does not exist")
+    Args:
+        cfg: the workers' configuration; each spawned worker gets it with its own ``owner``.
+        n_workers: worker processes (ignored when ``gpus`` is given).
+        gpus: GPU ids, one worker each.
+        threads_per_worker: torch threads per worker (0: CPU cores / workers; in this
+            process, 0 leaves torch's setting alone).
+        progress: show the progress bar.
 
-
-def collect(plan: Sequence[Run], rows: Sequence[Row], chkpt_dir: str) -> dict[str, dict[str, Any]]:
-    """Read every finished fine-tuning's ``result.json`` (and per-organ scores) per row.
-
-    Returns ``{row_key: {"label", "runs": [run names in DSC order], "dsc": [float or None],
-    "summary": [summary dict or None], "organs": [per_organ dict or None]}}``.
-    """
-    out: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        runs = [r for r in plan if r.kind == "finetune" and r.row == row.key]
-        entry = {"label": row.label, "runs": [r.name for r in runs], "dsc": [], "summary": [], "organs": []}
-        for r in runs:
-            if not is_finished(chkpt_dir, r.name):
-                entry["dsc"].append(None)
-                entry["summary"].append(None)
-                entry["organs"].append(None)
-                continue
-            res = read_result(chkpt_dir, r.name)
-            path = result_path(chkpt_dir, r.name)
-            dsc = res.get("best_dice_paper")
-            if not isinstance(dsc, (int, float)) or isinstance(dsc, bool) or not math.isfinite(dsc):
-                raise UserError(f"{path} has no finite 'best_dice_paper' (found {dsc!r})")
-            entry["dsc"].append(float(dsc))
-            entry["summary"].append(res.get("summary"))
-            organs = None
-            if res.get("scores"):
-                sp = _scores_file(str(res["scores"]), chkpt_dir, r.name)
-                try:
-                    with open(sp) as f:
-                        organs = json.load(f)["summary"]
-                except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-                    raise UserError(f"cannot read the per-organ scores {sp} of run {r.name}: {e}") from None
-            entry["organs"].append(organs)
-        out[row.key] = entry
-    return out
-
-
-def mean_std(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and POPULATION standard deviation (ddof=0), as the paper's ``±``."""
-    arr = np.asarray(values, dtype=np.float64)
-    return float(arr.mean()), float(arr.std(ddof=0))
-
-
-# ---------------------------------------------------------------------------------------
-# Rendering
-# ---------------------------------------------------------------------------------------
-
-STD_NOTE = (
-    "Mean ± std over the row's runs; std is the population standard deviation (ddof=0), "
-    "which reproduces the paper's ± from its four listed DSCs (to within their rounding)."
-)
-
-
-def _fmt(v: float | None, nd: int = 3) -> str:
-    return "—" if v is None else f"{v:.{nd}f}"
-
-
-def table_rows(rows: Sequence[Row], collected: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
-    """One dict per row: interval, mean, std, dsc list, paper numbers, runs finished."""
-    out = []
-    for row in rows:
-        c = collected[row.key]
-        got = [d for d in c["dsc"] if d is not None]
-        mean, std = mean_std(got) if got else (None, None)
-        paper = PAPER_TABLE.get(row.key)
-        out.append({
-            "key": row.key, "interval": row.label, "min_iou": row.min_iou, "max_iou": row.max_iou,
-            "mean": mean, "std": std, "dsc": list(c["dsc"]),
-            "paper_mean": paper["mean"] if paper else None, "paper_std": paper["std"] if paper else None,
-            "n_finished": len(got), "n_runs": len(c["dsc"]),
-        })
-    return out
-
-
-def render_table(rows: Sequence[Row], collected: dict[str, dict[str, Any]], out_dir: str, title: str = "") -> dict[str, str]:
-    """Write ``table.md`` and ``table.csv`` (rows in the given order); return paths and the Markdown."""
-    trs = table_rows(rows, collected)
-    n = max(t["n_runs"] for t in trs)
-    head = ["IoU interval", "Mean DSC ± std"] + [f"DSC {i}" for i in range(1, n + 1)] + ["Paper: mean ± std", "Runs finished"]
-    md = []
-    if title:
-        md += [f"# {title}", ""]
-    md += ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * len(head)) + "|"]
-    for t in trs:
-        ours = "—" if t["mean"] is None else f"{t['mean']:.3f} ± {t['std']:.3f}"
-        dsc = [_fmt(d) for d in t["dsc"]] + [""] * (n - len(t["dsc"]))
-        paper = "—" if t["paper_mean"] is None else f"{t['paper_mean']:.3f} ± {t['paper_std']:.3f}"
-        md.append("| " + " | ".join([t["interval"], ours, *dsc, paper, f"{t['n_finished']}/{t['n_runs']}"]) + " |")
-    md += ["", STD_NOTE, ""]
-    text = "\n".join(md)
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["interval", "min_iou", "max_iou", "mean_dsc", "std_dsc"] + [f"dsc_{i}" for i in range(1, n + 1)] + ["paper_mean", "paper_std", "n_finished", "n_runs"])
-    for t in trs:
-        w.writerow([t["interval"], _csv(t["min_iou"]), _csv(t["max_iou"]), _csv(t["mean"]), _csv(t["std"])]
-                   + [_csv(d) for d in t["dsc"]] + [""] * (n - len(t["dsc"]))
-                   + [_csv(t["paper_mean"]), _csv(t["paper_std"]), t["n_finished"], t["n_runs"]])
-    md_path, csv_path = os.path.join(out_dir, "table.md"), os.path.join(out_dir, "table.csv")
-    atomic_write_text(md_path, text)
-    atomic_write_text(csv_path, buf.getvalue())
-    return {"md": md_path, "csv": csv_path, "text": text}
-
-
-def _csv(v: Any) -> str:
-    if v is None:
-        return ""
-    return f"{v:.6f}" if isinstance(v, float) else str(v)
-
-
-def organ_means(rows: Sequence[Row], collected: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Per row: per organ Dice and NSD averaged over the row's finished runs, and their means.
-
-    Returns ``{row_key: {"n_runs", "organs": {name: {"organ_id", "dice", "nsd"}}, "dice_mean", "nsd_mean"}}``
-    (rows without any per-organ scores are left out).
-    """
-    out = {}
-    for row in rows:
-        summaries = [s for s in collected[row.key]["organs"] if s]
-        if not summaries:
-            continue
-        names = list(summaries[0]["per_organ"])
-        organs = {}
-        for name in names:
-            vals = [s["per_organ"][name] for s in summaries if name in s["per_organ"]]
-            organs[name] = {
-                "organ_id": vals[0].get("organ_id"),
-                "dice": float(np.mean([v["dice"] for v in vals])),
-                "nsd": float(np.mean([v["nsd"] for v in vals])),
-            }
-        out[row.key] = {
-            "n_runs": len(summaries),
-            "organs": organs,
-            "dice_mean": float(np.mean([s["dice_mean"] for s in summaries])),
-            "nsd_mean": float(np.mean([s["nsd_mean"] for s in summaries])),
-        }
-    return out
-
-
-def render_organs(rows: Sequence[Row], collected: dict[str, dict[str, Any]], out_dir: str) -> dict[str, str]:
-    """Write ``organs.md`` (a Dice table and an NSD table: organs x intervals) and ``organs.csv``."""
-    means = organ_means(rows, collected)
-    present = [r for r in rows if r.key in means]
-    md = ["# Challenge-grade scores per organ", "",
-          "Per-organ Dice and normalised surface Dice (NSD) on the validation cases (FLARE 2022 conventions), "
-          "each the mean over cases, then averaged over the row's finished fine-tunings.", ""]
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["interval", "organ_id", "organ", "dice", "nsd", "n_runs"])
-    if not present:
-        md.append("(no finished fine-tuning yet)")
-    else:
-        organ_names: list[str] = []
-        for r in present:
-            for name in means[r.key]["organs"]:
-                if name not in organ_names:
-                    organ_names.append(name)
-        for metric, title in (("dice", "Dice"), ("nsd", "NSD")):
-            md += [f"## {title}", "", "| Organ | " + " | ".join(r.label for r in present) + " |",
-                   "|" + "|".join(["---"] * (len(present) + 1)) + "|"]
-            for name in organ_names:
-                vals = [means[r.key]["organs"].get(name, {}).get(metric) for r in present]
-                md.append(f"| {name} | " + " | ".join(_fmt(v) for v in vals) + " |")
-            md.append("| **mean** | " + " | ".join(_fmt(means[r.key][f"{metric}_mean"]) for r in present) + " |")
-            md.append("| runs | " + " | ".join(str(means[r.key]["n_runs"]) for r in present) + " |")
-            md.append("")
-        for r in present:
-            m = means[r.key]
-            for name, o in m["organs"].items():
-                w.writerow([r.label, o["organ_id"], name, _csv(o["dice"]), _csv(o["nsd"]), m["n_runs"]])
-            w.writerow([r.label, "", "mean", _csv(m["dice_mean"]), _csv(m["nsd_mean"]), m["n_runs"]])
-    md_path, csv_path = os.path.join(out_dir, "organs.md"), os.path.join(out_dir, "organs.csv")
-    atomic_write_text(md_path, "\n".join(md) + "\n")
-    atomic_write_text(csv_path, buf.getvalue())
-    return {"md": md_path, "csv": csv_path}
-
-
-# ---------------------------------------------------------------------------------------
-# Figures
-# ---------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save_fig(fig, path: str) -> None:
-    plt = _pyplot()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    from utils import atomic_write
-
-    with atomic_write(path, "wb") as f:
-        f.write(buf.getvalue())
-
-
-def read_log(path: str) -> list[dict[str, Any]]:
-    """The JSON lines of a run log (missing file -> empty list)."""
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as f:
-        for ln in f:
-            if ln.strip():
-                out.append(json.loads(ln))
-    return out
-
-
-def collapse_curves(plan: Sequence[Run], rows: Sequence[Row], chkpt_dir: str, key: str = "collapse") -> dict[str, dict[str, list[float]]]:
-    """Per pretrained row: epochs and the collapse coefficient averaged over its pretrainings.
-
-    Only epochs logged by every pretraining of the row are kept. Returns
-    ``{row_key: {"epoch": [...], "mean": [...], "n_runs": k}}``.
-    """
-    from engine import run_paths
-
-    out = {}
-    for row in rows:
-        runs = [r for r in plan if r.kind == "pretrain" and r.row == row.key]
-        series = []
-        for r in runs:
-            recs = [rec for rec in read_log(run_paths(chkpt_dir, r.name)["log"]) if key in rec and "epoch" in rec]
-            if recs:
-                series.append({int(rec["epoch"]): float(rec[key]) for rec in recs})
-        if not series:
-            continue
-        epochs = sorted(set.intersection(*(set(s) for s in series)))
-        if not epochs:
-            continue
-        out[row.key] = {"epoch": epochs, "mean": [float(np.mean([s[e] for s in series])) for e in epochs], "n_runs": len(series)}
-    return out
-
-
-def plot_collapse(curves: dict[str, dict[str, list[float]]], rows: Sequence[Row], path: str) -> str | None:
-    """``collapse.png``: the collapse coefficient over pretraining epochs, one line per interval."""
-    present = [r for r in rows if r.key in curves]
-    if not present:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for r in present:
-        c = curves[r.key]
-        ax.plot(c["epoch"], c["mean"], marker="o" if len(c["epoch"]) < 15 else None, label=f"{r.label} (n={c['n_runs']})")
-    ax.set_xlabel("pretraining epoch")
-    ax.set_ylabel("collapse coefficient  max(0, 1 - sqrt(d) s)")
-    ax.set_title("Collapse of the SimSiam predictor output (mean over pretrainings)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save_fig(fig, path)
-    return path
-
-
-def organ_sharing(label_paths: Sequence[str], rows: Sequence[Row], crop_size: int, n_pairs: int = 2000, seed: int = 0, strict: bool = False) -> dict[str, dict[str, float]]:
-    """Per interval: the fraction of positive pairs whose two crops share at least one organ.
-
-    Pairs are drawn on the labelled 2D slices that contain at least one organ and are at
-    least ``crop_size`` on both axes: a slice uniformly at random, then a crop pair from
-    ``iou_crops.IoUCropSampler`` (same ``strict`` as pretraining), all from one numpy
-    generator seeded with ``seed``. Two crops share an organ when some organ id > 0 occurs
-    in both. Returns ``{row_key: {"fraction", "n_pairs", "n_slices", "mean_iou"}}``.
+    Returns:
+        ``{"done": [...], "failed": [...], "blocked": [...]}`` (spawned workers: only the
+        failed runs, read from ``<state_dir>/failed``).
 
     Raises:
-        UserError: no labelled slice is usable.
+        ValueError: fewer than one worker.
+        UserError: a run refused its arguments (a worker stopped on bad input).
     """
-    from data import read_label_2d
-    from iou_crops import IoUCropSampler, crop_iou
+    gpus = list(gpus)
+    n_workers = len(gpus) if gpus else n_workers
+    if n_workers < 1:
+        raise ValueError(f"run_local needs at least one worker, got {n_workers}")
+    n_done0 = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+    if n_done0:
+        logger.info("%d of %d runs are finished already and are skipped", n_done0, len(plan))
+    if n_done0 == len(plan):
+        return {"done": [], "failed": [], "blocked": []}
+    threads = threads_per_worker or max(1, (os.cpu_count() or 1) // n_workers)
+    bar = tqdm(total=len(plan), initial=n_done0, desc="grid", unit="run", disable=not progress, dynamic_ncols=True)
+    if n_workers == 1 and not gpus:
+        if threads_per_worker:
+            torch.set_num_threads(threads)
 
-    labels = []
-    for p in label_paths:
-        lab = read_label_2d(p)
-        if lab.max() > 0 and min(lab.shape) >= crop_size:
-            labels.append(lab)
-    if not labels:
-        raise UserError(f"none of the {len(label_paths)} labelled slices has an organ and is at least {crop_size} pixels on both axes")
-    out = {}
-    for row in rows:
-        if not row.pretrained:
-            continue
-        sampler = IoUCropSampler(crop_size, row.min_iou, row.max_iou, strict)
-        rng = np.random.default_rng(seed)
-        shared = 0
-        ious = []
-        for _ in range(n_pairs):
-            lab = labels[int(rng.integers(len(labels)))]
-            a, b = sampler.sample(lab.shape, rng)
-            ca = lab[a[0]:a[0] + crop_size, a[1]:a[1] + crop_size]
-            cb = lab[b[0]:b[0] + crop_size, b[1]:b[1] + crop_size]
-            oa = np.unique(ca)
-            ob = np.unique(cb)
-            if np.intersect1d(oa[oa > 0], ob[ob > 0]).size:
-                shared += 1
-            ious.append(crop_iou(a, b, crop_size))
-        out[row.key] = {"fraction": shared / n_pairs, "n_pairs": n_pairs, "n_slices": len(labels), "mean_iou": float(np.mean(ious))}
-    return out
+        def runner(run: Run, *a: Any) -> dict:
+            try:
+                return execute_run(run, *a)
+            finally:
+                bar.n = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+                bar.refresh()
 
-
-def plot_organ_sharing(fractions: dict[str, dict[str, float]], rows: Sequence[Row], path: str, crop_size: int) -> str | None:
-    """``organ_sharing.png``: bars of the organ-sharing fraction, the interval on x."""
-    present = [r for r in rows if r.key in fractions]
-    if not present:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    vals = [fractions[r.key]["fraction"] for r in present]
-    bars = ax.bar(range(len(present)), vals, color="tab:blue")
-    for b, v in zip(bars, vals):
-        ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(range(len(present)), [r.label for r in present], rotation=15, fontsize=8)
-    ax.set_ylim(0, 1.08)
-    ax.set_xlabel("IoU interval of the positive pairs")
-    ax.set_ylabel("fraction of pairs sharing an organ")
-    f0 = fractions[present[0].key]
-    ax.set_title(f"Positive pairs whose crops share at least one organ\n({f0['n_pairs']} pairs per interval, "
-                 f"{crop_size}x{crop_size} crops, {f0['n_slices']} labelled slices with organs)", fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    _save_fig(fig, path)
-    return path
-
-
-def plot_crop_pairs(image_path: str, label_path: str | None, rows: Sequence[Row], path: str, crop_size: int, n_examples: int = 3, seed: int = 0, strict: bool = False) -> str | None:
-    """``crop_pairs.png``: example crop pairs of each interval on one labelled slice.
-
-    One row of panels per interval: the slice (organ outlines when a label is given) with
-    the two crops of a pair as a red and a blue square and their IoU in the title.
-    """
-    from data import read_image_2d, read_label_2d
-    from iou_crops import IoUCropSampler, crop_iou
-
-    present = [r for r in rows if r.pretrained]
-    if not present:
-        return None
-    img = read_image_2d(image_path)
-    lab = read_label_2d(label_path) if label_path else None
-    if min(img.shape) < crop_size:
-        raise UserError(f"slice {image_path} ({img.shape}) is smaller than the crop size {crop_size}")
-    plt = _pyplot()
-    from matplotlib.patches import Rectangle
-
-    fig, axes = plt.subplots(len(present), n_examples, figsize=(2.2 * n_examples + 0.4, 2.3 * len(present) + 0.4), squeeze=False,
-                             layout="constrained")
-    for i, r in enumerate(present):
-        sampler = IoUCropSampler(crop_size, r.min_iou, r.max_iou, strict)
-        rng = np.random.default_rng(seed)
-        for j in range(n_examples):
-            ax = axes[i][j]
-            a, b = sampler.sample(img.shape, rng)
-            # arrays are (X, Y); show x horizontally and y vertically (anterior up)
-            ax.imshow(img.T, cmap="gray", origin="lower", vmin=0, vmax=1)
-            if lab is not None and lab.max() > 0:
-                ax.contour((lab.T > 0).astype(float), levels=[0.5], colors="yellow", linewidths=0.5, origin="lower")
-            for start, color in ((a, "red"), (b, "deepskyblue")):
-                ax.add_patch(Rectangle((start[0] - 0.5, start[1] - 0.5), crop_size, crop_size, fill=False, edgecolor=color, linewidth=1.5))
-            ax.set_title(f"IoU {crop_iou(a, b, crop_size):.2f}", fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(r.label, fontsize=8)
-    fig.suptitle(f"Example positive pairs per IoU interval ({crop_size}x{crop_size} crops)", fontsize=9)
-    _save_fig(fig, path)
-    return path
+        try:
+            return run_worker(plan, cfg, runner=runner)
+        finally:
+            bar.close()
+    ctx = mp.get_context("spawn")
+    procs = []
+    plan_dicts = [r.to_dict() for r in plan]
+    for i in range(n_workers):
+        env = {"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {}
+        wcfg = WorkerConfig(**{**cfg.__dict__, "owner": f"worker{i}" + (f"-gpu{gpus[i]}" if gpus else "")})
+        proc = ctx.Process(target=worker_entry, args=(plan_dicts, wcfg.__dict__, env, threads, logging.getLogger().level or logging.INFO),
+                           name=wcfg.owner)
+        proc.start()
+        procs.append(proc)
+    logger.info("started %d worker(s) with %d torch thread(s) each%s", n_workers, threads, f" on GPUs {','.join(gpus)}" if gpus else "")
+    try:
+        while any(p.is_alive() for p in procs):
+            time.sleep(1.0)
+            n = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+            if n != bar.n:
+                bar.n = n
+                bar.refresh()
+    except KeyboardInterrupt:
+        for p in procs:
+            p.join(timeout=30)
+        raise
+    finally:
+        bar.n = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+        bar.close()
+    codes = [p.exitcode for p in procs]
+    failed_dir = os.path.join(cfg.state_dir, "failed")
+    if any(c == 2 for c in codes):
+        failed = sorted(os.listdir(failed_dir))
+        detail = ""
+        if failed:
+            with open(os.path.join(failed_dir, failed[0])) as f:
+                detail = json.load(f).get("error", "")
+        raise UserError(f"a worker stopped on bad input: {detail}")
+    failed = sorted(f[:-5] for f in os.listdir(failed_dir)) if os.path.isdir(failed_dir) else []
+    if any(c not in (0, 1) for c in codes):
+        logger.error("worker exit codes: %s", codes)
+    return {"done": [], "failed": failed, "blocked": []}
