@@ -243,27 +243,25 @@ class _Data:
         self.eval_train = args.eval_train
         self.case_cache = None
         if args.spatial_dims == 2 and args.cache_eval:
-            self.case_cache = finetune.CaseCache(lambda ref: finetune.load_case_2d(ref, args.n_classes, stored=True))
+            self.case_cache = data.CaseCache(lambda ref: data.load_case_2d(ref, args.n_classes, stored=True))
         if args.spatial_dims == 2:
-            from transforms import SliceCache
-
-            spacing = finetune.read_manifest_spacing(args.data_dir)
+            spacing = data.read_manifest_spacing(args.data_dir)
             checked = list(val_items) + (train_items if need_train or args.eval_train else [])
-            finetune.check_label_slices(checked, args.n_classes, progress=args.progress and info.is_main)
-            self.val_cases = finetune.group_cases_2d(val_items, spacing, args.data_dir)
-            self.train_cases = finetune.group_cases_2d(train_items, spacing, args.data_dir) if args.eval_train else []
+            data.check_label_slices(checked, args.n_classes, progress=args.progress and info.is_main)
+            self.val_cases = data.group_cases_2d(val_items, spacing, args.data_dir)
+            self.train_cases = data.group_cases_2d(train_items, spacing, args.data_dir) if args.eval_train else []
             self.train_ds = None
             if need_train:
                 cache = None
                 if args.cache_images:
                     paths = [p for it in self.train_items for p in (it["image"], it["label"])]
-                    cache = SliceCache.build(paths, f"{len(self.train_items):,} training slices and their labels", "--cache_images",
+                    cache = data.SliceCache.build(paths, f"{len(self.train_items):,} training slices and their labels", "--cache_images",
                                              copies=info.local_world_size, progress=args.progress and info.is_main)
                 self.train_ds = finetune.train_dataset_2d(self.train_items, args.crop_size, args.n_crops_per_ct,
                                                           augment=not args.batch_augment, cache=cache)
             if self.case_cache is not None:  # filled at the first evaluation; refused now if it cannot fit
                 evaluated = list(val_items) + (list(train_items) if args.eval_train else [])
-                need = SliceCache.planned_nbytes([p for it in evaluated for p in (it["image"], it["label"])],
+                need = data.SliceCache.planned_nbytes([p for it in evaluated for p in (it["image"], it["label"])],
                                                  progress=args.progress and info.is_main)
                 check_fits_in_memory(need, f"--cache_eval: {len(evaluated):,} evaluated slices and their labels",
                                      "pass --no-cache_eval to read them from the PNGs at every evaluation")
@@ -281,16 +279,16 @@ class _Data:
                 finetune.load_preprocessed_3d(self.pre_ds, i, it, args.n_classes)  # fills the cache, checks labels
             pixdim = tuple(config["pixdim"])
             self._items = all_items
-            self.val_cases = [finetune.CaseRef(case=it["case"], spacing=pixdim, index=self.index[it["case"]]) for it in val_items]
-            self.train_cases = [finetune.CaseRef(case=it["case"], spacing=pixdim, index=self.index[it["case"]]) for it in eval_train_items]
+            self.val_cases = [data.CaseRef(case=it["case"], spacing=pixdim, index=self.index[it["case"]]) for it in val_items]
+            self.train_cases = [data.CaseRef(case=it["case"], spacing=pixdim, index=self.index[it["case"]]) for it in eval_train_items]
             self.train_ds = finetune.train_dataset_3d(self.train_items, folder, config, args.crop_size, args.n_crops_per_ct,
                                                       augment=not args.batch_augment) if need_train else None
 
-    def load_case(self, ref: finetune.CaseRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def load_case(self, ref: data.CaseRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if self.spatial_dims == 2:
             if self.case_cache is not None:
                 return self.case_cache.load(ref)
-            return finetune.load_case_2d(ref, self.n_classes)
+            return data.load_case_2d(ref, self.n_classes)
         d = finetune.load_preprocessed_3d(self.pre_ds, ref.index, self._items[ref.index], self.n_classes)
         image = np.asarray(d["image"][0], dtype=np.float32)
         label = np.asarray(d["label"][0]).round().astype(np.uint8)
