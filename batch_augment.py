@@ -35,6 +35,8 @@ image and label together (labels are permuted, never interpolated), then blur, s
 and noise (p 0.15 each) on the image only.
 
 Every transform fires independently per sample with its probability, in the listed order.
+The probabilities and ranges are read from :data:`augment_params.AUGMENT`, the table that
+``transforms.py`` builds MONAI's chains from.
 ``tests/test_batch_augment.py`` checks each operation against its MONAI counterpart for
 fixed parameters and the whole chains against ``transforms.py`` in distribution
 (Kolmogorov-Smirnov tests that also reject deliberately wrong chains).
@@ -69,24 +71,13 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from tqdm import tqdm
 
+from augment_params import AUGMENT
 from utils import UserError, atomic_write_json, run_cli
 
 logger = logging.getLogger(__name__)
 
-# The paper's settings (DESIGN.md, "Facts from the paper"); transforms.py holds the same numbers.
-VIEW_ZOOM = (0.75, 0.8, 1.2)  # prob, min, max
-VIEW_FLIP_PROB = 0.5
-VIEW_ROT90_PROB = 0.5
-VIEW_INTENSITY_PROB = 0.75
-INTENSITY_RANGE = 0.1  # scale factor and shift offset both in [-0.1, 0.1]
-VIEW_BLUR_PROB = 0.25
-VIEW_NOISE_PROB = 0.25
-BLUR_SIGMA = (0.25, 1.5)
-NOISE_STD = 0.01
-MAX_K = 3
-FT_GEOMETRIC_PROB = 0.25
-FT_INTENSITY_PROB = 0.15
 BLUR_TRUNCATED = 4.0  # MONAI GaussianFilter default
 ERF_SQRT_HALF = 0.70710678  # the constant MONAI's gaussian_1d uses for 1 / sqrt(2)
 
@@ -396,7 +387,7 @@ class BatchRandGaussianSmooth(BatchRandOp):
     (``monai.networks.layers.separable_filtering``), first axis first.
     """
 
-    def __init__(self, prob: float, sigma: tuple[float, float] = BLUR_SIGMA, truncated: float = BLUR_TRUNCATED):
+    def __init__(self, prob: float, sigma: tuple[float, float] = AUGMENT.blur_sigma, truncated: float = BLUR_TRUNCATED):
         super().__init__(prob)
         if not 0.0 < sigma[0] <= sigma[1]:
             raise ValueError(f"need 0 < sigma low <= high, got {sigma!r}")
@@ -461,7 +452,7 @@ class BatchRandGaussianNoise(BatchRandOp):
     With ``sample_std`` (MONAI's default) each sample's std is drawn from U(0, s), else it is s.
     """
 
-    def __init__(self, prob: float, std: float = NOISE_STD, mean: float = 0.0, sample_std: bool = True):
+    def __init__(self, prob: float, std: float = AUGMENT.noise_std, mean: float = 0.0, sample_std: bool = True):
         super().__init__(prob)
         self.std, self.mean, self.sample_std = float(std), float(mean), bool(sample_std)
 
@@ -490,32 +481,35 @@ class BatchRandGaussianNoise(BatchRandOp):
 
 
 def view_ops(spatial_dims: int) -> list[BatchRandOp]:
-    """The pretraining view chain of ``transforms.view_augmentations``, as batched ops in order."""
+    """The pretraining view chain of ``transforms.view_augmentations``, as batched ops in order
+    (settings from :data:`augment_params.AUGMENT`)."""
     _check_dims(spatial_dims)
-    p, lo, hi = VIEW_ZOOM
+    a = AUGMENT
     return [
-        BatchRandZoom(p, lo, hi),
-        BatchRandFlip(VIEW_FLIP_PROB, 0),
-        BatchRandFlip(VIEW_FLIP_PROB, 1),
-        BatchRandRotate90(VIEW_ROT90_PROB, MAX_K, (0, 1)),
-        BatchRandScaleIntensity(VIEW_INTENSITY_PROB, INTENSITY_RANGE),
-        BatchRandShiftIntensity(VIEW_INTENSITY_PROB, INTENSITY_RANGE),
-        BatchRandGaussianSmooth(VIEW_BLUR_PROB, BLUR_SIGMA),
-        BatchRandGaussianNoise(VIEW_NOISE_PROB, NOISE_STD),
+        BatchRandZoom(a.view_zoom_prob, *a.view_zoom_range),
+        BatchRandFlip(a.view_flip_prob, 0),
+        BatchRandFlip(a.view_flip_prob, 1),
+        BatchRandRotate90(a.view_rot90_prob, a.rot90_max_k, (0, 1)),
+        BatchRandScaleIntensity(a.view_intensity_prob, a.intensity_range),
+        BatchRandShiftIntensity(a.view_intensity_prob, a.intensity_range),
+        BatchRandGaussianSmooth(a.view_blur_prob, a.blur_sigma),
+        BatchRandGaussianNoise(a.view_noise_prob, a.noise_std),
     ]
 
 
 def finetune_ops(spatial_dims: int) -> list[BatchRandOp]:
-    """The fine-tuning chain of ``transforms.finetune_augmentations``, as batched ops in order."""
+    """The fine-tuning chain of ``transforms.finetune_augmentations``, as batched ops in order
+    (settings from :data:`augment_params.AUGMENT`)."""
     _check_dims(spatial_dims)
+    a = AUGMENT
     return [
-        BatchRandFlip(FT_GEOMETRIC_PROB, 0),
-        BatchRandFlip(FT_GEOMETRIC_PROB, 1),
-        BatchRandRotate90(FT_GEOMETRIC_PROB, MAX_K, (0, 1)),
-        BatchRandGaussianSmooth(FT_INTENSITY_PROB, BLUR_SIGMA),
-        BatchRandScaleIntensity(FT_INTENSITY_PROB, INTENSITY_RANGE),
-        BatchRandShiftIntensity(FT_INTENSITY_PROB, INTENSITY_RANGE),
-        BatchRandGaussianNoise(FT_INTENSITY_PROB, NOISE_STD),
+        BatchRandFlip(a.finetune_geometric_prob, 0),
+        BatchRandFlip(a.finetune_geometric_prob, 1),
+        BatchRandRotate90(a.finetune_geometric_prob, a.rot90_max_k, (0, 1)),
+        BatchRandGaussianSmooth(a.finetune_intensity_prob, a.blur_sigma),
+        BatchRandScaleIntensity(a.finetune_intensity_prob, a.intensity_range),
+        BatchRandShiftIntensity(a.finetune_intensity_prob, a.intensity_range),
+        BatchRandGaussianNoise(a.finetune_intensity_prob, a.noise_std),
     ]
 
 
@@ -706,8 +700,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def _time_monai(args: argparse.Namespace, x_cpu: torch.Tensor, y_cpu: torch.Tensor) -> dict[str, Any]:
     """MONAI's chain from transforms.py, sample by sample on the CPU (as a DataLoader worker runs it)."""
-    from tqdm import tqdm
-
+    # imported here: transforms.py pulls in MONAI, which the batched chains never need
     from transforms import finetune_augmentations, view_augmentations
 
     n = args.monai_samples or args.batch_size

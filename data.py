@@ -1,8 +1,10 @@
-"""FLARE 2022 data: label names, case ids, the split, PNG slices, file listings, preprocessing transforms.
+"""FLARE 2022 data access: label names, case ids, the split, PNG slices, slice cache, file listings, evaluation cases.
 
 Everything that knows how the data lies on disk lives here, so that the
 preprocessing scripts, pretraining (``main_simsiam.py`` / ``main_dino.py``) and
-fine-tuning (``main_finetune.py``) agree on one layout::
+fine-tuning (``main_finetune.py``) agree on one layout. Reading only: the MONAI
+chains that turn what is read here into training samples are ``transforms.py``'s, and
+this module imports neither MONAI nor torch (nor any module above it)::
 
     raw FLARE (labelled)            <data_dir>/images/FLARE22_Tr_0001_0000.nii.gz   (or imgs/)
                                     <data_dir>/labels/FLARE22_Tr_0001.nii.gz
@@ -40,13 +42,19 @@ import json
 import logging
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
-from utils import UserError
+from utils import UserError, check_fits_in_memory, format_bytes
+
+if TYPE_CHECKING:  # annotations only: reading files needs no torch
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +95,8 @@ SLICE_IMAGE_DIR = "imgs"
 SLICE_LABEL_DIR = "labels"
 #: Hidden folder of per-case manifests written by the preprocessing scripts.
 MANIFEST_DIR = ".manifest"
+#: The manifest of a whole preprocessing output (all cases, each with its voxel size).
+MANIFEST_NAME = "manifest.json"
 #: Minimum number of digits of the slice index in slice file names.
 SLICE_DIGITS = 4
 
@@ -315,6 +325,141 @@ def label_from_stored(stored: np.ndarray, path: str | os.PathLike) -> np.ndarray
             raise UserError(f"label PNG {os.fspath(path)} holds values above 255")
         stored = stored.astype(np.uint8)
     return stored
+
+
+# --------------------------------------------------------------------------------------
+# Slices decoded once, held in memory (--cache_images)
+# --------------------------------------------------------------------------------------
+
+
+def _threaded_map(fn: Callable[[str], Any], paths: Sequence[str], threads: int, desc: str, progress: bool) -> Iterator[Any]:
+    """``fn(path)`` for every path, in order, from ``threads`` threads (0 = up to 8; PIL
+    releases the GIL while reading), with a tqdm bar when ``progress``."""
+    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
+        yield from tqdm(pool.map(fn, paths), total=len(paths), desc=desc, disable=not progress, leave=False)
+
+
+class SliceCache:
+    """Decoded 2D slices held in memory as stored: uint8 (8-bit PNGs) or uint16 (16-bit).
+
+    Built once, in the main process, before the DataLoader forks its workers: they share the
+    buffers (copy-on-write pages that are never written), so a cache outlives the per-epoch
+    workers. Slices live in one flat buffer per bit depth (a few thousand slices per buffer, no Python object per slice).
+    :meth:`read` returns exactly what :func:`read_image_2d` returns for the file.
+
+    Memory: X * Y bytes per 8-bit slice (twice that for 16-bit), e.g. 8.75 GB per 100k
+    slices of 350 x 250 pixels.
+
+    Args:
+        paths: the PNG slices to decode.
+        progress: show a tqdm bar while decoding.
+        threads: decoding threads (PIL releases the GIL while decoding); 0 = up to 8.
+
+    Raises:
+        UserError: a file cannot be read as an 8- or 16-bit grayscale PNG (names the file).
+    """
+
+    CHUNK = 4096  # slices per buffer
+
+    def __init__(self, paths: Sequence[str], progress: bool = True, threads: int = 0):
+        paths = [str(p) for p in paths]
+        self.index = {p: i for i, p in enumerate(paths)}
+        n = len(paths)
+        self.shapes = np.zeros((n, 2), dtype=np.int64)
+        self.chunk = np.zeros(n, dtype=np.int64)  # which buffer holds slice i
+        self.offsets = np.zeros(n, dtype=np.int64)  # where in it
+        self.buffers: list[np.ndarray] = []  # flat uint8 / uint16 buffers of about CHUNK slices each
+        pending: dict[Any, list[np.ndarray]] = {np.dtype(np.uint8): [], np.dtype(np.uint16): []}
+        members: dict[Any, list[int]] = {np.dtype(np.uint8): [], np.dtype(np.uint16): []}
+
+        def flush(dt: Any) -> None:
+            if not pending[dt]:
+                return
+            self.buffers.append(np.concatenate(pending[dt]))
+            off = 0
+            for i, part in zip(members[dt], pending[dt]):
+                self.chunk[i] = len(self.buffers) - 1
+                self.offsets[i] = off
+                off += part.size
+            pending[dt], members[dt] = [], []
+
+        for i, pic in enumerate(_threaded_map(read_image_2d_stored, paths, threads, "decoding slices", progress)):
+            self.shapes[i] = pic.shape
+            pending[pic.dtype].append(pic.ravel())
+            members[pic.dtype].append(i)
+            if len(pending[pic.dtype]) >= self.CHUNK:
+                flush(pic.dtype)
+        for dt in list(pending):
+            flush(dt)
+
+    @staticmethod
+    def planned_nbytes(paths: Sequence[str], progress: bool = False, threads: int = 0) -> int:
+        """Bytes a cache of ``paths`` will hold, from the PNG headers alone (no decoding).
+
+        Raises:
+            UserError: a file is missing or not an 8- or 16-bit grayscale PNG (names the file).
+        """
+        return int(sum(_threaded_map(stored_nbytes_2d, paths, threads, "sizing the slice cache", progress and len(paths) >= 1000)))
+
+    @classmethod
+    def build(cls, paths: Sequence[str], what: str, flag: str, copies: int = 1, progress: bool = True) -> "SliceCache":
+        """Check that the decoded ``paths`` fit in memory, decode them and log the size.
+
+        The scripts' ``--cache_images`` goes through here: a cache that would not fit is
+        refused before anything is decoded (:func:`utils.check_fits_in_memory`), instead
+        of the system killing the run part-way through an epoch.
+
+        Args:
+            what: what the paths are, for the log and the error (e.g. ``"1,024 slices"``).
+            flag: the option that asked for the cache, named in the error.
+            copies: processes on this machine that each build the same cache (one per GPU
+                under torchrun); the check counts them all.
+
+        Raises:
+            UserError: a file cannot be read, or the cache does not fit.
+        """
+        need = cls.planned_nbytes(paths, progress=progress) * max(int(copies), 1)
+        per = f" in each of {copies} processes" if copies > 1 else ""
+        check_fits_in_memory(need, f"{flag}: {what}{per}", f"run without {flag}")
+        cache = cls(paths, progress=progress)
+        logger.info("%s: %s decoded, %s in memory%s", flag, what, format_bytes(cache.nbytes), per)
+        return cache
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __contains__(self, path: object) -> bool:
+        return str(path) in self.index
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the decoded slices."""
+        return int(sum(b.nbytes for b in self.buffers))
+
+    def read(self, path: str) -> np.ndarray:
+        """The slice ``path`` as :func:`read_image_2d` gives it: float32 (X, Y) in [0, 1].
+
+        Raises:
+            KeyError: ``path`` was not among the cached paths.
+        """
+        return stored_to_float(self.read_stored(path))
+
+    def read_stored(self, path: str) -> np.ndarray:
+        """The slice ``path`` as stored in its PNG: uint8 or uint16 (X, Y), a read-only view
+        (label slices: the ids, as :func:`read_label_2d` reads them before its checks).
+
+        Raises:
+            KeyError: ``path`` was not among the cached paths.
+        """
+        try:
+            i = self.index[str(path)]
+        except KeyError:
+            raise KeyError(f"slice {path} is not in the image cache (built for {len(self)} other paths)") from None
+        x, y = (int(v) for v in self.shapes[i])
+        o = int(self.offsets[i])
+        pic = self.buffers[int(self.chunk[i])][o : o + x * y].reshape(x, y)
+        pic.flags.writeable = False
+        return pic
 
 
 # --------------------------------------------------------------------------------------
@@ -662,57 +807,144 @@ def list_finetune_pairs(
 
 
 # --------------------------------------------------------------------------------------
-# Preprocessing transforms (MONAI)
+# Evaluation cases (fine-tuning)
 # --------------------------------------------------------------------------------------
 
 
-def preprocessing_transforms(
-    keys: Sequence[str] = ("image", "label"),
-    a_min: float = -500.0,
-    a_max: float = 500.0,
-    pixdim: Sequence[float] = (1.0, 1.0, 2.5),
-    min_xy: int = 96,
-    load: bool = True,
-):
-    """The paper's preprocessing as MONAI dictionary transforms.
-
-    Load (nibabel) -> channel first -> orient RAS -> resample to ``pixdim`` (bilinear
-    image, nearest label) -> clip HU to [a_min, a_max] and scale to [0, 1] -> crop to
-    the box where the image is > 0 (HU > a_min) -> pad x and y to at least ``min_xy``.
+def check_label_ids(label: np.ndarray | torch.Tensor, n_classes: int, path: str) -> None:
+    """Refuse a label with an id above ``n_classes - 1`` (or below 0), naming the file.
 
     Args:
-        keys: dictionary keys; the first is the image, an optional second the label.
-        a_min, a_max: HU window mapped to [0, 1] (values outside are clipped).
-        pixdim: output voxel size in mm (x, y, z).
-        min_xy: x and y are zero-padded (symmetrically) to at least this size.
-        load: include ``LoadImaged`` + ``EnsureChannelFirstd`` (inputs are file paths);
-            with ``False`` the inputs must already be channel-first MetaTensors.
+        label: a numpy array or a torch tensor (on any device) of class ids.
+        n_classes: classes including background.
+        path: the label's file, named in the error.
 
-    Returns:
-        ``monai.transforms.Compose``; outputs are (1, X, Y, Z) MetaTensors, image float32
-        in [0, 1], label float32 holding the ids.
+    Raises:
+        UserError: the label is empty or holds an id outside ``0..n_classes-1``.
     """
-    from monai import transforms as mt
-    from monai.transforms.utils import is_positive
+    # torch tensors by their methods: this module reads files and does not import torch
+    arr = label.detach().cpu().numpy() if hasattr(label, "detach") else np.asarray(label)
+    if arr.size == 0:
+        raise UserError(f"label {path} is empty")
+    lo, hi = float(arr.min()), float(arr.max())
+    if hi > n_classes - 1 or lo < 0:
+        bad = hi if hi > n_classes - 1 else lo
+        raise UserError(f"label {path} holds class id {bad:g}, outside 0..{n_classes - 1} (--n_classes {n_classes})")
 
-    keys = tuple(keys)
-    if not 1 <= len(keys) <= 2:
-        raise ValueError(f"keys must be (image,) or (image, label), got {keys}")
-    if a_max <= a_min:
-        raise ValueError(f"a_max ({a_max}) must be greater than a_min ({a_min})")
-    image_key = keys[0]
-    modes = ("bilinear", "nearest")[: len(keys)]
-    steps: list = []
-    if load:
-        steps += [
-            mt.LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
-            mt.EnsureChannelFirstd(keys=keys),
-        ]
-    steps += [
-        mt.Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
-        mt.Spacingd(keys=keys, pixdim=tuple(float(p) for p in pixdim), mode=modes),
-        mt.ScaleIntensityRanged(keys=image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True),
-        mt.CropForegroundd(keys=keys, source_key=image_key, select_fn=is_positive),
-        mt.SpatialPadd(keys=keys, spatial_size=(int(min_xy), int(min_xy), -1)),
-    ]
-    return mt.Compose(steps)
+
+@dataclass
+class CaseRef:
+    """One evaluation case.
+
+    2D: ``slices`` lists the slice items ({"image", "label", "case", "slice"}) in slice
+    order and ``spacing`` comes from ``manifest.json``. 3D: ``index`` is the case's index
+    in the preprocessed data set and ``spacing`` is the preprocessing voxel size.
+    """
+
+    case: str
+    spacing: tuple[float, float, float]
+    slices: list[dict[str, Any]] = field(default_factory=list)
+    index: int = -1
+
+
+def read_manifest_spacing(data_dir: str) -> dict[str, tuple[float, float, float]]:
+    """Voxel size (x, y, z) in mm of every case of a ``preprocess_flare_labelled.py`` output.
+
+    Raises:
+        UserError: ``manifest.json`` is missing or does not hold a spacing per case.
+    """
+    path = os.path.join(data_dir, MANIFEST_NAME)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        cases = manifest["cases"]
+        return {c: tuple(float(s) for s in v["spacing"]) for c, v in cases.items()}  # type: ignore[misc]
+    except FileNotFoundError:
+        raise UserError(
+            f"{path} is missing: the challenge-grade scores need each case's voxel size; "
+            f"preprocess the data with preprocess_flare_labelled.py"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"cannot read the voxel sizes in {path}: {type(e).__name__}: {e}") from None
+
+
+def group_cases_2d(items: Sequence[dict[str, Any]], spacing: Mapping[str, Sequence[float]], where: str) -> list[CaseRef]:
+    """Group slice items by case (order kept) into :class:`CaseRef` objects.
+
+    Raises:
+        UserError: a case has no voxel size in the manifest at ``where``.
+    """
+    out: dict[str, CaseRef] = {}
+    for it in items:
+        c = it["case"]
+        if c not in out:
+            if c not in spacing:
+                raise UserError(f"case {c!r} is not in {os.path.join(where, MANIFEST_NAME)}; rerun preprocess_flare_labelled.py")
+            out[c] = CaseRef(case=c, spacing=tuple(float(s) for s in spacing[c]))  # type: ignore[arg-type]
+        out[c].slices.append(it)
+    return list(out.values())
+
+
+def check_label_slices(items: Sequence[dict[str, Any]], n_classes: int, progress: bool = True) -> None:
+    """Read every label slice once and refuse ids above ``n_classes - 1`` (the file is named).
+
+    Raises:
+        UserError: a label file cannot be read or holds an id out of range.
+    """
+    for it in tqdm(items, desc="checking labels", disable=not progress or len(items) < 200, leave=False):
+        check_label_ids(read_label_2d(it["label"]), n_classes, it["label"])
+
+
+def load_case_2d(ref: CaseRef, n_classes: int, stored: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The case volume from its slices: image (X, Y, Z) float32, label (X, Y, Z) uint8, affine.
+
+    The affine is ``diag(spacing)``: the geometry of the preprocessed case (RAS, origin 0).
+    ``stored``: the image as stored in the PNGs (uint8 or uint16; 4 or 2 times smaller, for
+    a cache; :func:`stored_to_float` converts it), float32 when the slices mix bit depths.
+
+    Raises:
+        UserError: slices of different shapes, or label ids outside the range (file named).
+    """
+    imgs, labs = [], []
+    for it in ref.slices:
+        img = read_image_2d_stored(it["image"])
+        lab = read_label_2d(it["label"])
+        if img.shape != lab.shape:
+            raise UserError(f"image slice {it['image']} has shape {img.shape}, its label {it['label']} has {lab.shape}")
+        if imgs and img.shape != imgs[0].shape:
+            raise UserError(f"slice {it['image']} has shape {img.shape}, other slices of case {ref.case!r} have {imgs[0].shape}")
+        check_label_ids(lab, n_classes, it["label"])
+        imgs.append(img)
+        labs.append(lab)
+    affine = np.diag([*ref.spacing, 1.0]).astype(np.float64)
+    if not stored or len({a.dtype for a in imgs}) > 1:
+        imgs = [stored_to_float(a) for a in imgs]
+    return np.stack(imgs, axis=-1), np.stack(labs, axis=-1).astype(np.uint8), affine
+
+
+class CaseCache:
+    """Evaluation cases kept in memory after their first reading (``--cache_eval``).
+
+    ``load(ref)`` returns what ``loader(ref)`` returned the first time for that case. 2D
+    images are stored as read from the PNGs (uint8 / uint16): X * Y * 2 bytes per slice
+    with the label, e.g. 1.9 GB for FLARE's 3,535 validation slices of 512 x 512.
+
+    Args:
+        loader: ``CaseRef -> (image, label, affine)``, e.g. :func:`load_case_2d` with ``stored=True``.
+    """
+
+    def __init__(self, loader: Callable[[CaseRef], tuple[np.ndarray, np.ndarray, np.ndarray]]):
+        self.loader = loader
+        self.cases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def load(self, ref: CaseRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(image, label, affine)`` of ``ref``: read on the first call, from memory after."""
+        hit = self.cases.get(ref.case)
+        if hit is None:
+            hit = self.cases[ref.case] = self.loader(ref)
+        return hit
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cached arrays."""
+        return sum(a.nbytes for case in self.cases.values() for a in case)

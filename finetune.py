@@ -9,8 +9,14 @@ case, stacked in slice order, are the case volume (X, Y, Z); its voxel size come
 ``manifest.json``.
 
 Data (3D): the raw labelled FLARE NIfTI (``images/`` or ``imgs/``, ``labels/``),
-preprocessed on the fly with :func:`data.preprocessing_transforms` and cached on disk
+preprocessed on the fly with :func:`transforms.preprocessing_transforms` and cached on disk
 with MONAI's ``PersistentDataset``; crops are ``crop_size``^3.
+
+The training data sets and the 3D cache folders are built here (:func:`train_dataset_2d`,
+:func:`train_dataset_3d`, :func:`preprocessed_dataset_3d`, :func:`cache_folder_3d`); the
+chains they run are ``transforms.py``'s (``LoadSliceAndLabel2d``, ``random_crop_transforms``,
+``preprocess_steps_3d``) and the evaluation cases are read by ``data.py`` (``CaseRef``,
+``load_case_2d``, ``CaseCache``).
 
 Evaluation (:func:`evaluate`): sliding-window inference (``roi = crop_size``), then two
 scores that must not be confused:
@@ -39,10 +45,14 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
+from monai.data import Dataset, PersistentDataset
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
+from monai.transforms import Compose
 from tqdm import tqdm
 
 import data
@@ -50,7 +60,17 @@ import engine
 import metrics
 import models
 from batch_augment import BatchFinetuneAugment
-from transforms import SliceCache
+from data import (
+    CaseCache,
+    CaseRef,
+    SliceCache,
+    check_label_ids,
+    check_label_slices,
+    group_cases_2d,
+    load_case_2d,
+    read_manifest_spacing,
+)
+from transforms import LoadSliceAndLabel2d, preprocess_steps_3d, random_crop_transforms
 from utils import (
     TrainingError,
     UserError,
@@ -65,7 +85,6 @@ from utils import (
 logger = logging.getLogger(__name__)
 
 FINETUNE_FORMAT = "ioupos-finetune-v1"
-MANIFEST_NAME = "manifest.json"
 METHOD = "finetune"  # the "method" of fine-tuning's training states
 #: flags that must be equal to resume a run (anything that changes the model, data or schedule)
 RESUME_KEYS = engine.COMMON_RESUME_KEYS + (
@@ -75,116 +94,8 @@ RESUME_KEYS = engine.COMMON_RESUME_KEYS + (
 
 
 # ---------------------------------------------------------------------------------------
-# Labels
+# Cases on the device
 # ---------------------------------------------------------------------------------------
-
-
-def check_label_ids(label: np.ndarray | torch.Tensor, n_classes: int, path: str) -> None:
-    """Refuse a label with an id above ``n_classes - 1`` (or below 0), naming the file.
-
-    Raises:
-        UserError: the label holds an id outside ``0..n_classes-1``.
-    """
-    arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-    if arr.size == 0:
-        raise UserError(f"label {path} is empty")
-    lo, hi = float(arr.min()), float(arr.max())
-    if hi > n_classes - 1 or lo < 0:
-        bad = hi if hi > n_classes - 1 else lo
-        raise UserError(f"label {path} holds class id {bad:g}, outside 0..{n_classes - 1} (--n_classes {n_classes})")
-
-
-# ---------------------------------------------------------------------------------------
-# Cases
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class CaseRef:
-    """One evaluation case.
-
-    2D: ``slices`` lists the slice items ({"image", "label", "case", "slice"}) in slice
-    order and ``spacing`` comes from ``manifest.json``. 3D: ``index`` is the case's index
-    in the preprocessed data set and ``spacing`` is the preprocessing voxel size.
-    """
-
-    case: str
-    spacing: tuple[float, float, float]
-    slices: list[dict[str, Any]] = field(default_factory=list)
-    index: int = -1
-
-
-def read_manifest_spacing(data_dir: str) -> dict[str, tuple[float, float, float]]:
-    """Voxel size (x, y, z) in mm of every case of a ``preprocess_flare_labelled.py`` output.
-
-    Raises:
-        UserError: ``manifest.json`` is missing or does not hold a spacing per case.
-    """
-    path = os.path.join(data_dir, MANIFEST_NAME)
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-        cases = manifest["cases"]
-        return {c: tuple(float(s) for s in v["spacing"]) for c, v in cases.items()}  # type: ignore[misc]
-    except FileNotFoundError:
-        raise UserError(
-            f"{path} is missing: the challenge-grade scores need each case's voxel size; "
-            f"preprocess the data with preprocess_flare_labelled.py"
-        ) from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise UserError(f"cannot read the voxel sizes in {path}: {type(e).__name__}: {e}") from None
-
-
-def group_cases_2d(items: Sequence[dict[str, Any]], spacing: Mapping[str, Sequence[float]], where: str) -> list[CaseRef]:
-    """Group slice items by case (order kept) into :class:`CaseRef` objects.
-
-    Raises:
-        UserError: a case has no voxel size in the manifest at ``where``.
-    """
-    out: dict[str, CaseRef] = {}
-    for it in items:
-        c = it["case"]
-        if c not in out:
-            if c not in spacing:
-                raise UserError(f"case {c!r} is not in {os.path.join(where, MANIFEST_NAME)}; rerun preprocess_flare_labelled.py")
-            out[c] = CaseRef(case=c, spacing=tuple(float(s) for s in spacing[c]))  # type: ignore[arg-type]
-        out[c].slices.append(it)
-    return list(out.values())
-
-
-def check_label_slices(items: Sequence[dict[str, Any]], n_classes: int, progress: bool = True) -> None:
-    """Read every label slice once and refuse ids above ``n_classes - 1`` (the file is named)."""
-    from tqdm import tqdm
-
-    for it in tqdm(items, desc="checking labels", disable=not progress or len(items) < 200, leave=False):
-        check_label_ids(data.read_label_2d(it["label"]), n_classes, it["label"])
-
-
-def load_case_2d(ref: CaseRef, n_classes: int, stored: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The case volume from its slices: image (X, Y, Z) float32, label (X, Y, Z) uint8, affine.
-
-    The affine is ``diag(spacing)``: the geometry of the preprocessed case (RAS, origin 0).
-    ``stored``: the image as stored in the PNGs (uint8 or uint16; 4 or 2 times smaller, for
-    a cache; :func:`data.stored_to_float` converts it), float32 when the slices mix bit depths.
-
-    Raises:
-        UserError: slices of different shapes, or label ids outside the range (file named).
-    """
-    imgs, labs = [], []
-    for it in ref.slices:
-        img = data.read_image_2d_stored(it["image"])
-        lab = data.read_label_2d(it["label"])
-        if img.shape != lab.shape:
-            raise UserError(f"image slice {it['image']} has shape {img.shape}, its label {it['label']} has {lab.shape}")
-        if imgs and img.shape != imgs[0].shape:
-            raise UserError(f"slice {it['image']} has shape {img.shape}, other slices of case {ref.case!r} have {imgs[0].shape}")
-        check_label_ids(lab, n_classes, it["label"])
-        imgs.append(img)
-        labs.append(lab)
-    affine = np.diag([*ref.spacing, 1.0]).astype(np.float64)
-    if not stored or len({a.dtype for a in imgs}) > 1:
-        imgs = [data.stored_to_float(a) for a in imgs]
-    return np.stack(imgs, axis=-1), np.stack(labs, axis=-1).astype(np.uint8), affine
 
 
 def _device_image(image: np.ndarray, device: torch.device) -> Callable[[slice | None], torch.Tensor]:
@@ -205,99 +116,16 @@ def _device_image(image: np.ndarray, device: torch.device) -> Callable[[slice | 
     return take
 
 
-class CaseCache:
-    """Evaluation cases kept in memory after their first reading (``--cache_eval``).
-
-    ``load(ref)`` returns what ``loader(ref)`` returned the first time for that case. 2D
-    images are stored as read from the PNGs (uint8 / uint16): X * Y * 2 bytes per slice
-    with the label, e.g. 1.9 GB for FLARE's 3,535 validation slices of 512 x 512.
-    """
-
-    def __init__(self, loader: Callable[[CaseRef], tuple[np.ndarray, np.ndarray, np.ndarray]]):
-        self.loader = loader
-        self.cases: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-
-    def load(self, ref: CaseRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        hit = self.cases.get(ref.case)
-        if hit is None:
-            hit = self.cases[ref.case] = self.loader(ref)
-        return hit
-
-    @property
-    def nbytes(self) -> int:
-        return sum(a.nbytes for case in self.cases.values() for a in case)
-
-
 # ---------------------------------------------------------------------------------------
 # Transforms and data sets
 # ---------------------------------------------------------------------------------------
 
 
-class LoadSliceAndLabel2d:
-    """Read an (image, label) PNG pair into (1, X, Y) float32 tensors (``data.read_*_2d``),
-    or take them from ``cache`` (a ``transforms.SliceCache`` of both, same values)."""
-
-    def __init__(self, cache: Any = None):
-        self.cache = cache
-
-    def __call__(self, item: dict[str, Any]) -> dict[str, Any]:
-        d = dict(item)
-        if self.cache is None:
-            image, label = data.read_image_2d(item["image"]), data.read_label_2d(item["label"])
-        else:
-            image = self.cache.read(item["image"])
-            label = data.label_from_stored(self.cache.read_stored(item["label"]), item["label"])
-        d["image"] = torch.from_numpy(image)[None]
-        d["label"] = torch.from_numpy(label.astype(np.float32))[None]
-        d["image_path"] = item["image"]
-        return d
-
-
-def _keep_affine_transform():
-    from monai.transforms import MapTransform
-
-    class KeepAffined(MapTransform):
-        """Store the image's affine (after preprocessing) as a plain tensor under ``affine``."""
-
-        def __init__(self) -> None:
-            super().__init__(keys=["image"])
-
-        def __call__(self, d):
-            d = dict(d)
-            d["affine"] = torch.as_tensor(np.asarray(d["image"].affine), dtype=torch.float64)
-            return d
-
-    return KeepAffined()
-
-
-def random_crop_transforms(spatial_dims: int, crop_size: int, n_crops: int, augment: bool = True) -> list:
-    """``RandCropByPosNegLabeld`` (pos 1, neg 1, ``n_crops`` per item) + pad + the paper's augmentations.
-
-    Items smaller than the crop keep their size along that axis and are zero-padded to
-    ``crop_size`` after cropping. ``augment=False`` leaves the augmentations out (``--batch_augment``
-    applies them on the training device: ``batch_augment.BatchFinetuneAugment``).
-    """
-    from monai.transforms import EnsureTyped, RandCropByPosNegLabeld, SelectItemsd, SpatialPadd
-
-    from transforms import finetune_augmentations
-
-    keys = ["image", "label"]
-    size = (int(crop_size),) * spatial_dims
-    return [
-        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=size, pos=1, neg=1, num_samples=int(n_crops), allow_smaller=True),
-        SpatialPadd(keys, spatial_size=size),
-        *(finetune_augmentations(spatial_dims).transforms if augment else ()),
-        EnsureTyped(keys, track_meta=False),
-        SelectItemsd(keys),  # batches hold image and label only
-    ]
-
-
-def train_dataset_2d(items: Sequence[dict[str, Any]], crop_size: int, n_crops: int, augment: bool = True, cache: Any = None):
+def train_dataset_2d(items: Sequence[dict[str, Any]], crop_size: int, n_crops: int, augment: bool = True,
+                     cache: data.SliceCache | None = None) -> Dataset:
     """The 2D training set: one item per labelled slice, ``n_crops`` crops each (``augment``
-    and ``cache``: see :func:`random_crop_transforms` and :class:`LoadSliceAndLabel2d`)."""
-    from monai.data import Dataset
-    from monai.transforms import Compose
-
+    and ``cache``: see :func:`transforms.random_crop_transforms` and
+    :class:`transforms.LoadSliceAndLabel2d`)."""
     steps = [LoadSliceAndLabel2d(cache), *random_crop_transforms(2, crop_size, n_crops, augment)]
     return Dataset(list(items), transform=Compose(steps))
 
@@ -313,31 +141,17 @@ def cache_folder_3d(cache_dir: str, config: Mapping[str, Any]) -> str:
     return os.path.join(os.path.abspath(cache_dir), f"flare3d_{h}")
 
 
-def _preprocess_steps_3d(config: Mapping[str, Any]) -> list:
-    pre = data.preprocessing_transforms(
-        keys=("image", "label"), a_min=config["a_min"], a_max=config["a_max"], pixdim=config["pixdim"], min_xy=config["min_xy"]
-    )
-    # flattened: PersistentDataset caches the transforms before the first random one, and
-    # it treats a nested Compose as random
-    return [*pre.flatten().transforms, _keep_affine_transform()]
-
-
-def preprocessed_dataset_3d(items: Sequence[dict[str, Any]], cache_folder: str, config: Mapping[str, Any]):
-    """Preprocessed (deterministic) 3D volumes, cached on disk in ``cache_folder``."""
-    from monai.data import PersistentDataset
-    from monai.transforms import Compose
-
-    return PersistentDataset(list(items), transform=Compose(_preprocess_steps_3d(config)), cache_dir=cache_folder)
+def preprocessed_dataset_3d(items: Sequence[dict[str, Any]], cache_folder: str, config: Mapping[str, Any]) -> PersistentDataset:
+    """Preprocessed (deterministic) 3D volumes (:func:`transforms.preprocess_steps_3d`),
+    cached on disk in ``cache_folder``."""
+    return PersistentDataset(list(items), transform=Compose(preprocess_steps_3d(config)), cache_dir=cache_folder)
 
 
 def train_dataset_3d(items: Sequence[dict[str, Any]], cache_folder: str, config: Mapping[str, Any], crop_size: int, n_crops: int,
-                     augment: bool = True):
+                     augment: bool = True) -> PersistentDataset:
     """3D training set: the cached preprocessing (same cache files), then random crops and
     (unless ``augment`` is False) augmentations."""
-    from monai.data import PersistentDataset
-    from monai.transforms import Compose
-
-    steps = _preprocess_steps_3d(config) + random_crop_transforms(3, crop_size, n_crops, augment)
+    steps = preprocess_steps_3d(config) + random_crop_transforms(3, crop_size, n_crops, augment)
     return PersistentDataset(list(items), transform=Compose(steps), cache_dir=cache_folder)
 
 
@@ -405,8 +219,6 @@ def predict_volume(
     3D: the volume is one item with windows of ``crop_size``^3. ``on_device``: return the
     prediction as a tensor on ``device`` (no copy to the host) instead of a numpy array.
     """
-    from monai.inferers import sliding_window_inference
-
     model.eval()
     roi = (int(crop_size),) * spatial_dims
     take = _device_image(image, device)
@@ -455,8 +267,6 @@ def vis_slice(image: np.ndarray, label: np.ndarray, pred: np.ndarray) -> int:
 
 def save_nifti(path: str, array: np.ndarray, affine: np.ndarray) -> None:
     """Write ``array`` as a gzipped NIfTI with ``affine``, atomically."""
-    import nibabel as nib
-
     img = nib.Nifti1Image(array, np.asarray(affine, dtype=np.float64))
     img.header.set_xyzt_units("mm")
     with atomic_write(path, "wb") as f:
@@ -517,8 +327,6 @@ def evaluate(
     Raises:
         UserError: no case to evaluate.
     """
-    from tqdm import tqdm
-
     if not cases:
         raise UserError("no validation cases to evaluate (empty validation set)")
     vis_idx = set(np.unique(np.linspace(0, len(cases) - 1, num=min(n_vis, len(cases))).round().astype(int)).tolist()) if full and n_vis > 0 else set()

@@ -1,7 +1,7 @@
 """The preprocessing engine shared by ``preprocess_flare_labelled.py`` and ``preprocess_flare_unlabelled.py``.
 
 One case at a time: check the NIfTI files (readable, 3D, image and label on the same
-grid, finite voxels, label ids 0..13), run :func:`data.preprocessing_transforms`,
+grid, finite voxels, label ids 0..13), run :func:`transforms.preprocessing_transforms`,
 write the z slices as PNG (or the volume as NIfTI) atomically, and record the case in
 ``<output_dir>/.manifest/<case>.json``. Cases run in a process pool
 (``--num_workers``), may be split over machines (``--shard_index`` / ``--num_shards``),
@@ -329,6 +329,7 @@ def process_case(task: CaseTask, config: PreprocessConfig, output_dir: str) -> d
             non-finite voxels, label ids outside 0..13, nothing above ``a_min``).
     """
     import torch
+    from transforms import preprocessing_transforms
 
     if task.image is None:
         raise CaseError(task.missing or f"case {task.case} has no image file")
@@ -370,7 +371,7 @@ def process_case(task: CaseTask, config: PreprocessConfig, output_dir: str) -> d
         sample["label"] = label
         keys = ("image", "label")
 
-    pipeline = data.preprocessing_transforms(
+    pipeline = preprocessing_transforms(
         keys=keys, a_min=config.a_min, a_max=config.a_max, pixdim=config.pixdim, min_xy=config.min_xy, load=False
     )
     out = pipeline(sample)

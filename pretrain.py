@@ -270,7 +270,7 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
     logger.info("%d images in %s (%dD)", len(paths), args.data_dir, args.spatial_dims)
     cache = None
     if args.cache_images:
-        from transforms import SliceCache
+        from data import SliceCache
 
         cache = SliceCache.build(paths, f"{len(paths):,} slices", "--cache_images", copies=info.local_world_size,
                                  progress=args.progress and info.is_main)

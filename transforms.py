@@ -1,7 +1,15 @@
-"""MONAI pipelines: the paper's augmentations of pretraining views and of fine-tuning crops.
+"""Every MONAI chain of the project: preprocessing, pretraining views, fine-tuning crops.
+
+Preprocessing (:func:`preprocessing_transforms`; the preprocessing scripts and the 3D
+fine-tuning data sets, :func:`preprocess_steps_3d`)::
+
+    load (nibabel) -> channel first -> orient RAS -> resample to pixdim (bilinear image,
+    nearest label) -> clip HU to [a_min, a_max], scale to [0, 1] -> crop to the body
+    (image > 0) -> pad x and y to at least min_xy
 
 Pretraining: each of the two IoU crops gets its own, independent chain, in the paper's
-order and with its probabilities::
+order and with its probabilities (:data:`augment_params.AUGMENT`, the table that
+``batch_augment.py`` reads too)::
 
     zoom 0.8-1.2 (p 0.75) -> flip x (p 0.5) -> flip y (p 0.5) -> rotate k x 90 deg (p 0.5)
     -> intensity scale factor in [-0.1, 0.1] (p 0.75) -> intensity shift in [-0.1, 0.1] (p 0.75)
@@ -14,8 +22,13 @@ The whole pretraining pipeline (:func:`pretrain_transforms`) for one image path:
     -> view chain on image1, an independent view chain on image2
     -> {"image1", "image2", "iou_value", "iou_feasible"}
 
-Fine-tuning: flips x and y (p 0.25), rotate 90 (p 0.25), then blur, intensity scale,
-intensity shift and noise (p 0.15 each); geometric ones move image and label together.
+Fine-tuning (:func:`random_crop_transforms`, after :class:`LoadSliceAndLabel2d` in 2D or
+:func:`preprocess_steps_3d` in 3D): ``RandCropByPosNegLabeld`` crops, then flips x and y
+(p 0.25), rotate 90 (p 0.25), then blur, intensity scale, intensity shift and noise
+(p 0.15 each); geometric ones move image and label together.
+
+Reading files is :mod:`data`'s (PNG slices, :class:`data.SliceCache`); the data sets that
+run these chains are built in ``finetune.py`` and ``pretrain.py``.
 """
 
 from __future__ import annotations
@@ -25,13 +38,17 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
+    CropForegroundd,
     DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
     LoadImaged,
     MapTransform,
+    Orientationd,
+    RandCropByPosNegLabeld,
     RandFlipd,
     RandGaussianNoised,
     RandGaussianSmoothd,
@@ -39,196 +56,110 @@ from monai.transforms import (
     RandScaleIntensityd,
     RandShiftIntensityd,
     RandZoomd,
+    ScaleIntensityRanged,
+    SelectItemsd,
+    SpatialPadd,
+    Spacingd,
 )
+from monai.transforms.utils import is_positive
+
+from augment_params import AUGMENT
+from data import SliceCache, label_from_stored, read_image_2d, read_label_2d
+from iou_crops import IoUCropd
+from utils import UserError
 
 logger = logging.getLogger(__name__)
 
 
-def _blur(keys: Sequence[str], spatial_dims: int, prob: float) -> RandGaussianSmoothd:
-    sig = (0.25, 1.5)
-    return RandGaussianSmoothd(keys, sigma_x=sig, sigma_y=sig, sigma_z=sig if spatial_dims == 3 else (0.0, 0.0), prob=prob)
+# --------------------------------------------------------------------------------------
+# Preprocessing
+# --------------------------------------------------------------------------------------
 
 
-def view_augmentations(key: str, spatial_dims: int) -> Compose:
-    """The paper's augmentation chain for one pretraining view stored under ``key``.
+def preprocessing_transforms(
+    keys: Sequence[str] = ("image", "label"),
+    a_min: float = -500.0,
+    a_max: float = 500.0,
+    pixdim: Sequence[float] = (1.0, 1.0, 2.5),
+    min_xy: int = 96,
+    load: bool = True,
+) -> Compose:
+    """The paper's preprocessing as MONAI dictionary transforms.
 
-    Build one chain per view: two chains draw independent random parameters.
-    In 3D, flips act on x and y and rotations in the axial (x, y) plane, as in 2D.
-    Gaussian noise uses MONAI's default of a standard deviation drawn in [0, 0.01].
-    """
-    k = [key]
-    return Compose(
-        [
-            RandZoomd(k, prob=0.75, min_zoom=0.8, max_zoom=1.2, keep_size=True, mode="bilinear", padding_mode="constant"),
-            RandFlipd(k, prob=0.5, spatial_axis=0),
-            RandFlipd(k, prob=0.5, spatial_axis=1),
-            RandRotate90d(k, prob=0.5, max_k=3, spatial_axes=(0, 1)),
-            RandScaleIntensityd(k, factors=0.1, prob=0.75),
-            RandShiftIntensityd(k, offsets=0.1, prob=0.75),
-            _blur(k, spatial_dims, prob=0.25),
-            RandGaussianNoised(k, prob=0.25, mean=0.0, std=0.01),
-        ]
-    )
-
-
-def finetune_augmentations(spatial_dims: int, image_key: str = "image", label_key: str = "label") -> Compose:
-    """The paper's fine-tuning augmentations on an (image, label) crop."""
-    both = [image_key, label_key]
-    img = [image_key]
-    return Compose(
-        [
-            RandFlipd(both, prob=0.25, spatial_axis=0),
-            RandFlipd(both, prob=0.25, spatial_axis=1),
-            RandRotate90d(both, prob=0.25, max_k=3, spatial_axes=(0, 1)),
-            _blur(img, spatial_dims, prob=0.15),
-            RandScaleIntensityd(img, factors=0.1, prob=0.15),
-            RandShiftIntensityd(img, offsets=0.1, prob=0.15),
-            RandGaussianNoised(img, prob=0.15, mean=0.0, std=0.01),
-        ]
-    )
-
-
-def _threaded_map(fn: Any, paths: Sequence[str], threads: int, desc: str, progress: bool):
-    """``fn(path)`` for every path, in order, from ``threads`` threads (0 = up to 8; PIL
-    releases the GIL while reading), with a tqdm bar when ``progress``."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
-    from tqdm import tqdm
-
-    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
-        yield from tqdm(pool.map(fn, paths), total=len(paths), desc=desc, disable=not progress, leave=False)
-
-
-class SliceCache:
-    """Decoded 2D slices held in memory as stored: uint8 (8-bit PNGs) or uint16 (16-bit).
-
-    Built once, in the main process, before the DataLoader forks its workers: they share the
-    buffers (copy-on-write pages that are never written), so a cache outlives the per-epoch
-    workers. Slices live in one flat buffer per bit depth (a few thousand slices per buffer, no Python object per slice).
-    :meth:`read` returns exactly what :func:`data.read_image_2d` returns for the file.
-
-    Memory: X * Y bytes per 8-bit slice (twice that for 16-bit), e.g. 8.75 GB per 100k
-    slices of 350 x 250 pixels.
+    Load (nibabel) -> channel first -> orient RAS -> resample to ``pixdim`` (bilinear
+    image, nearest label) -> clip HU to [a_min, a_max] and scale to [0, 1] -> crop to
+    the box where the image is > 0 (HU > a_min) -> pad x and y to at least ``min_xy``.
 
     Args:
-        paths: the PNG slices to decode.
-        progress: show a tqdm bar while decoding.
-        threads: decoding threads (PIL releases the GIL while decoding); 0 = up to 8.
+        keys: dictionary keys; the first is the image, an optional second the label.
+        a_min, a_max: HU window mapped to [0, 1] (values outside are clipped).
+        pixdim: output voxel size in mm (x, y, z).
+        min_xy: x and y are zero-padded (symmetrically) to at least this size.
+        load: include ``LoadImaged`` + ``EnsureChannelFirstd`` (inputs are file paths);
+            with ``False`` the inputs must already be channel-first MetaTensors.
+
+    Returns:
+        ``monai.transforms.Compose``; outputs are (1, X, Y, Z) MetaTensors, image float32
+        in [0, 1], label float32 holding the ids.
 
     Raises:
-        UserError: a file cannot be read as an 8- or 16-bit grayscale PNG (names the file).
+        ValueError: not one or two keys, or ``a_max <= a_min``.
     """
+    keys = tuple(keys)
+    if not 1 <= len(keys) <= 2:
+        raise ValueError(f"keys must be (image,) or (image, label), got {keys}")
+    if a_max <= a_min:
+        raise ValueError(f"a_max ({a_max}) must be greater than a_min ({a_min})")
+    image_key = keys[0]
+    modes = ("bilinear", "nearest")[: len(keys)]
+    steps: list = []
+    if load:
+        steps += [
+            LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+            EnsureChannelFirstd(keys=keys),
+        ]
+    steps += [
+        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Spacingd(keys=keys, pixdim=tuple(float(p) for p in pixdim), mode=modes),
+        ScaleIntensityRanged(keys=image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True),
+        CropForegroundd(keys=keys, source_key=image_key, select_fn=is_positive),
+        SpatialPadd(keys=keys, spatial_size=(int(min_xy), int(min_xy), -1)),
+    ]
+    return Compose(steps)
 
-    CHUNK = 4096  # slices per buffer
 
-    def __init__(self, paths: Sequence[str], progress: bool = True, threads: int = 0):
-        from data import read_image_2d_stored
+class KeepAffined(MapTransform):
+    """Store the affine of the image under ``key`` (a MetaTensor, e.g. after preprocessing)
+    as a plain float64 tensor under ``affine_key``, so that it survives ``track_meta=False``."""
 
-        paths = [str(p) for p in paths]
-        self.index = {p: i for i, p in enumerate(paths)}
-        n = len(paths)
-        self.shapes = np.zeros((n, 2), dtype=np.int64)
-        self.chunk = np.zeros(n, dtype=np.int64)  # which buffer holds slice i
-        self.offsets = np.zeros(n, dtype=np.int64)  # where in it
-        self.buffers: list[np.ndarray] = []  # flat uint8 / uint16 buffers of about CHUNK slices each
-        pending: dict[Any, list[np.ndarray]] = {np.dtype(np.uint8): [], np.dtype(np.uint16): []}
-        members: dict[Any, list[int]] = {np.dtype(np.uint8): [], np.dtype(np.uint16): []}
+    def __init__(self, key: str = "image", affine_key: str = "affine") -> None:
+        super().__init__(keys=[key])
+        self.affine_key = affine_key
 
-        def flush(dt: Any) -> None:
-            if not pending[dt]:
-                return
-            self.buffers.append(np.concatenate(pending[dt]))
-            off = 0
-            for i, part in zip(members[dt], pending[dt]):
-                self.chunk[i] = len(self.buffers) - 1
-                self.offsets[i] = off
-                off += part.size
-            pending[dt], members[dt] = [], []
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[self.affine_key] = torch.as_tensor(np.asarray(d[key].affine), dtype=torch.float64)
+        return d
 
-        for i, pic in enumerate(_threaded_map(read_image_2d_stored, paths, threads, "decoding slices", progress)):
-            self.shapes[i] = pic.shape
-            pending[pic.dtype].append(pic.ravel())
-            members[pic.dtype].append(i)
-            if len(pending[pic.dtype]) >= self.CHUNK:
-                flush(pic.dtype)
-        for dt in list(pending):
-            flush(dt)
 
-    @staticmethod
-    def planned_nbytes(paths: Sequence[str], progress: bool = False, threads: int = 0) -> int:
-        """Bytes a cache of ``paths`` will hold, from the PNG headers alone (no decoding).
+def preprocess_steps_3d(config: Mapping[str, Any]) -> list:
+    """The 3D fine-tuning preprocessing of (image, label) paths, as a flat list of steps:
+    :func:`preprocessing_transforms` with ``config``'s ``a_min``, ``a_max``, ``pixdim`` and
+    ``min_xy`` (``finetune.preprocess_config_3d``), then :class:`KeepAffined`.
 
-        Raises:
-            UserError: a file is missing or not an 8- or 16-bit grayscale PNG (names the file).
-        """
-        from data import stored_nbytes_2d
+    Flat, not one nested ``Compose``: MONAI's ``PersistentDataset`` caches the transforms
+    before the first random one, and it treats a nested ``Compose`` as random.
+    """
+    pre = preprocessing_transforms(
+        keys=("image", "label"), a_min=config["a_min"], a_max=config["a_max"], pixdim=config["pixdim"], min_xy=config["min_xy"]
+    )
+    return [*pre.flatten().transforms, KeepAffined()]
 
-        return int(sum(_threaded_map(stored_nbytes_2d, paths, threads, "sizing the slice cache", progress and len(paths) >= 1000)))
 
-    @classmethod
-    def build(cls, paths: Sequence[str], what: str, flag: str, copies: int = 1, progress: bool = True) -> "SliceCache":
-        """Check that the decoded ``paths`` fit in memory, decode them and log the size.
-
-        The scripts' ``--cache_images`` goes through here: a cache that would not fit is
-        refused before anything is decoded (:func:`utils.check_fits_in_memory`), instead
-        of the system killing the run part-way through an epoch.
-
-        Args:
-            what: what the paths are, for the log and the error (e.g. ``"1,024 slices"``).
-            flag: the option that asked for the cache, named in the error.
-            copies: processes on this machine that each build the same cache (one per GPU
-                under torchrun); the check counts them all.
-
-        Raises:
-            UserError: a file cannot be read, or the cache does not fit.
-        """
-        from utils import check_fits_in_memory, format_bytes
-
-        need = cls.planned_nbytes(paths, progress=progress) * max(int(copies), 1)
-        per = f" in each of {copies} processes" if copies > 1 else ""
-        check_fits_in_memory(need, f"{flag}: {what}{per}", f"run without {flag}")
-        cache = cls(paths, progress=progress)
-        logger.info("%s: %s decoded, %s in memory%s", flag, what, format_bytes(cache.nbytes), per)
-        return cache
-
-    def __len__(self) -> int:
-        return len(self.index)
-
-    def __contains__(self, path: object) -> bool:
-        return str(path) in self.index
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by the decoded slices."""
-        return int(sum(b.nbytes for b in self.buffers))
-
-    def read(self, path: str) -> np.ndarray:
-        """The slice ``path`` as :func:`data.read_image_2d` gives it: float32 (X, Y) in [0, 1].
-
-        Raises:
-            KeyError: ``path`` was not among the cached paths.
-        """
-        from data import stored_to_float
-
-        return stored_to_float(self.read_stored(path))
-
-    def read_stored(self, path: str) -> np.ndarray:
-        """The slice ``path`` as stored in its PNG: uint8 or uint16 (X, Y), a read-only view
-        (label slices: the ids, as :func:`data.read_label_2d` reads them before its checks).
-
-        Raises:
-            KeyError: ``path`` was not among the cached paths.
-        """
-        try:
-            i = self.index[str(path)]
-        except KeyError:
-            raise KeyError(f"slice {path} is not in the image cache (built for {len(self)} other paths)") from None
-        x, y = (int(v) for v in self.shapes[i])
-        o = int(self.offsets[i])
-        pic = self.buffers[int(self.chunk[i])][o : o + x * y].reshape(x, y)
-        pic.flags.writeable = False
-        return pic
+# --------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------
 
 
 class LoadSlice2Dd(MapTransform):
@@ -244,12 +175,57 @@ class LoadSlice2Dd(MapTransform):
         self.cache = cache
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from data import read_image_2d
-
         d = dict(data)
         for key in self.key_iterator(d):
             d[key] = (self.cache.read(d[key]) if self.cache is not None else read_image_2d(d[key]))[None]
         return d
+
+
+class LoadSliceAndLabel2d(MapTransform):
+    """Read an (image, label) PNG pair into (1, X, Y) float32 tensors under ``image`` and
+    ``label`` (:func:`data.read_image_2d`, :func:`data.read_label_2d`), or take them from
+    ``cache`` (a :class:`data.SliceCache` of both; same values); the image's path is kept
+    under ``image_path``.
+
+    Raises:
+        UserError: a file is missing or cannot be read (names the file).
+    """
+
+    def __init__(self, cache: SliceCache | None = None):
+        super().__init__(keys=["image", "label"])
+        self.cache = cache
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        if self.cache is None:
+            image, label = read_image_2d(data["image"]), read_label_2d(data["label"])
+        else:
+            image = self.cache.read(data["image"])
+            label = label_from_stored(self.cache.read_stored(data["label"]), data["label"])
+        d["image"] = torch.from_numpy(image)[None]
+        d["label"] = torch.from_numpy(label.astype(np.float32))[None]
+        d["image_path"] = data["image"]
+        return d
+
+
+class LoadVolume3Dd(MapTransform):
+    """Replace the path under each key by the NIfTI volume it names, channel first (1, X, Y, Z).
+
+    MONAI's ``LoadImaged`` + ``EnsureChannelFirstd``, with any failure turned into a
+    ``UserError`` that names the file.
+    """
+
+    def __init__(self, keys: Sequence[str]):
+        super().__init__(keys)
+        self.load = Compose([LoadImaged(keys, image_only=True, dtype=np.float32), EnsureChannelFirstd(keys)])
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        try:
+            return self.load(data)
+        except Exception as e:
+            paths = ", ".join(str(data[k]) for k in self.key_iterator(dict(data)))
+            cause = e.__cause__ if e.__cause__ is not None else e
+            raise UserError(f"cannot read volume {paths}: {type(cause).__name__}: {str(cause).strip()[:200]}") from None
 
 
 class PadToAtLeastd(MapTransform):
@@ -268,8 +244,6 @@ class PadToAtLeastd(MapTransform):
         self.spatial_size = tuple(int(s) for s in spatial_size)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from monai.data import MetaTensor
-
         d = dict(data)
         for key in self.key_iterator(d):
             img = d[key]
@@ -285,26 +259,66 @@ class PadToAtLeastd(MapTransform):
         return d
 
 
-class LoadVolume3Dd(MapTransform):
-    """Replace the path under each key by the NIfTI volume it names, channel first (1, X, Y, Z).
+# --------------------------------------------------------------------------------------
+# Augmentations
+# --------------------------------------------------------------------------------------
 
-    MONAI's ``LoadImaged`` + ``EnsureChannelFirstd``, with any failure turned into a
-    ``UserError`` that names the file.
+
+def _blur(keys: Sequence[str], spatial_dims: int, prob: float) -> RandGaussianSmoothd:
+    """Gaussian blur with a sigma drawn per axis in ``AUGMENT.blur_sigma`` (none along z in 2D)."""
+    sig = AUGMENT.blur_sigma
+    return RandGaussianSmoothd(keys, sigma_x=sig, sigma_y=sig, sigma_z=sig if spatial_dims == 3 else (0.0, 0.0), prob=prob)
+
+
+def view_augmentations(key: str, spatial_dims: int) -> Compose:
+    """The paper's augmentation chain for one pretraining view stored under ``key``.
+
+    Build one chain per view: two chains draw independent random parameters.
+    In 3D, flips act on x and y and rotations in the axial (x, y) plane, as in 2D.
+    Gaussian noise uses MONAI's default of a standard deviation drawn in [0, ``noise_std``].
+    Probabilities and ranges: :data:`augment_params.AUGMENT`.
     """
+    k = [key]
+    a = AUGMENT
+    zmin, zmax = a.view_zoom_range
+    return Compose(
+        [
+            RandZoomd(k, prob=a.view_zoom_prob, min_zoom=zmin, max_zoom=zmax, keep_size=True, mode="bilinear", padding_mode="constant"),
+            RandFlipd(k, prob=a.view_flip_prob, spatial_axis=0),
+            RandFlipd(k, prob=a.view_flip_prob, spatial_axis=1),
+            RandRotate90d(k, prob=a.view_rot90_prob, max_k=a.rot90_max_k, spatial_axes=(0, 1)),
+            RandScaleIntensityd(k, factors=a.intensity_range, prob=a.view_intensity_prob),
+            RandShiftIntensityd(k, offsets=a.intensity_range, prob=a.view_intensity_prob),
+            _blur(k, spatial_dims, prob=a.view_blur_prob),
+            RandGaussianNoised(k, prob=a.view_noise_prob, mean=0.0, std=a.noise_std),
+        ]
+    )
 
-    def __init__(self, keys: Sequence[str]):
-        super().__init__(keys)
-        self.load = Compose([LoadImaged(keys, image_only=True, dtype=np.float32), EnsureChannelFirstd(keys)])
 
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        from utils import UserError
+def finetune_augmentations(spatial_dims: int, image_key: str = "image", label_key: str = "label") -> Compose:
+    """The paper's fine-tuning augmentations on an (image, label) crop: flips and rotate 90
+    move image and label together, blur, scale, shift and noise change the image only.
+    Probabilities and ranges: :data:`augment_params.AUGMENT`."""
+    both = [image_key, label_key]
+    img = [image_key]
+    a = AUGMENT
+    geo, inten = a.finetune_geometric_prob, a.finetune_intensity_prob
+    return Compose(
+        [
+            RandFlipd(both, prob=geo, spatial_axis=0),
+            RandFlipd(both, prob=geo, spatial_axis=1),
+            RandRotate90d(both, prob=geo, max_k=a.rot90_max_k, spatial_axes=(0, 1)),
+            _blur(img, spatial_dims, prob=inten),
+            RandScaleIntensityd(img, factors=a.intensity_range, prob=inten),
+            RandShiftIntensityd(img, offsets=a.intensity_range, prob=inten),
+            RandGaussianNoised(img, prob=inten, mean=0.0, std=a.noise_std),
+        ]
+    )
 
-        try:
-            return self.load(data)
-        except Exception as e:
-            paths = ", ".join(str(data[k]) for k in self.key_iterator(dict(data)))
-            cause = e.__cause__ if e.__cause__ is not None else e
-            raise UserError(f"cannot read volume {paths}: {type(cause).__name__}: {str(cause).strip()[:200]}") from None
+
+# --------------------------------------------------------------------------------------
+# Pipelines
+# --------------------------------------------------------------------------------------
 
 
 def pretrain_transforms(
@@ -334,8 +348,6 @@ def pretrain_transforms(
         ValueError: bad ``spatial_dims``, crop size or interval (from ``IoUCropd``), or a
             cache with ``spatial_dims`` 3.
     """
-    from iou_crops import IoUCropd
-
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     if cache is not None and spatial_dims != 2:
@@ -355,3 +367,23 @@ def pretrain_transforms(
         chain += [view_augmentations("image1", spatial_dims), view_augmentations("image2", spatial_dims)]
     chain.append(EnsureTyped(["image1", "image2"], data_type="tensor", dtype=torch.float32, track_meta=False))
     return Compose(chain)
+
+
+def random_crop_transforms(spatial_dims: int, crop_size: int, n_crops: int, augment: bool = True) -> list:
+    """Fine-tuning crops of a loaded (image, label) item: ``RandCropByPosNegLabeld`` (pos 1,
+    neg 1, ``n_crops`` per item) + pad + the paper's augmentations, as a list of steps.
+
+    Items smaller than the crop keep their size along that axis and are zero-padded to
+    ``crop_size`` after cropping. ``augment=False`` leaves the augmentations out (``--batch_augment``
+    applies them on the training device: ``batch_augment.BatchFinetuneAugment``). The
+    batches hold ``image`` and ``label`` only.
+    """
+    keys = ["image", "label"]
+    size = (int(crop_size),) * spatial_dims
+    return [
+        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=size, pos=1, neg=1, num_samples=int(n_crops), allow_smaller=True),
+        SpatialPadd(keys, spatial_size=size),
+        *(finetune_augmentations(spatial_dims).transforms if augment else ()),
+        EnsureTyped(keys, track_meta=False),
+        SelectItemsd(keys),  # batches hold image and label only
+    ]

@@ -403,7 +403,7 @@ def measure_finetune_pipeline(work: Path, workers: int, batches: int, n_slices: 
     (load + crop only), and with ``--cache_images`` as well."""
     import engine
     import finetune
-    from transforms import SliceCache
+    from data import SliceCache
 
     items, _, _ = synthetic_labelled_slices(work, n_slices)
     info = engine.DistInfo()

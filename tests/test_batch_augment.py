@@ -21,6 +21,7 @@ from monai.transforms import Flip, GaussianSmooth, Rotate90, ScaleIntensity, Shi
 from scipy.stats import chi2_contingency, ks_2samp
 
 import batch_augment as ba
+from augment_params import AUGMENT
 from transforms import finetune_augmentations, view_augmentations
 from utils import UserError
 
@@ -203,6 +204,39 @@ def test_chains_have_the_parameters_of_transforms_py():
                     assert (nz.mean, nz.std, nz.sample_std) == (op.mean, op.std, op.sample_std)
                 else:
                     raise AssertionError(f"no batched counterpart for {type(t).__name__}")
+
+
+def test_monai_chains_hold_the_augment_table():
+    """transforms.py builds its MONAI chains from augment_params.AUGMENT, the table the batched
+    chains read: what the chain objects hold must be the table's numbers, op for op."""
+    from monai.transforms import (
+        RandGaussianNoised, RandGaussianSmoothd, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd,
+    )
+
+    a = AUGMENT
+    for dims in (2, 3):
+        view = view_augmentations("img", dims).transforms
+        ft = finetune_augmentations(dims).transforms
+        assert [t.prob for t in view] == pytest.approx(
+            [a.view_zoom_prob, a.view_flip_prob, a.view_flip_prob, a.view_rot90_prob, a.view_intensity_prob,
+             a.view_intensity_prob, a.view_blur_prob, a.view_noise_prob]
+        )
+        assert [t.prob for t in ft] == pytest.approx([a.finetune_geometric_prob] * 3 + [a.finetune_intensity_prob] * 4)
+        zoom = view[0].rand_zoom
+        assert (zoom.min_zoom, zoom.max_zoom) == ((a.view_zoom_range[0],), (a.view_zoom_range[1],))
+        for chain in (view, ft):
+            for t in chain:
+                if isinstance(t, RandRotate90d):
+                    assert t.max_k == a.rot90_max_k
+                elif isinstance(t, RandScaleIntensityd):
+                    assert tuple(t.scaler.factors) == (-a.intensity_range, a.intensity_range)
+                elif isinstance(t, RandShiftIntensityd):
+                    assert tuple(t.shifter.offsets) == (-a.intensity_range, a.intensity_range)
+                elif isinstance(t, RandGaussianSmoothd):
+                    s = t.rand_smooth
+                    assert [tuple(r) for r in (s.sigma_x, s.sigma_y, s.sigma_z)[:dims]] == [a.blur_sigma] * dims
+                elif isinstance(t, RandGaussianNoised):
+                    assert t.rand_gaussian_noise.std == a.noise_std
 
 
 # ----------------------------------------------------------------------------------------

@@ -331,7 +331,7 @@ class _EchoModel(nn.Module):
 
 
 def _evaluate(pred, label, spacing, tolerance=1.0, spatial_dims=2, crop=16):
-    ref = finetune.CaseRef(case="C1", spacing=spacing)
+    ref = data.CaseRef(case="C1", spacing=spacing)
     affine = np.diag([*spacing, 1.0])
     return finetune.evaluate(
         _EchoModel(), [ref], lambda r: (pred.astype(np.float32) / 100, label, affine), spatial_dims=spatial_dims, n_classes=14,
@@ -535,21 +535,21 @@ def test_cached_evaluation_equals_reading_every_slice_and_monai_dice(phantom, dd
     model, _, _ = finetune.load_finetuned(ddp["weights"])
     split = data.load_split(phantom["split"])
     items = data.list_finetune_pairs(phantom["d2"], split, 2)["val"]
-    cases = finetune.group_cases_2d(items, finetune.read_manifest_spacing(phantom["d2"]), phantom["d2"])
+    cases = data.group_cases_2d(items, data.read_manifest_spacing(phantom["d2"]), phantom["d2"])
     kw = dict(spatial_dims=2, crop_size=64, sw_batch_size=16, sw_overlap=0.25, device=torch.device("cpu"),
               autocast=contextlib.nullcontext)
     ref_values = []
     for ref in cases:
-        image, label, _ = finetune.load_case_2d(ref, 14)
+        image, label, _ = data.load_case_2d(ref, 14)
         assert image.dtype == np.float32
         pred = finetune.predict_volume(model, image, **kw)
         oh = lambda a: torch.nn.functional.one_hot(torch.from_numpy(np.moveaxis(a, -1, 0)).long(), 14).movedim(-1, 1).float()  # noqa: E731
         dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pred), oh(label))
         ref_values.append(torch.nanmean(dice.double(), dim=1).tolist())
-        stored, label2, _ = finetune.load_case_2d(ref, 14, stored=True)
+        stored, label2, _ = data.load_case_2d(ref, 14, stored=True)
         assert stored.dtype == np.uint8 and np.array_equal(label, label2)
         assert np.array_equal(finetune.predict_volume(model, stored, **kw), pred)
-    cache = finetune.CaseCache(lambda ref: finetune.load_case_2d(ref, 14, stored=True))
+    cache = data.CaseCache(lambda ref: data.load_case_2d(ref, 14, stored=True))
     info = engine.DistInfo()
     res = finetune.evaluate(model, cases, cache.load, n_classes=14, info=info, progress=False, **kw)
     assert res.n_items == sum(len(v) for v in ref_values)

@@ -128,7 +128,8 @@ def test_cache_images_gives_identical_runs(phantoms, tmp_path):
 
 
 def test_slice_cache_reads_what_the_png_holds(tmp_path):
-    from transforms import SliceCache, pretrain_transforms
+    from data import SliceCache
+    from transforms import pretrain_transforms
 
     rng = np.random.default_rng(0)
     paths = []
@@ -176,18 +177,18 @@ def test_check_fits_in_memory():
 def test_cache_images_refused_when_it_cannot_fit(phantoms, tmp_path, monkeypatch):
     """A cache larger than the free memory is refused before decoding, with both sizes, exit
     code 2 and no run files; the header estimate counts one copy per local process."""
-    import transforms
+    import data
     import utils
 
     need = 8 * 48 * 48
     decoded = []
-    original = transforms.SliceCache.__init__
+    original = data.SliceCache.__init__
 
     def counted(self, *a, **k):
         decoded.append(1)
         original(self, *a, **k)
 
-    monkeypatch.setattr(transforms.SliceCache, "__init__", counted)
+    monkeypatch.setattr(data.SliceCache, "__init__", counted)
     monkeypatch.setattr(utils, "available_memory", lambda: utils.MEMORY_RESERVE_MIN + need // 2)
     with pytest.raises(UserError, match=r"--cache_images: 8 slices need 18\.4 kB of memory, but 2\.15 GB is available and at most 9\.2 kB"):
         _run(phantoms["2d"], tmp_path / "r", "--batch_size", 4, "--n_epochs", 1, "--cache_images")
@@ -195,10 +196,10 @@ def test_cache_images_refused_when_it_cannot_fit(phantoms, tmp_path, monkeypatch
     # the same check through SliceCache.build, with the room just enough for one copy, not two
     monkeypatch.setattr(utils, "available_memory", lambda: utils.MEMORY_RESERVE_MIN + need)
     paths = sorted(str(p) for p in phantoms["2d"].glob("*.png"))
-    assert transforms.SliceCache.build(paths, "8 slices", "--cache_images", copies=1, progress=False).nbytes == need
+    assert data.SliceCache.build(paths, "8 slices", "--cache_images", copies=1, progress=False).nbytes == need
     assert decoded == [1]
     with pytest.raises(UserError, match="in each of 2 processes"):
-        transforms.SliceCache.build(paths, "8 slices", "--cache_images", copies=2, progress=False)
+        data.SliceCache.build(paths, "8 slices", "--cache_images", copies=2, progress=False)
 
 
 def test_speed_flags_refuse_bad_combinations(phantoms, tmp_path):
