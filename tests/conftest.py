@@ -1,7 +1,14 @@
-"""Shared test set-up: the project root on sys.path, small thread counts, offline wandb."""
+"""Shared test set-up: the project root on sys.path, small thread counts, offline wandb,
+the real CT (``real_ct`` fixture) and the phantom writer of the pretraining tests.
+
+Markers: ``slow`` (over about 10 s on a 2-core CPU; ``pytest -m "not slow"`` for a quick
+pass, ``make test`` runs everything).
+"""
+
 import os
 import pathlib
 import sys
+from dataclasses import dataclass
 
 import pytest
 
@@ -13,6 +20,36 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"
+
+
+@dataclass(frozen=True)
+class RealCT:
+    """The real abdominal CT of ``../shared/data/real_ct/`` (its README): one labelled case
+    in the FLARE layout and the same subject's unlabelled scan."""
+
+    root: pathlib.Path
+    labelled_dir: pathlib.Path  # FLARE layout: images/<case>_0000.nii.gz, labels/<case>.nii.gz
+    case: str
+    image: pathlib.Path
+    label: pathlib.Path
+    unlabelled_image: pathlib.Path
+
+
+@pytest.fixture(scope="session")
+def real_ct() -> RealCT:
+    """The real CT's paths; the test is skipped when the folder is absent (a user's clone)."""
+    if not REAL_CT.is_dir():
+        pytest.skip(f"real CT folder {REAL_CT} is absent (only the project workspace has it)")
+    labelled = REAL_CT / "flare_layout" / "labelled"
+    case = "FLARE22_Tr_9001"
+    return RealCT(
+        root=REAL_CT,
+        labelled_dir=labelled,
+        case=case,
+        image=labelled / "images" / f"{case}_0000.nii.gz",
+        label=labelled / "labels" / f"{case}.nii.gz",
+        unlabelled_image=REAL_CT / "flare_layout" / "unlabelled" / "Case_09001_0000.nii.gz",
+    )
 
 
 @pytest.fixture

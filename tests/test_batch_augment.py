@@ -25,7 +25,6 @@ from augment_params import AUGMENT
 from transforms import finetune_augmentations, view_augmentations
 from utils import UserError
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
 
 ALPHA = 1e-4  # per statistic; ~14 statistics -> a family-wise false rejection rate of about 1e-3
 N_VIEW = 1500  # samples per side in the view-chain distribution test
@@ -477,11 +476,10 @@ def test_bad_inputs():
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not REAL_CT.is_dir(), reason="real CT folder ../shared/data/real_ct is absent")
-def test_zoom_and_blur_match_monai_on_real_ct():
+def test_zoom_and_blur_match_monai_on_real_ct(real_ct):
     import nibabel as nib
 
-    vol = np.asarray(nib.load(REAL_CT / "flare_layout" / "labelled" / "images" / "FLARE22_Tr_9001_0000.nii.gz").dataobj)
+    vol = np.asarray(nib.load(real_ct.image).dataobj)
     sl = np.clip((vol[:96, :96, 15].astype(np.float32) + 500) / 1000, 0, 1)  # an axial slice, [-500, 500] HU -> [0, 1]
     x = torch.from_numpy(sl)[None, None].repeat(3, 1, 1, 1)
     zooms = torch.tensor([0.81, 1.0, 1.17], dtype=torch.float64)

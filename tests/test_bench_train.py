@@ -9,9 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_train_runs_end_to_end_and_levers_keep_the_loss(tmp_path):
     out = tmp_path / "train_cpu.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "bench_train.py"), "--device", "cpu", "--quick", "--no-three_d",

@@ -32,7 +32,6 @@ import models
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
-REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
 PY = sys.executable
 
 torch.set_num_threads(2)
@@ -231,6 +230,7 @@ def ddp_run(phantom, tmp_path_factory):
     return out, json.loads((out / "ddp_files" / "result.json").read_text())
 
 
+@pytest.mark.slow
 def test_ddp_scores_equal_one_process_and_prediction_round_trip(phantom, ddp_run, tmp_path):
     out, ddp = ddp_run
     assert ddp["n_val_items"] == sum(1 for it in data.list_finetune_pairs(phantom["d2"], data.load_split(phantom["split"]), 2)["val"])
@@ -397,11 +397,10 @@ def test_scores_match_independent_computation():
     assert res3.per_case["C1"] == scores
 
 
-@pytest.mark.skipif(not REAL_CT.is_dir(), reason="real CT folder ../shared/data/real_ct absent")
-def test_real_ct_prediction_equal_to_label_scores_one():
+def test_real_ct_prediction_equal_to_label_scores_one(real_ct):
     import nibabel as nib
 
-    img = nib.load(REAL_CT / "flare_layout" / "labelled" / "labels" / "FLARE22_Tr_9001.nii.gz")
+    img = nib.load(real_ct.label)
     label = np.asarray(img.dataobj).astype(np.uint8)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
     res = _evaluate(label, label, spacing, tolerance=metrics.FLARE22_TOLERANCE_MM, crop=128)
@@ -475,6 +474,7 @@ def test_cli_exit_code_2_on_bad_input(phantom, tmp_path, capsys):
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".jsonl")]
 
 
+@pytest.mark.slow
 def test_speed_flags_keep_the_fine_tuning_numbers(phantom, tmp_path):
     """--fused_optimizer, --check_every and --compile (eager backend: tracing only, inductor
     compiles for minutes on this CPU) change the training numbers at most by rounding."""

@@ -14,7 +14,6 @@ from scipy import stats as sps
 from iou_crops import IoUCrop, IoUCropd, IoUCropSampler, crop_iou, get_args_parser, main
 from utils import UserError
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
 
 
 # --------------------------------------------------------------------------- independent references
@@ -481,12 +480,10 @@ def test_cache_dataset_single_process():
         assert ((x["iou_value"] >= 0.3) & (x["iou_value"] <= 0.6)).all()
 
 
-@pytest.mark.skipif(not REAL_CT.is_dir(), reason="real CT folder absent (only in the project workspace)")
-def test_real_ct_volume_metatensor_crops():
+def test_real_ct_volume_metatensor_crops(real_ct):
     from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
 
-    path = REAL_CT / "flare_layout" / "labelled" / "images" / "FLARE22_Tr_9001_0000.nii.gz"
-    lab = REAL_CT / "flare_layout" / "labelled" / "labels" / "FLARE22_Tr_9001.nii.gz"
+    path, lab = real_ct.image, real_ct.label
     load = Compose([LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"])])
     d = load({"image": str(path), "label": str(lab)})
     img = d["image"]

@@ -24,7 +24,6 @@ from metrics import (
 )
 from utils import UserError
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
 
 
 # ------------------------------------------------------------------------------------------
@@ -398,10 +397,8 @@ def test_cli_scores_nifti_cases(tmp_path):
 # ------------------------------------------------------------------------------------------
 
 
-def test_real_ct_label_against_itself_and_shifted():
-    path = REAL_CT / "flare_layout" / "labelled" / "labels" / "FLARE22_Tr_9001.nii.gz"
-    if not REAL_CT.is_dir():
-        pytest.skip(f"{REAL_CT} is absent (only the shared checkout has the real CT)")
+def test_real_ct_label_against_itself_and_shifted(real_ct):
+    path = real_ct.label
     nib = pytest.importorskip("nibabel")
     img = nib.load(str(path))
     label = np.asarray(img.dataobj)

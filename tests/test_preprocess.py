@@ -26,7 +26,6 @@ import preprocess_flare_unlabelled as unlabelled_script
 import preprocessing
 from utils import TrainingError, UserError, run_cli
 
-REAL_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "real_ct"
 PHANTOM = dict(size_xy=64, n_slices=12)
 
 
@@ -86,10 +85,9 @@ def phantom_2d(phantoms, tmp_path_factory):
 # real CT
 
 
-@pytest.mark.skipif(not REAL_CT.is_dir(), reason="real CT folder ../shared/data/real_ct is absent")
-def test_real_ct_labelled(tmp_path):
-    src = REAL_CT / "flare_layout" / "labelled"
-    case = "FLARE22_Tr_9001"
+def test_real_ct_labelled(tmp_path, real_ct):
+    src = real_ct.labelled_dir
+    case = real_ct.case
     split = tmp_path / "split.json"
     split.write_text(json.dumps({"train": [case], "val": []}))
     out = tmp_path / "out"

@@ -461,6 +461,7 @@ def test_resume_after_sigkill_mid_epoch_gives_identical_weights(mod_name, num_wo
 # ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process_and_resume(crop_sized_data, tmp_path):
     # crop-sized images and no augmentation: the global batch of 4 is the same images in
     # any process layout, so the losses and weights must agree with a batch of 4 in one process
@@ -561,6 +562,7 @@ def test_cli_exit_code_2_with_one_line_for_a_corrupt_png_read_by_workers(phantom
     assert _no_run_files(out)
 
 
+@pytest.mark.slow
 def test_bad_resume(phantom_data, tmp_path):
     out = tmp_path / "runs"
     base = ["--batch_size", 4, "--n_epochs", 1, "--max_images", 4, "--run_name", "r"]

@@ -372,6 +372,7 @@ TINY = ["--preset", "demo", "--rows", "none,0.3-0.6", "--pretrain_seeds", "7", "
         "--max_finetune_images", "8", "--eval_every", "1", "--figure_pairs", "100", "--workers", "1", "--no-progress"]
 
 
+@pytest.mark.slow
 def test_grid_end_to_end_killed_resumed_rerun_recollected(tmp_path, caplog, capsys):
     out = tmp_path / "grid"
     chk = out / "runs"

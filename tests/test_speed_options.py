@@ -328,6 +328,7 @@ def test_dino_teacher_ema_with_foreach_equals_the_loop_bit_for_bit():
     assert all(torch.equal(a, b) for a, b in zip(m.teacher.parameters(), ref))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["simsiam", "dino"])
 def test_compile_traces_the_model_and_keeps_losses_and_checkpoints(method, phantoms, tmp_path):
     """--compile with the eager backend (tracing only: inductor's code generation takes
@@ -357,6 +358,7 @@ def test_compile_traces_the_model_and_keeps_losses_and_checkpoints(method, phant
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["simsiam", "dino"])
 def test_training_steps_read_nothing_on_the_host_between_loss_checks(method, monkeypatch):
     """A host read of a tensor (item, tolist, bool, float, ...) waits for the GPU. Between two
