@@ -700,8 +700,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
 def _time_monai(args: argparse.Namespace, x_cpu: torch.Tensor, y_cpu: torch.Tensor) -> dict[str, Any]:
     """MONAI's chain from transforms.py, sample by sample on the CPU (as a DataLoader worker runs it)."""
-    # imported here: transforms.py pulls in MONAI, which the batched chains never need
-    from transforms import finetune_augmentations, view_augmentations
+    # imported here: this module stays free of MONAI (see augment_params.py); only this speed
+    # comparison of the command line (skipped with --skip_monai) needs MONAI's chains
+    from transforms import finetune_augmentations, view_augmentations  # noqa: PLC0415
 
     n = args.monai_samples or args.batch_size
     if n < 1:

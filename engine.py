@@ -36,13 +36,20 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
 from monai.data import DataLoader
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from models import ARCHS
-from utils import TrainingError, UserError, append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text, torch_load
+from utils import (
+    TrainingError,
+    UserError,
+    append_jsonl,
+    atomic_torch_save,
+    atomic_write_json,
+    atomic_write_text,
+    torch_load,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -896,7 +903,8 @@ class EpochLogger:
         self.wandb_run = None
         if use_wandb and info.is_main:
             try:
-                import wandb
+                # imported here: wandb is heavy and only --use_wandb needs it
+                import wandb  # noqa: PLC0415
             except ImportError:  # pragma: no cover - wandb is in requirements.txt
                 raise UserError("--use_wandb needs the wandb package (pip install wandb)") from None
             os.makedirs(paths["chkpt_dir"], exist_ok=True)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 import engine
+from models import DINOHead, DINOLoss, DINOModel, build_encoder, encoder_out_dim
 from pretrain import PretrainMethod, add_common_args, run_pretraining
 from utils import UserError, run_cli
 
@@ -111,8 +112,6 @@ class DINOMethod(PretrainMethod):
 
     def __init__(self, args: argparse.Namespace, cfg: dict[str, Any], info: engine.DistInfo, iters_per_epoch: int):
         super().__init__(args, cfg, info, iters_per_epoch)
-        from models import DINOHead, DINOLoss, DINOModel, build_encoder, encoder_out_dim
-
         def head() -> DINOHead:
             return DINOHead(encoder_out_dim(cfg), args.out_dim, args.hidden_dim, args.bottleneck_dim)
 

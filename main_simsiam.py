@@ -45,6 +45,7 @@ import numpy as np
 import torch
 
 import engine
+from models import SimSiam, SimSiamLoss, build_encoder, collapse_coefficient, convert_sync_batchnorm
 from pretrain import PretrainMethod, add_common_args, run_pretraining
 from utils import UserError, run_cli
 
@@ -88,8 +89,6 @@ class SimSiamMethod(PretrainMethod):
 
     def __init__(self, args: argparse.Namespace, cfg: dict[str, Any], info: engine.DistInfo, iters_per_epoch: int):
         super().__init__(args, cfg, info, iters_per_epoch)
-        from models import SimSiam, SimSiamLoss, build_encoder, convert_sync_batchnorm
-
         model = SimSiam(build_encoder(cfg), dim=args.proj_dim, pred_dim=args.pred_dim)
         if info.distributed:
             model = convert_sync_batchnorm(model, info.device)
@@ -106,8 +105,6 @@ class SimSiamMethod(PretrainMethod):
         self.wd_schedule = np.full(args.n_epochs * iters_per_epoch, args.wd)
 
     def loss_fn(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        from models import collapse_coefficient
-
         dev = self.info.device
         x1 = batch["image1"].to(dev, non_blocking=True)
         x2 = batch["image2"].to(dev, non_blocking=True)

@@ -66,8 +66,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
+import matplotlib
 import nibabel as nib
 import numpy as np
+from matplotlib.colors import ListedColormap
 from tqdm import tqdm
 
 from data import LABEL_NAMES as FLARE_LABEL_NAMES
@@ -1314,12 +1316,10 @@ def render_preview(image: np.ndarray, label: np.ndarray | None, affine: np.ndarr
         path: PNG to write (atomically).
         title: figure title.
     """
-    # matplotlib only here: heavy, and the Agg backend must be chosen before pyplot is imported
-    import matplotlib
-
+    # the backend is chosen here, at drawing time, and pyplot imported after it: choosing it when
+    # this module is imported would impose Agg on every program that imports it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     sp = np.abs(np.diag(affine)[:3])
     X, Y, Z = image.shape

@@ -48,10 +48,18 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Mapping, Sequence
 
+import matplotlib
+import nibabel as nib
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.colors import ListedColormap
+from matplotlib.patches import Patch
 from scipy import ndimage
+from scipy.spatial import cKDTree
+from tqdm import tqdm
 
+from data import LABEL_NAMES
 from utils import UserError, atomic_write, atomic_write_json, atomic_write_text, run_cli
 
 logger = logging.getLogger(__name__)
@@ -72,8 +80,6 @@ def _label_names(label_names: Sequence[str] | None) -> Sequence[str]:
     """The organ names to use: ``label_names`` or, when None, ``data.LABEL_NAMES`` (the one source)."""
     if label_names is not None:
         return label_names
-    from data import LABEL_NAMES  # imported here: data.py is the single source of the names
-
     return LABEL_NAMES
 
 
@@ -279,8 +285,6 @@ def surface_dice(a: np.ndarray, b: np.ndarray, spacing: Sequence[float], toleran
     boundary points, searched only up to the tolerance: the same numbers as an
     exact Euclidean distance transform, several times faster on large organs.
     """
-    from scipy.spatial import cKDTree
-
     if a.shape != b.shape:
         raise ValueError(f"surface_dice: shapes differ {a.shape} vs {b.shape}")
     a_any, b_any = bool(a.any()), bool(b.any())
@@ -556,8 +560,6 @@ def format_summary(summary: Mapping, label_names: Sequence[str] | None = None) -
 
 def organ_colors(n_classes: int = 14) -> np.ndarray:
     """Fixed RGBA colour per class id (row 0, background, fully transparent); same ids, same colours everywhere."""
-    from matplotlib import colormaps
-
     base = colormaps["tab20"].colors
     # ids 1..13 (FLARE): liver red, kidneys blue / light blue, spleen green, pancreas orange,
     # aorta purple, IVC cyan, adrenals brown / light brown, gallbladder pink, esophagus grey,
@@ -598,12 +600,10 @@ def plot_predictions(
     Raises:
         UserError: empty or mismatched lists, non-2D slices, or ids outside ``0..n_classes-1``.
     """
-    import matplotlib
-
+    # the backend is chosen here, at drawing time, and pyplot imported after it: choosing it when
+    # metrics is imported would impose Agg on every program that imports this module
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import ListedColormap
-    from matplotlib.patches import Patch
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     n = len(images)
     if n == 0:
@@ -690,8 +690,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _load_ids(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
-    import nibabel as nib
-
     if not path.is_file():
         raise UserError(f"{path} does not exist")
     try:
@@ -726,8 +724,6 @@ def main(args: argparse.Namespace) -> dict:
             raise UserError(f"--pred_dir {pred_dir} holds no .nii.gz volumes")
         pairs = [(p, label_dir / p.name) for p in preds]
     tol = FLARE22_TOLERANCE_MM if args.tolerance_mm is None else args.tolerance_mm
-    from tqdm import tqdm
-
     per_case = {}
     for pred_path, label_path in tqdm(pairs, desc="scoring", disable=len(pairs) < 2):
         pred, _ = _load_ids(pred_path)

@@ -29,6 +29,10 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from monai.networks.nets import UNETR, SwinUNETR
+from monai.networks.nets.swin_unetr import SwinTransformer
+from monai.networks.nets.vit import ViT
+from monai.utils import ensure_tuple_rep
 
 from utils import UserError, torch_load
 
@@ -133,9 +137,6 @@ class SwinEncoder(nn.Module):
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
-        from monai.networks.nets.swin_unetr import SwinTransformer
-        from monai.utils import ensure_tuple_rep
-
         d = cfg["spatial_dims"]
         self.cfg = dict(cfg)
         self.backbone = SwinTransformer(
@@ -166,8 +167,6 @@ class ViTEncoder(nn.Module):
 
     def __init__(self, cfg: dict[str, Any]):
         super().__init__()
-        from monai.networks.nets.vit import ViT
-
         self.cfg = dict(cfg)
         self.backbone = ViT(
             in_channels=1,
@@ -499,8 +498,6 @@ def build_segmenter(cfg: dict[str, Any], n_classes: int) -> nn.Module:
     The encoder inside (``segmenter_encoder``) has the same parameter names and shapes
     as ``build_encoder(cfg).backbone``.
     """
-    from monai.networks.nets import UNETR, SwinUNETR
-
     if cfg["arch"] == "swin":
         return SwinUNETR(
             in_channels=1,

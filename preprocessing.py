@@ -37,9 +37,15 @@ import time
 from functools import partial
 from typing import Any, Iterator, Sequence
 
+import nibabel as nib
 import numpy as np
+import torch
+from monai.transforms import LoadImage
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 import data
+from transforms import preprocessing_transforms
 from utils import TrainingError, UserError, atomic_write
 
 logger = logging.getLogger(__name__)
@@ -292,8 +298,6 @@ def _remove_case_files(output_dir: str, config: PreprocessConfig, case: str) -> 
 
 
 def _check_header(path: str, what: str):
-    import nibabel as nib
-
     try:
         img = nib.load(path)
     except Exception as e:
@@ -306,8 +310,6 @@ def _check_header(path: str, what: str):
 
 
 def _load(path: str, what: str):
-    from monai.transforms import LoadImage
-
     try:
         return LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)(path)
     except Exception as e:
@@ -328,9 +330,6 @@ def process_case(task: CaseTask, config: PreprocessConfig, output_dir: str) -> d
         CaseError: bad input (missing, unreadable, not 3D, image / label mismatch,
             non-finite voxels, label ids outside 0..13, nothing above ``a_min``).
     """
-    import torch
-    from transforms import preprocessing_transforms
-
     if task.image is None:
         raise CaseError(task.missing or f"case {task.case} has no image file")
     if config.kind == "labelled" and task.label is None:
@@ -440,8 +439,6 @@ def write_bytes(path: str, payload: bytes) -> None:
 
 def _write_nifti(path: str, arr: np.ndarray, affine: np.ndarray) -> None:
     """float32 NIfTI with the resampled affine; gzip without a time stamp, so reruns are identical."""
-    import nibabel as nib
-
     img = nib.Nifti1Image(np.ascontiguousarray(arr, dtype=np.float32), affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=1)
@@ -456,8 +453,6 @@ def _write_nifti(path: str, arr: np.ndarray, affine: np.ndarray) -> None:
 
 @contextlib.contextmanager
 def _single_thread() -> Iterator[None]:
-    import torch
-
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -467,8 +462,6 @@ def _single_thread() -> Iterator[None]:
 
 
 def _worker_init() -> None:
-    import torch
-
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
@@ -516,9 +509,6 @@ def run_preprocessing(
         TrainingError: one or more cases failed (listed; only with ``raise_on_failure``,
             otherwise call :func:`raise_if_failed` after reporting); all others were processed.
     """
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
     if num_workers < 1:
         raise UserError(f"--num_workers must be at least 1, got {num_workers}")
     mine = shard_tasks(tasks, shard_index, num_shards)

@@ -39,12 +39,19 @@ import os
 import time
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
-import torch.nn as nn
+import torch.distributed as dist
+from monai.data import Dataset
+from tqdm import tqdm
 
 import engine
+from batch_augment import BatchViewAugment
+from data import SliceCache, list_pretrain_images, png_size
+from iou_crops import IoUCropSampler
 from models import encoder_checkpoint, encoder_config_from_args
+from transforms import pretrain_transforms
 from utils import TrainingError, UserError, atomic_torch_save, user_error_in
 
 logger = logging.getLogger(__name__)
@@ -171,11 +178,7 @@ def image_shape(path: str, spatial_dims: int) -> tuple[int, ...]:
         UserError: the file cannot be read as an image of that kind.
     """
     if spatial_dims == 2:
-        from data import png_size
-
         return png_size(path)
-    import nibabel as nib
-
     try:
         shape = tuple(int(s) for s in nib.load(path).shape)
     except Exception as e:
@@ -198,10 +201,6 @@ def check_interval(
         UserError: no image admits the interval (the message lists the image shapes), or
             ``strict`` and some image does not; a header that cannot be read.
     """
-    from tqdm import tqdm
-
-    from iou_crops import IoUCropSampler
-
     sampler = IoUCropSampler(crop_size, min_iou, max_iou, strict=False)
     shapes: dict[tuple[int, ...], int] = {}
     for p in tqdm(paths, desc="reading image sizes", disable=not progress or len(paths) < 1000, leave=False):
@@ -241,11 +240,6 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
 
     The image listing and header check run on rank 0 and are shared with the other ranks.
     """
-    from monai.data import Dataset
-
-    from data import list_pretrain_images
-    from transforms import pretrain_transforms
-
     payload: tuple[str, Any]
     if info.is_main:
         try:
@@ -259,8 +253,6 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
     else:
         payload = ("", None)
     if info.distributed:
-        import torch.distributed as dist
-
         box = [payload]
         dist.broadcast_object_list(box, src=0)
         payload = box[0]
@@ -270,8 +262,6 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
     logger.info("%d images in %s (%dD)", len(paths), args.data_dir, args.spatial_dims)
     cache = None
     if args.cache_images:
-        from data import SliceCache
-
         cache = SliceCache.build(paths, f"{len(paths):,} slices", "--cache_images", copies=info.local_world_size,
                                  progress=args.progress and info.is_main)
     # with --batch_augment the workers stop after the IoU crops; the views are augmented in the training step
@@ -287,8 +277,6 @@ def make_batch_augment(args: argparse.Namespace, epoch: int, info: engine.DistIn
     augmentations; None without the flag."""
     if not args.batch_augment:
         return None
-    from batch_augment import BatchViewAugment
-
     gen = torch.Generator(device=info.device)
     gen.manual_seed(engine.derived_seed(args.seed, epoch, info.rank, 2))
     return BatchViewAugment(args.spatial_dims, gen)
@@ -341,9 +329,7 @@ class PairAudit:
     def summary(self, info: engine.DistInfo) -> dict[str, Any]:
         t = torch.tensor([self.n, self.n_infeasible, self.iou_sum, *self.hist.tolist()], dtype=torch.float64, device=info.device)
         if info.distributed:
-            import torch.distributed as dist
-
-            dist.all_reduce(t)
+                dist.all_reduce(t)
         v = t.cpu().tolist()
         n = int(round(v[0]))
         return {

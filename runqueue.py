@@ -62,8 +62,8 @@ from tqdm import tqdm
 import main_dino
 import main_finetune
 import main_simsiam
-from engine import run_paths
 import models
+from engine import run_paths
 from utils import TrainingError, UserError, append_jsonl, atomic_torch_save, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)

@@ -58,8 +58,8 @@ from monai.transforms import (
     RandZoomd,
     ScaleIntensityRanged,
     SelectItemsd,
-    SpatialPadd,
     Spacingd,
+    SpatialPadd,
 )
 from monai.transforms.utils import is_positive
 

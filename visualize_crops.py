@@ -20,7 +20,11 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib
+import nibabel as nib
 import numpy as np
+from matplotlib.patches import Rectangle
+from PIL import Image
 
 from iou_crops import IoUCropSampler, crop_iou
 from utils import UserError, atomic_write, run_cli
@@ -68,11 +72,10 @@ def draw_crop_pairs(
     Raises:
         ValueError: lengths differ, an image is not 2D, or a box leaves its image.
     """
-    import matplotlib
-
+    # the backend is chosen here, at drawing time, and pyplot imported after it: choosing it when
+    # this module is imported would impose Agg on every program that imports it
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
+    import matplotlib.pyplot as plt  # noqa: PLC0415
 
     size = _as_pair_size(crop_size)
     if len(images) != len(pairs) or not images:
@@ -140,15 +143,11 @@ def read_image(path: Path) -> np.ndarray:
     """
     try:
         if _is_nifti(path):
-            import nibabel as nib
-
             arr = np.asarray(nib.load(str(path)).dataobj)
             arr = arr.reshape([s for s in arr.shape if s != 1] if arr.ndim > 3 else arr.shape)
             if arr.ndim != 3:
                 raise UserError(f"{path}: expected a 3D volume, got shape {arr.shape}")
             return arr
-        from PIL import Image
-
         with Image.open(path) as im:
             if im.mode in ("RGB", "RGBA", "P", "LA"):
                 im = im.convert("L")

@@ -16,8 +16,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
+import multiprocessing as mp
 import os
 import platform
+import resource
 import shutil
 import statistics
 import sys
@@ -30,6 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# the project's modules, importable once ROOT is on sys.path (above)
+import make_phantoms  # noqa: E402
+import preprocess_flare_unlabelled as script  # noqa: E402
 from utils import UserError, atomic_write_json, run_cli  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -61,8 +66,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def _cpu_seconds() -> float:
     """User + system CPU time of this process and its finished children (pool workers)."""
-    import resource
-
     total = 0.0
     for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
         r = resource.getrusage(who)
@@ -71,8 +74,6 @@ def _cpu_seconds() -> float:
 
 
 def _time_run(data_dir: Path, out_dir: Path, workers: int) -> tuple[float, int, float]:
-    import preprocess_flare_unlabelled as script
-
     if out_dir.exists():
         shutil.rmtree(out_dir)
     args = script.get_args_parser().parse_args(
@@ -99,8 +100,6 @@ def cpu_parallel_capacity(workers: int) -> float:
     keep the cores busy. The preprocessing speed-up cannot exceed it, so it is recorded
     next to the result to tell a slow machine from slow code.
     """
-    import multiprocessing as mp
-
     t0 = time.perf_counter()
     for i in range(workers):
         _spin(i)
@@ -112,8 +111,6 @@ def cpu_parallel_capacity(workers: int) -> float:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    import make_phantoms
-
     if args.n_cases < 1 or args.repeats < 1 or args.workers < 2:
         raise UserError("--n_cases and --repeats must be at least 1 and --workers at least 2")
     own_dir = args.work_dir is None

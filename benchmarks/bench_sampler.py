@@ -28,22 +28,28 @@ import os
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one core, as the targets are stated per core
 
-import argparse
-import logging
-import platform
-import statistics
-import sys
-import tempfile
-import time
-from pathlib import Path
-from typing import Sequence
+# the imports below come after the thread variables above, which must be set before numpy / torch load
+import argparse  # noqa: E402
+import logging  # noqa: E402
+import platform  # noqa: E402
+import statistics  # noqa: E402
+import sys  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Sequence  # noqa: E402
 
-import numpy as np
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandSpatialCropd, ScaleIntensityd  # noqa: E402
+from PIL import Image  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# the project's modules, importable once ROOT is on sys.path (above)
 from iou_crops import IoUCropd, IoUCropSampler, crop_iou  # noqa: E402
 from utils import UserError, atomic_write_json, run_cli  # noqa: E402
 
@@ -103,8 +109,6 @@ def _time_pairs(draw, n_pairs: int, lo: float, hi: float, crop: int) -> dict:
 
 
 def bench_samplers(n_2d: int, n_3d: int, seed: int) -> list[dict]:
-    from tqdm import tqdm
-
     rows = []
     grid = [(shape, crop, lo, hi) for shape, crop in SHAPES for lo, hi in INTERVALS]
     for shape, crop, lo, hi in tqdm(grid, desc="sampler grid", file=sys.stderr):
@@ -128,8 +132,6 @@ def bench_samplers(n_2d: int, n_3d: int, seed: int) -> list[dict]:
 
 
 def _make_png(folder: Path, shape: tuple[int, int]) -> Path:
-    from PIL import Image
-
     rng = np.random.default_rng(0)
     arr = (rng.random(shape) * 255).astype(np.uint8)
     path = folder / "slice.png"
@@ -139,9 +141,6 @@ def _make_png(folder: Path, shape: tuple[int, int]) -> Path:
 
 def bench_crop_step(n: int, rounds: int, seed: int) -> dict:
     """Crop step (and PNG loading pipeline) with IoUCropd vs a pair of RandSpatialCropd."""
-    import torch
-    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandSpatialCropd, ScaleIntensityd
-
     torch.set_num_threads(1)
     shape = (300, 250)
 

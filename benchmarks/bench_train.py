@@ -55,6 +55,7 @@ then fp16 and fp32.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -71,7 +72,24 @@ if str(ROOT) not in sys.path:
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from monai.data import Dataset  # noqa: E402
+from monai.metrics import DiceMetric  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
+# the project's modules, importable once ROOT is on sys.path (above)
+import data  # noqa: E402
+import engine  # noqa: E402
+import finetune  # noqa: E402
+import main_finetune  # noqa: E402
+import main_simsiam  # noqa: E402
+import make_phantoms  # noqa: E402
+import metrics  # noqa: E402
+import preprocess_flare_labelled  # noqa: E402
+import preprocess_flare_unlabelled  # noqa: E402
+import pretrain  # noqa: E402
+from batch_augment import BatchViewAugment  # noqa: E402
+from data import SliceCache  # noqa: E402
+from pretrain import augment_views  # noqa: E402
 from utils import UserError, atomic_write_json, run_cli  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -136,9 +154,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def make_pretrain_data(work: Path, spatial_dims: int, n_cases: int, size_xy: int, n_slices: int, workers: int) -> Path:
     """Unlabelled phantoms, preprocessed to 2D PNG slices or 3D volumes; returns the folder."""
-    import make_phantoms
-    import preprocess_flare_unlabelled as pre
-
     raw = work / f"raw_u{spatial_dims}d"
     out = work / f"pre_{spatial_dims}d"
     if not out.exists():
@@ -148,15 +163,12 @@ def make_pretrain_data(work: Path, spatial_dims: int, n_cases: int, size_xy: int
         argv = ["--data_dir", str(raw / "unlabelled"), "--output_dir", str(out), "--num_workers", str(max(1, workers))]
         if spatial_dims == 3:
             argv += ["--spatial_dims", "3"]
-        pre.main(pre.get_args_parser().parse_args(argv))
+        preprocess_flare_unlabelled.main(preprocess_flare_unlabelled.get_args_parser().parse_args(argv))
     return out
 
 
 def make_labelled_data(work: Path, n_cases: int, size_xy: int, workers: int) -> tuple[Path, Path]:
     """Labelled phantoms (30 % train) preprocessed to 2D slices; returns (data folder, split file)."""
-    import make_phantoms
-    import preprocess_flare_labelled as pre
-
     raw = work / "raw_l"
     out = work / "pre_l2d"
     split = raw / "split.json"
@@ -164,7 +176,7 @@ def make_labelled_data(work: Path, n_cases: int, size_xy: int, workers: int) -> 
         make_phantoms.main(make_phantoms.get_args_parser().parse_args([
             "--output_dir", str(raw), "--n_labelled", str(n_cases), "--n_train", str(max(1, round(0.3 * n_cases))),
             "--n_unlabelled", "0", "--size_xy", str(size_xy), "--n_slices", "80", "--num_workers", str(max(1, workers))]))
-        pre.main(pre.get_args_parser().parse_args([
+        preprocess_flare_labelled.main(preprocess_flare_labelled.get_args_parser().parse_args([
             "--data_dir", str(raw / "labelled"), "--output_dir", str(out), "--split_path", str(split),
             "--num_workers", str(max(1, workers))]))
     return out, split
@@ -222,8 +234,6 @@ def pretrain_args(data_dir: Path, spatial_dims: int, crop: int, batch: int, embe
                   batch_augment: bool = False, cache: bool = False, amp: str | None = None, workers: int = 0,
                   seed: int = 0, check_every: int = 20, fused: bool = False, compile: bool = False) -> argparse.Namespace:
     """The flags of main_simsiam.py for one measurement (batch size not capped by low-resource mode)."""
-    import main_simsiam
-
     argv = ["--data_dir", str(data_dir), "--spatial_dims", str(spatial_dims), "--crop_size", str(crop),
             "--batch_size", str(batch), "--embedding_size", str(embed), "--n_epochs", "1", "--min_iou", "0.3",
             "--max_iou", "0.6", "--no-progress", "--num_workers", str(workers), "--seed", str(seed)]
@@ -247,10 +257,6 @@ def pretrain_args(data_dir: Path, spatial_dims: int, crop: int, batch: int, embe
 
 def _dataset(args: argparse.Namespace, info, n_items: int):
     """The run's data set, its items repeated until it holds ``n_items``."""
-    from monai.data import Dataset
-
-    import pretrain
-
     ds, _ = pretrain.build_dataset(args, info)
     items = list(ds.data)
     reps = -(-n_items // len(items))
@@ -258,10 +264,6 @@ def _dataset(args: argparse.Namespace, info, n_items: int):
 
 
 def _method(args: argparse.Namespace, info, steps: int):
-    import engine
-    import main_simsiam
-    import pretrain
-
     engine.fix_random_seeds(args.seed)
     method = main_simsiam.SimSiamMethod(args, pretrain.model_config(args), info, steps)
     method.compile()
@@ -272,9 +274,6 @@ def _method(args: argparse.Namespace, info, steps: int):
 def _train(method, amp, batches: Iterable, args, info, steps: int, aug) -> dict[str, float]:
     """``steps`` optimizer steps through engine.train_one_epoch, exactly as pretrain.py runs
     them; returns its averages (the mean loss, to compare variants on the same seed)."""
-    import engine
-    from pretrain import augment_views
-
     def loss_fn(batch):
         return method.loss_fn(augment_views(batch, aug, info.device), 0)
 
@@ -290,9 +289,6 @@ def measure_loop(args: argparse.Namespace, info, steps: int, warmup: int) -> dic
     ``mean_loss`` over all steps (same seed: comparable between variants within noise) and
     ``first_batch_s``, the loader's start-up (from ``iter()`` to the first batch: what
     persistent workers would save once per epoch)."""
-    import engine
-    import pretrain
-
     n = steps + warmup
     ds = _dataset(args, info, n * args.batch_size)
     method, amp = _method(args, info, n)
@@ -307,8 +303,6 @@ def measure_loop(args: argparse.Namespace, info, steps: int, warmup: int) -> dic
 
 def measure_pipeline(args: argparse.Namespace, info, batches: int, warmup: int) -> float:
     """Pairs/s of the data loader alone (decode, IoU crops and, unless --batch_augment, the views)."""
-    import engine
-
     n = batches + warmup
     ds = _dataset(args, info, n * args.batch_size)
     loader = engine.build_loader(ds, args.batch_size, args.num_workers, args.seed, 0, info)
@@ -323,9 +317,6 @@ def measure_step(args: argparse.Namespace, info, steps: int, warmup: int, peak_t
     """Pairs/s of the training step alone (one batch already on the device), FLOPs of a step
     (counted unless given: pass them for a compiled model), the model FLOP utilisation when a
     peak is known, the mean loss, and ``warmup_s`` (the uncounted first steps: compilation)."""
-    import engine
-    import pretrain
-
     n = steps + warmup
     ds = _dataset(args, info, args.batch_size)
     batch = next(iter(engine.build_loader(ds, args.batch_size, 0, args.seed, 0, info)))
@@ -348,10 +339,6 @@ def measure_step(args: argparse.Namespace, info, steps: int, warmup: int, peak_t
 def step_flops(method, amp, batch: dict[str, Any], info, aug) -> int:
     """Model FLOPs of one forward and backward pass (torch.utils.flop_counter; matmuls and
     convolutions, 2 per multiply-add), augmentations excluded."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from pretrain import augment_views
-
     views = augment_views(batch, aug, info.device)
     method.train_module.train()
     with FlopCounterMode(display=False) as fc:
@@ -365,10 +352,6 @@ def step_flops(method, amp, batch: dict[str, Any], info, aug) -> int:
 def paper_flops_per_pair() -> int:
     """FLOPs (forward and backward) of one SimSiam pair at the paper's size: embed 48, 96 x 96,
     heads of 2048 (counted on the CPU with a batch of 2, divided by 2)."""
-    import engine
-    import main_simsiam
-    import pretrain
-
     args = main_simsiam.get_args_parser().parse_args(["--data_dir", "-", "--batch_size", "2", "--n_epochs", "1"])
     info = engine.DistInfo(device=torch.device("cpu"))
     method, amp = _method(args, info, 1)
@@ -378,8 +361,6 @@ def paper_flops_per_pair() -> int:
 
 def measure_batch_augment(spatial_dims: int, batch: int, size: int, device: torch.device, iters: int) -> float:
     """Views per second of batch_augment.BatchViewAugment alone."""
-    from batch_augment import BatchViewAugment
-
     gen = torch.Generator(device=device).manual_seed(0)
     aug = BatchViewAugment(spatial_dims, gen)
     x = torch.rand(batch, 1, *([size] * spatial_dims), device=device)
@@ -401,10 +382,6 @@ def measure_finetune_pipeline(work: Path, workers: int, batches: int, n_slices: 
     """Slices per second of the 2D fine-tuning loader alone (512 x 512 slices, 2 crops of 96
     each, batch 4): with the MONAI augmentations in the workers, with ``--batch_augment``
     (load + crop only), and with ``--cache_images`` as well."""
-    import engine
-    import finetune
-    from data import SliceCache
-
     items, _, _ = synthetic_labelled_slices(work, n_slices)
     info = engine.DistInfo()
     out = {}
@@ -423,8 +400,6 @@ def measure_finetune_pipeline(work: Path, workers: int, batches: int, n_slices: 
 def synthetic_labelled_slices(work: Path, n_slices: int = 12, size: int = 512) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray]:
     """``n_slices`` labelled slices of ``size``^2 with 14 classes (a block per organ) written as
     PNG pairs; returns (items {"image", "label"}, labels [Z, X, Y], a prediction with 5 % noise)."""
-    import data
-
     rng = np.random.default_rng(0)
     folder = work / f"labelled_slices_{size}"
     folder.mkdir(exist_ok=True)
@@ -448,11 +423,6 @@ def measure_eval_overhead(work: Path, device: torch.device, n_slices: int = 12, 
     reading the image and label PNGs (what --cache_eval saves after the first evaluation),
     ``dice_paper`` with MONAI's DiceMetric on one-hot tensors on the CPU (the former path),
     and ``metrics.paper_dice_per_item`` from class counts on ``device`` (the current one)."""
-    from monai.metrics import DiceMetric
-
-    import data
-    import metrics
-
     items, label, pred = synthetic_labelled_slices(work, n_slices, size)
     t0 = time.perf_counter()
     for it in items:
@@ -461,7 +431,9 @@ def measure_eval_overhead(work: Path, device: torch.device, n_slices: int = 12, 
     read_s = (time.perf_counter() - t0) / n_slices
     pt, lt = torch.from_numpy(pred), torch.from_numpy(label)
     t0 = time.perf_counter()
-    oh = lambda t: torch.nn.functional.one_hot(t, 14).movedim(-1, 1).float()  # noqa: E731
+    def oh(t):
+        return torch.nn.functional.one_hot(t, 14).movedim(-1, 1).float()
+
     for z in range(0, n_slices, 4):
         DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pt[z:z + 4]), oh(lt[z:z + 4]))
     monai_s = (time.perf_counter() - t0) / n_slices
@@ -487,10 +459,6 @@ def measure_finetune(data_dir: Path, split: Path, work: Path, workers: int, seed
     carries start-up costs); the third's minus it the first evaluation (reading the cases), the
     fourth's a routine one (cases in memory), the fifth's the final full one. Scaled to FLARE's
     1,515 train / 3,535 val slices with the paper's 144 evaluations."""
-    import json
-
-    import main_finetune
-
     split_d = json.loads(split.read_text())
     imgs = sorted((data_dir / "imgs").glob("*.png"))
     n_train = sum(1 for p in imgs if any(p.name.startswith(c + "_") for c in split_d["train"]))
@@ -551,8 +519,6 @@ def _defaults(args: argparse.Namespace, cuda: bool) -> None:
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    import engine
-
     cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     if cuda and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available")

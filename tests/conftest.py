@@ -19,6 +19,15 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+# imported after the set-up above: the project's modules need ROOT on sys.path, and torch
+# reads OMP_NUM_THREADS when it loads
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from data import encode_png_2d  # noqa: E402
+from make_phantoms import make_case  # noqa: E402
+
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"
 
 
@@ -55,8 +64,6 @@ def real_ct() -> RealCT:
 @pytest.fixture
 def one_torch_thread():
     """Run a test with one torch thread (small models are faster so on 2 cores), then restore."""
-    import torch
-
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -67,12 +74,6 @@ def write_unlabelled_phantoms(root: pathlib.Path, png_cases=(0, 1)) -> dict:
     """Two phantom CT cases of 48 x 48 x 8 windowed to [0, 1] as the preprocessing does: the
     cases in ``png_cases`` as 8 PNG slices each under ``root/2d``, both as NIfTI volumes under
     ``root/3d``. Returns ``{"2d": folder, "3d": folder}``."""
-    import nibabel as nib
-    import numpy as np
-
-    from data import encode_png_2d
-    from make_phantoms import make_case
-
     (root / "2d").mkdir()
     (root / "3d").mkdir()
     for case in range(2):

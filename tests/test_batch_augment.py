@@ -10,21 +10,33 @@ that is what shows it has power.
 
 from __future__ import annotations
 
-from pathlib import Path
-
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 from monai.data import get_track_meta, set_track_meta
 from monai.networks.layers.convutils import gaussian_1d
-from monai.transforms import Flip, GaussianSmooth, Rotate90, ScaleIntensity, ShiftIntensity, Zoom
+from monai.transforms import (
+    Flip,
+    GaussianSmooth,
+    RandFlipd,
+    RandGaussianNoised,
+    RandGaussianSmoothd,
+    RandRotate90d,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandZoomd,
+    Rotate90,
+    ScaleIntensity,
+    ShiftIntensity,
+    Zoom,
+)
 from scipy.stats import chi2_contingency, ks_2samp
 
 import batch_augment as ba
 from augment_params import AUGMENT
 from transforms import finetune_augmentations, view_augmentations
 from utils import UserError
-
 
 ALPHA = 1e-4  # per statistic; ~14 statistics -> a family-wise false rejection rate of about 1e-3
 N_VIEW = 1500  # samples per side in the view-chain distribution test
@@ -165,11 +177,6 @@ def test_ops_fire_with_their_probabilities_and_ranges():
 
 def test_chains_have_the_parameters_of_transforms_py():
     """The batched chains mirror transforms.py, op for op: a change there must show up here."""
-    from monai.transforms import (
-        RandFlipd, RandGaussianNoised, RandGaussianSmoothd, RandRotate90d, RandScaleIntensityd,
-        RandShiftIntensityd, RandZoomd,
-    )
-
     for dims in (2, 3):
         for monai_chain, ops in ((view_augmentations("img", dims), ba.view_ops(dims)), (finetune_augmentations(dims), ba.finetune_ops(dims))):
             assert len(monai_chain.transforms) == len(ops)
@@ -208,10 +215,6 @@ def test_chains_have_the_parameters_of_transforms_py():
 def test_monai_chains_hold_the_augment_table():
     """transforms.py builds its MONAI chains from augment_params.AUGMENT, the table the batched
     chains read: what the chain objects hold must be the table's numbers, op for op."""
-    from monai.transforms import (
-        RandGaussianNoised, RandGaussianSmoothd, RandRotate90d, RandScaleIntensityd, RandShiftIntensityd,
-    )
-
     a = AUGMENT
     for dims in (2, 3):
         view = view_augmentations("img", dims).transforms
@@ -477,8 +480,6 @@ def test_bad_inputs():
 
 
 def test_zoom_and_blur_match_monai_on_real_ct(real_ct):
-    import nibabel as nib
-
     vol = np.asarray(nib.load(real_ct.image).dataobj)
     sl = np.clip((vol[:96, :96, 15].astype(np.float32) + 500) / 1000, 0, 1)  # an axial slice, [-500, 500] HU -> [0, 1]
     x = torch.from_numpy(sl)[None, None].repeat(3, 1, 1, 1)

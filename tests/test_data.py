@@ -17,7 +17,6 @@ from PIL import Image
 import data
 from utils import UserError
 
-
 # --------------------------------------------------------------------------------------
 # helpers
 

@@ -8,8 +8,10 @@ every accepted layout, both scores against an independent computation, --eval_on
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -18,18 +20,26 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from monai.metrics import DiceMetric
+from torch._dynamo.utils import counters
 
+import batch_augment
 import data
 import engine
 import finetune
 import main_finetune
+import main_simsiam
+import make_phantoms
 import metrics
 import models
-from utils import UserError
+import preprocess_flare_labelled as prep
+import utils
+from utils import TrainingError, UserError, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -45,9 +55,6 @@ torch.set_num_threads(2)
 @pytest.fixture(scope="module")
 def phantom(tmp_path_factory):
     """4 labelled phantom cases (1 train, 3 val), raw NIfTI and preprocessed 2D slices."""
-    import make_phantoms
-    import preprocess_flare_labelled as prep
-
     root = tmp_path_factory.mktemp("ft_phantoms")
     r = make_phantoms.generate_dataset(root / "raw", n_labelled=4, n_unlabelled=0, seed=0, size_xy=64, n_slices=8, n_train=1)
     out = root / "d2"
@@ -129,8 +136,6 @@ def test_run_files_schedule_early_stopping_from_dino_student(phantom, tmp_path):
 
 
 def test_non_finite_loss_stops_the_run(phantom, tmp_path):
-    from utils import TrainingError
-
     with pytest.raises(TrainingError, match="loss is nan|loss is inf"):
         main_finetune.main(_args(phantom, tmp_path, "--n_epochs", "3", "--base_lr", "1e30", "--end_lr", "1e30", "--run_name", "nan"))
     assert torch.load(tmp_path / "nan_last.pt", weights_only=True)["epoch"] >= 1  # the last good state is kept
@@ -180,8 +185,6 @@ def test_checkpoint_layouts_and_refusals(tmp_path):
         models.load_pretrained_encoder(target, str(tmp_path / "bad.pt"), cfg)
     with pytest.raises(UserError, match="--checkpoint_key 'student' not available"):
         models.load_pretrained_encoder(target, str(tmp_path / "sim.pt"), cfg, "student")
-    import argparse
-
     torch.save({"args": argparse.Namespace(a=1)}, tmp_path / "pickle.pt")
     with pytest.raises(UserError, match=r"needs the Python object argparse.Namespace"):
         models.load_pretrained_encoder(target, str(tmp_path / "pickle.pt"), cfg)
@@ -204,8 +207,6 @@ def test_3d_run_on_raw_nifti(phantom, tmp_path):
     res = main_finetune.main(args)
     assert res["n_val_items"] == 1 and 0.0 <= res["dice_paper"] <= 1.0
     assert any(p.name.startswith("flare3d_") for p in (tmp_path / "cache").iterdir())
-    import nibabel as nib
-
     pred = nib.load(tmp_path / "pred3d" / "FLARE22_Tr_0002.nii.gz")
     lab = nib.load(tmp_path / "pred3d" / "labels" / "FLARE22_Tr_0002.nii.gz")
     assert pred.shape == lab.shape and pred.shape[0] >= 96
@@ -240,8 +241,6 @@ def test_ddp_scores_equal_one_process_and_prediction_round_trip(phantom, ddp_run
     assert one["dice_paper"] == ddp["dice_paper"] and one["n_val_items"] == ddp["n_val_items"]
     assert json.loads(Path(one["scores"]).read_text()) == json.loads(Path(ddp["scores"]).read_text())
     # the saved volumes: one per case, the preprocessed geometry, labels = the stacked PNG slices
-    import nibabel as nib
-
     split = data.load_split(phantom["split"])
     assert sorted(p.name for p in preds.glob("*.nii.gz")) == [f"{c}.nii.gz" for c in split["val"]]
     pairs = data.list_finetune_pairs(phantom["d2"], split, 2)["val"]
@@ -270,8 +269,6 @@ def test_ddp_scores_equal_one_process_and_prediction_round_trip(phantom, ddp_run
 
 def test_resume_after_sigkill_equals_uninterrupted(phantom, tmp_path):
     """From a real tiny SimSiam run: killed during epoch 2 and resumed = uninterrupted, bit for bit."""
-    import main_simsiam
-
     sim = main_simsiam.main(main_simsiam.get_args_parser().parse_args([
         "--data_dir", phantom["d2"], "--low_resource_mode", "--crop_size", "32", "--batch_size", "2", "--n_epochs", "1",
         "--max_images", "2", "--num_workers", "0", "--chkpt_dir", str(tmp_path), "--run_name", "sim", "--no-progress",
@@ -359,11 +356,14 @@ def test_scores_match_independent_computation():
     shape = (24, 20, 6)
     label = np.zeros(shape, np.uint8)
     pred = np.zeros(shape, np.uint8)
-    label[2:10, 3:11, 1:5] = 1; pred[2:10, 3:11, 1:5] = 1             # identical
-    label[12:20, 2:9, 0:4] = 2; pred[14:22, 2:9, 0:5] = 2             # shifted by 2 mm in x, one slice longer
+    label[2:10, 3:11, 1:5] = 1  # identical
+    pred[2:10, 3:11, 1:5] = 1
+    label[12:20, 2:9, 0:4] = 2  # shifted by 2 mm in x, one slice longer
+    pred[14:22, 2:9, 0:5] = 2
     label[3:6, 14:18, 2:4] = 3                                         # missed
     pred[18:21, 14:18, 4:6] = 4                                        # predicted, absent from the label
-    pred[8:12, 12:16, 1:3] = 7; label[9:12, 12:16, 1:2] = 7            # partial
+    pred[8:12, 12:16, 1:3] = 7  # partial
+    label[9:12, 12:16, 1:2] = 7
     spacing = (1.0, 1.0, 2.5)
     res = _evaluate(pred, label, spacing, tolerance=1.0)
     scores = res.per_case["C1"]
@@ -398,8 +398,6 @@ def test_scores_match_independent_computation():
 
 
 def test_real_ct_prediction_equal_to_label_scores_one(real_ct):
-    import nibabel as nib
-
     img = nib.load(real_ct.label)
     label = np.asarray(img.dataobj).astype(np.uint8)
     spacing = tuple(float(z) for z in img.header.get_zooms()[:3])
@@ -453,10 +451,6 @@ def test_bad_input_is_one_clear_error(phantom, tmp_path):
 
 def test_cli_exit_code_2_on_bad_input(phantom, tmp_path, capsys):
     """The command line (utils.run_cli, what ``__main__`` runs): one ``error:`` line, exit code 2, nothing written."""
-    import logging
-
-    from utils import run_cli
-
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     try:
@@ -478,13 +472,11 @@ def test_cli_exit_code_2_on_bad_input(phantom, tmp_path, capsys):
 def test_speed_flags_keep_the_fine_tuning_numbers(phantom, tmp_path):
     """--fused_optimizer, --check_every and --compile (eager backend: tracing only, inductor
     compiles for minutes on this CPU) change the training numbers at most by rounding."""
-    from torch._dynamo.utils import counters
-
     common = ("--n_epochs", "2", "--eval_every", "1", "--eval_every_from", "1", "--drop_path_rate", "0")
-    a = main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "plain", "--check_every", "1"))
+    main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "plain", "--check_every", "1"))
     torch._dynamo.reset()
     counters.clear()
-    b = main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "fast", "--check_every", "3",
+    main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "fast", "--check_every", "3",
                                  "--fused_optimizer", "--compile", "--compile_backend", "eager"))
     assert counters["stats"]["unique_graphs"] >= 1
     torch._dynamo.reset()
@@ -529,8 +521,6 @@ def test_cached_evaluation_equals_reading_every_slice_and_monai_dice(phantom, dd
     device) gives the predictions and dice_paper values of the plain path: float slices read
     from the PNGs, prediction on the host, MONAI's DiceMetric per slice. A second evaluation
     reads no file."""
-    from monai.metrics import DiceMetric
-
     _, ddp = ddp_run
     model, _, _ = finetune.load_finetuned(ddp["weights"])
     split = data.load_split(phantom["split"])
@@ -543,7 +533,9 @@ def test_cached_evaluation_equals_reading_every_slice_and_monai_dice(phantom, dd
         image, label, _ = data.load_case_2d(ref, 14)
         assert image.dtype == np.float32
         pred = finetune.predict_volume(model, image, **kw)
-        oh = lambda a: torch.nn.functional.one_hot(torch.from_numpy(np.moveaxis(a, -1, 0)).long(), 14).movedim(-1, 1).float()  # noqa: E731
+        def oh(a):
+            return torch.nn.functional.one_hot(torch.from_numpy(np.moveaxis(a, -1, 0)).long(), 14).movedim(-1, 1).float()
+
         dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pred), oh(label))
         ref_values.append(torch.nanmean(dice.double(), dim=1).tolist())
         stored, label2, _ = data.load_case_2d(ref, 14, stored=True)
@@ -569,8 +561,6 @@ def test_cached_evaluation_equals_reading_every_slice_and_monai_dice(phantom, dd
 def test_batch_augment_and_cache_images_in_fine_tuning(phantom, tmp_path, monkeypatch):
     """--cache_images: the same run as reading the PNGs; --batch_augment: the augmentations run
     on the device once per step, reproducibly, and a run cannot be resumed with the other value."""
-    import batch_augment
-
     common = ("--n_epochs", "2", "--eval_every", "2", "--eval_every_from", "2", "--max_images", "4", "--num_workers", "0")
 
     def run(name, *extra):
@@ -606,8 +596,6 @@ def test_batch_augment_and_cache_images_in_fine_tuning(phantom, tmp_path, monkey
 def test_caches_refused_when_they_cannot_fit(phantom, tmp_path, monkeypatch):
     """--cache_eval (on by default) and --cache_images are sized from the PNG headers at start-up
     and refused, naming the way out, when they would not fit; nothing is written."""
-    import utils
-
     monkeypatch.setattr(utils, "available_memory", lambda: utils.MEMORY_RESERVE_MIN)  # no room for any cache
     out = tmp_path / "runs"
     with pytest.raises(UserError, match=r"--cache_eval: 2 evaluated slices and their labels need .*--no-cache_eval"):

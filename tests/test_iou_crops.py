@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import itertools
 import math
-from pathlib import Path
+import pickle
 
 import numpy as np
 import pytest
 import torch
+from monai.data import CacheDataset, DataLoader, Dataset, MetaTensor
+from monai.data.box_utils import box_iou
+from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandFlipd
 from scipy import stats as sps
 
 from iou_crops import IoUCrop, IoUCropd, IoUCropSampler, crop_iou, get_args_parser, main
 from utils import UserError
-
-
 
 # --------------------------------------------------------------------------- independent references
 
@@ -23,17 +24,15 @@ def mask_iou(start_a, start_b, size) -> float:
     """IoU by rasterising both crops on a grid just big enough to hold them."""
     lo = [min(a, b) for a, b in zip(start_a, start_b)]
     hi = [max(a, b) + c for a, b, c in zip(start_a, start_b, size)]
-    grid = tuple(h - l for h, l in zip(hi, lo))
+    grid = tuple(h - low for h, low in zip(hi, lo))
     m1 = np.zeros(grid, bool)
     m2 = np.zeros(grid, bool)
-    m1[tuple(slice(a - l, a - l + c) for a, l, c in zip(start_a, lo, size))] = True
-    m2[tuple(slice(b - l, b - l + c) for b, l, c in zip(start_b, lo, size))] = True
+    m1[tuple(slice(a - low, a - low + c) for a, low, c in zip(start_a, lo, size))] = True
+    m2[tuple(slice(b - low, b - low + c) for b, low, c in zip(start_b, lo, size))] = True
     return float((m1 & m2).sum()) / float((m1 | m2).sum())
 
 
 def monai_iou(start_a, start_b, size) -> float:
-    from monai.data.box_utils import box_iou
-
     box_a = np.array([list(start_a) + [s + c for s, c in zip(start_a, size)]], dtype=np.float64)
     box_b = np.array([list(start_b) + [s + c for s, c in zip(start_b, size)]], dtype=np.float64)
     return float(box_iou(box_a, box_b)[0, 0])
@@ -334,8 +333,6 @@ def _box_of(crop, img, size):
 
 
 def test_iou_crop_array_level_types_and_attributes():
-    from monai.data import MetaTensor
-
     img = _coord_image((30, 25), channels=2)
     t = IoUCrop(8, 0.3, 0.6).set_random_state(0)
     assert isinstance(t, IoUCrop)
@@ -357,8 +354,6 @@ def test_iou_crop_array_level_types_and_attributes():
 
 
 def test_iou_cropd_same_boxes_for_all_keys_and_store_boxes():
-    from monai.data import MetaTensor
-
     img = _coord_image((40, 33))
     label = (img.copy() * 2).astype(np.float32)
     t = IoUCropd(["image", "label"], spatial_dims=2, crop_size=(10, 7), min_iou=0.3, max_iou=0.6, store_boxes=True)
@@ -408,8 +403,6 @@ def test_determinism_under_set_random_state_3d():
 
 def test_iou_cropd_wraps_iou_crop_with_one_generator():
     """IoUCropd draws with its IoUCrop from self.R: the same pairs as an IoUCrop seeded alike, also after pickling."""
-    import pickle
-
     img = _coord_image((31, 27))
     d = IoUCropd("image", spatial_dims=2, crop_size=(9, 6), min_iou=0.3, max_iou=0.6, store_boxes=True)
     assert isinstance(d.cropper, IoUCrop) and d.sampler is d.cropper.sampler and d.pair is None
@@ -436,9 +429,6 @@ def test_iou_cropd_wraps_iou_crop_with_one_generator():
 
 
 def _pipeline_batches(seed, num_workers, cache=False):
-    from monai.data import CacheDataset, DataLoader, Dataset
-    from monai.transforms import Compose, RandFlipd
-
     data = [{"image": _coord_image((30 + i, 26)).astype(np.float32), "label": np.full((1, 30 + i, 26), i, np.uint8)} for i in range(8)]
     transform = Compose(
         [
@@ -481,8 +471,6 @@ def test_cache_dataset_single_process():
 
 
 def test_real_ct_volume_metatensor_crops(real_ct):
-    from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged
-
     path, lab = real_ct.image, real_ct.label
     load = Compose([LoadImaged(["image", "label"]), EnsureChannelFirstd(["image", "label"])])
     d = load({"image": str(path), "label": str(lab)})

@@ -9,22 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.metrics import DiceMetric, compute_surface_dice
 from PIL import Image
+from scipy import ndimage
 
 import metrics
 from data import LABEL_NAMES
 from metrics import (
     FLARE22_TOLERANCE_MM,
     PaperDice,
+    class_counts,
     format_summary,
     organ_scores,
+    paper_dice_per_item,
     plot_predictions,
     summarize_case_scores,
     write_scores,
 )
 from utils import UserError
-
-
 
 # ------------------------------------------------------------------------------------------
 # Independent reference computations, written from the formulas
@@ -188,9 +190,6 @@ def test_nsd_counts_a_distance_equal_to_the_tolerance_despite_rounding():
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # MONAI's own deprecation notice inside get_mask_edges
 def test_surface_dice_agrees_with_monai_on_random_masks():
-    from monai.metrics import compute_surface_dice
-    from scipy import ndimage
-
     rng = np.random.default_rng(7)
     spacing = (0.7, 1.3, 2.5)
     for _ in range(3):
@@ -212,10 +211,10 @@ def test_surface_dice_agrees_with_monai_on_random_masks():
 @pytest.mark.parametrize(
     "change, message",
     [
-        (lambda p, l: (p[:-1], l), "shape"),
-        (lambda p, l: (p.astype(np.float32), l), "dtype"),
-        (lambda p, l: (p, np.where(l == 1, 14, l)), "class id 14"),
-        (lambda p, l: (p.astype(np.int16) - 1, l), "class id -1"),
+        (lambda p, lab: (p[:-1], lab), "shape"),
+        (lambda p, lab: (p.astype(np.float32), lab), "dtype"),
+        (lambda p, lab: (p, np.where(lab == 1, 14, lab)), "class id 14"),
+        (lambda p, lab: (p.astype(np.int16) - 1, lab), "class id -1"),
     ],
 )
 def test_organ_scores_refuses_bad_input(change, message):
@@ -431,10 +430,6 @@ def test_paper_dice_equals_monai_dicemetric_bit_for_bit():
     """paper_dice_per_item (per-class counts) against MONAI's DiceMetric on one-hot tensors,
     the definition the paper used: equal bit for bit on slices, incl. absent classes,
     predictions of classes absent from the label, and all-background labels."""
-    from monai.metrics import DiceMetric
-
-    from metrics import class_counts, paper_dice_per_item
-
     rng = np.random.default_rng(11)
     for shape, k in (((6, 40, 33), 14), ((3, 17, 9, 11), 5), ((2, 64, 64), 3)):
         label = np.zeros(shape, dtype=np.int64)
@@ -446,7 +441,9 @@ def test_paper_dice_equals_monai_dicemetric_bit_for_bit():
         noise = rng.integers(0, k, size=shape)
         pred = np.where(rng.random(shape) < 0.8, label, noise)
         pt, lt = torch.from_numpy(pred), torch.from_numpy(label)
-        oh = lambda t: torch.nn.functional.one_hot(t, k).movedim(-1, 1).float()  # noqa: E731
+        def oh(t):
+            return torch.nn.functional.one_hot(t, k).movedim(-1, 1).float()
+
         ref = torch.nanmean(DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pt), oh(lt)).double(), dim=1)
         got = paper_dice_per_item(pt, lt, k)
         assert got.dtype == torch.float64 and torch.equal(got, ref), (shape, got, ref)
@@ -461,8 +458,6 @@ def test_paper_dice_equals_monai_dicemetric_bit_for_bit():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_paper_dice_on_cuda_equals_the_cpu():
-    from metrics import class_counts, paper_dice_per_item
-
     rng = np.random.default_rng(2)
     label = torch.from_numpy(rng.integers(0, 14, size=(5, 96, 80)))
     pred = torch.where(torch.from_numpy(rng.random((5, 96, 80))) < 0.7, label, torch.from_numpy(rng.integers(0, 14, size=(5, 96, 80))))

@@ -20,7 +20,6 @@ from models import (
     encoder_config,
 )
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _neg_cos(p: np.ndarray, z: np.ndarray) -> float:

@@ -8,9 +8,10 @@ import os
 import nibabel as nib
 import numpy as np
 import pytest
+from PIL import Image
 
 import make_phantoms as mp
-from utils import UserError
+from utils import UserError, run_cli
 
 SMALL = dict(size_xy=96, n_slices=24)
 
@@ -255,10 +256,6 @@ def test_n_train_and_unwritable_output(tmp_path):
 
 
 def test_cli_with_preview(tmp_path, capsys):
-    from PIL import Image
-
-    from utils import run_cli
-
     out, png = tmp_path / "ph", tmp_path / "preview.png"
     argv = ["--output_dir", str(out), "--n_labelled", "1", "--n_unlabelled", "1", "--size_xy", "64",
             "--n_slices", "16", "--num_workers", "1", "--preview", str(png)]

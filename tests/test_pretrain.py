@@ -21,8 +21,13 @@ import torch
 import engine
 import main_dino
 import main_simsiam
+import models
+import utils
 from conftest import write_unlabelled_phantoms
 from data import encode_png_2d
+from models import build_segmenter, load_pretrained_encoder
+from pretrain import PairAudit, model_config
+from transforms import pretrain_transforms
 from utils import TrainingError, UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -174,8 +179,6 @@ def _no_run_files(chkpt_dir: Path):
 
 
 def test_pretrain_transforms_2d_3d_and_padding(phantom_data, tmp_path):
-    from transforms import pretrain_transforms
-
     png = sorted(phantom_data["2d"].glob("*.png"))[3]
     nii = sorted(phantom_data["3d"].glob("*.nii.gz"))[0]
     for dims, path, shape in ((2, png, (1, 32, 32)), (3, nii, (1, 32, 32, 32))):
@@ -205,8 +208,6 @@ def test_pretrain_transforms_2d_3d_and_padding(phantom_data, tmp_path):
 
 
 def test_pair_audit_counts():
-    from pretrain import PairAudit
-
     audit = PairAudit()
     audit.update({"iou_value": torch.tensor([0.0, 0.05, 0.1, 0.999, 1.0], dtype=torch.float64),
                   "iou_feasible": torch.tensor([True, True, False, True, False])})
@@ -246,8 +247,6 @@ def test_pair_audit_in_a_run_with_infeasible_images(tmp_path):
 
 
 def test_simsiam_2d_run_writes_the_run_files(phantom_data, tmp_path):
-    from models import build_segmenter, load_pretrained_encoder
-
     out = tmp_path / "runs"
     res = _run(main_simsiam, phantom_data["2d"], out, "--min_iou", 0.3, "--max_iou", 0.6, "--batch_size", 4,
                "--n_epochs", 2, "--max_images", 8, "--use_wandb")
@@ -280,8 +279,6 @@ def test_simsiam_2d_run_writes_the_run_files(phantom_data, tmp_path):
 
 
 def test_dino_2d_run(phantom_data, tmp_path):
-    from models import build_segmenter, load_pretrained_encoder
-
     out = tmp_path / "runs"
     res = _run(main_dino, phantom_data["2d"], out, "--batch_size", 4, "--n_epochs", 2, "--warmup_epochs", 1,
                "--max_images", 8, "--run_name", "dino")
@@ -315,8 +312,6 @@ def test_3d_run(mod, batch, phantom_data, tmp_path):
 
 
 def test_unetr_encoder_pretrains_and_loads_into_unetr(phantom_data, tmp_path):
-    from models import build_segmenter, load_pretrained_encoder
-
     res = _run(main_simsiam, phantom_data["2d"], tmp_path / "runs", "--arch", "unetr", "--batch_size", 4,
                "--n_epochs", 1, "--max_images", 4)
     ckpt = _load(res["weights"])
@@ -326,8 +321,6 @@ def test_unetr_encoder_pretrains_and_loads_into_unetr(phantom_data, tmp_path):
 
 
 def _method(mod, cls, *extra, iters=20):
-    from pretrain import model_config
-
     args = mod.get_args_parser().parse_args(_argv("x", "y", "--drop_path_rate", 0, "--n_epochs", 1, *extra))
     cls.adjust_args(args)
     engine.fix_random_seeds(0)
@@ -403,8 +396,6 @@ def test_clip_gradients_modes():
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(phantom_data, tmp_path, monkeypatch):
-    import models
-
     calls = [0]
     real = models.SimSiamLoss.forward
 
@@ -548,8 +539,6 @@ def test_corrupt_png_in_the_middle_is_named(phantom_data, tmp_path):
 
 
 def test_cli_exit_code_2_with_one_line_for_a_corrupt_png_read_by_workers(phantom_data, tmp_path, monkeypatch, capsys):
-    import utils
-
     monkeypatch.setattr(utils, "setup_logging", lambda **kw: None)  # leave pytest's logging alone
     data, bad = _corrupt_data(phantom_data, tmp_path)
     out = tmp_path / "runs"

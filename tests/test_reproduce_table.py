@@ -16,7 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+import main_finetune
+import main_simsiam
 import report
 import reproduce_table as rt
 import runqueue
@@ -99,16 +102,11 @@ def test_paper_plan_has_34_runs_with_fixed_shared_seeds(tmp_path):
     expected = {(a, b) for a in rt.PAPER_SEEDS for b in rt.PAPER_SEEDS}
     assert all(v == expected for v in per_row.values()) and len(per_row) == 6
     # every argv is accepted by the real scripts' parsers
-    import main_finetune
-    import main_simsiam
-
     main_simsiam.get_args_parser().parse_args(pre[0].argv)
     main_finetune.get_args_parser().parse_args(ft[0].argv)
 
 
 def test_random_init_depends_on_the_seed_only(tmp_path):
-    import torch
-
     cfg = {"arch": "swin", "spatial_dims": 2, "embedding_size": 12, "low_resource_mode": True, "drop_path_rate": 0.0, "crop_size": 64}
     paths = [runqueue.ensure_random_init({"path": str(tmp_path / f"{i}.pt"), "seed": seed, "config": cfg}) for i, seed in enumerate((5, 5, 6))]
     a, b, c = (torch.load(p, weights_only=True)["encoder"] for p in paths)

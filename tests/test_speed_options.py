@@ -2,19 +2,28 @@
 training device, seeded per epoch so resume stays exact) and ``--cache_images`` (decoded
 slices kept in memory, same numbers). Tiny phantom data, a few optimizer steps per run."""
 
+import inspect
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from monai.transforms import Compose, DeleteItemsd, EnsureTyped, SpatialPadd
+from torch._dynamo.utils import counters
 
+import data
 import engine
+import main_dino
 import main_simsiam
+import pretrain
+import utils
 from conftest import write_unlabelled_phantoms
-from data import encode_png_2d, read_image_2d
-from utils import UserError
-
+from data import SliceCache, encode_png_2d, read_image_2d
+from iou_crops import IoUCropd
+from pretrain import augment_views, make_batch_augment
+from transforms import LoadSlice2Dd, LoadVolume3Dd, pretrain_transforms, view_augmentations
+from utils import MEMORY_RESERVE_MIN, TrainingError, UserError, available_memory, check_fits_in_memory, format_bytes
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -93,8 +102,6 @@ def test_batch_augment_applies_the_views_on_the_device(phantoms, tmp_path):
 
 
 def test_augment_views_draws_each_view_independently():
-    from pretrain import augment_views, make_batch_augment
-
     args = main_simsiam.get_args_parser().parse_args(["--data_dir", "x", "--batch_augment", "--spatial_dims", "2"])
     info = engine.DistInfo()
     x = torch.rand(16, 1, 32, 32)
@@ -128,9 +135,6 @@ def test_cache_images_gives_identical_runs(phantoms, tmp_path):
 
 
 def test_slice_cache_reads_what_the_png_holds(tmp_path):
-    from data import SliceCache
-    from transforms import pretrain_transforms
-
     rng = np.random.default_rng(0)
     paths = []
     for i, (shape, bits) in enumerate([((40, 33), 8), ((50, 64), 16), ((7, 9), 8)]):
@@ -158,8 +162,6 @@ def test_slice_cache_reads_what_the_png_holds(tmp_path):
 
 
 def test_check_fits_in_memory():
-    from utils import MEMORY_RESERVE_MIN, available_memory, check_fits_in_memory, format_bytes
-
     gb = 10**9
     check_fits_in_memory(7 * gb, "x", "hint", available=10 * gb)  # reserve max(2 GiB, 15 %) = 2.15 GB: room 7.85 GB
     with pytest.raises(UserError, match=r"--cache_images: 9 slices need 8\.00 GB .* 10\.00 GB is available .*7\.85 GB.*; run without"):
@@ -177,9 +179,6 @@ def test_check_fits_in_memory():
 def test_cache_images_refused_when_it_cannot_fit(phantoms, tmp_path, monkeypatch):
     """A cache larger than the free memory is refused before decoding, with both sizes, exit
     code 2 and no run files; the header estimate counts one copy per local process."""
-    import data
-    import utils
-
     need = 8 * 48 * 48
     decoded = []
     original = data.SliceCache.__init__
@@ -213,11 +212,6 @@ def test_speed_flags_refuse_bad_combinations(phantoms, tmp_path):
 def test_fast_padding_gives_what_monai_spatialpadd_gave(phantoms, tmp_path):
     """pretrain_transforms pads with PadToAtLeastd (plain numpy, crops by slicing); the pairs
     must equal, bit for bit, those of the chain with MONAI's SpatialPadd and MetaTensor crops."""
-    from monai.transforms import Compose, DeleteItemsd, EnsureTyped, SpatialPadd
-
-    from iou_crops import IoUCropd
-    from transforms import LoadSlice2Dd, LoadVolume3Dd, pretrain_transforms, view_augmentations
-
     def reference(dims, crop, lo, hi, augment):
         k = ["image"]
         chain = [LoadSlice2Dd(k) if dims == 2 else LoadVolume3Dd(k),
@@ -253,8 +247,6 @@ def test_fast_padding_gives_what_monai_spatialpadd_gave(phantoms, tmp_path):
 
 
 def test_loss_check_reads_every_n_batches_and_names_the_first_bad_iteration():
-    from utils import TrainingError
-
     c = engine.LossCheck(3, engine.DistInfo(), epoch=4)
     assert not c.add(10, torch.tensor(1.0), {"collapse": torch.tensor(0.5), "host": 2.0})
     assert not c.add(11, torch.tensor(3.0, requires_grad=True) * 1, {"collapse": torch.tensor(0.1), "host": 4.0})
@@ -287,8 +279,6 @@ def test_check_every_changes_nothing_but_when_losses_are_read(phantoms, tmp_path
 
 @pytest.mark.parametrize("method", ["simsiam", "dino"])
 def test_fused_optimizer_gives_the_same_run_up_to_rounding(method, phantoms, tmp_path):
-    import main_dino
-
     mod = main_simsiam if method == "simsiam" else main_dino
     argv = _argv(phantoms["2d"], tmp_path / "plain", "--batch_size", 4, "--n_epochs", 2, "--warmup_epochs", 1)
 
@@ -309,12 +299,8 @@ def test_fused_optimizer_gives_the_same_run_up_to_rounding(method, phantoms, tmp
 
 
 def test_dino_teacher_ema_with_foreach_equals_the_loop_bit_for_bit():
-    import main_dino
-
     args = main_dino.get_args_parser().parse_args(["--data_dir", ".", "--low_resource_mode", "--crop_size", "32", "--n_epochs", "1", "--warmup_epochs", "0"])
     main_dino.DINOMethod.adjust_args(args)
-    import pretrain
-
     pretrain.apply_low_resource_mode(args)
     m = main_dino.DINOMethod(args, pretrain.model_config(args), engine.DistInfo(), 3)
     with torch.no_grad():
@@ -333,9 +319,6 @@ def test_dino_teacher_ema_with_foreach_equals_the_loop_bit_for_bit():
 def test_compile_traces_the_model_and_keeps_losses_and_checkpoints(method, phantoms, tmp_path):
     """--compile with the eager backend (tracing only: inductor's code generation takes
     minutes on this CPU): same losses, same checkpoint keys, and dynamo did capture graphs."""
-    import main_dino
-    from torch._dynamo.utils import counters
-
     mod = main_simsiam if method == "simsiam" else main_dino
     argv = _argv(phantoms["2d"], tmp_path, "--batch_size", 4, "--n_epochs", 1, "--warmup_epochs", 0, "--max_images", 8, "--drop_path_rate", 0)
 
@@ -364,11 +347,6 @@ def test_training_steps_read_nothing_on_the_host_between_loss_checks(method, mon
     """A host read of a tensor (item, tolist, bool, float, ...) waits for the GPU. Between two
     loss checks the project's code (loop, losses, heads, EMA) must make none: with 6 steps and
     --check_every 4, only LossCheck.flush reads, twice (loss and, for SimSiam, the collapse)."""
-    import inspect
-
-    import main_dino
-    import pretrain
-
     mod = main_simsiam if method == "simsiam" else main_dino
     cls = main_simsiam.SimSiamMethod if method == "simsiam" else main_dino.DINOMethod
     args = mod.get_args_parser().parse_args(["--data_dir", ".", "--low_resource_mode", "--crop_size", "32", "--n_epochs", "1",

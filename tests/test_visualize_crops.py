@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visualize_crops import draw_crop_pairs, get_args_parser, list_images, main, read_image
 from utils import UserError
+from visualize_crops import draw_crop_pairs, get_args_parser, list_images, main, read_image
 
 
 def _ellipses(h: int, w: int, seed: int) -> np.ndarray:
