@@ -103,8 +103,12 @@ def _check_generator(generator: torch.Generator | None, device: torch.device) ->
     if generator is None:
         return
     g = generator.device
-    if g.type != device.type or (g.type != "cpu" and g.index is not None and device.index is not None and g.index != device.index):
-        raise ValueError(f"the generator is on {g} but the batch is on {device}: make the generator on the batch's device")
+    if g.type != device.type or (
+        g.type != "cpu" and g.index is not None and device.index is not None and g.index != device.index
+    ):
+        raise ValueError(
+            f"the generator is on {g} but the batch is on {device}: make the generator on the batch's device"
+        )
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -200,7 +204,9 @@ class BatchRandZoom(BatchRandOp):
         for n in x.shape[2:]:
             if math.floor(n * self.min_zoom) < 1:
                 raise ValueError(f"zoom {self.min_zoom} shrinks an axis of {n} voxels to nothing")
-        zoom = torch.where(params["do"], params["zoom"].to(torch.float64), torch.ones_like(params["zoom"], dtype=torch.float64))
+        zoom = torch.where(
+            params["do"], params["zoom"].to(torch.float64), torch.ones_like(params["zoom"], dtype=torch.float64)
+        )
         out = x.to(dt)
         for dim in range(x.ndim - 1, 1, -1):  # one spatial axis at a time (separable)
             out = _zoom_axis(out, zoom, dim)
@@ -347,7 +353,9 @@ class BatchRandShiftIntensity(BatchRandOp):
         return f"prob={self.prob}, offset=[{self.low}, {self.high}]"
 
 
-def gaussian_kernels_1d(sigma: torch.Tensor, truncated: float = BLUR_TRUNCATED, tail: int | None = None) -> torch.Tensor:
+def gaussian_kernels_1d(
+    sigma: torch.Tensor, truncated: float = BLUR_TRUNCATED, tail: int | None = None
+) -> torch.Tensor:
     """MONAI's ``gaussian_1d(sigma, truncated, approx="erf")`` for many sigmas at once.
 
     Kernel b has ``2 * tail_b + 1`` taps, ``tail_b = int(max(sigma_b * truncated, 0.5) + 0.5)``;
@@ -608,27 +616,51 @@ def get_args_parser() -> argparse.ArgumentParser:
         "batch_augment", description="Time the batched augmentation chain against MONAI's per-sample chain."
     )
     g = p.add_argument_group("what to time")
-    g.add_argument("--chain", choices=["view", "finetune"], default="view",
-                   help="view: the pretraining view chain; finetune: the fine-tuning chain (image + label)")
-    g.add_argument("--spatial_dims", type=int, default=2, choices=[2, 3],
-                   help="2 for slices (B, 1, S, S), 3 for volumes (B, 1, S, S, S)")
-    g.add_argument("--batch_size", type=int, default=128,
-                   help="samples per batched call (SimSiam pretraining: 2 x 128 views per step)")
+    g.add_argument(
+        "--chain",
+        choices=["view", "finetune"],
+        default="view",
+        help="view: the pretraining view chain; finetune: the fine-tuning chain (image + label)",
+    )
+    g.add_argument(
+        "--spatial_dims",
+        type=int,
+        default=2,
+        choices=[2, 3],
+        help="2 for slices (B, 1, S, S), 3 for volumes (B, 1, S, S, S)",
+    )
+    g.add_argument(
+        "--batch_size",
+        type=int,
+        default=128,
+        help="samples per batched call (SimSiam pretraining: 2 x 128 views per step)",
+    )
     g.add_argument("--size", type=int, default=96, help="edge length of each crop (the paper's crops are 96)")
     g = p.add_argument_group("how to time")
     g.add_argument("--device", default="cpu", help="device of the batched chain: cpu, cuda, cuda:1, ...")
-    g.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads for both chains (1 = one DataLoader worker's share)")
+    g.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads for both chains (1 = one DataLoader worker's share)"
+    )
     g.add_argument("--iters", type=int, default=10, help="timed batched calls; raise on a GPU for a steadier number")
     g.add_argument("--warmup", type=int, default=2, help="untimed batched calls first (allocator, kernels)")
-    g.add_argument("--skip_monai", action="store_true",
-                   help="time only the batched chain (MONAI's chain needs transforms.py and is slow)")
-    g.add_argument("--monai_samples", type=int, default=None,
-                   help="samples to push through MONAI's chain one by one (default: --batch_size)")
+    g.add_argument(
+        "--skip_monai",
+        action="store_true",
+        help="time only the batched chain (MONAI's chain needs transforms.py and is slow)",
+    )
+    g.add_argument(
+        "--monai_samples",
+        type=int,
+        default=None,
+        help="samples to push through MONAI's chain one by one (default: --batch_size)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the input images and of both chains")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None,
-                   help="also write the numbers as JSON to this path (e.g. benchmarks/results/batch_augment.json)")
+    g.add_argument(
+        "--out",
+        default=None,
+        help="also write the numbers as JSON to this path (e.g. benchmarks/results/batch_augment.json)",
+    )
     return p
 
 
@@ -680,18 +712,27 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         _sync(device)
         batched_s = (time.perf_counter() - t0) / args.iters
     result: dict[str, Any] = {
-        "chain": args.chain, "spatial_dims": args.spatial_dims, "shape": list(shape), "device": str(device),
-        "threads": args.threads, "torch": torch.__version__,
-        "batched_s_per_batch": batched_s, "batched_samples_per_s": args.batch_size / batched_s,
+        "chain": args.chain,
+        "spatial_dims": args.spatial_dims,
+        "shape": list(shape),
+        "device": str(device),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "batched_s_per_batch": batched_s,
+        "batched_samples_per_s": args.batch_size / batched_s,
     }
     if not args.skip_monai:
         result.update(_time_monai(args, x_cpu, y_cpu))
         result["speedup"] = result["monai_s_per_sample"] * args.batch_size / batched_s
-    print(f"{'chain':<10}{'shape':<24}{'device':<8}{'batched s/batch':>16}{'samples/s':>12}"
-          f"{'MONAI s/batch':>15}{'speed-up':>10}")
+    print(
+        f"{'chain':<10}{'shape':<24}{'device':<8}{'batched s/batch':>16}{'samples/s':>12}"
+        f"{'MONAI s/batch':>15}{'speed-up':>10}"
+    )
     monai_batch = result.get("monai_s_per_sample", float("nan")) * args.batch_size
-    print(f"{args.chain:<10}{'x'.join(map(str, shape)):<24}{str(device):<8}{batched_s:>16.4f}"
-          f"{args.batch_size / batched_s:>12.0f}{monai_batch:>15.4f}{result.get('speedup', float('nan')):>10.1f}")
+    print(
+        f"{args.chain:<10}{'x'.join(map(str, shape)):<24}{str(device):<8}{batched_s:>16.4f}"
+        f"{args.batch_size / batched_s:>12.0f}{monai_batch:>15.4f}{result.get('speedup', float('nan')):>10.1f}"
+    )
     if args.out:
         atomic_write_json(args.out, result)
         logger.info("wrote %s", args.out)
@@ -712,7 +753,9 @@ def _time_monai(args: argparse.Namespace, x_cpu: torch.Tensor, y_cpu: torch.Tens
     else:
         chain = finetune_augmentations(args.spatial_dims)
     chain.set_random_state(seed=args.seed)
-    samples = [{"image": x_cpu[i % x_cpu.shape[0]].clone(), "label": y_cpu[i % y_cpu.shape[0]].clone()} for i in range(n)]
+    samples = [
+        {"image": x_cpu[i % x_cpu.shape[0]].clone(), "label": y_cpu[i % y_cpu.shape[0]].clone()} for i in range(n)
+    ]
     if args.chain == "view":
         for s in samples:
             del s["label"]

@@ -212,7 +212,13 @@ def encode_png_2d(arr: np.ndarray, bits: int = 8, is_label: bool = False) -> byt
 
 
 #: PNG modes of the slices, and the dtype they are held in as stored (8- or 16-bit grayscale).
-_STORED_DTYPES: dict[str, Any] = {"L": np.uint8, "I;16": np.uint16, "I;16B": np.uint16, "I;16L": np.uint16, "I": np.uint16}
+_STORED_DTYPES: dict[str, Any] = {
+    "L": np.uint8,
+    "I;16": np.uint16,
+    "I;16B": np.uint16,
+    "I;16L": np.uint16,
+    "I": np.uint16,
+}
 
 
 def _read_png(path: str | os.PathLike, pixels: bool = True) -> tuple[str, tuple[int, int], np.ndarray | None]:
@@ -332,7 +338,9 @@ def label_from_stored(stored: np.ndarray, path: str | os.PathLike) -> np.ndarray
 # --------------------------------------------------------------------------------------
 
 
-def _threaded_map(fn: Callable[[str], Any], paths: Sequence[str], threads: int, desc: str, progress: bool) -> Iterator[Any]:
+def _threaded_map(
+    fn: Callable[[str], Any], paths: Sequence[str], threads: int, desc: str, progress: bool
+) -> Iterator[Any]:
     """``fn(path)`` for every path, in order, from ``threads`` threads (0 = up to 8; PIL
     releases the GIL while reading), with a tqdm bar when ``progress``."""
     with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
@@ -399,7 +407,13 @@ class SliceCache:
         Raises:
             UserError: a file is missing or not an 8- or 16-bit grayscale PNG (names the file).
         """
-        return int(sum(_threaded_map(stored_nbytes_2d, paths, threads, "sizing the slice cache", progress and len(paths) >= 1000)))
+        return int(
+            sum(
+                _threaded_map(
+                    stored_nbytes_2d, paths, threads, "sizing the slice cache", progress and len(paths) >= 1000
+                )
+            )
+        )
 
     @classmethod
     def build(cls, paths: Sequence[str], what: str, flag: str, copies: int = 1, progress: bool = True) -> "SliceCache":
@@ -868,7 +882,9 @@ def read_manifest_spacing(data_dir: str) -> dict[str, tuple[float, float, float]
         raise UserError(f"cannot read the voxel sizes in {path}: {type(e).__name__}: {e}") from None
 
 
-def group_cases_2d(items: Sequence[dict[str, Any]], spacing: Mapping[str, Sequence[float]], where: str) -> list[CaseRef]:
+def group_cases_2d(
+    items: Sequence[dict[str, Any]], spacing: Mapping[str, Sequence[float]], where: str
+) -> list[CaseRef]:
     """Group slice items by case (order kept) into :class:`CaseRef` objects.
 
     Raises:
@@ -879,7 +895,9 @@ def group_cases_2d(items: Sequence[dict[str, Any]], spacing: Mapping[str, Sequen
         c = it["case"]
         if c not in out:
             if c not in spacing:
-                raise UserError(f"case {c!r} is not in {os.path.join(where, MANIFEST_NAME)}; rerun preprocess_flare_labelled.py")
+                raise UserError(
+                    f"case {c!r} is not in {os.path.join(where, MANIFEST_NAME)}; rerun preprocess_flare_labelled.py"
+                )
             out[c] = CaseRef(case=c, spacing=tuple(float(s) for s in spacing[c]))  # type: ignore[arg-type]
         out[c].slices.append(it)
     return list(out.values())
@@ -912,7 +930,9 @@ def load_case_2d(ref: CaseRef, n_classes: int, stored: bool = False) -> tuple[np
         if img.shape != lab.shape:
             raise UserError(f"image slice {it['image']} has shape {img.shape}, its label {it['label']} has {lab.shape}")
         if imgs and img.shape != imgs[0].shape:
-            raise UserError(f"slice {it['image']} has shape {img.shape}, other slices of case {ref.case!r} have {imgs[0].shape}")
+            raise UserError(
+                f"slice {it['image']} has shape {img.shape}, other slices of case {ref.case!r} have {imgs[0].shape}"
+            )
         check_label_ids(lab, n_classes, it["label"])
         imgs.append(img)
         labs.append(lab)

@@ -187,7 +187,9 @@ def cosine_schedule(
     over ``warmup_epochs``, then a half cosine from ``base_value`` to ``final_value``.
     """
     warmup_iters = int(warmup_epochs * niter_per_ep)
-    warm = np.linspace(start_warmup_value, base_value, warmup_iters, endpoint=False) if warmup_iters > 0 else np.array([])
+    warm = (
+        np.linspace(start_warmup_value, base_value, warmup_iters, endpoint=False) if warmup_iters > 0 else np.array([])
+    )
     n = epochs * niter_per_ep - warmup_iters
     iters = np.arange(max(n, 0))
     cos = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / max(len(iters), 1)))
@@ -286,29 +288,57 @@ def add_speed_args(group: argparse._ArgumentGroup) -> None:
     ``--fused_optimizer``, ``--compile*`` and ``--check_every`` change nothing beyond rounding
     and may differ on ``--resume``; the precision flags are in the scripts' resume keys.
     """
-    group.add_argument("--use_amp", action="store_true",
-                       help="Mixed precision on CUDA (fp16 with a gradient scaler, as the paper). No effect on the CPU.")
-    group.add_argument("--amp_dtype", type=str, default="fp16", choices=("fp16", "bf16"),
-                       help="Autocast dtype with --use_amp; bf16 needs no gradient scaler (Ampere GPUs and newer) "
-                            "and so avoids the scaler's host sync at every step.")
-    group.add_argument("--fused_optimizer", action="store_true",
-                       help="Use the optimizer's fused kernel (torch.optim fused=True): one kernel for all "
-                            "parameters instead of one per tensor group. Same update up to rounding.")
-    group.add_argument("--compile", action="store_true",
-                       help="torch.compile the training forward pass (a few minutes of compilation on the first "
-                            "steps, then faster steps on a GPU; on the CPU compilation alone takes minutes). Checkpoints "
-                            "are unchanged. Try it for long runs.")
-    group.add_argument("--compile_backend", type=str, default="inductor", choices=COMPILE_BACKENDS,
-                       help="torch.compile backend: inductor generates kernels (the fast one); aot_eager / eager "
-                            "only trace the model (to check that --compile works, no speed-up).")
-    group.add_argument("--compile_mode", type=str, default="default", choices=COMPILE_MODES,
-                       help="torch.compile mode (inductor): max-autotune* search kernel configurations (longer "
-                            "compilation); reduce-overhead / max-autotune add CUDA graphs (not measured here).")
-    group.add_argument("--check_every", type=int, default=20,
-                       help="Batches between two reads of the loss on the host (non-finite loss check, progress bar). "
-                            "Each read waits for the GPU; 1 reads every loss before its backward pass, so no step ever "
-                            "uses a non-finite loss. Either way a non-finite loss stops the run with exit code 1 "
-                            "before the epoch's checkpoint.")
+    group.add_argument(
+        "--use_amp",
+        action="store_true",
+        help="Mixed precision on CUDA (fp16 with a gradient scaler, as the paper). No effect on the CPU.",
+    )
+    group.add_argument(
+        "--amp_dtype",
+        type=str,
+        default="fp16",
+        choices=("fp16", "bf16"),
+        help="Autocast dtype with --use_amp; bf16 needs no gradient scaler (Ampere GPUs and newer) "
+        "and so avoids the scaler's host sync at every step.",
+    )
+    group.add_argument(
+        "--fused_optimizer",
+        action="store_true",
+        help="Use the optimizer's fused kernel (torch.optim fused=True): one kernel for all "
+        "parameters instead of one per tensor group. Same update up to rounding.",
+    )
+    group.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the training forward pass (a few minutes of compilation on the first "
+        "steps, then faster steps on a GPU; on the CPU compilation alone takes minutes). Checkpoints "
+        "are unchanged. Try it for long runs.",
+    )
+    group.add_argument(
+        "--compile_backend",
+        type=str,
+        default="inductor",
+        choices=COMPILE_BACKENDS,
+        help="torch.compile backend: inductor generates kernels (the fast one); aot_eager / eager "
+        "only trace the model (to check that --compile works, no speed-up).",
+    )
+    group.add_argument(
+        "--compile_mode",
+        type=str,
+        default="default",
+        choices=COMPILE_MODES,
+        help="torch.compile mode (inductor): max-autotune* search kernel configurations (longer "
+        "compilation); reduce-overhead / max-autotune add CUDA graphs (not measured here).",
+    )
+    group.add_argument(
+        "--check_every",
+        type=int,
+        default=20,
+        help="Batches between two reads of the loss on the host (non-finite loss check, progress bar). "
+        "Each read waits for the GPU; 1 reads every loss before its backward pass, so no step ever "
+        "uses a non-finite loss. Either way a non-finite loss stops the run with exit code 1 "
+        "before the epoch's checkpoint.",
+    )
 
 
 def check_speed_args(args: argparse.Namespace) -> None:
@@ -323,9 +353,25 @@ def check_speed_args(args: argparse.Namespace) -> None:
 #: flags that define a run in every training script: a ``--resume`` with another value is
 #: refused (each script adds its own, e.g. the IoU interval or the fine-tuning split)
 COMMON_RESUME_KEYS = (
-    "data_dir", "spatial_dims", "arch", "embedding_size", "crop_size", "low_resource_mode", "drop_path_rate",
-    "use_gradient_checkpointing", "max_images", "batch_size", "accum_iters", "n_epochs", "base_lr", "end_lr",
-    "warmup_epochs", "seed", "use_amp", "amp_dtype", "batch_augment",
+    "data_dir",
+    "spatial_dims",
+    "arch",
+    "embedding_size",
+    "crop_size",
+    "low_resource_mode",
+    "drop_path_rate",
+    "use_gradient_checkpointing",
+    "max_images",
+    "batch_size",
+    "accum_iters",
+    "n_epochs",
+    "base_lr",
+    "end_lr",
+    "warmup_epochs",
+    "seed",
+    "use_amp",
+    "amp_dtype",
+    "batch_augment",
 )
 #: values of resume keys that states saved before the key existed had implicitly
 RESUME_KEY_DEFAULTS = {"batch_augment": False}
@@ -334,44 +380,44 @@ _COMMON_HELP = {
     "data_dir": "Folder of preprocessed data. Required.",
     "spatial_dims": "2: train on 2D slices (the paper); 3: on 3D volumes with cubic crops. Must match --data_dir.",
     "crop_size": "Side of each training crop (and sliding window) in pixels (96 in the paper). Swin needs a multiple of "
-                 "32, UNETR a multiple of 16. Images smaller than this are zero-padded to it.",
+    "32, UNETR a multiple of 16. Images smaller than this are zero-padded to it.",
     "max_images": "Use only the first N images of the sorted list (demos, tests); 0 = all.",
     "batch_augment": "Run the augmentations on the training device as batched tensor operations (batch_augment.py, same "
-                     "distributions as the MONAI chain) instead of per sample in the data workers. Use it on a GPU when "
-                     "the data workers cannot keep up (GPU idle between steps); on the CPU it brings little. It changes "
-                     "the random stream, so a run cannot be resumed with a different value.",
+    "distributions as the MONAI chain) instead of per sample in the data workers. Use it on a GPU when "
+    "the data workers cannot keep up (GPU idle between steps); on the CPU it brings little. It changes "
+    "the random stream, so a run cannot be resumed with a different value.",
     "cache_images": "Decode every 2D training slice once at start-up and keep it in memory as stored (uint8, or uint16 "
-                    "for 16-bit PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice "
-                    "that for 16-bit PNGs; on every rank); the size is read from the PNG headers first and a cache that "
-                    "would not fit in the available memory is refused before decoding. Use it when PNG decoding limits "
-                    "the workers; the numbers do not change. 2D only.",
+    "for 16-bit PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice "
+    "that for 16-bit PNGs; on every rank); the size is read from the PNG headers first and a cache that "
+    "would not fit in the available memory is refused before decoding. Use it when PNG decoding limits "
+    "the workers; the numbers do not change. 2D only.",
     "arch": "Encoder: 'swin' = Swin-UNETR's SwinTransformer (the paper); 'unetr' = UNETR's ViT.",
     "embedding_size": "Swin embedding size C (48 in the paper; the representation has 16*C values). Must be a "
-                      "multiple of 12. For UNETR the ViT hidden size is 16*C.",
+    "multiple of 12. For UNETR the ViT hidden size is 16*C.",
     "drop_path_rate": "Stochastic depth rate of the Swin encoder.",
     "use_gradient_checkpointing": "Recompute Swin activations in the backward pass: less GPU memory, about 30%% slower "
-                                  "(large 3D crops). Swin only.",
+    "(large 3D crops). Swin only.",
     "low_resource_mode": "Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3).",
     "batch_size": "Images per process and per backward pass (the effective batch is batch_size x accum_iters x "
-                  "number of processes).",
+    "number of processes).",
     "n_epochs": "Epochs of training.",
     "base_lr": "Peak learning rate, used as given (no scaling with the batch size).",
     "end_lr": "Learning rate at the end of the cosine schedule.",
     "warmup_epochs": "Epochs of linear learning-rate warm-up from 0 before the cosine decay.",
     "accum_iters": "Backward passes accumulated per optimizer step (a larger effective batch on a small GPU). The last "
-                   "incomplete step of an epoch is skipped.",
+    "incomplete step of an epoch is skipped.",
     "seed": "Random seed (the paper's: 4294967295; its second seed is 381122412).",
     "run_name": "Name of the run; its files are <chkpt_dir>/<run_name>.pt, _last.pt, _log.jsonl, _args.json and _files/.",
     "chkpt_dir": "Folder for every file the run writes (default: the project's runs/ folder).",
     "resume": "Continue an interrupted run: alone, from this run's <run_name>_last.pt; with a path, from that file. The "
-              "flags that define the run must be unchanged.",
+    "flags that define the run must be unchanged.",
     "use_wandb": "Also log every epoch to Weights & Biases (works offline with WANDB_MODE=offline).",
     "wandb_project": "W&B project name.",
     "progress": "Show tqdm progress bars (--no-progress for batch jobs).",
     "device": "'auto' uses CUDA when available. Several GPUs: launch with torchrun.",
     "num_workers": "Data-loading processes per GPU; -1 times a few batches with 0, 2, 4, ... workers and keeps the "
-                   "fastest. The crops depend on it (each worker has its own random stream): keep it fixed to "
-                   "reproduce or resume a run exactly.",
+    "fastest. The crops depend on it (each worker has its own random stream): keep it fixed to "
+    "reproduce or resume a run exactly.",
 }
 
 
@@ -413,8 +459,14 @@ def add_training_args(
     g_model.add_argument("--low_resource_mode", action="store_true", help=text["low_resource_mode"])
 
     g_opt = parser.add_argument_group("optimisation")
-    g_opt.add_argument("--batch_size", *batch_size_aliases, dest="batch_size", type=int, default=d["batch_size"],
-                       help=text["batch_size"])
+    g_opt.add_argument(
+        "--batch_size",
+        *batch_size_aliases,
+        dest="batch_size",
+        type=int,
+        default=d["batch_size"],
+        help=text["batch_size"],
+    )
     g_opt.add_argument("--n_epochs", type=int, default=d["n_epochs"], help=text["n_epochs"])
     g_opt.add_argument("--base_lr", type=float, default=d["base_lr"], help=text["base_lr"])
     g_opt.add_argument("--end_lr", type=float, default=d["end_lr"], help=text["end_lr"])
@@ -458,8 +510,10 @@ def check_training_args(args: argparse.Namespace, min_crop_windows: int = 1) -> 
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be at least 1, got {getattr(args, name)}")
     if not 0 <= args.warmup_epochs <= args.n_epochs:
-        raise UserError(f"--warmup_epochs must lie in [0, --n_epochs={args.n_epochs}], got {args.warmup_epochs}; "
-                        f"lower it for short runs")
+        raise UserError(
+            f"--warmup_epochs must lie in [0, --n_epochs={args.n_epochs}], got {args.warmup_epochs}; "
+            f"lower it for short runs"
+        )
     if not (args.base_lr >= 0 and args.end_lr >= 0):
         raise UserError(f"--base_lr and --end_lr must not be negative, got {args.base_lr} and {args.end_lr}")
     if args.max_images < 0:
@@ -475,7 +529,9 @@ def check_training_args(args: argparse.Namespace, min_crop_windows: int = 1) -> 
     check_speed_args(args)
 
 
-def make_optimizer(cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], fused: bool, **kwargs: Any) -> torch.optim.Optimizer:
+def make_optimizer(
+    cls: type[torch.optim.Optimizer], groups: list[dict[str, Any]], fused: bool, **kwargs: Any
+) -> torch.optim.Optimizer:
     """``cls(groups, **kwargs)``, with its fused implementation when ``fused`` (``--fused_optimizer``)."""
     if fused:
         kwargs["fused"] = True
@@ -497,8 +553,11 @@ def maybe_compile(module: nn.Module, args: argparse.Namespace) -> nn.Module:
     kwargs: dict[str, Any] = {"backend": args.compile_backend, "dynamic": False}
     if args.compile_backend == "inductor":
         kwargs["mode"] = args.compile_mode
-    logger.info("torch.compile of %s (%s); the first steps compile", type(module).__name__,
-                ", ".join(f"{k}={v}" for k, v in kwargs.items()))
+    logger.info(
+        "torch.compile of %s (%s); the first steps compile",
+        type(module).__name__,
+        ", ".join(f"{k}={v}" for k, v in kwargs.items()),
+    )
     return torch.compile(module, **kwargs)
 
 
@@ -529,7 +588,14 @@ def build_loader(
     g.manual_seed(derived_seed(seed, epoch, info.rank))
     sampler = None
     if info.distributed:
-        sampler = DistributedSampler(dataset, num_replicas=info.world_size, rank=info.rank, shuffle=shuffle, seed=int(seed) % (2**31), drop_last=drop_last)
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=info.world_size,
+            rank=info.rank,
+            shuffle=shuffle,
+            seed=int(seed) % (2**31),
+            drop_last=drop_last,
+        )
         sampler.set_epoch(epoch)
         shuffle = False
     kwargs = {}
@@ -578,7 +644,9 @@ def resolve_num_workers(requested: int, state: dict[str, Any] | None, dataset, b
     if saved is not None and int(saved) != n:
         logger.warning(
             "resuming with %d data workers, the run started with %d: the remaining epochs see other random crops "
-            "than an uninterrupted run would", n, int(saved),
+            "than an uninterrupted run would",
+            n,
+            int(saved),
         )
     return n
 
@@ -651,16 +719,26 @@ class LossCheck:
         tensor_keys = [k for k in keys if any(isinstance(logs.get(k), torch.Tensor) for _, _, logs in self.pending)]
         log_values: dict[str, list[float]] = {}
         if tensor_keys:
-            stacked = torch.stack([torch.as_tensor(logs[k], dtype=torch.float32, device=losses.device).reshape(())
-                                   for k in tensor_keys for _, _, logs in self.pending])
+            stacked = torch.stack(
+                [
+                    torch.as_tensor(logs[k], dtype=torch.float32, device=losses.device).reshape(())
+                    for k in tensor_keys
+                    for _, _, logs in self.pending
+                ]
+            )
             flat = stacked.tolist()
             n = len(self.pending)
-            log_values = {k: flat[i * n:(i + 1) * n] for i, k in enumerate(tensor_keys)}
+            log_values = {k: flat[i * n : (i + 1) * n] for i, k in enumerate(tensor_keys)}
         for j, ((it, _, logs), value) in enumerate(zip(self.pending, values)):
             if not math.isfinite(value):
                 self.pending = []
-                late = "" if self.check_every == 1 else (
-                    f" (losses are read every {self.check_every} batches, --check_every; the steps since are not saved)")
+                late = (
+                    ""
+                    if self.check_every == 1
+                    else (
+                        f" (losses are read every {self.check_every} batches, --check_every; the steps since are not saved)"
+                    )
+                )
                 raise TrainingError(
                     f"loss is {value} at epoch {self.epoch + 1}, iteration {it}; stopping{late} "
                     f"(the last good checkpoint is kept; lower the learning rate or try --amp_dtype bf16)"
@@ -724,7 +802,13 @@ def train_one_epoch(
     check = LossCheck(check_every, info, epoch)
     n_batches = iters_per_epoch * accum_iters
     it0 = epoch * iters_per_epoch
-    bar = tqdm(total=iters_per_epoch, desc=f"epoch {epoch + 1}/{n_epochs}", disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
+    bar = tqdm(
+        total=iters_per_epoch,
+        desc=f"epoch {epoch + 1}/{n_epochs}",
+        disable=not (progress and info.is_main),
+        leave=False,
+        dynamic_ncols=True,
+    )
     optimizer.zero_grad(set_to_none=True)
     for b, batch in enumerate(loader):
         if b >= n_batches:
@@ -840,7 +924,13 @@ def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": [list(random.getstate()[1]), random.getstate()[0], random.getstate()[2]],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -875,9 +965,15 @@ def load_training_state(path: str, map_location: str | torch.device = "cpu") -> 
 
 def check_resume_args(saved: dict[str, Any], current: dict[str, Any], keys: Iterable[str], path: str) -> None:
     """Refuse to resume with model / method args that differ from the saved run's."""
-    diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in keys if _jsonish(saved.get(k)) != _jsonish(current.get(k))]
+    diffs = [
+        f"{k}: {saved.get(k)!r} -> {current.get(k)!r}"
+        for k in keys
+        if _jsonish(saved.get(k)) != _jsonish(current.get(k))
+    ]
     if diffs:
-        raise UserError(f"cannot resume {path!r} with different arguments ({'; '.join(diffs)}); start a new --run_name instead")
+        raise UserError(
+            f"cannot resume {path!r} with different arguments ({'; '.join(diffs)}); start a new --run_name instead"
+        )
 
 
 def _jsonish(v: Any) -> Any:
@@ -897,7 +993,15 @@ def args_dict(args) -> dict[str, Any]:
 class EpochLogger:
     """One JSON line per epoch in ``<run>_log.jsonl``, and the same to wandb when enabled."""
 
-    def __init__(self, paths: dict[str, str], info: DistInfo, use_wandb: bool = False, wandb_project: str = "", args: dict | None = None, wandb_id: str | None = None):
+    def __init__(
+        self,
+        paths: dict[str, str],
+        info: DistInfo,
+        use_wandb: bool = False,
+        wandb_project: str = "",
+        args: dict | None = None,
+        wandb_id: str | None = None,
+    ):
         self.paths = paths
         self.info = info
         self.wandb_run = None
@@ -990,8 +1094,10 @@ class RunFiles:
         if self.resume_path is not None:
             state = load_training_state(self.resume_path)
             if state.get("method") != self.method:
-                raise UserError(f"--resume {self.resume_path!r} is a {state.get('method')!r} run, "
-                                f"not a {self.method!r} one (not a training state of this script)")
+                raise UserError(
+                    f"--resume {self.resume_path!r} is a {state.get('method')!r} run, "
+                    f"not a {self.method!r} one (not a training state of this script)"
+                )
             check_resume_args({**RESUME_KEY_DEFAULTS, **state["args"]}, args_d, resume_keys, self.resume_path)
         prepare_run_dir(self.paths, resume=state is not None, info=self.info)
         return state

@@ -88,7 +88,14 @@ FINETUNE_FORMAT = "ioupos-finetune-v1"
 METHOD = "finetune"  # the "method" of fine-tuning's training states
 #: flags that must be equal to resume a run (anything that changes the model, data or schedule)
 RESUME_KEYS = engine.COMMON_RESUME_KEYS + (
-    "split_path", "n_classes", "n_crops_per_ct", "wd", "chkpt_path", "checkpoint_key", "eval_every", "eval_every_from",
+    "split_path",
+    "n_classes",
+    "n_crops_per_ct",
+    "wd",
+    "chkpt_path",
+    "checkpoint_key",
+    "eval_every",
+    "eval_every_from",
     "patience",
 )
 
@@ -121,8 +128,13 @@ def _device_image(image: np.ndarray, device: torch.device) -> Callable[[slice | 
 # ---------------------------------------------------------------------------------------
 
 
-def train_dataset_2d(items: Sequence[dict[str, Any]], crop_size: int, n_crops: int, augment: bool = True,
-                     cache: data.SliceCache | None = None) -> Dataset:
+def train_dataset_2d(
+    items: Sequence[dict[str, Any]],
+    crop_size: int,
+    n_crops: int,
+    augment: bool = True,
+    cache: data.SliceCache | None = None,
+) -> Dataset:
     """The 2D training set: one item per labelled slice, ``n_crops`` crops each (``augment``
     and ``cache``: see :func:`transforms.random_crop_transforms` and
     :class:`transforms.LoadSliceAndLabel2d`)."""
@@ -130,9 +142,17 @@ def train_dataset_2d(items: Sequence[dict[str, Any]], crop_size: int, n_crops: i
     return Dataset(list(items), transform=Compose(steps))
 
 
-def preprocess_config_3d(a_min: float = -500.0, a_max: float = 500.0, pixdim: Sequence[float] = (1.0, 1.0, 2.5), min_xy: int = 96) -> dict[str, Any]:
+def preprocess_config_3d(
+    a_min: float = -500.0, a_max: float = 500.0, pixdim: Sequence[float] = (1.0, 1.0, 2.5), min_xy: int = 96
+) -> dict[str, Any]:
     """The 3D preprocessing settings (they name the cache folder, so changed settings never reuse a stale cache)."""
-    return {"a_min": float(a_min), "a_max": float(a_max), "pixdim": [float(p) for p in pixdim], "min_xy": int(min_xy), "version": 1}
+    return {
+        "a_min": float(a_min),
+        "a_max": float(a_max),
+        "pixdim": [float(p) for p in pixdim],
+        "min_xy": int(min_xy),
+        "version": 1,
+    }
 
 
 def cache_folder_3d(cache_dir: str, config: Mapping[str, Any]) -> str:
@@ -141,14 +161,22 @@ def cache_folder_3d(cache_dir: str, config: Mapping[str, Any]) -> str:
     return os.path.join(os.path.abspath(cache_dir), f"flare3d_{h}")
 
 
-def preprocessed_dataset_3d(items: Sequence[dict[str, Any]], cache_folder: str, config: Mapping[str, Any]) -> PersistentDataset:
+def preprocessed_dataset_3d(
+    items: Sequence[dict[str, Any]], cache_folder: str, config: Mapping[str, Any]
+) -> PersistentDataset:
     """Preprocessed (deterministic) 3D volumes (:func:`transforms.preprocess_steps_3d`),
     cached on disk in ``cache_folder``."""
     return PersistentDataset(list(items), transform=Compose(preprocess_steps_3d(config)), cache_dir=cache_folder)
 
 
-def train_dataset_3d(items: Sequence[dict[str, Any]], cache_folder: str, config: Mapping[str, Any], crop_size: int, n_crops: int,
-                     augment: bool = True) -> PersistentDataset:
+def train_dataset_3d(
+    items: Sequence[dict[str, Any]],
+    cache_folder: str,
+    config: Mapping[str, Any],
+    crop_size: int,
+    n_crops: int,
+    augment: bool = True,
+) -> PersistentDataset:
     """3D training set: the cached preprocessing (same cache files), then random crops and
     (unless ``augment`` is False) augmentations."""
     steps = preprocess_steps_3d(config) + random_crop_transforms(3, crop_size, n_crops, augment)
@@ -180,7 +208,9 @@ def load_preprocessed_3d(ds, index: int, item: Mapping[str, Any], n_classes: int
         root = e
         while root.__cause__ is not None:
             root = root.__cause__
-        raise UserError(f"cannot preprocess {item['image']} / {item['label']}: {type(root).__name__}: {str(root).strip()[:300]}") from None
+        raise UserError(
+            f"cannot preprocess {item['image']} / {item['label']}: {type(root).__name__}: {str(root).strip()[:300]}"
+        ) from None
     check_label_ids(d["label"], n_classes, item["label"])
     return d
 
@@ -244,8 +274,13 @@ def predict_volume(
 # ---------------------------------------------------------------------------------------
 
 
-def paper_dice_values(pred: np.ndarray | torch.Tensor, label: np.ndarray | torch.Tensor, spatial_dims: int, n_classes: int,
-                      chunk: int = 16) -> list[float]:
+def paper_dice_values(
+    pred: np.ndarray | torch.Tensor,
+    label: np.ndarray | torch.Tensor,
+    spatial_dims: int,
+    n_classes: int,
+    chunk: int = 16,
+) -> list[float]:
     """``dice_paper`` values of one case: one per slice (2D; volumes (X, Y, Z)) or one for the
     volume (3D). Computed where ``pred`` lies (the GPU during training), ``chunk`` slices at a time."""
     acc = metrics.PaperDice()
@@ -329,15 +364,25 @@ def evaluate(
     """
     if not cases:
         raise UserError("no validation cases to evaluate (empty validation set)")
-    vis_idx = set(np.unique(np.linspace(0, len(cases) - 1, num=min(n_vis, len(cases))).round().astype(int)).tolist()) if full and n_vis > 0 else set()
+    vis_idx = (
+        set(np.unique(np.linspace(0, len(cases) - 1, num=min(n_vis, len(cases))).round().astype(int)).tolist())
+        if full and n_vis > 0
+        else set()
+    )
     mine = list(range(info.rank, len(cases), info.world_size))
     local = []
     bar = tqdm(mine, desc=desc, disable=not (progress and info.is_main), leave=False, dynamic_ncols=True)
     for i in bar:
         ref = cases[i]
         image, label, affine = load_case(ref)
-        pred_t = predict_volume(model, image, spatial_dims, crop_size, sw_batch_size, sw_overlap, device, autocast, on_device=True)
-        rec: dict[str, Any] = {"index": i, "case": ref.case, "paper": paper_dice_values(pred_t, label, spatial_dims, n_classes)}
+        pred_t = predict_volume(
+            model, image, spatial_dims, crop_size, sw_batch_size, sw_overlap, device, autocast, on_device=True
+        )
+        rec: dict[str, Any] = {
+            "index": i,
+            "case": ref.case,
+            "paper": paper_dice_values(pred_t, label, spatial_dims, n_classes),
+        }
         if not (full or i in vis_idx or save_dir is not None):
             local.append(rec)  # the scores of a routine evaluation need nothing on the host
             continue
@@ -345,7 +390,9 @@ def evaluate(
         if i in vis_idx or save_dir is not None:  # the figure and the saved image want floats
             image = data.stored_to_float(image)
         if full:
-            rec["scores"] = metrics.organ_scores(pred, label, ref.spacing, n_classes=n_classes, tolerance_mm=tolerance_mm, z_axis=-1)
+            rec["scores"] = metrics.organ_scores(
+                pred, label, ref.spacing, n_classes=n_classes, tolerance_mm=tolerance_mm, z_axis=-1
+            )
         if i in vis_idx:
             z = vis_slice(image, label, pred)
             z_name = ref.slices[z]["slice"] if ref.slices else z
@@ -376,7 +423,9 @@ def evaluate(
 # ---------------------------------------------------------------------------------------
 
 
-def finetuned_checkpoint(model: nn.Module, cfg: Mapping[str, Any], n_classes: int, args: Mapping[str, Any], epoch: int, dice_paper: float) -> dict[str, Any]:
+def finetuned_checkpoint(
+    model: nn.Module, cfg: Mapping[str, Any], n_classes: int, args: Mapping[str, Any], epoch: int, dice_paper: float
+) -> dict[str, Any]:
     """The self-describing best-model file ``<run>.pt`` (format ``ioupos-finetune-v1``)."""
     return {
         "format": FINETUNE_FORMAT,
@@ -399,7 +448,9 @@ def load_finetuned(path: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]
     ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FINETUNE_FORMAT:
         fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise UserError(f"--chkpt_path {path!r} is not a fine-tuned model of this project (format {fmt!r}, expected {FINETUNE_FORMAT!r})")
+        raise UserError(
+            f"--chkpt_path {path!r} is not a fine-tuned model of this project (format {fmt!r}, expected {FINETUNE_FORMAT!r})"
+        )
     cfg = dict(ckpt["model_config"])
     model = models.build_segmenter(cfg, int(ckpt["n_classes"]))
     try:
@@ -435,13 +486,18 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.sw_batch_size >= 1, f"--sw_batch_size must be at least 1, got {args.sw_batch_size}")
     need(0 <= args.sw_overlap < 1, f"--sw_overlap must be in [0, 1), got {args.sw_overlap}")
     need(args.n_vis >= 0, f"--n_vis must be 0 or positive, got {args.n_vis}")
-    need(args.nsd_tolerance_mm is None or args.nsd_tolerance_mm >= 0,
-         f"--nsd_tolerance_mm must not be negative, got {args.nsd_tolerance_mm}")
+    need(
+        args.nsd_tolerance_mm is None or args.nsd_tolerance_mm >= 0,
+        f"--nsd_tolerance_mm must not be negative, got {args.nsd_tolerance_mm}",
+    )
     if args.eval_only:
         need(args.chkpt_path is not None, "--eval_only needs --chkpt_path, the fine-tuned model to evaluate")
         need(args.resume is None, "--eval_only and --resume cannot be used together")
-        need(not args.cache_images, "--cache_images caches the training slices; --eval_only does not train "
-                                    "(--cache_eval caches evaluated cases)")
+        need(
+            not args.cache_images,
+            "--cache_images caches the training slices; --eval_only does not train "
+            "(--cache_eval caches evaluated cases)",
+        )
         engine.check_speed_args(args)
 
 
@@ -508,23 +564,36 @@ class FinetuneData:
             cache = None
             if args.cache_images:
                 paths = [p for it in self.train_items for p in (it["image"], it["label"])]
-                cache = SliceCache.build(paths, f"{len(self.train_items):,} training slices and their labels",
-                                         "--cache_images", copies=info.local_world_size, progress=progress)
-            self.train_ds = train_dataset_2d(self.train_items, args.crop_size, args.n_crops_per_ct,
-                                             augment=not args.batch_augment, cache=cache)
+                cache = SliceCache.build(
+                    paths,
+                    f"{len(self.train_items):,} training slices and their labels",
+                    "--cache_images",
+                    copies=info.local_world_size,
+                    progress=progress,
+                )
+            self.train_ds = train_dataset_2d(
+                self.train_items, args.crop_size, args.n_crops_per_ct, augment=not args.batch_augment, cache=cache
+            )
         if args.cache_eval:  # filled at the first evaluation; refused now if it cannot fit
             self.case_cache = CaseCache(lambda ref: load_case_2d(ref, args.n_classes, stored=True))
             evaluated = list(val_items) + (list(train_items) if args.eval_train else [])
-            need = SliceCache.planned_nbytes([p for it in evaluated for p in (it["image"], it["label"])], progress=progress)
-            check_fits_in_memory(need, f"--cache_eval: {len(evaluated):,} evaluated slices and their labels",
-                                 "pass --no-cache_eval to read them from the PNGs at every evaluation")
+            need = SliceCache.planned_nbytes(
+                [p for it in evaluated for p in (it["image"], it["label"])], progress=progress
+            )
+            check_fits_in_memory(
+                need,
+                f"--cache_eval: {len(evaluated):,} evaluated slices and their labels",
+                "pass --no-cache_eval to read them from the PNGs at every evaluation",
+            )
 
     def _init_3d(self, args, train_items, val_items, need_train: bool, progress: bool) -> None:
         config = preprocess_config_3d()
         folder = prepare_cache_3d(args.cache_dir, config)
         logger.info("3D preprocessing cache: %s", folder)
         eval_train_items = train_items if args.eval_train else []
-        all_items = list({it["case"]: it for it in (list(self.train_items) + eval_train_items + list(val_items))}.values())
+        all_items = list(
+            {it["case"]: it for it in (list(self.train_items) + eval_train_items + list(val_items))}.values()
+        )
         self.pre_ds = preprocessed_dataset_3d(all_items, folder, config)
         index = {it["case"]: i for i, it in enumerate(all_items)}
         for i, it in enumerate(tqdm(all_items, desc="preprocessing (cached)", disable=not progress, leave=False)):
@@ -532,10 +601,13 @@ class FinetuneData:
         pixdim = tuple(config["pixdim"])
         self._items = all_items
         self.val_cases = [CaseRef(case=it["case"], spacing=pixdim, index=index[it["case"]]) for it in val_items]
-        self.train_cases = [CaseRef(case=it["case"], spacing=pixdim, index=index[it["case"]]) for it in eval_train_items]
+        self.train_cases = [
+            CaseRef(case=it["case"], spacing=pixdim, index=index[it["case"]]) for it in eval_train_items
+        ]
         if need_train:
-            self.train_ds = train_dataset_3d(self.train_items, folder, config, args.crop_size, args.n_crops_per_ct,
-                                             augment=not args.batch_augment)
+            self.train_ds = train_dataset_3d(
+                self.train_items, folder, config, args.crop_size, args.n_crops_per_ct, augment=not args.batch_augment
+            )
 
     def load_case(self, ref: CaseRef) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``(image (X, Y, Z), label (X, Y, Z) uint8, affine)`` of an evaluation case."""
@@ -554,19 +626,43 @@ class FinetuneData:
 # ---------------------------------------------------------------------------------------
 
 
-def evaluate_cases(model: nn.Module, cases: Sequence[CaseRef], dat: FinetuneData, args: argparse.Namespace,
-                   info: engine.DistInfo, amp: engine.Amp, full: bool, desc: str, save_dir: str | None = None) -> EvalResult:
+def evaluate_cases(
+    model: nn.Module,
+    cases: Sequence[CaseRef],
+    dat: FinetuneData,
+    args: argparse.Namespace,
+    info: engine.DistInfo,
+    amp: engine.Amp,
+    full: bool,
+    desc: str,
+    save_dir: str | None = None,
+) -> EvalResult:
     """:func:`evaluate` with the run's flags (tolerances, sliding window, figure slices)."""
     tol = metrics.FLARE22_TOLERANCE_MM if args.nsd_tolerance_mm is None else float(args.nsd_tolerance_mm)
     n_cached = len(dat.case_cache.cases) if dat.case_cache is not None else 0
     res = evaluate(
-        model, cases, dat.load_case, spatial_dims=args.spatial_dims, n_classes=args.n_classes, crop_size=args.crop_size,
-        sw_batch_size=args.sw_batch_size, sw_overlap=args.sw_overlap, device=info.device, autocast=amp.autocast, info=info,
-        full=full, tolerance_mm=tol, n_vis=args.n_vis if desc == "val" else 0, save_dir=save_dir, progress=args.progress,
+        model,
+        cases,
+        dat.load_case,
+        spatial_dims=args.spatial_dims,
+        n_classes=args.n_classes,
+        crop_size=args.crop_size,
+        sw_batch_size=args.sw_batch_size,
+        sw_overlap=args.sw_overlap,
+        device=info.device,
+        autocast=amp.autocast,
+        info=info,
+        full=full,
+        tolerance_mm=tol,
+        n_vis=args.n_vis if desc == "val" else 0,
+        save_dir=save_dir,
+        progress=args.progress,
         desc=desc,
     )
     if dat.case_cache is not None and len(dat.case_cache.cases) > n_cached:
-        logger.info("--cache_eval: %d cases in memory (%.2f GB)", len(dat.case_cache.cases), dat.case_cache.nbytes / 1e9)
+        logger.info(
+            "--cache_eval: %d cases in memory (%.2f GB)", len(dat.case_cache.cases), dat.case_cache.nbytes / 1e9
+        )
     return res
 
 
@@ -577,8 +673,15 @@ def _prepare_predictions_dir(args: argparse.Namespace, info: engine.DistInfo) ->
         torch.distributed.barrier()
 
 
-def final_outputs(model: nn.Module, dat: FinetuneData, args: argparse.Namespace, info: engine.DistInfo, amp: engine.Amp,
-                  paths: dict[str, str], val_result: EvalResult | None = None) -> dict[str, Any]:
+def final_outputs(
+    model: nn.Module,
+    dat: FinetuneData,
+    args: argparse.Namespace,
+    info: engine.DistInfo,
+    amp: engine.Amp,
+    paths: dict[str, str],
+    val_result: EvalResult | None = None,
+) -> dict[str, Any]:
     """Challenge-grade scores, figure and summary of ``model`` on the validation (and train) cases.
 
     ``val_result``: a full evaluation of this very model done during training (the last
@@ -588,7 +691,9 @@ def final_outputs(model: nn.Module, dat: FinetuneData, args: argparse.Namespace,
     _prepare_predictions_dir(args, info)
     res = val_result
     if res is None or res.per_case is None:
-        res = evaluate_cases(model, dat.val_cases, dat, args, info, amp, full=True, desc="val", save_dir=args.save_predictions)
+        res = evaluate_cases(
+            model, dat.val_cases, dat, args, info, amp, full=True, desc="val", save_dir=args.save_predictions
+        )
     out: dict[str, Any] = {"dice_paper": res.dice_paper, "n_val_items": res.n_items}
     summary = metrics.summarize_case_scores(res.per_case)
     out["summary"] = {k: v for k, v in summary.items() if k != "per_case"}
@@ -598,11 +703,14 @@ def final_outputs(model: nn.Module, dat: FinetuneData, args: argparse.Namespace,
         out["scores"], out["scores_csv"] = files["json"], files["csv"]
         if res.vis:
             img, lab, prd, titles = zip(*res.vis)
-            out["figure"] = metrics.plot_predictions(img, lab, prd, os.path.join(paths["dir"], "predictions.png"),
-                                                     titles=titles, n_classes=args.n_classes)
+            out["figure"] = metrics.plot_predictions(
+                img, lab, prd, os.path.join(paths["dir"], "predictions.png"), titles=titles, n_classes=args.n_classes
+            )
         # the scores are the command's result: stdout (progress and messages go to the log on stderr)
-        print(f"dice_paper (the paper's score: per-slice Dice incl. background, mean over {res.n_items} slices/volumes): "
-              f"{res.dice_paper:.4f}")
+        print(
+            f"dice_paper (the paper's score: per-slice Dice incl. background, mean over {res.n_items} slices/volumes): "
+            f"{res.dice_paper:.4f}"
+        )
         print(metrics.format_summary(summary))
     else:
         out["scores"] = os.path.join(paths["dir"], "val_scores.json")
@@ -638,7 +746,12 @@ class EarlyStopping:
         return False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"dice_paper": self.dice_paper, "epoch": self.epoch, "bad_evals": self.bad_evals, "stopped": self.stopped}
+        return {
+            "dice_paper": self.dice_paper,
+            "epoch": self.epoch,
+            "bad_evals": self.bad_evals,
+            "stopped": self.stopped,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.dice_paper, self.epoch = float(state["dice_paper"]), int(state["epoch"])
@@ -660,10 +773,13 @@ class Segmentation:
         self.args = args
         self.info = info
         self.model = model
-        self.optimizer = engine.make_optimizer(torch.optim.AdamW, engine.param_groups(model), args.fused_optimizer,
-                                               lr=args.base_lr)
+        self.optimizer = engine.make_optimizer(
+            torch.optim.AdamW, engine.param_groups(model), args.fused_optimizer, lr=args.base_lr
+        )
         self.amp = engine.Amp(info.device, args.use_amp, args.amp_dtype)
-        self.lr_schedule = engine.cosine_schedule(args.base_lr, args.end_lr, args.n_epochs, iters_per_epoch, args.warmup_epochs)
+        self.lr_schedule = engine.cosine_schedule(
+            args.base_lr, args.end_lr, args.n_epochs, iters_per_epoch, args.warmup_epochs
+        )
         self.wd_schedule = np.full(args.n_epochs * iters_per_epoch, args.wd)
         self.criterion = DiceCELoss(to_onehot_y=True, softmax=True)
         # --compile: the training forward only (evaluation stays eager)
@@ -687,7 +803,11 @@ class Segmentation:
         return self.criterion(self.train_module(x), y), {}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(), "amp": self.amp.state_dict()}
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "amp": self.amp.state_dict(),
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
@@ -729,12 +849,20 @@ def _evaluate_only(args: argparse.Namespace, info: engine.DistInfo) -> dict[str,
     logger.info("evaluating %s; outputs in %s", args.chkpt_path, paths["dir"])
     model, cfg, ckpt = load_finetuned(args.chkpt_path)
     if cfg["spatial_dims"] != args.spatial_dims:
-        raise UserError(f"--chkpt_path {args.chkpt_path!r} is a {cfg['spatial_dims']}D model but --spatial_dims is {args.spatial_dims}")
+        raise UserError(
+            f"--chkpt_path {args.chkpt_path!r} is a {cfg['spatial_dims']}D model but --spatial_dims is {args.spatial_dims}"
+        )
     if int(ckpt["n_classes"]) != args.n_classes:
-        raise UserError(f"--chkpt_path {args.chkpt_path!r} predicts {ckpt['n_classes']} classes but --n_classes is {args.n_classes}")
+        raise UserError(
+            f"--chkpt_path {args.chkpt_path!r} predicts {ckpt['n_classes']} classes but --n_classes is {args.n_classes}"
+        )
     saved_crop = int(ckpt.get("args", {}).get("crop_size", args.crop_size))
     if saved_crop != args.crop_size:
-        logger.info("using the model's training crop size %d for the sliding window (not --crop_size %d)", saved_crop, args.crop_size)
+        logger.info(
+            "using the model's training crop size %d for the sliding window (not --crop_size %d)",
+            saved_crop,
+            args.crop_size,
+        )
         args.crop_size = saved_crop
     if info.is_main:
         os.makedirs(paths["dir"], exist_ok=True)
@@ -743,15 +871,22 @@ def _evaluate_only(args: argparse.Namespace, info: engine.DistInfo) -> dict[str,
     dat = FinetuneData(args, info, need_train=False)
     out = final_outputs(model, dat, args, info, amp, paths)
     result = {
-        "run_name": args.run_name, "weights": args.chkpt_path, "log": None, "epochs_done": 0,
-        "best_dice_paper": out["dice_paper"], "best_epoch": int(ckpt.get("epoch", 0)), **out,
+        "run_name": args.run_name,
+        "weights": args.chkpt_path,
+        "log": None,
+        "epochs_done": 0,
+        "best_dice_paper": out["dice_paper"],
+        "best_epoch": int(ckpt.get("epoch", 0)),
+        **out,
     }
     if info.is_main:
         atomic_write_json(os.path.join(paths["dir"], "result.json"), result)
     return result
 
 
-def _build_model(args: argparse.Namespace, cfg: dict[str, Any], state: dict[str, Any] | None, info: engine.DistInfo) -> tuple[nn.Module, int | None]:
+def _build_model(
+    args: argparse.Namespace, cfg: dict[str, Any], state: dict[str, Any] | None, info: engine.DistInfo
+) -> tuple[nn.Module, int | None]:
     """The segmenter, with the pretrained encoder of ``--chkpt_path`` in a new run (the count
     of loaded tensors is returned; a resumed run restores everything from its state)."""
     engine.fix_random_seeds(args.seed)
@@ -759,7 +894,9 @@ def _build_model(args: argparse.Namespace, cfg: dict[str, Any], state: dict[str,
     n_loaded = None
     if args.chkpt_path and state is None:
         n_loaded = models.load_pretrained_encoder(model, args.chkpt_path, cfg, args.checkpoint_key)
-        logger.info("loaded %d encoder tensors from %s (--checkpoint_key %s)", n_loaded, args.chkpt_path, args.checkpoint_key)
+        logger.info(
+            "loaded %d encoder tensors from %s (--checkpoint_key %s)", n_loaded, args.chkpt_path, args.checkpoint_key
+        )
     elif state is not None and args.chkpt_path:
         n_loaded = state.get("pretrained_tensors")
     return model.to(info.device), n_loaded
@@ -779,11 +916,18 @@ def _train(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
     per_step = args.batch_size * info.world_size * args.accum_iters
     iters_per_epoch = len(dat.train_ds) // per_step
     if iters_per_epoch == 0:
-        raise UserError(f"{len(dat.train_ds)} training slices are fewer than one optimizer step needs "
-                        f"({per_step} = batch_size x processes x accum_iters)")
+        raise UserError(
+            f"{len(dat.train_ds)} training slices are fewer than one optimizer step needs "
+            f"({per_step} = batch_size x processes x accum_iters)"
+        )
     n_workers = engine.resolve_num_workers(args.num_workers, state, dat.train_ds, args.batch_size)
-    logger.info("%d training slices/volumes (x %d crops), %d validation cases, %d steps per epoch",
-                len(dat.train_ds), args.n_crops_per_ct, len(dat.val_cases), iters_per_epoch)
+    logger.info(
+        "%d training slices/volumes (x %d crops), %d validation cases, %d steps per epoch",
+        len(dat.train_ds),
+        args.n_crops_per_ct,
+        len(dat.val_cases),
+        iters_per_epoch,
+    )
 
     seg = Segmentation(args, model, info, iters_per_epoch)
     best = EarlyStopping(args.patience)
@@ -795,8 +939,13 @@ def _train(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
         best.load_state_dict(state["best"])
         start_epoch, wandb_id = int(state["epoch"]), state.get("wandb_id")
         run.restore_log(state)
-        logger.info("resumed %s after epoch %d (best dice_paper %.4f at epoch %d)", run.resume_path, start_epoch,
-                    best.dice_paper, best.epoch)
+        logger.info(
+            "resumed %s after epoch %d (best dice_paper %.4f at epoch %d)",
+            run.resume_path,
+            start_epoch,
+            best.dice_paper,
+            best.epoch,
+        )
     engine.write_args(paths, args_d, info)
 
     elog = engine.EpochLogger(paths, info, args.use_wandb, args.wandb_project, args_d, wandb_id)
@@ -812,17 +961,34 @@ def _train(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
                 if res is not None:
                     best_result = res
             record["time_s"] = round(time.time() - t0, 3)
-            run.end_epoch({
-                "epoch": epoch, **seg.state_dict(), "rng": engine.rng_state(), "best": best.state_dict(),
-                "wandb_id": elog.wandb_id, "args": args_d, "pretrained_tensors": n_loaded, "num_workers": n_workers,
-            }, record, elog)
+            run.end_epoch(
+                {
+                    "epoch": epoch,
+                    **seg.state_dict(),
+                    "rng": engine.rng_state(),
+                    "best": best.state_dict(),
+                    "wandb_id": elog.wandb_id,
+                    "args": args_d,
+                    "pretrained_tensors": n_loaded,
+                    "num_workers": n_workers,
+                },
+                record,
+                elog,
+            )
             if best.stopped:
                 logger.info("early stopping after epoch %d: %d evaluations without improvement", epoch, best.bad_evals)
         out = _final_scores(args, seg, dat, best, best_result, info, paths)
         result = {
-            "run_name": args.run_name, "weights": paths["weights"], "log": paths["log"], "epochs_done": epoch,
-            "best_dice_paper": best.dice_paper, "best_epoch": best.epoch, "stopped_early": bool(best.stopped),
-            "pretrained": args.chkpt_path, "pretrained_tensors": n_loaded, **out,
+            "run_name": args.run_name,
+            "weights": paths["weights"],
+            "log": paths["log"],
+            "epochs_done": epoch,
+            "best_dice_paper": best.dice_paper,
+            "best_epoch": best.epoch,
+            "stopped_early": bool(best.stopped),
+            "pretrained": args.chkpt_path,
+            "pretrained_tensors": n_loaded,
+            **out,
         }
         run.write_result(result)
         return result
@@ -830,17 +996,36 @@ def _train(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
         elog.finish()
 
 
-def _train_epoch(args: argparse.Namespace, seg: Segmentation, dat: FinetuneData, n_workers: int, epoch: int,
-                 info: engine.DistInfo, iters_per_epoch: int) -> dict[str, float]:
+def _train_epoch(
+    args: argparse.Namespace,
+    seg: Segmentation,
+    dat: FinetuneData,
+    n_workers: int,
+    epoch: int,
+    info: engine.DistInfo,
+    iters_per_epoch: int,
+) -> dict[str, float]:
     """One epoch of training on a fresh loader seeded from (seed, epoch, rank)."""
     seg.start_epoch(epoch)
-    loader = engine.build_loader(dat.train_ds, args.batch_size, n_workers, args.seed, epoch, info,
-                                 pin_memory=info.device.type == "cuda")
+    loader = engine.build_loader(
+        dat.train_ds, args.batch_size, n_workers, args.seed, epoch, info, pin_memory=info.device.type == "cuda"
+    )
     try:
         return engine.train_one_epoch(
-            seg.train_module, loader, seg.optimizer, seg.loss_fn, epoch=epoch, n_epochs=args.n_epochs,
-            iters_per_epoch=iters_per_epoch, lr_schedule=seg.lr_schedule, base_lr=args.base_lr,
-            wd_schedule=seg.wd_schedule, amp=seg.amp, accum_iters=args.accum_iters, info=info, progress=args.progress,
+            seg.train_module,
+            loader,
+            seg.optimizer,
+            seg.loss_fn,
+            epoch=epoch,
+            n_epochs=args.n_epochs,
+            iters_per_epoch=iters_per_epoch,
+            lr_schedule=seg.lr_schedule,
+            base_lr=args.base_lr,
+            wd_schedule=seg.wd_schedule,
+            amp=seg.amp,
+            accum_iters=args.accum_iters,
+            info=info,
+            progress=args.progress,
             check_every=args.check_every,
         )
     except (UserError, TrainingError):
@@ -854,32 +1039,61 @@ def _train_epoch(args: argparse.Namespace, seg: Segmentation, dat: FinetuneData,
         del loader
 
 
-def _evaluate_epoch(args: argparse.Namespace, seg: Segmentation, dat: FinetuneData, best: EarlyStopping, epoch: int,
-                    info: engine.DistInfo, cfg: dict[str, Any], paths: dict[str, str],
-                    record: dict[str, Any]) -> EvalResult | None:
+def _evaluate_epoch(
+    args: argparse.Namespace,
+    seg: Segmentation,
+    dat: FinetuneData,
+    best: EarlyStopping,
+    epoch: int,
+    info: engine.DistInfo,
+    cfg: dict[str, Any],
+    paths: dict[str, str],
+    record: dict[str, Any],
+) -> EvalResult | None:
     """Evaluate after ``epoch``, save the model when it is the best so far, and add the
     scores to ``record``. The last epoch gets the full scores at once (if it is the best,
     they are the final ones): returns that result when it is the new best, else None."""
     full = epoch == args.n_epochs
     if full:
         _prepare_predictions_dir(args, info)
-    res = evaluate_cases(seg.model, dat.val_cases, dat, args, info, seg.amp, full=full, desc="val",
-                         save_dir=args.save_predictions if full else None)
+    res = evaluate_cases(
+        seg.model,
+        dat.val_cases,
+        dat,
+        args,
+        info,
+        seg.amp,
+        full=full,
+        desc="val",
+        save_dir=args.save_predictions if full else None,
+    )
     record["val_dice_paper"] = res.dice_paper
     if args.eval_train and dat.train_cases:
-        record["train_dice_paper"] = evaluate_cases(seg.model, dat.train_cases, dat, args, info, seg.amp, full=False,
-                                                    desc="train").dice_paper
+        record["train_dice_paper"] = evaluate_cases(
+            seg.model, dat.train_cases, dat, args, info, seg.amp, full=False, desc="train"
+        ).dice_paper
     improved = best.update(epoch, res.dice_paper)
     if improved and info.is_main:
-        atomic_torch_save(finetuned_checkpoint(seg.model, cfg, args.n_classes, engine.args_dict(args), epoch, res.dice_paper),
-                          paths["weights"])
+        atomic_torch_save(
+            finetuned_checkpoint(seg.model, cfg, args.n_classes, engine.args_dict(args), epoch, res.dice_paper),
+            paths["weights"],
+        )
     record.update(best_dice_paper=best.dice_paper, best_epoch=best.epoch)
-    logger.info("epoch %d: val dice_paper %.4f (best %.4f at epoch %d)", epoch, res.dice_paper, best.dice_paper, best.epoch)
+    logger.info(
+        "epoch %d: val dice_paper %.4f (best %.4f at epoch %d)", epoch, res.dice_paper, best.dice_paper, best.epoch
+    )
     return res if improved and full else None
 
 
-def _final_scores(args: argparse.Namespace, seg: Segmentation, dat: FinetuneData, best: EarlyStopping,
-                  best_result: EvalResult | None, info: engine.DistInfo, paths: dict[str, str]) -> dict[str, Any]:
+def _final_scores(
+    args: argparse.Namespace,
+    seg: Segmentation,
+    dat: FinetuneData,
+    best: EarlyStopping,
+    best_result: EvalResult | None,
+    info: engine.DistInfo,
+    paths: dict[str, str],
+) -> dict[str, Any]:
     """The best model reloaded from ``<run>.pt`` and scored (:func:`final_outputs`)."""
     if info.distributed:
         torch.distributed.barrier()
@@ -888,6 +1102,9 @@ def _final_scores(args: argparse.Namespace, seg: Segmentation, dat: FinetuneData
     seg.model.load_state_dict(torch_load(paths["weights"])["model"])
     out = final_outputs(seg.model, dat, args, info, seg.amp, paths, val_result=best_result)
     if abs(out["dice_paper"] - best.dice_paper) > 1e-6:
-        logger.warning("the final dice_paper %.6f differs from the best one during training %.6f", out["dice_paper"],
-                       best.dice_paper)
+        logger.warning(
+            "the final dice_paper %.6f differs from the best one during training %.6f",
+            out["dice_paper"],
+            best.dice_paper,
+        )
     return out

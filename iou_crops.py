@@ -93,7 +93,9 @@ def _crop_size_tuple(crop_size: SizeLike, ndim: int) -> tuple[int, ...]:
         except TypeError:
             raise ValueError(f"crop_size must be an int or a sequence of ints, got {crop_size!r}") from None
         if len(size) != ndim:
-            raise ValueError(f"crop_size {tuple(crop_size)} has {len(size)} values, but the image has {ndim} spatial axes")
+            raise ValueError(
+                f"crop_size {tuple(crop_size)} has {len(size)} values, but the image has {ndim} spatial axes"
+            )
         if not all(_is_int(s) for s in size):
             raise ValueError(f"crop_size must contain integers, got {size}")
         size = tuple(int(s) for s in size)
@@ -181,7 +183,9 @@ class _ClassTable:
         # the same float64 division of the same integers as crop_iou: identical values
         self.iou = inter.astype(np.float64) / (2 * vol - inter).astype(np.float64)
         self.valid = _ClassSet((self.iou >= min_iou) & (self.iou <= max_iou))
-        self.dist = np.where(self.iou < min_iou, min_iou - self.iou, np.where(self.iou > max_iou, self.iou - max_iou, 0.0))
+        self.dist = np.where(
+            self.iou < min_iou, min_iou - self.iou, np.where(self.iou > max_iou, self.iou - max_iou, 0.0)
+        )
 
 
 def _reach(member: np.ndarray) -> np.ndarray:
@@ -567,7 +571,9 @@ class IoUCropSampler:
         if plan is not None:
             return plan
         if self.ndim is not None and len(shape) != self.ndim:
-            raise ValueError(f"image shape {shape} has {len(shape)} axes, but crop_size {self._size_arg} has {self.ndim}")
+            raise ValueError(
+                f"image shape {shape} has {len(shape)} axes, but crop_size {self._size_arg} has {self.ndim}"
+            )
         if len(shape) not in (2, 3):
             raise ValueError(f"image shape {shape} must have 2 or 3 spatial axes (no channel axis)")
         if not all(_is_int(s) and s > 0 for s in shape):
@@ -652,7 +658,9 @@ def _spatial_shape(img: Any, name: str) -> tuple[int, ...]:
     if not isinstance(img, (np.ndarray, torch.Tensor)):
         raise TypeError(f"{name}: expected a numpy array, torch tensor or MetaTensor, got {type(img).__name__}")
     if img.ndim not in (3, 4):
-        raise ValueError(f"{name}: expected a channel-first 2D or 3D image (C, H, W[, D]), got shape {tuple(img.shape)}")
+        raise ValueError(
+            f"{name}: expected a channel-first 2D or 3D image (C, H, W[, D]), got shape {tuple(img.shape)}"
+        )
     return tuple(int(s) for s in img.shape[1:])
 
 
@@ -846,15 +854,28 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = parser.add_argument_group("image and crops")
-    g.add_argument("--image_shape", type=int, nargs="+", required=True,
-                   help="spatial shape of the image, 2 or 3 ints in array order (no channel axis)")
-    g.add_argument("--crop_size", type=int, nargs="+", default=[96],
-                   help="crop size: one int for square/cubic crops or one per axis for rectangular/cuboid crops")
+    g.add_argument(
+        "--image_shape",
+        type=int,
+        nargs="+",
+        required=True,
+        help="spatial shape of the image, 2 or 3 ints in array order (no channel axis)",
+    )
+    g.add_argument(
+        "--crop_size",
+        type=int,
+        nargs="+",
+        default=[96],
+        help="crop size: one int for square/cubic crops or one per axis for rectangular/cuboid crops",
+    )
     g = parser.add_argument_group("interval")
     g.add_argument("--min_iou", type=float, default=0.3, help="lower end of the IoU interval (paper's best: 0.3)")
     g.add_argument("--max_iou", type=float, default=0.6, help="upper end of the IoU interval (paper's best: 0.6)")
-    g.add_argument("--strict", action="store_true",
-                   help="fail when the image admits no pair in the interval instead of returning the closest pair")
+    g.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail when the image admits no pair in the interval instead of returning the closest pair",
+    )
     g = parser.add_argument_group("sampling")
     g.add_argument("--n", type=int, default=5, help="number of pairs to print")
     g.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator; change it for other pairs")

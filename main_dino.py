@@ -50,33 +50,92 @@ def get_args_parser() -> argparse.ArgumentParser:
         description="Pretrain a Swin-UNETR / UNETR encoder with DINO on crop pairs whose IoU lies in [min_iou, max_iou].",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    groups = add_common_args(parser, "dino", {"base_lr": 5e-5, "warmup_epochs": 10, "end_lr": 1e-6}, ("--batch_size_per_gpu",))
+    groups = add_common_args(
+        parser, "dino", {"base_lr": 5e-5, "warmup_epochs": 10, "end_lr": 1e-6}, ("--batch_size_per_gpu",)
+    )
     opt = groups["optim"]
-    opt.add_argument("--weight_decay", "--wd", "--base_wd", dest="weight_decay", type=float, default=0.04,
-                     help="AdamW weight decay at the start of the cosine weight-decay schedule (not on biases and norms).")
-    opt.add_argument("--weight_decay_end", "--end_wd", dest="weight_decay_end", type=float, default=0.4,
-                     help="Weight decay at the end of training.")
-    opt.add_argument("--clip_grad", type=float, default=3.0,
-                     help="Clip each parameter's gradient to this L2 norm (as DINO's code does); 0 disables.")
-    opt.add_argument("--freeze_last_layer", type=int, default=1,
-                     help="Epochs during which the head's last layer is not updated (helps the start; raise it if the loss does not fall).")
+    opt.add_argument(
+        "--weight_decay",
+        "--wd",
+        "--base_wd",
+        dest="weight_decay",
+        type=float,
+        default=0.04,
+        help="AdamW weight decay at the start of the cosine weight-decay schedule (not on biases and norms).",
+    )
+    opt.add_argument(
+        "--weight_decay_end",
+        "--end_wd",
+        dest="weight_decay_end",
+        type=float,
+        default=0.4,
+        help="Weight decay at the end of training.",
+    )
+    opt.add_argument(
+        "--clip_grad",
+        type=float,
+        default=3.0,
+        help="Clip each parameter's gradient to this L2 norm (as DINO's code does); 0 disables.",
+    )
+    opt.add_argument(
+        "--freeze_last_layer",
+        type=int,
+        default=1,
+        help="Epochs during which the head's last layer is not updated (helps the start; raise it if the loss does not fall).",
+    )
     g = parser.add_argument_group("DINO")
-    g.add_argument("--out_dim", type=int, default=1024,
-                   help=f"Dimension K of the head's output (the softmax). {LOW_RESOURCE_HEAD['out_dim']} with --low_resource_mode.")
-    g.add_argument("--hidden_dim", type=int, default=2048,
-                   help=f"Hidden width of the head's MLP. {LOW_RESOURCE_HEAD['hidden_dim']} with --low_resource_mode.")
-    g.add_argument("--bottleneck_dim", type=int, default=256,
-                   help=f"Bottleneck before the weight-normed last layer. {LOW_RESOURCE_HEAD['bottleneck_dim']} with --low_resource_mode.")
-    g.add_argument("--momentum_teacher", "--base_momentum", dest="momentum_teacher", type=float, default=0.9995,
-                   help="Teacher EMA momentum at the start; it follows a cosine schedule to 1.")
+    g.add_argument(
+        "--out_dim",
+        type=int,
+        default=1024,
+        help=f"Dimension K of the head's output (the softmax). {LOW_RESOURCE_HEAD['out_dim']} with --low_resource_mode.",
+    )
+    g.add_argument(
+        "--hidden_dim",
+        type=int,
+        default=2048,
+        help=f"Hidden width of the head's MLP. {LOW_RESOURCE_HEAD['hidden_dim']} with --low_resource_mode.",
+    )
+    g.add_argument(
+        "--bottleneck_dim",
+        type=int,
+        default=256,
+        help=f"Bottleneck before the weight-normed last layer. {LOW_RESOURCE_HEAD['bottleneck_dim']} with --low_resource_mode.",
+    )
+    g.add_argument(
+        "--momentum_teacher",
+        "--base_momentum",
+        dest="momentum_teacher",
+        type=float,
+        default=0.9995,
+        help="Teacher EMA momentum at the start; it follows a cosine schedule to 1.",
+    )
     g.add_argument("--student_temp", type=float, default=0.1, help="Temperature of the student's softmax.")
-    g.add_argument("--teacher_temp", type=float, default=0.04,
-                   help="Temperature of the teacher's softmax after the warm-up (lower = sharper targets).")
-    g.add_argument("--warmup_teacher_temp", "--init_teacher_temp", dest="warmup_teacher_temp", type=float, default=0.04,
-                   help="Teacher temperature at the start of its linear warm-up.")
-    g.add_argument("--warmup_teacher_temp_epochs", "--teacher_temp_warmup_epochs", dest="warmup_teacher_temp_epochs",
-                   type=int, default=0, help="Epochs of the teacher-temperature warm-up.")
-    g.add_argument("--center_momentum", type=float, default=0.9, help="EMA momentum of the centre of the teacher outputs.")
+    g.add_argument(
+        "--teacher_temp",
+        type=float,
+        default=0.04,
+        help="Temperature of the teacher's softmax after the warm-up (lower = sharper targets).",
+    )
+    g.add_argument(
+        "--warmup_teacher_temp",
+        "--init_teacher_temp",
+        dest="warmup_teacher_temp",
+        type=float,
+        default=0.04,
+        help="Teacher temperature at the start of its linear warm-up.",
+    )
+    g.add_argument(
+        "--warmup_teacher_temp_epochs",
+        "--teacher_temp_warmup_epochs",
+        dest="warmup_teacher_temp_epochs",
+        type=int,
+        default=0,
+        help="Epochs of the teacher-temperature warm-up.",
+    )
+    g.add_argument(
+        "--center_momentum", type=float, default=0.9, help="EMA momentum of the centre of the teacher outputs."
+    )
     return parser
 
 
@@ -87,8 +146,18 @@ class DINOMethod(PretrainMethod):
 
     name = "dino"
     resume_keys = (
-        "weight_decay", "weight_decay_end", "clip_grad", "freeze_last_layer", "out_dim", "hidden_dim", "bottleneck_dim",
-        "momentum_teacher", "student_temp", "teacher_temp", "warmup_teacher_temp", "warmup_teacher_temp_epochs",
+        "weight_decay",
+        "weight_decay_end",
+        "clip_grad",
+        "freeze_last_layer",
+        "out_dim",
+        "hidden_dim",
+        "bottleneck_dim",
+        "momentum_teacher",
+        "student_temp",
+        "teacher_temp",
+        "warmup_teacher_temp",
+        "warmup_teacher_temp_epochs",
         "center_momentum",
     )
     clip_mode = "per_param"
@@ -112,6 +181,7 @@ class DINOMethod(PretrainMethod):
 
     def __init__(self, args: argparse.Namespace, cfg: dict[str, Any], info: engine.DistInfo, iters_per_epoch: int):
         super().__init__(args, cfg, info, iters_per_epoch)
+
         def head() -> DINOHead:
             return DINOHead(encoder_out_dim(cfg), args.out_dim, args.hidden_dim, args.bottleneck_dim)
 
@@ -138,7 +208,9 @@ class DINOMethod(PretrainMethod):
         ).to(dev)
         self.base_lr = args.base_lr
         self.clip_grad = args.clip_grad
-        self.optimizer = engine.make_optimizer(torch.optim.AdamW, engine.param_groups(self.student), args.fused_optimizer, lr=args.base_lr)
+        self.optimizer = engine.make_optimizer(
+            torch.optim.AdamW, engine.param_groups(self.student), args.fused_optimizer, lr=args.base_lr
+        )
         n, it = args.n_epochs, iters_per_epoch
         self.lr_schedule = engine.cosine_schedule(args.base_lr, args.end_lr, n, it, args.warmup_epochs)
         self.wd_schedule = engine.cosine_schedule(args.weight_decay, args.weight_decay_end, n, it)
@@ -171,7 +243,10 @@ class DINOMethod(PretrainMethod):
 
     def epoch_record(self, epoch: int) -> dict[str, float]:
         last = min((epoch + 1) * self.iters_per_epoch - 1, len(self.momentum_schedule) - 1)
-        return {"teacher_momentum": float(self.momentum_schedule[last]), "teacher_temp": float(self.criterion.teacher_temp(epoch))}
+        return {
+            "teacher_momentum": float(self.momentum_schedule[last]),
+            "teacher_temp": float(self.criterion.teacher_temp(epoch)),
+        }
 
     def state_dict(self) -> dict[str, Any]:
         return {

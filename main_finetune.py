@@ -53,28 +53,28 @@ from utils import run_cli
 
 _HELP = {
     "data_dir": "2D: output of preprocess_flare_labelled.py (imgs/, labels/, manifest.json). 3D: the raw labelled FLARE "
-                "folder (images/ or imgs/, labels/). Required.",
+    "folder (images/ or imgs/, labels/). Required.",
     "max_images": "Use only the first N slices (2D) / volumes (3D) of the train list and of the val list; 0 = all. For "
-                  "demos and tests.",
+    "demos and tests.",
     "batch_augment": "Apply the fine-tuning augmentations on the training device as batched tensor operations "
-                     "(batch_augment.BatchFinetuneAugment, same distributions as the MONAI chain); the workers then only "
-                     "load and crop. Use it on a GPU when the workers cannot keep up. It changes the random stream, so "
-                     "a run cannot be resumed with another value.",
+    "(batch_augment.BatchFinetuneAugment, same distributions as the MONAI chain); the workers then only "
+    "load and crop. Use it on a GPU when the workers cannot keep up. It changes the random stream, so "
+    "a run cannot be resumed with another value.",
     "cache_images": "2D: decode every training slice and label once at start-up and keep them in memory as stored "
-                    "(X*Y*2 bytes per slice: 0.8 GB for FLARE's 1,515 training slices of 512 x 512, per process); the "
-                    "workers then skip PNG decoding; refused before decoding when it would not fit in the available "
-                    "memory. Same numbers.",
+    "(X*Y*2 bytes per slice: 0.8 GB for FLARE's 1,515 training slices of 512 x 512, per process); the "
+    "workers then skip PNG decoding; refused before decoding when it would not fit in the available "
+    "memory. Same numbers.",
     "crop_size": "Side of the training crops and sliding windows (Swin: multiple of 32, at least 64; UNETR: multiple of "
-                 "16, at least 32).",
+    "16, at least 32).",
     "embedding_size": "Swin feature size (multiple of 12). The original's fine-tuning default is 24, pretraining 48: pass "
-                      "48 with the paper's pretrained checkpoints (a mismatch is refused).",
+    "48 with the paper's pretrained checkpoints (a mismatch is refused).",
     "low_resource_mode": "A tiny network (embedding 12, Swin heads 3) for CPU demos and tests.",
     "drop_path_rate": "Stochastic depth rate in the Swin encoder.",
     "batch_size": "Slices (volumes) per batch and process; the batch holds batch_size x n_crops_per_ct crops.",
     "n_epochs": "Maximum number of epochs (early stopping may end sooner).",
     "base_lr": "AdamW learning rate after warm-up.",
     "run_name": "Name of the run's files in --chkpt_dir (default: finetune_<pretrained file or 'scratch'>_<dims>d_seed<seed>; "
-                "with --eval_only <checkpoint>_eval).",
+    "with --eval_only <checkpoint>_eval).",
 }
 
 
@@ -86,51 +86,132 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     groups = engine.add_training_args(
         p,
-        {"num_workers": 4, "embedding_size": 24, "drop_path_rate": 0.0, "batch_size": 32, "n_epochs": 225,
-         "base_lr": 1e-3, "end_lr": 5e-5, "warmup_epochs": 10, "wandb_project": "ioupos-finetune"},
+        {
+            "num_workers": 4,
+            "embedding_size": 24,
+            "drop_path_rate": 0.0,
+            "batch_size": 32,
+            "n_epochs": 225,
+            "base_lr": 1e-3,
+            "end_lr": 5e-5,
+            "warmup_epochs": 10,
+            "wandb_project": "ioupos-finetune",
+        },
         _HELP,
     )
     g = groups["data"]
-    g.add_argument("--split_path", type=str, default=data.DEFAULT_SPLIT_PATH,
-                   help="JSON {'train': [...], 'val': [...]} of case ids; the default is the paper's 15 / 35 split. Change for another data set (e.g. phantoms/split.json).")
-    g.add_argument("--n_classes", type=int, default=14, help="Output classes including background (14 for FLARE 2022); change only for another label set.")
-    g.add_argument("--cache_dir", type=str, default=None,
-                   help="3D only: folder for MONAI's PersistentDataset cache of the preprocessed volumes (default <chkpt_dir>/cache). Reused across runs.")
-    g.add_argument("--n_crops_per_ct", type=int, default=2, help="Crops per slice (volume) in a batch, from RandCropByPosNegLabeld (organ-centred with p 0.5).")
+    g.add_argument(
+        "--split_path",
+        type=str,
+        default=data.DEFAULT_SPLIT_PATH,
+        help="JSON {'train': [...], 'val': [...]} of case ids; the default is the paper's 15 / 35 split. Change for another data set (e.g. phantoms/split.json).",
+    )
+    g.add_argument(
+        "--n_classes",
+        type=int,
+        default=14,
+        help="Output classes including background (14 for FLARE 2022); change only for another label set.",
+    )
+    g.add_argument(
+        "--cache_dir",
+        type=str,
+        default=None,
+        help="3D only: folder for MONAI's PersistentDataset cache of the preprocessed volumes (default <chkpt_dir>/cache). Reused across runs.",
+    )
+    g.add_argument(
+        "--n_crops_per_ct",
+        type=int,
+        default=2,
+        help="Crops per slice (volume) in a batch, from RandCropByPosNegLabeld (organ-centred with p 0.5).",
+    )
 
     g = p.add_argument_group("pretrained weights")
-    g.add_argument("--chkpt_path", type=str, default=None,
-                   help="Training: encoder weights to start from (our SimSiam / DINO .pt, a bare encoder state dict, or MONAI's swinViT layout); loaded strictly. With --eval_only: the fine-tuned model to evaluate. Omit to train from scratch.")
-    g.add_argument("--checkpoint_key", type=str, default="teacher", choices=("teacher", "student"),
-                   help="Which encoder of a DINO checkpoint to load (the teacher, as DINO recommends); ignored for other files.")
+    g.add_argument(
+        "--chkpt_path",
+        type=str,
+        default=None,
+        help="Training: encoder weights to start from (our SimSiam / DINO .pt, a bare encoder state dict, or MONAI's swinViT layout); loaded strictly. With --eval_only: the fine-tuned model to evaluate. Omit to train from scratch.",
+    )
+    g.add_argument(
+        "--checkpoint_key",
+        type=str,
+        default="teacher",
+        choices=("teacher", "student"),
+        help="Which encoder of a DINO checkpoint to load (the teacher, as DINO recommends); ignored for other files.",
+    )
 
-    groups["optim"].add_argument("--wd", type=float, default=1e-5, help="AdamW weight decay (not applied to biases and norm parameters).")
+    groups["optim"].add_argument(
+        "--wd", type=float, default=1e-5, help="AdamW weight decay (not applied to biases and norm parameters)."
+    )
 
     g = p.add_argument_group("evaluation and early stopping")
-    g.add_argument("--eval_every", type=int, default=10, help="Evaluate on the validation cases every this many epochs.")
-    g.add_argument("--eval_every_from", type=int, default=90, help="Evaluate every epoch from this epoch on. The last epoch is always evaluated.")
-    g.add_argument("--patience", type=int, default=20, help="Stop after this many evaluations without a better validation dice_paper.")
-    g.add_argument("--sw_batch_size", type=int, default=None,
-                   help="Windows per forward pass of the sliding-window inference. Default: 512 in 2D (about ten 512 x 512 "
-                        "slices per pass: large batches keep a GPU busy; under 1 GB of activations for Swin-UNETR at 96 x 96), "
-                        "64 in 3D (the original's value). Lower it if the GPU runs out of memory; the scores do not depend on it.")
+    g.add_argument(
+        "--eval_every", type=int, default=10, help="Evaluate on the validation cases every this many epochs."
+    )
+    g.add_argument(
+        "--eval_every_from",
+        type=int,
+        default=90,
+        help="Evaluate every epoch from this epoch on. The last epoch is always evaluated.",
+    )
+    g.add_argument(
+        "--patience",
+        type=int,
+        default=20,
+        help="Stop after this many evaluations without a better validation dice_paper.",
+    )
+    g.add_argument(
+        "--sw_batch_size",
+        type=int,
+        default=None,
+        help="Windows per forward pass of the sliding-window inference. Default: 512 in 2D (about ten 512 x 512 "
+        "slices per pass: large batches keep a GPU busy; under 1 GB of activations for Swin-UNETR at 96 x 96), "
+        "64 in 3D (the original's value). Lower it if the GPU runs out of memory; the scores do not depend on it.",
+    )
     g.add_argument("--sw_overlap", type=float, default=0.25, help="Overlap of neighbouring sliding windows (0..1).")
-    g.add_argument("--cache_eval", action=argparse.BooleanOptionalAction, default=True,
-                   help="2D: keep the evaluated cases in memory after their first reading, as stored in the PNGs (X*Y*2 "
-                        "bytes per slice with its label: 1.9 GB for FLARE's 3,535 validation slices of 512 x 512; each "
-                        "process holds its own cases). Same scores; --no-cache_eval re-reads the PNGs at every evaluation "
-                        "(about 5 ms per slice). Refused at start-up when the cases would not fit in the available memory.")
-    g.add_argument("--eval_train", action="store_true", help="Also evaluate on the training cases (logged as train_dice_paper; train_scores.* at the end).")
-    g.add_argument("--eval_only", action="store_true",
-                   help="Do not train: evaluate the fine-tuned model given by --chkpt_path (a <run>.pt) on the validation cases; the model's configuration and crop size come from that file.")
-    g.add_argument("--save_predictions", type=str, default=None,
-                   help="Write each evaluated case's predicted label volume to DIR/<case>.nii.gz (with DIR/labels/ and DIR/images/) in the preprocessed geometry, for a viewer or metrics.py.")
-    g.add_argument("--nsd_tolerance_mm", type=float, default=None,
-                   help="One NSD tolerance in mm for every organ (1.0 = FLARE 2021). Default: the per-organ tolerances of the official FLARE 2022 evaluation.")
-    g.add_argument("--n_vis", type=int, default=4, help="Validation slices in the figure <run>_files/predictions.png (0: no figure).")
+    g.add_argument(
+        "--cache_eval",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="2D: keep the evaluated cases in memory after their first reading, as stored in the PNGs (X*Y*2 "
+        "bytes per slice with its label: 1.9 GB for FLARE's 3,535 validation slices of 512 x 512; each "
+        "process holds its own cases). Same scores; --no-cache_eval re-reads the PNGs at every evaluation "
+        "(about 5 ms per slice). Refused at start-up when the cases would not fit in the available memory.",
+    )
+    g.add_argument(
+        "--eval_train",
+        action="store_true",
+        help="Also evaluate on the training cases (logged as train_dice_paper; train_scores.* at the end).",
+    )
+    g.add_argument(
+        "--eval_only",
+        action="store_true",
+        help="Do not train: evaluate the fine-tuned model given by --chkpt_path (a <run>.pt) on the validation cases; the model's configuration and crop size come from that file.",
+    )
+    g.add_argument(
+        "--save_predictions",
+        type=str,
+        default=None,
+        help="Write each evaluated case's predicted label volume to DIR/<case>.nii.gz (with DIR/labels/ and DIR/images/) in the preprocessed geometry, for a viewer or metrics.py.",
+    )
+    g.add_argument(
+        "--nsd_tolerance_mm",
+        type=float,
+        default=None,
+        help="One NSD tolerance in mm for every organ (1.0 = FLARE 2021). Default: the per-organ tolerances of the official FLARE 2022 evaluation.",
+    )
+    g.add_argument(
+        "--n_vis",
+        type=int,
+        default=4,
+        help="Validation slices in the figure <run>_files/predictions.png (0: no figure).",
+    )
 
-    groups["run"].add_argument("--ignore_user_warning", action="store_true",
-                               help="Silence Python UserWarnings (MONAI's, as the original did) during the run.")
+    groups["run"].add_argument(
+        "--ignore_user_warning",
+        action="store_true",
+        help="Silence Python UserWarnings (MONAI's, as the original did) during the run.",
+    )
     return p
 
 

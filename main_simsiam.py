@@ -59,13 +59,22 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     groups = add_common_args(parser, "simsiam", {"base_lr": 0.025, "warmup_epochs": 0, "end_lr": 1e-6})
-    groups["optim"].add_argument("--wd", type=float, default=1e-5,
-                                 help="Weight decay of SGD (not applied to biases and norm parameters).")
+    groups["optim"].add_argument(
+        "--wd", type=float, default=1e-5, help="Weight decay of SGD (not applied to biases and norm parameters)."
+    )
     g = parser.add_argument_group("SimSiam")
-    g.add_argument("--proj_dim", type=int, default=2048,
-                   help=f"Width of the projection MLP and of z and p (2048 in SimSiam; {LOW_RESOURCE_PROJ_DIM} with --low_resource_mode).")
-    g.add_argument("--pred_dim", type=int, default=512,
-                   help=f"Hidden width of the prediction MLP (512 in SimSiam; {LOW_RESOURCE_PRED_DIM} with --low_resource_mode).")
+    g.add_argument(
+        "--proj_dim",
+        type=int,
+        default=2048,
+        help=f"Width of the projection MLP and of z and p (2048 in SimSiam; {LOW_RESOURCE_PROJ_DIM} with --low_resource_mode).",
+    )
+    g.add_argument(
+        "--pred_dim",
+        type=int,
+        default=512,
+        help=f"Hidden width of the prediction MLP (512 in SimSiam; {LOW_RESOURCE_PRED_DIM} with --low_resource_mode).",
+    )
     return parser
 
 
@@ -98,10 +107,15 @@ class SimSiamMethod(PretrainMethod):
         self.criterion = SimSiamLoss()
         self.base_lr = args.base_lr
         self.optimizer = engine.make_optimizer(
-            torch.optim.SGD, engine.param_groups(self.model, fixed_lr_prefixes=("predictor.",)), args.fused_optimizer,
-            lr=args.base_lr, momentum=0.9,
+            torch.optim.SGD,
+            engine.param_groups(self.model, fixed_lr_prefixes=("predictor.",)),
+            args.fused_optimizer,
+            lr=args.base_lr,
+            momentum=0.9,
         )
-        self.lr_schedule = engine.cosine_schedule(args.base_lr, args.end_lr, args.n_epochs, iters_per_epoch, args.warmup_epochs)
+        self.lr_schedule = engine.cosine_schedule(
+            args.base_lr, args.end_lr, args.n_epochs, iters_per_epoch, args.warmup_epochs
+        )
         self.wd_schedule = np.full(args.n_epochs * iters_per_epoch, args.wd)
 
     def loss_fn(self, batch: dict[str, Any], epoch: int) -> tuple[torch.Tensor, dict[str, Any]]:

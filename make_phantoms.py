@@ -257,12 +257,7 @@ def _catmull_rom(points: np.ndarray, per_segment: int = 5) -> np.ndarray:
         p0, p1, p2, p3 = ext[i - 1], ext[i], ext[i + 1], ext[i + 2]
         out.append(
             0.5
-            * (
-                2 * p1
-                + (-p0 + p2) * s
-                + (2 * p0 - 5 * p1 + 4 * p2 - p3) * s**2
-                + (-p0 + 3 * p1 - 3 * p2 + p3) * s**3
-            )
+            * (2 * p1 + (-p0 + p2) * s + (2 * p0 - 5 * p1 + 4 * p2 - p3) * s**2 + (-p0 + 3 * p1 - 3 * p2 + p3) * s**3)
         )
     out.append(p[-1:])
     return np.vstack(out)
@@ -495,7 +490,9 @@ def _make_case_full(seed: int, size_xy: int, n_slices: int, labelled: bool, spac
     return _to_ras(image, canvas, sp, labelled)
 
 
-def _paint_anatomy(rng: np.random.Generator, sp: tuple[float, float, float], shape: tuple[int, int, int], labelled: bool) -> _Canvas:
+def _paint_anatomy(
+    rng: np.random.Generator, sp: tuple[float, float, float], shape: tuple[int, int, int], labelled: bool
+) -> _Canvas:
     """Paint every structure of a case, in drawing order (later paint wins); returns the canvas.
 
     Args:
@@ -534,7 +531,9 @@ def _paint_anatomy(rng: np.random.Generator, sp: tuple[float, float, float], sha
     return case.canvas
 
 
-def _start_case(rng: np.random.Generator, sp: tuple[float, float, float], shape: tuple[int, int, int], labelled: bool) -> _Case:
+def _start_case(
+    rng: np.random.Generator, sp: tuple[float, float, float], shape: tuple[int, int, int], labelled: bool
+) -> _Case:
     """The field of view in anatomy units (grid, empty canvas, smallest radius).
 
     In plane the body fills the field of view; along z the anatomy is stretched so a
@@ -710,9 +709,15 @@ def _draw_liver(case: _Case) -> np.ndarray:
     liver_scale = rng.uniform(0.9, 1.1)
     c_right = np.array([-0.42, 0.0, 0.38]) + case.jitter(0.03)
     c_left = np.array([0.0, 0.26, 0.5]) + case.jitter(0.03)
-    s1, m1, _ = _blob(grid, c_right, np.array([0.42, 0.54, 0.42]) * liver_scale, _rot(rz=0.35, ry=0.2), case.bumps(0.07))
+    s1, m1, _ = _blob(
+        grid, c_right, np.array([0.42, 0.54, 0.42]) * liver_scale, _rot(rz=0.35, ry=0.2), case.bumps(0.07)
+    )
     s2, m2, _ = _blob(
-        grid, c_left, np.array([0.4, 0.17, 0.17]) * liver_scale * rng.uniform(0.85, 1.15, 3), _rot(rz=-0.3, ry=-0.3), case.bumps(0.08)
+        grid,
+        c_left,
+        np.array([0.4, 0.17, 0.17]) * liver_scale * rng.uniform(0.85, 1.15, 3),
+        _rot(rz=-0.3, ry=-0.3),
+        case.bumps(0.08),
     )
     c_mid = np.array([-0.15, 0.12, 0.38]) + case.jitter(0.03)  # medial segments bridging the lobes
     s3, m3, _ = _blob(grid, c_mid, np.array([0.26, 0.24, 0.26]) * liver_scale, _rot(rz=0.5), case.bumps(0.07))
@@ -744,7 +749,11 @@ def _draw_spleen(case: _Case) -> np.ndarray:
     rng, grid = case.rng, case.grid
     c_sp = np.array([0.58, -0.22, 0.38]) + case.jitter(0.03)
     s_s, m_s, _ = _blob(
-        grid, c_sp, np.array([0.12, 0.25, 0.24]) * rng.uniform(0.85, 1.2), _rot(rz=-0.6 + case.jitter(0.1, 1)[0]), case.bumps(0.07)
+        grid,
+        c_sp,
+        np.array([0.12, 0.25, 0.24]) * rng.uniform(0.85, 1.2),
+        _rot(rz=-0.6 + case.jitter(0.1, 1)[0]),
+        case.bumps(0.07),
     )
     if s_s is not None:
         case.canvas.paint(s_s, m_s & case.abdomen(s_s), T["spleen"], LABELS["spleen"])
@@ -754,7 +763,9 @@ def _draw_spleen(case: _Case) -> np.ndarray:
 def _draw_stomach(case: _Case) -> np.ndarray:
     """The stomach (J shape: fundus, body, antrum, pylorus) with fluid and a gas cap; returns its path."""
     rng, grid, cv = case.rng, case.grid, case.canvas
-    st_pts = np.array([[0.34, 0.0, 0.56], [0.38, 0.16, 0.36], [0.22, 0.32, 0.20], [0.0, 0.28, 0.15], [-0.08, 0.22, 0.15]])
+    st_pts = np.array(
+        [[0.34, 0.0, 0.56], [0.38, 0.16, 0.36], [0.22, 0.32, 0.20], [0.0, 0.28, 0.15], [-0.08, 0.22, 0.15]]
+    )
     st_pts += rng.normal(0, 0.025, st_pts.shape)
     s_st, d_st = _tube(grid, st_pts, np.array([0.15, 0.14, 0.11, 0.07, 0.05]) * rng.uniform(0.8, 1.2))
     if s_st is not None:
@@ -791,7 +802,9 @@ def _draw_kidneys(case: _Case, spine: _Spine) -> None:
     for side, lab in ((-1, LABELS["right_kidney"]), (1, LABELS["left_kidney"])):
         ck = np.array([0.33 * side, spine.y + 0.06, -0.10 if side < 0 else 0.0]) + case.jitter(0.025)
         rk = np.array([0.16, 0.11, 0.29]) * rng.uniform(0.85, 1.15)
-        s_k, m_k, rho_k = _blob(grid, ck, rk, _rot(rz=side * (0.6 + case.jitter(0.1, 1)[0]), ry=-side * 0.15), case.bumps(0.04))
+        s_k, m_k, rho_k = _blob(
+            grid, ck, rk, _rot(rz=side * (0.6 + case.jitter(0.1, 1)[0]), ry=-side * 0.15), case.bumps(0.04)
+        )
         if s_k is None:
             continue
         m_k &= case.cavity(s_k)
@@ -821,7 +834,9 @@ def _draw_adrenal_glands(case: _Case, spine: _Spine) -> None:
 def _draw_pancreas(case: _Case) -> np.ndarray:
     """The pancreas from the head (in the duodenal C-loop) to the tail (at the spleen); returns its path."""
     rng = case.rng
-    pa_pts = np.array([[-0.17, 0.06, -0.02], [-0.02, 0.13, 0.05], [0.18, 0.08, 0.10], [0.40, -0.06, 0.18], [0.50, -0.12, 0.24]])
+    pa_pts = np.array(
+        [[-0.17, 0.06, -0.02], [-0.02, 0.13, 0.05], [0.18, 0.08, 0.10], [0.40, -0.06, 0.18], [0.50, -0.12, 0.24]]
+    )
     pa_pts += rng.normal(0, 0.02, pa_pts.shape)
     pa_r = np.maximum(np.array([0.075, 0.05, 0.05, 0.045, 0.035]) * rng.uniform(0.8, 1.2), case.min_r)
     s_p, d_p = _tube(case.grid, pa_pts, pa_r)
@@ -830,11 +845,23 @@ def _draw_pancreas(case: _Case) -> np.ndarray:
     return pa_pts
 
 
-def _draw_portal_veins(case: _Case, pancreas_path: np.ndarray, spleen_centre: np.ndarray, liver_centre: np.ndarray) -> None:
+def _draw_portal_veins(
+    case: _Case, pancreas_path: np.ndarray, spleen_centre: np.ndarray, liver_centre: np.ndarray
+) -> None:
     """Splenic, portal and superior mesenteric veins, meeting behind the pancreatic neck (no draws)."""
     conf = pancreas_path[1] + np.array([0.0, -0.07, 0.0])  # portal confluence behind the pancreatic neck
     veins = [
-        (np.stack([spleen_centre + [-0.08, 0.04, -0.05], pancreas_path[3] + [0, -0.06, 0], pancreas_path[2] + [0, -0.06, 0], conf]), 0.028),  # splenic
+        (
+            np.stack(
+                [
+                    spleen_centre + [-0.08, 0.04, -0.05],
+                    pancreas_path[3] + [0, -0.06, 0],
+                    pancreas_path[2] + [0, -0.06, 0],
+                    conf,
+                ]
+            ),
+            0.028,
+        ),  # splenic
         (np.stack([conf, conf + [-0.1, -0.01, 0.1], liver_centre + [0.18, 0.02, -0.05]]), 0.035),  # portal
         (np.stack([conf, conf + [0.01, 0.04, -0.2], conf + [0.0, 0.06, -0.45]]), 0.028),  # superior mesenteric
     ]
@@ -848,8 +875,15 @@ def _draw_duodenum(case: _Case) -> None:
     """The duodenum: a C-loop around the pancreatic head, with fluid or gas."""
     rng, cv = case.rng, case.canvas
     du_pts = np.array(
-        [[-0.06, 0.22, 0.14], [-0.22, 0.16, 0.13], [-0.31, 0.03, 0.04], [-0.31, 0.01, -0.14],
-         [-0.14, -0.02, -0.24], [0.08, -0.01, -0.22], [0.16, 0.05, -0.10]]
+        [
+            [-0.06, 0.22, 0.14],
+            [-0.22, 0.16, 0.13],
+            [-0.31, 0.03, 0.04],
+            [-0.31, 0.01, -0.14],
+            [-0.14, -0.02, -0.24],
+            [0.08, -0.01, -0.22],
+            [0.16, 0.05, -0.10],
+        ]
     )
     du_pts += rng.normal(0, 0.02, du_pts.shape)
     s_d, d_d = _tube(case.grid, du_pts, 0.055 * rng.uniform(0.85, 1.15))
@@ -879,7 +913,9 @@ def _draw_iliac_arteries(case: _Case, aorta: _Aorta) -> None:
     """The common iliac arteries from the bifurcation (not labelled; no draws)."""
     ao_x, ao_y, bif = aorta.x, aorta.y, aorta.bifurcation
     for side in (-1, 1):
-        il = np.array([[ao_x, ao_y, bif + 0.02], [ao_x + 0.12 * side, ao_y, bif - 0.25], [0.3 * side, ao_y + 0.1, bif - 0.7]])
+        il = np.array(
+            [[ao_x, ao_y, bif + 0.02], [ao_x + 0.12 * side, ao_y, bif - 0.25], [0.3 * side, ao_y + 0.1, bif - 0.7]]
+        )
         s_i, d_i = _tube(case.grid, il, aorta.radius * 0.7)
         if s_i is not None:
             case.canvas.paint(s_i, d_i < 1, T["aorta"], 0)
@@ -888,7 +924,14 @@ def _draw_iliac_arteries(case: _Case, aorta: _Aorta) -> None:
 def _draw_superior_mesenteric_artery(case: _Case, aorta: _Aorta) -> None:
     """The SMA, leaving the aorta forwards and running down (not labelled; no draws)."""
     ao_x, ao_y = aorta.x, aorta.y
-    sma = np.array([[ao_x, ao_y + 0.04, 0.14], [ao_x + 0.01, ao_y + 0.15, 0.06], [ao_x + 0.03, ao_y + 0.2, -0.1], [ao_x + 0.04, ao_y + 0.22, -0.45]])
+    sma = np.array(
+        [
+            [ao_x, ao_y + 0.04, 0.14],
+            [ao_x + 0.01, ao_y + 0.15, 0.06],
+            [ao_x + 0.03, ao_y + 0.2, -0.1],
+            [ao_x + 0.04, ao_y + 0.22, -0.45],
+        ]
+    )
     s_m, d_m = _tube(case.grid, sma, max(0.022, case.min_r * 0.8))
     if s_m is not None:
         case.canvas.paint(s_m, (d_m < 1) & case.cavity(s_m), T["aorta"], 0)
@@ -911,7 +954,9 @@ def _draw_esophagus(case: _Case, aorta: _Aorta, stomach_path: np.ndarray) -> Non
     """The esophagus, in front of the aorta down into the cardia, with a little gas."""
     rng, grid, cv = case.rng, case.grid, case.canvas
     ao_y = aorta.y
-    es_pts = np.array([[0.02, ao_y + 0.1, max(case.t_hi, 0.95)], [0.04, ao_y + 0.12, 0.72], [0.12, ao_y + 0.17, 0.6], [0.0, 0.0, 0.0]])
+    es_pts = np.array(
+        [[0.02, ao_y + 0.1, max(case.t_hi, 0.95)], [0.04, ao_y + 0.12, 0.72], [0.12, ao_y + 0.17, 0.6], [0.0, 0.0, 0.0]]
+    )
     es_pts[1:3] += rng.normal(0, 0.015, (2, 3))
     es_pts[3] = stomach_path[0] + np.array([-0.12, 0.02, -0.02])  # into the cardia
     s_e, d_e = _tube(grid, es_pts, max(0.045, case.min_r))
@@ -1016,7 +1061,11 @@ def _draw_ribs(case: _Case, spine: _Spine) -> None:
     rib &= ~((np.abs(xx) < 0.22) & (yy < spine.y))  # next to the spine: back muscles
     cart = rib & (ny > 0.4)
     tis_box, lab_box = cv.tissue[rbox], cv.label[rbox]
-    for sel, tissue in ((rib & ~cart, T["bone_cortex"]), (rib & ~cart & (off < 0.012), T["bone_marrow"]), (cart, T["cartilage"])):
+    for sel, tissue in (
+        (rib & ~cart, T["bone_cortex"]),
+        (rib & ~cart & (off < 0.012), T["bone_marrow"]),
+        (cart, T["cartilage"]),
+    ):
         tis_box[ix[sel], iy[sel], iz[sel]] = tissue
         lab_box[ix[sel], iy[sel], iz[sel]] = 0
 
@@ -1155,12 +1204,19 @@ def generate_dataset(
     out = Path(output_dir).expanduser()
     lab_dir, unl_dir = out / "labelled", out / "unlabelled"
     _make_output_dirs(out, (lab_dir / "images", lab_dir / "labels", unl_dir))
-    settings = {"generator_version": GENERATOR_VERSION, "seed": int(seed), "size_xy": int(size_xy), "n_slices": int(n_slices)}
+    settings = {
+        "generator_version": GENERATOR_VERSION,
+        "seed": int(seed),
+        "size_xy": int(size_xy),
+        "n_slices": int(n_slices),
+    }
     manifest = out / "phantoms.json"
     _check_manifest(manifest, settings)
 
     n_slices_unl = int(round(1.3 * n_slices))
-    jobs, skipped = _case_jobs(lab_dir, unl_dir, n_labelled, n_unlabelled, seed, int(size_xy), int(n_slices), n_slices_unl)
+    jobs, skipped = _case_jobs(
+        lab_dir, unl_dir, n_labelled, n_unlabelled, seed, int(size_xy), int(n_slices), n_slices_unl
+    )
 
     # the manifest first: a killed run is then resumed with the same settings
     atomic_write_json(
@@ -1192,11 +1248,17 @@ def _check_dataset_args(n_labelled, n_unlabelled, num_workers, size_xy, n_slices
     Raises:
         UserError: a count or size out of range, or an ``n_train`` that does not fit ``n_labelled``.
     """
-    for name, v, lo in (("n_labelled", n_labelled, 0), ("n_unlabelled", n_unlabelled, 0), ("num_workers", num_workers, 1)):
+    for name, v, lo in (
+        ("n_labelled", n_labelled, 0),
+        ("n_unlabelled", n_unlabelled, 0),
+        ("num_workers", num_workers, 1),
+    ):
         if not isinstance(v, (int, np.integer)) or v < lo:
             raise UserError(f"{name} must be an integer >= {lo}, got {v!r}")
     if n_labelled > 9999 or n_unlabelled > 99999:
-        raise UserError(f"at most 9999 labelled and 99999 unlabelled cases (FLARE file names), got {n_labelled} and {n_unlabelled}")
+        raise UserError(
+            f"at most 9999 labelled and 99999 unlabelled cases (FLARE file names), got {n_labelled} and {n_unlabelled}"
+        )
     _validate(size_xy, n_slices, None)
     if n_labelled + n_unlabelled == 0:
         raise UserError("n_labelled and n_unlabelled are both 0: nothing to make")
@@ -1248,7 +1310,14 @@ def _check_manifest(manifest: Path, settings: dict) -> None:
 
 
 def _case_jobs(
-    lab_dir: Path, unl_dir: Path, n_labelled: int, n_unlabelled: int, seed: int, size_xy: int, n_slices: int, n_slices_unl: int
+    lab_dir: Path,
+    unl_dir: Path,
+    n_labelled: int,
+    n_unlabelled: int,
+    seed: int,
+    size_xy: int,
+    n_slices: int,
+    n_slices_unl: int,
 ) -> tuple[list[tuple], int]:
     """The :func:`_write_case` jobs of the cases not written yet, and how many were skipped."""
     jobs, skipped = [], 0
@@ -1328,9 +1397,14 @@ def render_preview(image: np.ndarray, label: np.ndarray | None, affine: np.ndarr
     cmap = ListedColormap(colors)
     levels = [int(Z * f) for f in (0.85, 0.65, 0.5, 0.3)]
     # rows: anterior up; columns: x reversed, so the patient's right (high x in RAS) is on the left
-    views = [(f"axial z={z}", image[::-1, :, z].T[::-1], None if label is None else label[::-1, :, z].T[::-1], 1.0) for z in levels]
+    views = [
+        (f"axial z={z}", image[::-1, :, z].T[::-1], None if label is None else label[::-1, :, z].T[::-1], 1.0)
+        for z in levels
+    ]
     yc = Y // 2 - int(0.1 * Y) if label is None else int(np.median(np.nonzero(label)[1]))
-    views.append(("coronal", image[::-1, yc, :].T[::-1], None if label is None else label[::-1, yc, :].T[::-1], sp[2] / sp[0]))
+    views.append(
+        ("coronal", image[::-1, yc, :].T[::-1], None if label is None else label[::-1, yc, :].T[::-1], sp[2] / sp[0])
+    )
     rows = 2 if label is not None else 1
     fig, axes = plt.subplots(rows, len(views), figsize=(3.2 * len(views), 3.4 * rows), squeeze=False)
     for j, (name, img, lab, aspect) in enumerate(views):
@@ -1338,7 +1412,15 @@ def render_preview(image: np.ndarray, label: np.ndarray | None, affine: np.ndarr
             ax = axes[i, j]
             ax.imshow(img, cmap="gray", vmin=-160, vmax=240, aspect=aspect, interpolation="nearest")
             if i == 1 and lab is not None:
-                ax.imshow(np.ma.masked_equal(lab, 0), cmap=cmap, vmin=0, vmax=13, alpha=0.45, aspect=aspect, interpolation="nearest")
+                ax.imshow(
+                    np.ma.masked_equal(lab, 0),
+                    cmap=cmap,
+                    vmin=0,
+                    vmax=13,
+                    alpha=0.45,
+                    aspect=aspect,
+                    interpolation="nearest",
+                )
             ax.set_title(name, fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -1359,29 +1441,44 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("output")
     g.add_argument(
-        "--output_dir", required=True, type=str,
+        "--output_dir",
+        required=True,
+        type=str,
         help="folder for labelled/, unlabelled/ and split.json (created); rerunning into it skips finished cases",
     )
     g.add_argument(
-        "--preview", type=str, default=None,
+        "--preview",
+        type=str,
+        default=None,
         help="also draw axial and coronal slices of the first labelled case with its labels to this PNG",
     )
     g = p.add_argument_group("data set size")
-    g.add_argument("--n_labelled", type=int, default=12, help="labelled cases FLARE22_Tr_0001...; FLARE 2022 has 50; 0 for a pretraining-only set (no split.json)")
+    g.add_argument(
+        "--n_labelled",
+        type=int,
+        default=12,
+        help="labelled cases FLARE22_Tr_0001...; FLARE 2022 has 50; 0 for a pretraining-only set (no split.json)",
+    )
     g.add_argument("--n_unlabelled", type=int, default=24, help="unlabelled cases Case_00001...; FLARE 2022 has 2,000")
     g.add_argument(
-        "--n_train", type=int, default=None,
+        "--n_train",
+        type=int,
+        default=None,
         help="labelled cases in the train split (the rest go to val); default: a third, at least 1",
     )
     g = p.add_argument_group("volume size")
     g.add_argument("--size_xy", type=int, default=256, help="voxels along x and y (FLARE: 512); smaller is faster")
     g.add_argument(
-        "--n_slices", type=int, default=80,
+        "--n_slices",
+        type=int,
+        default=80,
         help="slices of a labelled case; unlabelled cases get 30%% more (longer field of view)",
     )
     g = p.add_argument_group("run")
     g.add_argument("--seed", type=int, default=0, help="data-set seed; the same seed and sizes give identical files")
-    g.add_argument("--num_workers", type=int, default=2, help="processes making cases in parallel (at most the CPU cores)")
+    g.add_argument(
+        "--num_workers", type=int, default=2, help="processes making cases in parallel (at most the CPU cores)"
+    )
     return p
 
 
@@ -1406,11 +1503,16 @@ def main(args: argparse.Namespace) -> dict:
         img = nib.load(os.path.join(result["labelled_dir"], "images", f"{cid}_0000.nii.gz"))
         lab = nib.load(os.path.join(result["labelled_dir"], "labels", f"{cid}.nii.gz"))
         render_preview(
-            np.asarray(img.dataobj), np.asarray(lab.dataobj), img.affine, Path(args.preview).expanduser(),
+            np.asarray(img.dataobj),
+            np.asarray(lab.dataobj),
+            img.affine,
+            Path(args.preview).expanduser(),
             title=f"{cid} (seed {args.seed}), spacing {tuple(round(float(v), 2) for v in img.header.get_zooms())} mm",
         )
         logger.info("preview written to %s", args.preview)
-    print(f"labelled:   {result['labelled_dir']}\nunlabelled: {result['unlabelled_dir']}\nsplit:      {result['split_path'] or '(none: no labelled cases)'}")
+    print(
+        f"labelled:   {result['labelled_dir']}\nunlabelled: {result['unlabelled_dir']}\nsplit:      {result['split_path'] or '(none: no labelled cases)'}"
+    )
     return result
 
 

@@ -109,7 +109,9 @@ def _check_ids(arr: np.ndarray | torch.Tensor, what: str, n_classes: int) -> Non
 # ----------------------------------------------------------------------------------------------
 
 
-def class_counts(pred: torch.Tensor, label: torch.Tensor, n_classes: int, method: str = "auto") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def class_counts(
+    pred: torch.Tensor, label: torch.Tensor, n_classes: int, method: str = "auto"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per item and class: voxels in both (intersection), in the label, in the prediction.
 
     Args:
@@ -200,7 +202,9 @@ class PaperDice:
         pred = torch.as_tensor(pred)
         label = torch.as_tensor(label)
         if pred.shape != label.shape:
-            raise UserError(f"dice_paper: prediction shape {tuple(pred.shape)} differs from label shape {tuple(label.shape)}")
+            raise UserError(
+                f"dice_paper: prediction shape {tuple(pred.shape)} differs from label shape {tuple(label.shape)}"
+            )
         if pred.ndim < 2:
             raise UserError(f"dice_paper: expected [B, *spatial] class ids, got shape {tuple(pred.shape)}")
         _check_ids(pred, "prediction", n_classes)
@@ -392,7 +396,11 @@ def organ_scores(
 
     out: dict[int, dict[str, float]] = {}
     for i in range(1, n_classes):
-        row: dict[str, float] = {"tolerance_mm": tolerances[i], "label_voxels": int(n_label[i]), "pred_voxels": int(n_pred[i])}
+        row: dict[str, float] = {
+            "tolerance_mm": tolerances[i],
+            "label_voxels": int(n_label[i]),
+            "pred_voxels": int(n_pred[i]),
+        }
         if n_label[i] == 0 and n_pred[i] == 0:
             row.update(dice=1.0, nsd=1.0)
         elif n_label[i] == 0:
@@ -622,7 +630,9 @@ def plot_predictions(
     for k in range(n):
         img, lab, prd = np.asarray(images[k]), np.asarray(labels[k]), np.asarray(preds[k])
         if img.ndim != 2 or lab.shape != img.shape or prd.shape != img.shape:
-            raise UserError(f"plot_predictions: slice {k} shapes image {img.shape}, label {lab.shape}, prediction {prd.shape}; need equal 2D")
+            raise UserError(
+                f"plot_predictions: slice {k} shapes image {img.shape}, label {lab.shape}, prediction {prd.shape}; need equal 2D"
+            )
         _check_ids(lab, f"label of slice {k}", n_classes)
         _check_ids(prd, f"prediction of slice {k}", n_classes)
         present |= set(np.unique(lab).tolist()) | set(np.unique(prd).tolist())
@@ -637,7 +647,12 @@ def plot_predictions(
             if over is not None:
                 over = np.asarray(over)
                 ax.imshow(
-                    np.ma.masked_equal(over, 0), cmap=cmap, vmin=-0.5, vmax=n_classes - 0.5, alpha=alpha, interpolation="nearest"
+                    np.ma.masked_equal(over, 0),
+                    cmap=cmap,
+                    vmin=-0.5,
+                    vmax=n_classes - 0.5,
+                    alpha=alpha,
+                    interpolation="nearest",
                 )
             ax.set_xticks([])
             ax.set_yticks([])
@@ -666,12 +681,31 @@ def get_args_parser() -> argparse.ArgumentParser:
         add_help=True,
     )
     g = parser.add_argument_group("inputs (one case, or two folders of cases)")
-    g.add_argument("--pred", type=str, default=None, help="A predicted label volume (.nii.gz) to score against --label.")
-    g.add_argument("--label", type=str, default=None, help="The reference label volume (.nii.gz) for --pred; its header gives the spacing.")
-    g.add_argument("--pred_dir", type=str, default=None, help="Folder of predicted .nii.gz volumes; each is matched by file name in --label_dir.")
-    g.add_argument("--label_dir", type=str, default=None, help="Folder of reference .nii.gz label volumes for --pred_dir.")
+    g.add_argument(
+        "--pred", type=str, default=None, help="A predicted label volume (.nii.gz) to score against --label."
+    )
+    g.add_argument(
+        "--label",
+        type=str,
+        default=None,
+        help="The reference label volume (.nii.gz) for --pred; its header gives the spacing.",
+    )
+    g.add_argument(
+        "--pred_dir",
+        type=str,
+        default=None,
+        help="Folder of predicted .nii.gz volumes; each is matched by file name in --label_dir.",
+    )
+    g.add_argument(
+        "--label_dir", type=str, default=None, help="Folder of reference .nii.gz label volumes for --pred_dir."
+    )
     g = parser.add_argument_group("scoring")
-    g.add_argument("--n_classes", type=int, default=14, help="Classes including background (14 for FLARE 2022); change only for another label set.")
+    g.add_argument(
+        "--n_classes",
+        type=int,
+        default=14,
+        help="Classes including background (14 for FLARE 2022); change only for another label set.",
+    )
     g.add_argument(
         "--tolerance_mm",
         type=float,
@@ -684,7 +718,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Score aorta, IVC and esophagus on the whole volume instead of the label's slice range (FLARE 2022 restricts them).",
     )
     g = parser.add_argument_group("output")
-    g.add_argument("--out_dir", type=str, default=None, help="Write <prefix>_scores.csv and .json here; without it only the table is printed.")
+    g.add_argument(
+        "--out_dir",
+        type=str,
+        default=None,
+        help="Write <prefix>_scores.csv and .json here; without it only the table is printed.",
+    )
     g.add_argument("--prefix", type=str, default="eval", help="File name prefix of the score files in --out_dir.")
     return parser
 
@@ -733,7 +772,12 @@ def main(args: argparse.Namespace) -> dict:
         case = pred_path.name.removesuffix(".gz").removesuffix(".nii")
         try:
             per_case[case] = organ_scores(
-                pred, label, spacing, n_classes=args.n_classes, tolerance_mm=tol, z_axis=None if args.no_z_restriction else -1
+                pred,
+                label,
+                spacing,
+                n_classes=args.n_classes,
+                tolerance_mm=tol,
+                z_axis=None if args.no_z_restriction else -1,
             )
         except UserError as e:
             raise UserError(f"{pred_path} against {label_path}: {e}") from e

@@ -341,7 +341,9 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     if type(module) is nn.BatchNorm1d:
-        new = AllReduceBatchNorm1d(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+        new = AllReduceBatchNorm1d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
         new.load_state_dict(module.state_dict())
         new.train(module.training)
         return new
@@ -453,7 +455,11 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
-        warm = torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs) if warmup_teacher_temp_epochs > 0 else torch.empty(0)
+        warm = (
+            torch.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs)
+            if warmup_teacher_temp_epochs > 0
+            else torch.empty(0)
+        )
         rest = torch.full((max(0, n_epochs - warmup_teacher_temp_epochs),), teacher_temp)
         self.teacher_temps = torch.cat([warm, rest]).tolist()
 
@@ -537,7 +543,9 @@ def segmenter_encoder(model: nn.Module) -> nn.Module:
 # ---------------------------------------------------------------------------------------
 
 
-def encoder_checkpoint(encoder: nn.Module, cfg: dict[str, Any], method: str, epoch: int, args: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def encoder_checkpoint(
+    encoder: nn.Module, cfg: dict[str, Any], method: str, epoch: int, args: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
     """The self-describing pretrained-weights file: ``<chkpt_dir>/<run_name>.pt``.
 
     ``encoder`` is a :class:`SwinEncoder` / :class:`ViTEncoder`; the stored state dict
@@ -566,13 +574,15 @@ def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             changed = False
             for p in _PREFIXES:
                 if k.startswith(p):
-                    k = k[len(p):]
+                    k = k[len(p) :]
                     changed = True
         out[k] = v
     return out
 
 
-def extract_encoder_state(ckpt: Any, path: str, checkpoint_key: str = "teacher") -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+def extract_encoder_state(
+    ckpt: Any, path: str, checkpoint_key: str = "teacher"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Find the encoder's state dict in any checkpoint layout we accept.
 
     Accepted: our pretrained files (SimSiam; DINO with ``checkpoint_key`` "teacher" or
@@ -590,13 +600,15 @@ def extract_encoder_state(ckpt: Any, path: str, checkpoint_key: str = "teacher")
         elif checkpoint_key in ("teacher", "encoder"):
             state = ckpt["encoder"]
         else:
-            raise UserError(f"--checkpoint_key {checkpoint_key!r} not available in {path!r} (a {ckpt.get('method')} checkpoint)")
+            raise UserError(
+                f"--checkpoint_key {checkpoint_key!r} not available in {path!r} (a {ckpt.get('method')} checkpoint)"
+            )
         return _strip_prefixes(state), cfg
     if str(ckpt.get("format", "")).startswith("ioupos-finetune"):
         cfg = ckpt.get("model_config")
         full = ckpt["model"]
         enc_prefix = "swinViT." if cfg and cfg.get("arch") == "swin" else "vit."
-        return {k[len(enc_prefix):]: v for k, v in full.items() if k.startswith(enc_prefix)}, cfg
+        return {k[len(enc_prefix) :]: v for k, v in full.items() if k.startswith(enc_prefix)}, cfg
     for key in ("state_dict", "model", "net"):
         if key in ckpt and isinstance(ckpt[key], dict):
             ckpt = ckpt[key]
@@ -642,7 +654,8 @@ def load_pretrained_encoder(
         for name, keys in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", shaped)):
             if keys:
                 shown = ", ".join(
-                    f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" if name == "mis-shaped" else k for k in keys[:8]
+                    f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" if name == "mis-shaped" else k
+                    for k in keys[:8]
                 )
                 parts.append(f"{len(keys)} {name} ({shown}{', ...' if len(keys) > 8 else ''})")
         raise UserError(f"encoder weights in {path!r} do not match the model: " + "; ".join(parts))

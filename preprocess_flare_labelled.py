@@ -48,9 +48,10 @@ def get_args_parser() -> argparse.ArgumentParser:
         output_help="folder for imgs/, labels/ and manifest.json; created if missing. Required.",
     )
     groups["io"].add_argument(
-        "--split_path", default=data.DEFAULT_SPLIT_PATH,
+        "--split_path",
+        default=data.DEFAULT_SPLIT_PATH,
         help="JSON {'train': [...], 'val': [...]} naming the cases to preprocess; the default is the "
-             "paper's 15 / 35 split of FLARE 2022. Change it for another data set (e.g. phantoms/split.json)",
+        "paper's 15 / 35 split of FLARE 2022. Change it for another data set (e.g. phantoms/split.json)",
     )
     return parser
 
@@ -76,7 +77,10 @@ def build_tasks(data_dir: str, split: dict[str, list[str]], split_path: str) -> 
     if extra:
         logger.warning(
             "%d case(s) in %s are not in the split %s and are not preprocessed (first: %s)",
-            len(extra), data_dir, split_path, extra[0],
+            len(extra),
+            data_dir,
+            split_path,
+            extra[0],
         )
     return tasks
 

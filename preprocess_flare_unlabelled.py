@@ -49,10 +49,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     groups = add_common_args(
         parser,
         output_help="folder for the slices (or volumes) and manifest.json; created if missing; "
-                    "must not lie inside --data_dir. Required.",
+        "must not lie inside --data_dir. Required.",
     )
     groups["io"].add_argument(
-        "--spatial_dims", type=int, default=2, choices=(2, 3),
+        "--spatial_dims",
+        type=int,
+        default=2,
+        choices=(2, 3),
         help="2: one PNG per z slice (the paper's 2D pretraining); 3: one float32 .nii.gz per case for 3D pretraining",
     )
     return parser
@@ -65,7 +68,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     data_dir = os.path.realpath(args.data_dir)
     out = os.path.realpath(args.output_dir)
     if out == data_dir or out.startswith(data_dir + os.sep):
-        raise UserError(f"--output_dir {args.output_dir} lies inside --data_dir {args.data_dir}: its output would be read as input")
+        raise UserError(
+            f"--output_dir {args.output_dir} lies inside --data_dir {args.data_dir}: its output would be read as input"
+        )
     tasks = [CaseTask(case=c, image=p) for c, p in cases.items()]
     return run_from_args(tasks, args, config)
 

@@ -130,26 +130,51 @@ def add_common_args(parser: argparse.ArgumentParser, output_help: str) -> dict[s
     io_g.add_argument("--output_dir", required=True, help=output_help)
 
     pre = parser.add_argument_group("preprocessing (the paper's values; change only to study preprocessing)")
-    pre.add_argument("--a_min", type=float, default=-500.0,
-                     help="lower end of the HU window, mapped to 0; lower HU are clipped")
-    pre.add_argument("--a_max", type=float, default=500.0,
-                     help="upper end of the HU window, mapped to 1 (255 in 8-bit PNG); higher HU are clipped")
+    pre.add_argument(
+        "--a_min", type=float, default=-500.0, help="lower end of the HU window, mapped to 0; lower HU are clipped"
+    )
+    pre.add_argument(
+        "--a_max",
+        type=float,
+        default=500.0,
+        help="upper end of the HU window, mapped to 1 (255 in 8-bit PNG); higher HU are clipped",
+    )
     pre.add_argument("--size_x", type=float, default=1.0, help="output voxel size along x in mm")
     pre.add_argument("--size_y", type=float, default=1.0, help="output voxel size along y in mm")
-    pre.add_argument("--size_z", type=float, default=2.5,
-                     help="output slice spacing along z in mm; sets how many slices a case gives")
-    pre.add_argument("--png_bits", type=int, default=8, choices=(8, 16),
-                     help="bits per image PNG pixel: 8 as in the paper, 16 for (nearly) lossless slices; "
-                          "the loaders read either")
+    pre.add_argument(
+        "--size_z",
+        type=float,
+        default=2.5,
+        help="output slice spacing along z in mm; sets how many slices a case gives",
+    )
+    pre.add_argument(
+        "--png_bits",
+        type=int,
+        default=8,
+        choices=(8, 16),
+        help="bits per image PNG pixel: 8 as in the paper, 16 for (nearly) lossless slices; the loaders read either",
+    )
 
     run = parser.add_argument_group("speed and distribution")
-    run.add_argument("--num_workers", type=int, default=1,
-                     help="cases processed in parallel (processes); set to the number of CPU cores")
-    run.add_argument("--shard_index", type=int, default=0,
-                     help="which part of the case list this run does (0-based); with --num_shards, "
-                          "e.g. $SLURM_ARRAY_TASK_ID, to spread cases over machines writing one folder")
-    run.add_argument("--num_shards", type=int, default=1,
-                     help="into how many parts the case list is split (every n-th case goes to one shard)")
+    run.add_argument(
+        "--num_workers",
+        type=int,
+        default=1,
+        help="cases processed in parallel (processes); set to the number of CPU cores",
+    )
+    run.add_argument(
+        "--shard_index",
+        type=int,
+        default=0,
+        help="which part of the case list this run does (0-based); with --num_shards, "
+        "e.g. $SLURM_ARRAY_TASK_ID, to spread cases over machines writing one folder",
+    )
+    run.add_argument(
+        "--num_shards",
+        type=int,
+        default=1,
+        help="into how many parts the case list is split (every n-th case goes to one shard)",
+    )
     return {"io": io_g, "preprocessing": pre, "run": run}
 
 
@@ -339,10 +364,14 @@ def process_case(task: CaseTask, config: PreprocessConfig, output_dir: str) -> d
     if config.kind == "labelled":
         lab_h = _check_header(task.label, "label")
         if tuple(lab_h.shape) != tuple(img_h.shape):
-            raise CaseError(f"label {task.label} has shape {tuple(lab_h.shape)} but image {task.image} has {tuple(img_h.shape)}")
+            raise CaseError(
+                f"label {task.label} has shape {tuple(lab_h.shape)} but image {task.image} has {tuple(img_h.shape)}"
+            )
         dmax = float(np.abs(np.asarray(lab_h.affine) - np.asarray(img_h.affine)).max())
         if dmax > _AFFINE_ATOL_MM:
-            raise CaseError(f"label {task.label} and image {task.image} have different affines (max difference {dmax:.4g})")
+            raise CaseError(
+                f"label {task.label} and image {task.image} have different affines (max difference {dmax:.4g})"
+            )
 
     image = _load(task.image, "image")
     if not bool(torch.isfinite(image).all()):
@@ -475,7 +504,11 @@ def _run_one(task: CaseTask, config: PreprocessConfig, output_dir: str) -> tuple
     except Exception as e:  # an unexpected error in one case must not stop the other 1,999
         logger.debug("case %s failed", task.case, exc_info=True)
         where = task.image or task.case
-        return "fail", task.case, f"{where}: unexpected {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+        return (
+            "fail",
+            task.case,
+            f"{where}: unexpected {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
+        )
 
 
 def _mp_context():
@@ -519,13 +552,20 @@ def run_preprocessing(
     n_skipped = len(mine) - len(todo)
     logger.info(
         "%d cases in this shard (%d of %d): %d already finished, %d to do, %d worker(s) -> %s",
-        len(mine), shard_index, num_shards, n_skipped, len(todo), num_workers, output_dir,
+        len(mine),
+        shard_index,
+        num_shards,
+        n_skipped,
+        len(todo),
+        num_workers,
+        output_dir,
     )
     failed: dict[str, str] = {}
     done = 0
     t0 = time.perf_counter()
     job = partial(_run_one, config=config, output_dir=output_dir)
     with logging_redirect_tqdm(), tqdm(total=len(todo), desc="cases", unit="case", dynamic_ncols=True) as bar:
+
         def collect(result: tuple[str, str, Any]) -> None:
             nonlocal done
             status, case, payload = result
@@ -559,7 +599,12 @@ def run_preprocessing(
     }
     logger.info(
         "%d done, %d skipped (finished before), %d failed in %.1f s; the folder holds %d finished cases, %d slices",
-        done, n_skipped, len(failed), seconds, manifest.get("n_cases", 0), manifest.get("n_slices", 0),
+        done,
+        n_skipped,
+        len(failed),
+        seconds,
+        manifest.get("n_cases", 0),
+        manifest.get("n_slices", 0),
     )
     if raise_on_failure:
         raise_if_failed(summary)
@@ -571,8 +616,13 @@ def run_from_args(tasks: Sequence[CaseTask], args: argparse.Namespace, config: P
     ``--output_dir`` with ``--num_workers`` / ``--shard_index`` / ``--num_shards``, the summary
     table on stdout, then TrainingError (exit code 1) when a case failed. Returns the summary."""
     summary = run_preprocessing(
-        tasks, args.output_dir, config, num_workers=args.num_workers,
-        shard_index=args.shard_index, num_shards=args.num_shards, raise_on_failure=False,
+        tasks,
+        args.output_dir,
+        config,
+        num_workers=args.num_workers,
+        shard_index=args.shard_index,
+        num_shards=args.num_shards,
+        raise_on_failure=False,
     )
     print_summary(summary)
     raise_if_failed(summary)

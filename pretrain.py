@@ -64,28 +64,28 @@ RESUME_KEYS = engine.COMMON_RESUME_KEYS + ("min_iou", "max_iou", "strict_iou", "
 
 _HELP = {
     "data_dir": "Folder of preprocessed pretraining data, searched recursively: PNG slices (--spatial_dims 2, from "
-                "preprocess_flare_unlabelled.py) or NIfTI volumes (3). Required.",
+    "preprocess_flare_unlabelled.py) or NIfTI volumes (3). Required.",
     "spatial_dims": "2: train on 2D slices (the paper); 3: on 3D volumes with cubic crops.",
     "crop_size": "Side of each crop in pixels (96 in the paper). Swin needs a multiple of 32, UNETR a multiple of 16. "
-                 "Images smaller than this are zero-padded to it.",
+    "Images smaller than this are zero-padded to it.",
     "batch_augment": "Run the view augmentations on the training device as batched tensor operations "
-                     "(batch_augment.BatchViewAugment, same distributions as the MONAI chain) instead of per sample in "
-                     "the data workers. Use it on a GPU when the data workers cannot keep up (GPU idle between steps); "
-                     "on the CPU it brings little. It changes the random stream, so a run cannot be resumed with a "
-                     "different value.",
+    "(batch_augment.BatchViewAugment, same distributions as the MONAI chain) instead of per sample in "
+    "the data workers. Use it on a GPU when the data workers cannot keep up (GPU idle between steps); "
+    "on the CPU it brings little. It changes the random stream, so a run cannot be resumed with a "
+    "different value.",
     "cache_images": "Decode every 2D slice once at start-up and keep it in memory as stored (uint8, or uint16 for 16-bit "
-                    "PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice that for "
-                    "16-bit PNGs; on every rank): 8.75 GB per 100k slices of 350 x 250 pixels; the size is read from the "
-                    "PNG headers first and a cache that would not fit in the available memory is refused before "
-                    "decoding. Use it when PNG decoding limits the workers; the numbers do not change. 2D only.",
+    "PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice that for "
+    "16-bit PNGs; on every rank): 8.75 GB per 100k slices of 350 x 250 pixels; the size is read from the "
+    "PNG headers first and a cache that would not fit in the available memory is refused before "
+    "decoding. Use it when PNG decoding limits the workers; the numbers do not change. 2D only.",
     "drop_path_rate": "Stochastic depth rate of the Swin encoder (0.1 in the paper's pretraining).",
     "low_resource_mode": "Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3), batch size at "
-                         "most 4, and smaller projection heads (see the method's flags).",
+    "most 4, and smaller projection heads (see the method's flags).",
     "batch_size": "Images per process and per backward pass (the effective batch is batch_size x accum_iters x number "
-                  "of processes). 128 in the paper.",
+    "of processes). 128 in the paper.",
     "n_epochs": "Epochs of pretraining (100 in the paper).",
     "num_workers": "Data-loading processes per GPU; -1 times a few batches with 0, 2, 4, ... workers and keeps the "
-                   "fastest. Results depend on this value (each worker has its own random stream).",
+    "fastest. Results depend on this value (each worker has its own random stream).",
 }
 
 
@@ -108,31 +108,52 @@ def add_common_args(
     helps = {
         **_HELP,
         "base_lr": f"Peak learning rate, used as given (no scaling with the batch size; the paper passes 0.025 with "
-                   f"batch 128 for SimSiam). Default {defaults['base_lr']:g}.",
+        f"batch 128 for SimSiam). Default {defaults['base_lr']:g}.",
         "warmup_epochs": f"Epochs of linear learning-rate warm-up before the cosine decay (default {defaults['warmup_epochs']}).",
         "run_name": f"Name of the run; its files are <chkpt_dir>/<run_name>.pt, _last.pt, _log.jsonl, _args.json and "
-                    f"_files/. Default: {method}_<2|3>d_iou_<min>_<max>.",
+        f"_files/. Default: {method}_<2|3>d_iou_<min>_<max>.",
         "wandb_project": f"W&B project name (the original's: {WANDB_PROJECT}).",
     }
     groups = engine.add_training_args(
         parser,
-        {"num_workers": 0, "embedding_size": 48, "drop_path_rate": 0.1, "batch_size": 128, "n_epochs": 100,
-         "end_lr": 1e-6, "wandb_project": WANDB_PROJECT, **defaults},
+        {
+            "num_workers": 0,
+            "embedding_size": 48,
+            "drop_path_rate": 0.1,
+            "batch_size": 128,
+            "n_epochs": 100,
+            "end_lr": 1e-6,
+            "wandb_project": WANDB_PROJECT,
+            **defaults,
+        },
         helps,
         batch_size_aliases,
     )
     g_iou = parser.add_argument_group("IoU-based positives")
-    g_iou.add_argument("--min_iou", type=float, default=0.0,
-                       help="Smallest IoU allowed between the two crops of a positive pair (0.3 is the paper's best).")
-    g_iou.add_argument("--max_iou", type=float, default=1.0,
-                       help="Largest IoU allowed between the two crops (0.6 is the paper's best; [0, 1] is plain "
-                            "random cropping).")
-    g_iou.add_argument("--strict_iou", action="store_true",
-                       help="Refuse to start when any image cannot meet the interval. By default such images get the "
-                            "pair closest to the interval, and the log reports how often (audit_infeasible_frac).")
-    groups["data"].add_argument("--no_augment", action="store_true",
-                                help="Leave out the view augmentations (the two crops are used as cut). For debugging "
-                                     "and for comparing runs exactly; never for real pretraining.")
+    g_iou.add_argument(
+        "--min_iou",
+        type=float,
+        default=0.0,
+        help="Smallest IoU allowed between the two crops of a positive pair (0.3 is the paper's best).",
+    )
+    g_iou.add_argument(
+        "--max_iou",
+        type=float,
+        default=1.0,
+        help="Largest IoU allowed between the two crops (0.6 is the paper's best; [0, 1] is plain random cropping).",
+    )
+    g_iou.add_argument(
+        "--strict_iou",
+        action="store_true",
+        help="Refuse to start when any image cannot meet the interval. By default such images get the "
+        "pair closest to the interval, and the log reports how often (audit_infeasible_frac).",
+    )
+    groups["data"].add_argument(
+        "--no_augment",
+        action="store_true",
+        help="Leave out the view augmentations (the two crops are used as cut). For debugging "
+        "and for comparing runs exactly; never for real pretraining.",
+    )
     return groups
 
 
@@ -189,7 +210,13 @@ def image_shape(path: str, spatial_dims: int) -> tuple[int, ...]:
 
 
 def check_interval(
-    paths: list[str], spatial_dims: int, crop_size: int, min_iou: float, max_iou: float, strict: bool, progress: bool = True
+    paths: list[str],
+    spatial_dims: int,
+    crop_size: int,
+    min_iou: float,
+    max_iou: float,
+    strict: bool,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Check which images admit a crop pair with IoU in [min_iou, max_iou].
 
@@ -229,7 +256,12 @@ def check_interval(
         logger.warning(
             "%d of %d images (%.1f%%) cannot meet the IoU interval %s with %d-pixel crops (sizes %s); they get the "
             "pair closest to the interval (logged per epoch as audit_infeasible_frac)",
-            n_bad, len(paths), 100.0 * n_bad / len(paths), interval, crop_size, listing([s for s in shapes if not feasible[s]]),
+            n_bad,
+            len(paths),
+            100.0 * n_bad / len(paths),
+            interval,
+            crop_size,
+            listing([s for s in shapes if not feasible[s]]),
         )
     return {"n_images": len(paths), "n_infeasible": n_bad, "infeasible_frac": n_bad / len(paths), "shapes": shapes}
 
@@ -246,7 +278,9 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
             paths = list_pretrain_images(args.data_dir, args.spatial_dims)
             if args.max_images:
                 paths = paths[: args.max_images]
-            check = check_interval(paths, args.spatial_dims, args.crop_size, args.min_iou, args.max_iou, args.strict_iou, args.progress)
+            check = check_interval(
+                paths, args.spatial_dims, args.crop_size, args.min_iou, args.max_iou, args.strict_iou, args.progress
+            )
             payload = ("ok", (paths, check))
         except UserError as e:
             payload = ("error", str(e))
@@ -262,12 +296,24 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
     logger.info("%d images in %s (%dD)", len(paths), args.data_dir, args.spatial_dims)
     cache = None
     if args.cache_images:
-        cache = SliceCache.build(paths, f"{len(paths):,} slices", "--cache_images", copies=info.local_world_size,
-                                 progress=args.progress and info.is_main)
+        cache = SliceCache.build(
+            paths,
+            f"{len(paths):,} slices",
+            "--cache_images",
+            copies=info.local_world_size,
+            progress=args.progress and info.is_main,
+        )
     # with --batch_augment the workers stop after the IoU crops; the views are augmented in the training step
     augment = not args.no_augment and not args.batch_augment
-    tf = pretrain_transforms(args.spatial_dims, args.crop_size, args.min_iou, args.max_iou, strict=args.strict_iou,
-                             augment=augment, cache=cache)
+    tf = pretrain_transforms(
+        args.spatial_dims,
+        args.crop_size,
+        args.min_iou,
+        args.max_iou,
+        strict=args.strict_iou,
+        augment=augment,
+        cache=cache,
+    )
     return Dataset([{"image": p} for p in paths], transform=tf), check
 
 
@@ -327,9 +373,11 @@ class PairAudit:
         self.hist += np.histogram(iou, bins=AUDIT_BINS, range=(0.0, 1.0))[0]
 
     def summary(self, info: engine.DistInfo) -> dict[str, Any]:
-        t = torch.tensor([self.n, self.n_infeasible, self.iou_sum, *self.hist.tolist()], dtype=torch.float64, device=info.device)
+        t = torch.tensor(
+            [self.n, self.n_infeasible, self.iou_sum, *self.hist.tolist()], dtype=torch.float64, device=info.device
+        )
         if info.distributed:
-                dist.all_reduce(t)
+            dist.all_reduce(t)
         v = t.cpu().tolist()
         n = int(round(v[0]))
         return {
@@ -465,13 +513,17 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
         run.restore_log(state)
         logger.info("resumed %s after epoch %d of %d", run.resume_path, start_epoch, args.n_epochs)
 
-    engine.write_args(paths, {**args_d, "model_config": cfg, "num_workers_used": num_workers, "world_size": info.world_size}, info)
+    engine.write_args(
+        paths, {**args_d, "model_config": cfg, "num_workers_used": num_workers, "world_size": info.world_size}, info
+    )
     epoch_logger = engine.EpochLogger(paths, info, args.use_wandb, args.wandb_project, args_d, wandb_id)
     try:
         for epoch in range(start_epoch, args.n_epochs):
             last_record = _train_epoch(args, method, amp, dataset, num_workers, epoch, info, iters_per_epoch)
             if info.is_main:
-                weights = encoder_checkpoint(method.encoder, cfg, method.name, epoch + 1, args_d, **method.extra_checkpoint())
+                weights = encoder_checkpoint(
+                    method.encoder, cfg, method.name, epoch + 1, args_d, **method.extra_checkpoint()
+                )
                 atomic_torch_save(weights, paths["weights"])
             run.end_epoch(
                 {
@@ -490,8 +542,13 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
             )
             logger.info(
                 "epoch %d/%d: loss %.4f, lr %.3g, IoU mean %.3f, infeasible %.1f%%, %.1f pairs/s",
-                epoch + 1, args.n_epochs, last_record["loss"], last_record["lr"], last_record["audit_iou_mean"],
-                100 * last_record["audit_infeasible_frac"], last_record["pairs_per_s"],
+                epoch + 1,
+                args.n_epochs,
+                last_record["loss"],
+                last_record["lr"],
+                last_record["audit_iou_mean"],
+                100 * last_record["audit_infeasible_frac"],
+                last_record["pairs_per_s"],
             )
     finally:
         epoch_logger.finish()
@@ -525,7 +582,14 @@ def _train_epoch(
     """One epoch: a fresh loader seeded from (seed, epoch, rank), training, the log record."""
     torch.manual_seed(engine.derived_seed(args.seed, epoch, info.rank, 1))  # model randomness (drop path)
     loader = engine.build_loader(
-        dataset, args.batch_size, num_workers, args.seed, epoch, info, shuffle=True, drop_last=True,
+        dataset,
+        args.batch_size,
+        num_workers,
+        args.seed,
+        epoch,
+        info,
+        shuffle=True,
+        drop_last=True,
         pin_memory=info.device.type == "cuda",
     )
     audit = PairAudit()

@@ -135,20 +135,35 @@ def table_rows(rows: Sequence[Row], collected: dict[str, dict[str, Any]]) -> lis
         got = [d for d in c["dsc"] if d is not None]
         mean, std = mean_std(got) if got else (None, None)
         paper = PAPER_TABLE.get(row.key)
-        out.append({
-            "key": row.key, "interval": row.label, "min_iou": row.min_iou, "max_iou": row.max_iou,
-            "mean": mean, "std": std, "dsc": list(c["dsc"]),
-            "paper_mean": paper["mean"] if paper else None, "paper_std": paper["std"] if paper else None,
-            "n_finished": len(got), "n_runs": len(c["dsc"]),
-        })
+        out.append(
+            {
+                "key": row.key,
+                "interval": row.label,
+                "min_iou": row.min_iou,
+                "max_iou": row.max_iou,
+                "mean": mean,
+                "std": std,
+                "dsc": list(c["dsc"]),
+                "paper_mean": paper["mean"] if paper else None,
+                "paper_std": paper["std"] if paper else None,
+                "n_finished": len(got),
+                "n_runs": len(c["dsc"]),
+            }
+        )
     return out
 
 
-def render_table(rows: Sequence[Row], collected: dict[str, dict[str, Any]], out_dir: str, title: str = "") -> dict[str, str]:
+def render_table(
+    rows: Sequence[Row], collected: dict[str, dict[str, Any]], out_dir: str, title: str = ""
+) -> dict[str, str]:
     """Write ``table.md`` and ``table.csv`` (rows in the given order); return paths and the Markdown."""
     trs = table_rows(rows, collected)
     n = max(t["n_runs"] for t in trs)
-    head = ["IoU interval", "Mean DSC ± std"] + [f"DSC {i}" for i in range(1, n + 1)] + ["Paper: mean ± std", "Runs finished"]
+    head = (
+        ["IoU interval", "Mean DSC ± std"]
+        + [f"DSC {i}" for i in range(1, n + 1)]
+        + ["Paper: mean ± std", "Runs finished"]
+    )
     md = []
     if title:
         md += [f"# {title}", ""]
@@ -162,11 +177,18 @@ def render_table(rows: Sequence[Row], collected: dict[str, dict[str, Any]], out_
     text = "\n".join(md)
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["interval", "min_iou", "max_iou", "mean_dsc", "std_dsc"] + [f"dsc_{i}" for i in range(1, n + 1)] + ["paper_mean", "paper_std", "n_finished", "n_runs"])
+    w.writerow(
+        ["interval", "min_iou", "max_iou", "mean_dsc", "std_dsc"]
+        + [f"dsc_{i}" for i in range(1, n + 1)]
+        + ["paper_mean", "paper_std", "n_finished", "n_runs"]
+    )
     for t in trs:
-        w.writerow([t["interval"], _csv(t["min_iou"]), _csv(t["max_iou"]), _csv(t["mean"]), _csv(t["std"])]
-                   + [_csv(d) for d in t["dsc"]] + [""] * (n - len(t["dsc"]))
-                   + [_csv(t["paper_mean"]), _csv(t["paper_std"]), t["n_finished"], t["n_runs"]])
+        w.writerow(
+            [t["interval"], _csv(t["min_iou"]), _csv(t["max_iou"]), _csv(t["mean"]), _csv(t["std"])]
+            + [_csv(d) for d in t["dsc"]]
+            + [""] * (n - len(t["dsc"]))
+            + [_csv(t["paper_mean"]), _csv(t["paper_std"]), t["n_finished"], t["n_runs"]]
+        )
     md_path, csv_path = os.path.join(out_dir, "table.md"), os.path.join(out_dir, "table.csv")
     atomic_write_text(md_path, text)
     atomic_write_text(csv_path, buf.getvalue())
@@ -212,9 +234,13 @@ def render_organs(rows: Sequence[Row], collected: dict[str, dict[str, Any]], out
     """Write ``organs.md`` (a Dice table and an NSD table: organs x intervals) and ``organs.csv``."""
     means = organ_means(rows, collected)
     present = [r for r in rows if r.key in means]
-    md = ["# Challenge-grade scores per organ", "",
-          "Per-organ Dice and normalised surface Dice (NSD) on the validation cases (FLARE 2022 conventions), "
-          "each the mean over cases, then averaged over the row's finished fine-tunings.", ""]
+    md = [
+        "# Challenge-grade scores per organ",
+        "",
+        "Per-organ Dice and normalised surface Dice (NSD) on the validation cases (FLARE 2022 conventions), "
+        "each the mean over cases, then averaged over the row's finished fine-tunings.",
+        "",
+    ]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["interval", "organ_id", "organ", "dice", "nsd", "n_runs"])
@@ -227,8 +253,12 @@ def render_organs(rows: Sequence[Row], collected: dict[str, dict[str, Any]], out
                 if name not in organ_names:
                     organ_names.append(name)
         for metric, title in (("dice", "Dice"), ("nsd", "NSD")):
-            md += [f"## {title}", "", "| Organ | " + " | ".join(r.label for r in present) + " |",
-                   "|" + "|".join(["---"] * (len(present) + 1)) + "|"]
+            md += [
+                f"## {title}",
+                "",
+                "| Organ | " + " | ".join(r.label for r in present) + " |",
+                "|" + "|".join(["---"] * (len(present) + 1)) + "|",
+            ]
             for name in organ_names:
                 vals = [means[r.key]["organs"].get(name, {}).get(metric) for r in present]
                 md.append(f"| {name} | " + " | ".join(_fmt(v) for v in vals) + " |")
@@ -272,7 +302,9 @@ def read_log(path: str) -> list[dict[str, Any]]:
     return out
 
 
-def collapse_curves(plan: Sequence[Run], rows: Sequence[Row], chkpt_dir: str, key: str = "collapse") -> dict[str, dict[str, list[float]]]:
+def collapse_curves(
+    plan: Sequence[Run], rows: Sequence[Row], chkpt_dir: str, key: str = "collapse"
+) -> dict[str, dict[str, list[float]]]:
     """Per pretrained row: epochs and the collapse coefficient averaged over its pretrainings.
 
     Only epochs logged by every pretraining of the row are kept. Returns
@@ -291,7 +323,11 @@ def collapse_curves(plan: Sequence[Run], rows: Sequence[Row], chkpt_dir: str, ke
         epochs = sorted(set.intersection(*(set(s) for s in series)))
         if not epochs:
             continue
-        out[row.key] = {"epoch": epochs, "mean": [float(np.mean([s[e] for s in series])) for e in epochs], "n_runs": len(series)}
+        out[row.key] = {
+            "epoch": epochs,
+            "mean": [float(np.mean([s[e] for s in series])) for e in epochs],
+            "n_runs": len(series),
+        }
     return out
 
 
@@ -304,7 +340,9 @@ def plot_collapse(curves: dict[str, dict[str, list[float]]], rows: Sequence[Row]
     ax = fig.subplots()
     for r in present:
         c = curves[r.key]
-        ax.plot(c["epoch"], c["mean"], marker="o" if len(c["epoch"]) < 15 else None, label=f"{r.label} (n={c['n_runs']})")
+        ax.plot(
+            c["epoch"], c["mean"], marker="o" if len(c["epoch"]) < 15 else None, label=f"{r.label} (n={c['n_runs']})"
+        )
     ax.set_xlabel("pretraining epoch")
     ax.set_ylabel("collapse coefficient  max(0, 1 - sqrt(d) s)")
     ax.set_title("Collapse of the SimSiam predictor output (mean over pretrainings)")
@@ -315,7 +353,14 @@ def plot_collapse(curves: dict[str, dict[str, list[float]]], rows: Sequence[Row]
     return path
 
 
-def organ_sharing(label_paths: Sequence[str], rows: Sequence[Row], crop_size: int, n_pairs: int = 2000, seed: int = 0, strict: bool = False) -> dict[str, dict[str, float]]:
+def organ_sharing(
+    label_paths: Sequence[str],
+    rows: Sequence[Row],
+    crop_size: int,
+    n_pairs: int = 2000,
+    seed: int = 0,
+    strict: bool = False,
+) -> dict[str, dict[str, float]]:
     """Per interval: the fraction of positive pairs whose two crops share at least one organ.
 
     Pairs are drawn on the labelled 2D slices that contain at least one organ and are at
@@ -333,7 +378,9 @@ def organ_sharing(label_paths: Sequence[str], rows: Sequence[Row], crop_size: in
         if lab.max() > 0 and min(lab.shape) >= crop_size:
             labels.append(lab)
     if not labels:
-        raise UserError(f"none of the {len(label_paths)} labelled slices has an organ and is at least {crop_size} pixels on both axes")
+        raise UserError(
+            f"none of the {len(label_paths)} labelled slices has an organ and is at least {crop_size} pixels on both axes"
+        )
     out = {}
     for row in rows:
         if not row.pretrained:
@@ -345,18 +392,25 @@ def organ_sharing(label_paths: Sequence[str], rows: Sequence[Row], crop_size: in
         for _ in range(n_pairs):
             lab = labels[int(rng.integers(len(labels)))]
             a, b = sampler.sample(lab.shape, rng)
-            ca = lab[a[0]:a[0] + crop_size, a[1]:a[1] + crop_size]
-            cb = lab[b[0]:b[0] + crop_size, b[1]:b[1] + crop_size]
+            ca = lab[a[0] : a[0] + crop_size, a[1] : a[1] + crop_size]
+            cb = lab[b[0] : b[0] + crop_size, b[1] : b[1] + crop_size]
             oa = np.unique(ca)
             ob = np.unique(cb)
             if np.intersect1d(oa[oa > 0], ob[ob > 0]).size:
                 shared += 1
             ious.append(crop_iou(a, b, crop_size))
-        out[row.key] = {"fraction": shared / n_pairs, "n_pairs": n_pairs, "n_slices": len(labels), "mean_iou": float(np.mean(ious))}
+        out[row.key] = {
+            "fraction": shared / n_pairs,
+            "n_pairs": n_pairs,
+            "n_slices": len(labels),
+            "mean_iou": float(np.mean(ious)),
+        }
     return out
 
 
-def plot_organ_sharing(fractions: dict[str, dict[str, float]], rows: Sequence[Row], path: str, crop_size: int) -> str | None:
+def plot_organ_sharing(
+    fractions: dict[str, dict[str, float]], rows: Sequence[Row], path: str, crop_size: int
+) -> str | None:
     """``organ_sharing.png``: bars of the organ-sharing fraction, the interval on x."""
     present = [r for r in rows if r.key in fractions]
     if not present:
@@ -372,14 +426,26 @@ def plot_organ_sharing(fractions: dict[str, dict[str, float]], rows: Sequence[Ro
     ax.set_xlabel("IoU interval of the positive pairs")
     ax.set_ylabel("fraction of pairs sharing an organ")
     f0 = fractions[present[0].key]
-    ax.set_title(f"Positive pairs whose crops share at least one organ\n({f0['n_pairs']} pairs per interval, "
-                 f"{crop_size}x{crop_size} crops, {f0['n_slices']} labelled slices with organs)", fontsize=9)
+    ax.set_title(
+        f"Positive pairs whose crops share at least one organ\n({f0['n_pairs']} pairs per interval, "
+        f"{crop_size}x{crop_size} crops, {f0['n_slices']} labelled slices with organs)",
+        fontsize=9,
+    )
     ax.grid(axis="y", alpha=0.3)
     _save_fig(fig, path)
     return path
 
 
-def plot_crop_pairs(image_path: str, label_path: str | None, rows: Sequence[Row], path: str, crop_size: int, n_examples: int = 3, seed: int = 0, strict: bool = False) -> str | None:
+def plot_crop_pairs(
+    image_path: str,
+    label_path: str | None,
+    rows: Sequence[Row],
+    path: str,
+    crop_size: int,
+    n_examples: int = 3,
+    seed: int = 0,
+    strict: bool = False,
+) -> str | None:
     """``crop_pairs.png``: example crop pairs of each interval on one labelled slice.
 
     One row of panels per interval: the slice (organ outlines when a label is given) with
@@ -405,7 +471,16 @@ def plot_crop_pairs(image_path: str, label_path: str | None, rows: Sequence[Row]
             if lab is not None and lab.max() > 0:
                 ax.contour((lab.T > 0).astype(float), levels=[0.5], colors="yellow", linewidths=0.5, origin="lower")
             for start, color in ((a, "red"), (b, "deepskyblue")):
-                ax.add_patch(Rectangle((start[0] - 0.5, start[1] - 0.5), crop_size, crop_size, fill=False, edgecolor=color, linewidth=1.5))
+                ax.add_patch(
+                    Rectangle(
+                        (start[0] - 0.5, start[1] - 0.5),
+                        crop_size,
+                        crop_size,
+                        fill=False,
+                        edgecolor=color,
+                        linewidth=1.5,
+                    )
+                )
             ax.set_title(f"IoU {crop_iou(a, b, crop_size):.2f}", fontsize=8)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -416,8 +491,17 @@ def plot_crop_pairs(image_path: str, label_path: str | None, rows: Sequence[Row]
     return path
 
 
-def make_figures(plan: Sequence[Run], rows: Sequence[Row], chkpt_dir: str, fig_dir: str, labelled_dir: str, split: dict[str, list[str]],
-                 crop_size: int, spatial_dims: int = 2, n_pairs: int = 2000) -> dict[str, str]:
+def make_figures(
+    plan: Sequence[Run],
+    rows: Sequence[Row],
+    chkpt_dir: str,
+    fig_dir: str,
+    labelled_dir: str,
+    split: dict[str, list[str]],
+    crop_size: int,
+    spatial_dims: int = 2,
+    n_pairs: int = 2000,
+) -> dict[str, str]:
     """Every figure of the table: ``collapse.png`` from the pretraining logs; ``organ_sharing.png``
     (with its numbers in ``organ_sharing.json``) and ``crop_pairs.png`` from the labelled slices.
 

@@ -92,26 +92,72 @@ PAPER_SEEDS: tuple[int, int] = (4294967295, 381122412)
 PRESETS: dict[str, dict[str, Any]] = {
     # every value as in the paper (DESIGN.md)
     "paper": {
-        "spatial_dims": 2, "arch": "swin", "embedding_size": 48, "low_resource_mode": False, "crop_size": 96,
-        "finetune_crop_size": 96, "drop_path_rate": 0.1, "use_amp": True,
-        "n_pretrain_epochs": 100, "pretrain_batch_size": 128, "pretrain_lr": 0.025, "pretrain_end_lr": 1e-6,
-        "pretrain_wd": 1e-5, "pretrain_warmup_epochs": 0, "max_pretrain_images": 0,
-        "n_finetune_epochs": 225, "finetune_batch_size": 32, "finetune_lr": 1e-3, "finetune_end_lr": 5e-5,
-        "finetune_wd": 1e-5, "finetune_warmup_epochs": 10, "patience": 20, "sw_batch_size": 64,
-        "eval_every": 10, "eval_every_from": 90, "n_vis": 4, "max_finetune_images": 0, "num_workers": -1,
+        "spatial_dims": 2,
+        "arch": "swin",
+        "embedding_size": 48,
+        "low_resource_mode": False,
+        "crop_size": 96,
+        "finetune_crop_size": 96,
+        "drop_path_rate": 0.1,
+        "use_amp": True,
+        "n_pretrain_epochs": 100,
+        "pretrain_batch_size": 128,
+        "pretrain_lr": 0.025,
+        "pretrain_end_lr": 1e-6,
+        "pretrain_wd": 1e-5,
+        "pretrain_warmup_epochs": 0,
+        "max_pretrain_images": 0,
+        "n_finetune_epochs": 225,
+        "finetune_batch_size": 32,
+        "finetune_lr": 1e-3,
+        "finetune_end_lr": 5e-5,
+        "finetune_wd": 1e-5,
+        "finetune_warmup_epochs": 10,
+        "patience": 20,
+        "sw_batch_size": 64,
+        "eval_every": 10,
+        "eval_every_from": 90,
+        "n_vis": 4,
+        "max_finetune_images": 0,
+        "num_workers": -1,
         "workers": 1,
     },
     # the same grid on synthetic CT at a size a 2-core CPU finishes in minutes
     "demo": {
-        "spatial_dims": 2, "arch": "swin", "embedding_size": 12, "low_resource_mode": True, "crop_size": 32,
-        "finetune_crop_size": 64, "drop_path_rate": 0.1, "use_amp": False,
-        "n_pretrain_epochs": 2, "pretrain_batch_size": 16, "pretrain_lr": 0.025, "pretrain_end_lr": 1e-6,
-        "pretrain_wd": 1e-5, "pretrain_warmup_epochs": 0, "max_pretrain_images": 32,
-        "n_finetune_epochs": 2, "finetune_batch_size": 2, "finetune_lr": 5e-3, "finetune_end_lr": 5e-5,
-        "finetune_wd": 1e-5, "finetune_warmup_epochs": 0, "patience": 20, "sw_batch_size": 16,
-        "eval_every": 2, "eval_every_from": 1000, "n_vis": 0, "max_finetune_images": 20, "num_workers": 0,
+        "spatial_dims": 2,
+        "arch": "swin",
+        "embedding_size": 12,
+        "low_resource_mode": True,
+        "crop_size": 32,
+        "finetune_crop_size": 64,
+        "drop_path_rate": 0.1,
+        "use_amp": False,
+        "n_pretrain_epochs": 2,
+        "pretrain_batch_size": 16,
+        "pretrain_lr": 0.025,
+        "pretrain_end_lr": 1e-6,
+        "pretrain_wd": 1e-5,
+        "pretrain_warmup_epochs": 0,
+        "max_pretrain_images": 32,
+        "n_finetune_epochs": 2,
+        "finetune_batch_size": 2,
+        "finetune_lr": 5e-3,
+        "finetune_end_lr": 5e-5,
+        "finetune_wd": 1e-5,
+        "finetune_warmup_epochs": 0,
+        "patience": 20,
+        "sw_batch_size": 16,
+        "eval_every": 2,
+        "eval_every_from": 1000,
+        "n_vis": 0,
+        "max_finetune_images": 20,
+        "num_workers": 0,
         # the synthetic data set
-        "phantom_labelled": 8, "phantom_unlabelled": 12, "phantom_train": 4, "phantom_size_xy": 96, "phantom_slices": 24,
+        "phantom_labelled": 8,
+        "phantom_unlabelled": 12,
+        "phantom_train": 4,
+        "phantom_size_xy": 96,
+        "phantom_slices": 24,
         # execution (not part of grid.json): two single-threaded workers on a 2-core CPU
         "workers": 2,
     },
@@ -132,32 +178,71 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("grid")
-    g.add_argument("--preset", default="paper",
-                   help="'paper': every hyper-parameter as in the paper, on the FLARE folders you give; "
-                        "'demo': synthetic CT and tiny runs (make demo). Flags below override single values")
-    g.add_argument("--output_dir", required=True,
-                   help="results folder (grid.json, tables, figures, runs/); share it between machines to spread the grid")
-    g.add_argument("--rows", default=",".join(PAPER_ROW_KEYS),
-                   help="comma-separated rows: 'none' (no pretraining) or an IoU interval 'LO-HI'; the paper's six by default")
-    g.add_argument("--pretrain_seeds", default=",".join(map(str, PAPER_SEEDS)),
-                   help="pretraining seeds (for 'none': encoder initialisation seeds); the paper's two by default")
-    g.add_argument("--finetune_seeds", default=",".join(map(str, PAPER_SEEDS)),
-                   help="fine-tuning seeds, each applied to every pretraining; the paper's two by default")
-    g.add_argument("--method", default="simsiam", choices=("simsiam", "dino"),
-                   help="pretraining method; the paper's table is SimSiam")
+    g.add_argument(
+        "--preset",
+        default="paper",
+        help="'paper': every hyper-parameter as in the paper, on the FLARE folders you give; "
+        "'demo': synthetic CT and tiny runs (make demo). Flags below override single values",
+    )
+    g.add_argument(
+        "--output_dir",
+        required=True,
+        help="results folder (grid.json, tables, figures, runs/); share it between machines to spread the grid",
+    )
+    g.add_argument(
+        "--rows",
+        default=",".join(PAPER_ROW_KEYS),
+        help="comma-separated rows: 'none' (no pretraining) or an IoU interval 'LO-HI'; the paper's six by default",
+    )
+    g.add_argument(
+        "--pretrain_seeds",
+        default=",".join(map(str, PAPER_SEEDS)),
+        help="pretraining seeds (for 'none': encoder initialisation seeds); the paper's two by default",
+    )
+    g.add_argument(
+        "--finetune_seeds",
+        default=",".join(map(str, PAPER_SEEDS)),
+        help="fine-tuning seeds, each applied to every pretraining; the paper's two by default",
+    )
+    g.add_argument(
+        "--method",
+        default="simsiam",
+        choices=("simsiam", "dino"),
+        help="pretraining method; the paper's table is SimSiam",
+    )
 
     g = p.add_argument_group("data (paper preset; the demo makes its own)")
-    g.add_argument("--unlabelled_dir", help="preprocessed unlabelled slices for pretraining (preprocess_flare_unlabelled.py output)")
-    g.add_argument("--labelled_dir", help="preprocessed labelled slices for fine-tuning (preprocess_flare_labelled.py output)")
-    g.add_argument("--raw_unlabelled_dir", help="raw FLARE unlabelled .nii.gz; preprocessed into --unlabelled_dir first (resumable)")
-    g.add_argument("--raw_labelled_dir", help="raw FLARE labelled folder (images/, labels/); preprocessed into --labelled_dir first")
-    g.add_argument("--split", help="fine-tuning split JSON {'train': [...], 'val': [...]}; default the paper's data/split.json "
-                                   "(the demo uses its phantoms' split)")
-    g.add_argument("--preprocess_workers", type=int, default=1,
-                   help="processes for preprocessing (1 = in this process, fastest for the small demo; more for FLARE)")
+    g.add_argument(
+        "--unlabelled_dir",
+        help="preprocessed unlabelled slices for pretraining (preprocess_flare_unlabelled.py output)",
+    )
+    g.add_argument(
+        "--labelled_dir", help="preprocessed labelled slices for fine-tuning (preprocess_flare_labelled.py output)"
+    )
+    g.add_argument(
+        "--raw_unlabelled_dir",
+        help="raw FLARE unlabelled .nii.gz; preprocessed into --unlabelled_dir first (resumable)",
+    )
+    g.add_argument(
+        "--raw_labelled_dir",
+        help="raw FLARE labelled folder (images/, labels/); preprocessed into --labelled_dir first",
+    )
+    g.add_argument(
+        "--split",
+        help="fine-tuning split JSON {'train': [...], 'val': [...]}; default the paper's data/split.json "
+        "(the demo uses its phantoms' split)",
+    )
+    g.add_argument(
+        "--preprocess_workers",
+        type=int,
+        default=1,
+        help="processes for preprocessing (1 = in this process, fastest for the small demo; more for FLARE)",
+    )
     g.add_argument("--phantom_labelled", type=int, help="demo: labelled phantom cases")
     g.add_argument("--phantom_unlabelled", type=int, help="demo: unlabelled phantom cases")
-    g.add_argument("--phantom_train", type=int, help="demo: labelled cases in the fine-tuning train split (the rest: validation)")
+    g.add_argument(
+        "--phantom_train", type=int, help="demo: labelled cases in the fine-tuning train split (the rest: validation)"
+    )
     g.add_argument("--phantom_size_xy", type=int, help="demo: phantom voxels along x and y")
     g.add_argument("--phantom_slices", type=int, help="demo: slices of a labelled phantom")
 
@@ -165,12 +250,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--spatial_dims", type=int, choices=(2, 3), help="2D slices (the paper) or 3D volumes")
     g.add_argument("--arch", choices=("swin", "unetr"), help="encoder / segmenter architecture (the paper: swin)")
     g.add_argument("--embedding_size", type=int, help="Swin embedding size (paper 48, demo 12)")
-    g.add_argument("--low_resource_mode", action=argparse.BooleanOptionalAction, default=None,
-                   help="shrink the networks for CPU demos and tests")
-    g.add_argument("--crop_size", type=int, help="crop size of the pretraining views (Swin: a multiple of 32; paper 96, demo 32)")
-    g.add_argument("--finetune_crop_size", type=int, help="crop and sliding-window size of fine-tuning (Swin-UNETR: a multiple of 32, >= 64; paper 96)")
+    g.add_argument(
+        "--low_resource_mode",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="shrink the networks for CPU demos and tests",
+    )
+    g.add_argument(
+        "--crop_size", type=int, help="crop size of the pretraining views (Swin: a multiple of 32; paper 96, demo 32)"
+    )
+    g.add_argument(
+        "--finetune_crop_size",
+        type=int,
+        help="crop and sliding-window size of fine-tuning (Swin-UNETR: a multiple of 32, >= 64; paper 96)",
+    )
     g.add_argument("--drop_path_rate", type=float, help="stochastic depth of the encoder (paper 0.1)")
-    g.add_argument("--use_amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision on CUDA (paper: on)")
+    g.add_argument(
+        "--use_amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision on CUDA (paper: on)"
+    )
     g.add_argument("--n_pretrain_epochs", type=int, help="pretraining epochs (paper 100)")
     g.add_argument("--pretrain_batch_size", type=int, help="pretraining batch size (paper 128)")
     g.add_argument("--pretrain_lr", type=float, help="pretraining base learning rate (paper 0.025)")
@@ -184,34 +281,54 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune_end_lr", type=float, help="fine-tuning final learning rate (paper 5e-5)")
     g.add_argument("--finetune_wd", type=float, help="fine-tuning weight decay (paper 1e-5)")
     g.add_argument("--finetune_warmup_epochs", type=int, help="fine-tuning warm-up epochs (paper 10)")
-    g.add_argument("--patience", type=int, help="fine-tuning early stop after this many evaluations without improvement (paper 20)")
+    g.add_argument(
+        "--patience", type=int, help="fine-tuning early stop after this many evaluations without improvement (paper 20)"
+    )
     g.add_argument("--sw_batch_size", type=int, help="sliding-window batch size of the evaluation (paper 64)")
-    g.add_argument("--eval_every", type=int, help="fine-tuning: evaluate every this many epochs (paper 10; the last epoch always)")
-    g.add_argument("--eval_every_from", type=int, help="fine-tuning: evaluate every epoch from this epoch on (paper 90)")
+    g.add_argument(
+        "--eval_every", type=int, help="fine-tuning: evaluate every this many epochs (paper 10; the last epoch always)"
+    )
+    g.add_argument(
+        "--eval_every_from", type=int, help="fine-tuning: evaluate every epoch from this epoch on (paper 90)"
+    )
     g.add_argument("--n_vis", type=int, help="validation slices drawn in each fine-tuning's predictions.png (0: none)")
     g.add_argument("--max_finetune_images", type=int, help="use only the first N fine-tuning slices (0 = all)")
     g.add_argument("--pretrain_args", default="", help="extra flags for every pretraining, one shell-quoted string")
     g.add_argument("--finetune_args", default="", help="extra flags for every fine-tuning, one shell-quoted string")
 
     g = p.add_argument_group("execution")
-    g.add_argument("--workers", type=int,
-                   help="local worker processes claiming runs (1 = run in this process; paper preset 1, demo 2 single-threaded)")
-    g.add_argument("--gpus", default="",
-                   help="comma-separated GPU ids, one worker per GPU (CUDA_VISIBLE_DEVICES each); overrides --workers")
-    g.add_argument("--threads_per_worker", type=int, default=0,
-                   help="torch threads per worker (0 = CPU cores / workers)")
+    g.add_argument(
+        "--workers",
+        type=int,
+        help="local worker processes claiming runs (1 = run in this process; paper preset 1, demo 2 single-threaded)",
+    )
+    g.add_argument(
+        "--gpus",
+        default="",
+        help="comma-separated GPU ids, one worker per GPU (CUDA_VISIBLE_DEVICES each); overrides --workers",
+    )
+    g.add_argument(
+        "--threads_per_worker", type=int, default=0, help="torch threads per worker (0 = CPU cores / workers)"
+    )
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="device of every run")
     g.add_argument("--num_workers", type=int, help="data-loader processes per run (-1 = measured; demo 0)")
     g.add_argument("--use_wandb", action="store_true", help="log every run to Weights & Biases")
     g.add_argument("--wandb_project", default="ioupos-table", help="wandb project of the runs")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
-    g.add_argument("--poll_s", type=float, default=2.0, help="seconds between checks while waiting for runs of other workers")
+    g.add_argument(
+        "--poll_s", type=float, default=2.0, help="seconds between checks while waiting for runs of other workers"
+    )
 
     g = p.add_argument_group("modes")
     g.add_argument("--dry_run", action="store_true", help="print the command of every run and exit; nothing is written")
-    g.add_argument("--write_scripts", metavar="DIR",
-                   help="write one shell file per run (and all.sh) into DIR for a cluster scheduler, then exit")
-    g.add_argument("--collect_only", action="store_true", help="run nothing; render the table and figures from finished runs")
+    g.add_argument(
+        "--write_scripts",
+        metavar="DIR",
+        help="write one shell file per run (and all.sh) into DIR for a cluster scheduler, then exit",
+    )
+    g.add_argument(
+        "--collect_only", action="store_true", help="run nothing; render the table and figures from finished runs"
+    )
     g.add_argument("--no_figures", action="store_true", help="skip the figures")
     g.add_argument("--figure_pairs", type=int, default=2000, help="crop pairs per interval for organ_sharing.png")
     return p
@@ -233,7 +350,14 @@ def resolve_settings(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, key, None)
         if v is not None:
             s[key] = v
-    for key in ("n_pretrain_epochs", "n_finetune_epochs", "pretrain_batch_size", "finetune_batch_size", "crop_size", "embedding_size"):
+    for key in (
+        "n_pretrain_epochs",
+        "n_finetune_epochs",
+        "pretrain_batch_size",
+        "finetune_batch_size",
+        "crop_size",
+        "embedding_size",
+    ):
         if s[key] < 1:
             raise UserError(f"--{key} must be at least 1, got {s[key]}")
     if s["arch"] == "swin" and s["crop_size"] % 32:
@@ -259,13 +383,18 @@ def data_paths(args: argparse.Namespace, out: str) -> dict[str, str]:
     """Where the grid's data is (or will be), without touching anything (for --dry_run)."""
     if args.preset == "demo":
         root = os.path.join(out, "data")
-        return {"unlabelled_dir": os.path.join(root, "slices", "unlabelled"), "labelled_dir": os.path.join(root, "slices", "labelled"),
-                "split": os.path.join(root, "phantoms", "split.json")}
+        return {
+            "unlabelled_dir": os.path.join(root, "slices", "unlabelled"),
+            "labelled_dir": os.path.join(root, "slices", "labelled"),
+            "split": os.path.join(root, "phantoms", "split.json"),
+        }
     res = {}
     for key in ("unlabelled_dir", "labelled_dir"):
         v = getattr(args, key)
         if not v:
-            raise UserError(f"--{key} is required with --preset {args.preset} (the preprocessed slices, or where --raw_{key} goes)")
+            raise UserError(
+                f"--{key} is required with --preset {args.preset} (the preprocessed slices, or where --raw_{key} goes)"
+            )
         res[key] = os.path.abspath(os.path.expanduser(v))
     res["split"] = os.path.abspath(args.split or DEFAULT_SPLIT_PATH)
     return res
@@ -279,20 +408,46 @@ def prepare_data(args: argparse.Namespace, settings: dict[str, Any], out: str) -
     paths = data_paths(args, out)
     if args.preset == "demo":
         root = os.path.join(out, "data")
-        logger.info("demo data: %d labelled + %d unlabelled phantoms of %d x %d x %d in %s", settings["phantom_labelled"],
-                    settings["phantom_unlabelled"], settings["phantom_size_xy"], settings["phantom_size_xy"], settings["phantom_slices"], root)
+        logger.info(
+            "demo data: %d labelled + %d unlabelled phantoms of %d x %d x %d in %s",
+            settings["phantom_labelled"],
+            settings["phantom_unlabelled"],
+            settings["phantom_size_xy"],
+            settings["phantom_size_xy"],
+            settings["phantom_slices"],
+            root,
+        )
         made = make_phantoms.generate_dataset(
-            os.path.join(root, "phantoms"), n_labelled=settings["phantom_labelled"], n_unlabelled=settings["phantom_unlabelled"],
-            seed=0, size_xy=settings["phantom_size_xy"], n_slices=settings["phantom_slices"], n_train=settings["phantom_train"],
+            os.path.join(root, "phantoms"),
+            n_labelled=settings["phantom_labelled"],
+            n_unlabelled=settings["phantom_unlabelled"],
+            seed=0,
+            size_xy=settings["phantom_size_xy"],
+            n_slices=settings["phantom_slices"],
+            n_train=settings["phantom_train"],
             num_workers=min(2, os.cpu_count() or 1),
         )
-        _preprocess("labelled", made["labelled_dir"], paths["labelled_dir"], made["split_path"], args.preprocess_workers)
+        _preprocess(
+            "labelled", made["labelled_dir"], paths["labelled_dir"], made["split_path"], args.preprocess_workers
+        )
         _preprocess("unlabelled", made["unlabelled_dir"], paths["unlabelled_dir"], None, args.preprocess_workers)
         return paths
     if args.raw_labelled_dir:
-        _preprocess("labelled", _require_dir(args.raw_labelled_dir, "--raw_labelled_dir"), paths["labelled_dir"], paths["split"], args.preprocess_workers)
+        _preprocess(
+            "labelled",
+            _require_dir(args.raw_labelled_dir, "--raw_labelled_dir"),
+            paths["labelled_dir"],
+            paths["split"],
+            args.preprocess_workers,
+        )
     if args.raw_unlabelled_dir:
-        _preprocess("unlabelled", _require_dir(args.raw_unlabelled_dir, "--raw_unlabelled_dir"), paths["unlabelled_dir"], None, args.preprocess_workers)
+        _preprocess(
+            "unlabelled",
+            _require_dir(args.raw_unlabelled_dir, "--raw_unlabelled_dir"),
+            paths["unlabelled_dir"],
+            None,
+            args.preprocess_workers,
+        )
     _require_dir(paths["unlabelled_dir"], "--unlabelled_dir")
     _require_dir(paths["labelled_dir"], "--labelled_dir")
     if not os.path.isfile(paths["split"]):
@@ -317,8 +472,16 @@ def _preprocess(kind: str, raw: str, out: str, split: str | None, workers: int) 
 
 
 def _common_argv(s: dict[str, Any]) -> list[str]:
-    argv = ["--spatial_dims", str(s["spatial_dims"]), "--arch", s["arch"], "--embedding_size", str(s["embedding_size"]),
-            "--drop_path_rate", f"{s['drop_path_rate']:g}"]
+    argv = [
+        "--spatial_dims",
+        str(s["spatial_dims"]),
+        "--arch",
+        s["arch"],
+        "--embedding_size",
+        str(s["embedding_size"]),
+        "--drop_path_rate",
+        f"{s['drop_path_rate']:g}",
+    ]
     if s["low_resource_mode"]:
         argv.append("--low_resource_mode")
     if s["use_amp"]:
@@ -326,43 +489,122 @@ def _common_argv(s: dict[str, Any]) -> list[str]:
     return argv
 
 
-def build_plan(args: argparse.Namespace, s: dict[str, Any], rows: list[Row], pre_seeds: list[int], ft_seeds: list[int],
-               data: dict[str, str], chkpt_dir: str) -> list[Run]:
+def build_plan(
+    args: argparse.Namespace,
+    s: dict[str, Any],
+    rows: list[Row],
+    pre_seeds: list[int],
+    ft_seeds: list[int],
+    data: dict[str, str],
+    chkpt_dir: str,
+) -> list[Run]:
     """Every run of the grid with its full argv (see runqueue.plan_grid for the order)."""
     pre_extra = shlex.split(args.pretrain_args)
     ft_extra = shlex.split(args.finetune_args)
     common = _common_argv(s)
 
     def pre_argv(row: Row, seed: int, name: str) -> list[str]:
-        return ["--data_dir", data["unlabelled_dir"], *common, "--crop_size", str(s["crop_size"]),
-                "--min_iou", f"{row.min_iou:g}", "--max_iou", f"{row.max_iou:g}",
-                "--batch_size", str(s["pretrain_batch_size"]), "--n_epochs", str(s["n_pretrain_epochs"]),
-                "--base_lr", f"{s['pretrain_lr']:g}", "--end_lr", f"{s['pretrain_end_lr']:g}",
-                "--warmup_epochs", str(s["pretrain_warmup_epochs"]), "--wd", f"{s['pretrain_wd']:g}",
-                "--max_images", str(s["max_pretrain_images"]),
-                "--seed", str(seed), "--run_name", name, "--chkpt_dir", chkpt_dir, *pre_extra]
+        return [
+            "--data_dir",
+            data["unlabelled_dir"],
+            *common,
+            "--crop_size",
+            str(s["crop_size"]),
+            "--min_iou",
+            f"{row.min_iou:g}",
+            "--max_iou",
+            f"{row.max_iou:g}",
+            "--batch_size",
+            str(s["pretrain_batch_size"]),
+            "--n_epochs",
+            str(s["n_pretrain_epochs"]),
+            "--base_lr",
+            f"{s['pretrain_lr']:g}",
+            "--end_lr",
+            f"{s['pretrain_end_lr']:g}",
+            "--warmup_epochs",
+            str(s["pretrain_warmup_epochs"]),
+            "--wd",
+            f"{s['pretrain_wd']:g}",
+            "--max_images",
+            str(s["max_pretrain_images"]),
+            "--seed",
+            str(seed),
+            "--run_name",
+            name,
+            "--chkpt_dir",
+            chkpt_dir,
+            *pre_extra,
+        ]
 
     def ft_argv(row: Row, pre_seed: int, ft_seed: int, name: str, weights: str) -> list[str]:
-        return ["--data_dir", data["labelled_dir"], "--split_path", data["split"], *common,
-                "--crop_size", str(s["finetune_crop_size"]), "--chkpt_path", weights,
-                "--batch_size", str(s["finetune_batch_size"]), "--n_epochs", str(s["n_finetune_epochs"]),
-                "--base_lr", f"{s['finetune_lr']:g}", "--end_lr", f"{s['finetune_end_lr']:g}",
-                "--warmup_epochs", str(s["finetune_warmup_epochs"]), "--wd", f"{s['finetune_wd']:g}",
-                "--patience", str(s["patience"]), "--eval_every", str(s["eval_every"]), "--eval_every_from", str(s["eval_every_from"]),
-                "--sw_batch_size", str(s["sw_batch_size"]), "--n_vis", str(s["n_vis"]), "--max_images", str(s["max_finetune_images"]),
-                "--seed", str(ft_seed), "--run_name", name, "--chkpt_dir", chkpt_dir, *ft_extra]
+        return [
+            "--data_dir",
+            data["labelled_dir"],
+            "--split_path",
+            data["split"],
+            *common,
+            "--crop_size",
+            str(s["finetune_crop_size"]),
+            "--chkpt_path",
+            weights,
+            "--batch_size",
+            str(s["finetune_batch_size"]),
+            "--n_epochs",
+            str(s["n_finetune_epochs"]),
+            "--base_lr",
+            f"{s['finetune_lr']:g}",
+            "--end_lr",
+            f"{s['finetune_end_lr']:g}",
+            "--warmup_epochs",
+            str(s["finetune_warmup_epochs"]),
+            "--wd",
+            f"{s['finetune_wd']:g}",
+            "--patience",
+            str(s["patience"]),
+            "--eval_every",
+            str(s["eval_every"]),
+            "--eval_every_from",
+            str(s["eval_every_from"]),
+            "--sw_batch_size",
+            str(s["sw_batch_size"]),
+            "--n_vis",
+            str(s["n_vis"]),
+            "--max_images",
+            str(s["max_finetune_images"]),
+            "--seed",
+            str(ft_seed),
+            "--run_name",
+            name,
+            "--chkpt_dir",
+            chkpt_dir,
+            *ft_extra,
+        ]
 
     # the random encoders of the "no pretraining" row: the fine-tuning's own encoder config
-    enc = {"arch": s["arch"], "spatial_dims": s["spatial_dims"], "embedding_size": s["embedding_size"],
-           "low_resource_mode": bool(s["low_resource_mode"]), "drop_path_rate": float(s["drop_path_rate"]),
-           "crop_size": s["finetune_crop_size"]}
+    enc = {
+        "arch": s["arch"],
+        "spatial_dims": s["spatial_dims"],
+        "embedding_size": s["embedding_size"],
+        "low_resource_mode": bool(s["low_resource_mode"]),
+        "drop_path_rate": float(s["drop_path_rate"]),
+        "crop_size": s["finetune_crop_size"],
+    }
     script = "main_simsiam" if args.method == "simsiam" else "main_dino"
-    return runqueue.plan_grid(rows, pre_seeds, ft_seeds, chkpt_dir, pre_argv, ft_argv, encoder_config=enc, pretrain_script=script)
+    return runqueue.plan_grid(
+        rows, pre_seeds, ft_seeds, chkpt_dir, pre_argv, ft_argv, encoder_config=enc, pretrain_script=script
+    )
 
 
 def execution_argv(args: argparse.Namespace, s: dict[str, Any], n_workers: int) -> dict[str, list[str]]:
     """Flags per run kind that change how a run executes, not what it computes (not in grid.json)."""
-    argv = ["--device", args.device, "--num_workers", str(s["num_workers"]), "--progress" if (args.progress and n_workers == 1) else "--no-progress"]
+    argv = [
+        "--device",
+        args.device,
+        "--num_workers",
+        str(s["num_workers"]),
+        "--progress" if (args.progress and n_workers == 1) else "--no-progress",
+    ]
     if args.use_wandb:
         argv += ["--use_wandb", "--wandb_project", args.wandb_project]
     return {"pretrain": list(argv), "finetune": argv + ["--ignore_user_warning"]}
@@ -373,7 +615,9 @@ def execution_argv(args: argparse.Namespace, s: dict[str, Any], n_workers: int) 
 # ---------------------------------------------------------------------------------------
 
 
-def grid_meta(args: argparse.Namespace, s: dict[str, Any], rows: list[Row], pre_seeds: list[int], ft_seeds: list[int]) -> dict[str, Any]:
+def grid_meta(
+    args: argparse.Namespace, s: dict[str, Any], rows: list[Row], pre_seeds: list[int], ft_seeds: list[int]
+) -> dict[str, Any]:
     """What ``grid.json`` records of a grid (execution settings left out), compared on every invocation."""
     return {
         "format": GRID_FORMAT,
@@ -382,7 +626,11 @@ def grid_meta(args: argparse.Namespace, s: dict[str, Any], rows: list[Row], pre_
         "rows": [r.key for r in rows],
         "pretrain_seeds": pre_seeds,
         "finetune_seeds": ft_seeds,
-        "settings": {k: v for k, v in s.items() if k not in _EXECUTION_KEYS and (args.preset == "demo" or not k.startswith("phantom_"))},
+        "settings": {
+            k: v
+            for k, v in s.items()
+            if k not in _EXECUTION_KEYS and (args.preset == "demo" or not k.startswith("phantom_"))
+        },
         "pretrain_args": args.pretrain_args,
         "finetune_args": args.finetune_args,
     }
@@ -398,7 +646,9 @@ def check_grid_file(out: str, meta: dict[str, Any], split: dict[str, list[str]] 
     path = os.path.join(out, "grid.json")
     if not os.path.isfile(path):
         if os.path.isdir(out) and any(os.path.exists(os.path.join(out, d)) for d in ("runs", "table.md")):
-            raise UserError(f"--output_dir {out} holds results but no grid.json: not written by this version of reproduce_table.py; choose another folder")
+            raise UserError(
+                f"--output_dir {out} holds results but no grid.json: not written by this version of reproduce_table.py; choose another folder"
+            )
         return None
     try:
         with open(path) as f:
@@ -406,18 +656,26 @@ def check_grid_file(out: str, meta: dict[str, Any], split: dict[str, list[str]] 
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {path}: {e}") from None
     if not isinstance(old, dict) or old.get("format") != GRID_FORMAT:
-        raise UserError(f"{path} was written by another version of the table (format {old.get('format') if isinstance(old, dict) else None!r}, "
-                        f"this is {GRID_FORMAT!r}); use another --output_dir")
+        raise UserError(
+            f"{path} was written by another version of the table (format {old.get('format') if isinstance(old, dict) else None!r}, "
+            f"this is {GRID_FORMAT!r}); use another --output_dir"
+        )
     for key, new in meta.items():
         if key == "settings":
             for k in sorted(set(new) | set(old.get("settings", {}))):
                 a, b = old.get("settings", {}).get(k), new.get(k)
                 if a != b:
-                    raise UserError(f"{path} is a grid with {k}={a!r}, this command asks for {k}={b!r}; use the same flags or another --output_dir")
+                    raise UserError(
+                        f"{path} is a grid with {k}={a!r}, this command asks for {k}={b!r}; use the same flags or another --output_dir"
+                    )
         elif old.get(key) != new:
-            raise UserError(f"{path} is a grid with {key}={old.get(key)!r}, this command asks for {key}={new!r}; use another --output_dir")
+            raise UserError(
+                f"{path} is a grid with {key}={old.get(key)!r}, this command asks for {key}={new!r}; use another --output_dir"
+            )
     if split is not None and old.get("split") is not None and old["split"] != split:
-        raise UserError(f"{path} was made with another fine-tuning split ({_split_diff(old['split'], split)}); use another --output_dir")
+        raise UserError(
+            f"{path} was made with another fine-tuning split ({_split_diff(old['split'], split)}); use another --output_dir"
+        )
     return old
 
 
@@ -451,8 +709,10 @@ def check_runs_split(plan: list[Run], chkpt_dir: str, split: dict[str, list[str]
         if not os.path.isfile(sp):
             raise UserError(f"run {r.name} was fine-tuned with split {sp}, which no longer exists")
         if load_split(sp) != split:
-            raise UserError(f"run {r.name} was fine-tuned with split {sp}, which differs from the grid's split "
-                            f"({_split_diff(load_split(sp), split)}); the runs of one table must share one split")
+            raise UserError(
+                f"run {r.name} was fine-tuned with split {sp}, which differs from the grid's split "
+                f"({_split_diff(load_split(sp), split)}); the runs of one table must share one split"
+            )
 
 
 # ---------------------------------------------------------------------------------------
@@ -498,14 +758,29 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     split = load_split(data["split"])
     check_grid_file(out, meta, split)
     os.makedirs(out, exist_ok=True)
-    atomic_write_json(os.path.join(out, "grid.json"), {**meta, "split": split, "data": data, "updated": time.strftime("%Y-%m-%d %H:%M:%S")})
+    atomic_write_json(
+        os.path.join(out, "grid.json"),
+        {**meta, "split": split, "data": data, "updated": time.strftime("%Y-%m-%d %H:%M:%S")},
+    )
     plan = build_plan(args, s, rows, pre_seeds, ft_seeds, data, chkpt_dir)
-    logger.info("grid: %d rows, %d runs (%d pretrainings, %d fine-tunings), results in %s", len(rows), len(plan),
-                sum(r.kind == "pretrain" for r in plan), sum(r.kind == "finetune" for r in plan), out)
+    logger.info(
+        "grid: %d rows, %d runs (%d pretrainings, %d fine-tunings), results in %s",
+        len(rows),
+        len(plan),
+        sum(r.kind == "pretrain" for r in plan),
+        sum(r.kind == "finetune" for r in plan),
+        out,
+    )
 
     if args.write_scripts:
-        written = runqueue.write_run_scripts(plan, os.path.abspath(args.write_scripts), chkpt_dir, PROJECT_ROOT, execution_argv(args, s, 1),
-                                             python=sys.executable)
+        written = runqueue.write_run_scripts(
+            plan,
+            os.path.abspath(args.write_scripts),
+            chkpt_dir,
+            PROJECT_ROOT,
+            execution_argv(args, s, 1),
+            python=sys.executable,
+        )
         logger.info("wrote %d shell files to %s (all.sh runs them in order)", len(written) - 1, args.write_scripts)
         return {"scripts": written}
 
@@ -514,11 +789,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         cleared = runqueue.clear_failures(state_dir)
         if cleared:
             logger.info("retrying %d run(s) that failed before: %s", len(cleared), ", ".join(cleared))
-        cfg = runqueue.WorkerConfig(chkpt_dir=chkpt_dir, state_dir=state_dir, extra_argv=execution_argv(args, s, n_workers),
-                                    poll_s=args.poll_s, owner="main", timings_path=os.path.join(state_dir, "timings.jsonl"))
+        cfg = runqueue.WorkerConfig(
+            chkpt_dir=chkpt_dir,
+            state_dir=state_dir,
+            extra_argv=execution_argv(args, s, n_workers),
+            poll_s=args.poll_s,
+            owner="main",
+            timings_path=os.path.join(state_dir, "timings.jsonl"),
+        )
         if n_workers < 1:
             raise UserError(f"--workers must be at least 1, got {n_workers}")
-        res = runqueue.run_local(plan, cfg, n_workers=n_workers, gpus=gpus, threads_per_worker=args.threads_per_worker, progress=args.progress)
+        res = runqueue.run_local(
+            plan,
+            cfg,
+            n_workers=n_workers,
+            gpus=gpus,
+            threads_per_worker=args.threads_per_worker,
+            progress=args.progress,
+        )
         failed = res["failed"]
 
     check_runs_split(plan, chkpt_dir, split)
@@ -528,17 +816,35 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     organs = report.render_organs(rows, collected, out)
     figures = {}
     if not args.no_figures:
-        figures = report.make_figures(plan, rows, chkpt_dir, os.path.join(out, "figures"), data["labelled_dir"], split, s["crop_size"],
-                                      spatial_dims=s["spatial_dims"], n_pairs=args.figure_pairs)
+        figures = report.make_figures(
+            plan,
+            rows,
+            chkpt_dir,
+            os.path.join(out, "figures"),
+            data["labelled_dir"],
+            split,
+            s["crop_size"],
+            spatial_dims=s["spatial_dims"],
+            n_pairs=args.figure_pairs,
+        )
     print(table["text"], flush=True)
     result = {
-        "output_dir": out, "table": table["md"], "table_csv": table["csv"], "organs": organs["md"], "organs_csv": organs["csv"],
-        "figures": figures, "rows": report.table_rows(rows, collected), "n_runs": len(plan),
-        "n_finished": sum(runqueue.is_finished(chkpt_dir, r.name) for r in plan), "seconds": round(time.time() - t_start, 1),
+        "output_dir": out,
+        "table": table["md"],
+        "table_csv": table["csv"],
+        "organs": organs["md"],
+        "organs_csv": organs["csv"],
+        "figures": figures,
+        "rows": report.table_rows(rows, collected),
+        "n_runs": len(plan),
+        "n_finished": sum(runqueue.is_finished(chkpt_dir, r.name) for r in plan),
+        "seconds": round(time.time() - t_start, 1),
     }
     if failed:
-        raise TrainingError(f"{len(failed)} run(s) failed (see {os.path.join(state_dir, 'failed')} and logs/): {', '.join(failed)}; "
-                            f"rerun the same command to retry them")
+        raise TrainingError(
+            f"{len(failed)} run(s) failed (see {os.path.join(state_dir, 'failed')} and logs/): {', '.join(failed)}; "
+            f"rerun the same command to retry them"
+        )
     return result
 
 

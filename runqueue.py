@@ -260,7 +260,17 @@ def plan_grid(
                 init = {"path": weights, "seed": int(ps), "config": dict(encoder_config)}
             for fs in finetune_seeds:
                 name = finetune_name(row, ps, fs)
-                run = Run(name, "finetune", row.key, finetune_script, finetune_argv(row, ps, fs, name, weights), dep, ps, fs, init)
+                run = Run(
+                    name,
+                    "finetune",
+                    row.key,
+                    finetune_script,
+                    finetune_argv(row, ps, fs, name, weights),
+                    dep,
+                    ps,
+                    fs,
+                    init,
+                )
                 (ft if row.pretrained else ft_none).append(run)
     return pre + ft_none + ft
 
@@ -280,7 +290,9 @@ def ensure_random_init(init: dict[str, Any]) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(init["seed"]))
         enc = models.build_encoder(cfg)
-    ckpt = models.encoder_checkpoint(enc, cfg, method="random_init", epoch=0, args={"seed": int(init["seed"]), **init["config"]})
+    ckpt = models.encoder_checkpoint(
+        enc, cfg, method="random_init", epoch=0, args={"seed": int(init["seed"]), **init["config"]}
+    )
     atomic_torch_save(ckpt, path)
     logger.info("wrote the random initial encoder %s (seed %d)", path, init["seed"])
     return path
@@ -291,7 +303,14 @@ def command_line(run: Run, python: str = "python", extra: Sequence[str] = ()) ->
     return " ".join(shlex.quote(a) for a in [python, f"{run.script}.py", *run.argv, *extra])
 
 
-def write_run_scripts(plan: Sequence[Run], script_dir: str, chkpt_dir: str, project_root: str, extra: dict[str, list[str]] | None = None, python: str = "python") -> list[str]:
+def write_run_scripts(
+    plan: Sequence[Run],
+    script_dir: str,
+    chkpt_dir: str,
+    project_root: str,
+    extra: dict[str, list[str]] | None = None,
+    python: str = "python",
+) -> list[str]:
     """One shell file per run (``NN_<run>.sh``) for a cluster scheduler, plus ``all.sh``.
 
     Each file names its run and its dependency in a comment, exits at once if the run
@@ -332,8 +351,16 @@ def write_run_scripts(plan: Sequence[Run], script_dir: str, chkpt_dir: str, proj
         atomic_write_text(path, "\n".join(lines))
         os.chmod(path, 0o755)
         written.append(path)
-    all_lines = ["#!/usr/bin/env bash", "# every run of the grid in dependency order (skips finished runs)", "set -euo pipefail",
-                 'cd "$(dirname "$0")"'] + [f"./{os.path.basename(w)}" for w in written] + [""]
+    all_lines = (
+        [
+            "#!/usr/bin/env bash",
+            "# every run of the grid in dependency order (skips finished runs)",
+            "set -euo pipefail",
+            'cd "$(dirname "$0")"',
+        ]
+        + [f"./{os.path.basename(w)}" for w in written]
+        + [""]
+    )
     all_path = os.path.join(script_dir, "all.sh")
     atomic_write_text(all_path, "\n".join(all_lines))
     os.chmod(all_path, 0o755)
@@ -428,7 +455,11 @@ def stale_reason(path: str, info: dict[str, Any]) -> str | None:
             age = time.time() - os.path.getmtime(path)
         except FileNotFoundError:
             return "it vanished"
-        return f"it is empty and {age:.0f} s old (its creator died while writing it)" if age > _EMPTY_LOCK_GRACE_S else None
+        return (
+            f"it is empty and {age:.0f} s old (its creator died while writing it)"
+            if age > _EMPTY_LOCK_GRACE_S
+            else None
+        )
     if info.get("host") != HOST:
         return None
     pid = int(info.get("pid", -1))
@@ -450,8 +481,14 @@ def try_lock(lock_dir: str, name: str, owner: str = "") -> str | None:
     """
     os.makedirs(lock_dir, exist_ok=True)
     path = os.path.abspath(os.path.join(lock_dir, name + ".lock"))
-    info = {"host": HOST, "pid": os.getpid(), "pid_start": _proc_start(os.getpid()), "time": time.time(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "owner": owner}
+    info = {
+        "host": HOST,
+        "pid": os.getpid(),
+        "pid_start": _proc_start(os.getpid()),
+        "time": time.time(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "owner": owner,
+    }
     for attempt in range(2):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -569,7 +606,9 @@ def _remove_partial_run(chkpt_dir: str, name: str) -> list[str]:
     return removed
 
 
-def execute_run(run: Run, chkpt_dir: str, extra_argv: dict[str, list[str]] | None = None, log_dir: str | None = None) -> dict[str, Any]:
+def execute_run(
+    run: Run, chkpt_dir: str, extra_argv: dict[str, list[str]] | None = None, log_dir: str | None = None
+) -> dict[str, Any]:
     """Run one training in this process: ``main(get_args_parser().parse_args(argv))`` of its script.
 
     Adds the execution flags ``extra_argv[run.kind]``, and ``--resume`` when the run has a
@@ -592,7 +631,9 @@ def execute_run(run: Run, chkpt_dir: str, extra_argv: dict[str, list[str]] | Non
     else:
         removed = _remove_partial_run(chkpt_dir, run.name)
         if removed:
-            logger.warning("%s: stopped before its first checkpoint; removed %s and starting over", run.name, ", ".join(removed))
+            logger.warning(
+                "%s: stopped before its first checkpoint; removed %s and starting over", run.name, ", ".join(removed)
+            )
     trainer = trainer_for(run.script)
     parser = trainer.get_args_parser()
     err = io.StringIO()
@@ -601,7 +642,9 @@ def execute_run(run: Run, chkpt_dir: str, extra_argv: dict[str, list[str]] | Non
             args = parser.parse_args(argv)
     except SystemExit:
         last = [ln for ln in err.getvalue().strip().splitlines() if ln.strip()]
-        raise UserError(f"{run.script}.py refuses the arguments of run {run.name}: {last[-1] if last else 'bad arguments'}") from None
+        raise UserError(
+            f"{run.script}.py refuses the arguments of run {run.name}: {last[-1] if last else 'bad arguments'}"
+        ) from None
     handler = None
     with contextlib.ExitStack() as stack:
         if log_dir is not None:
@@ -609,7 +652,9 @@ def execute_run(run: Run, chkpt_dir: str, extra_argv: dict[str, list[str]] | Non
             os.makedirs(log_dir, exist_ok=True)
             log_file = stack.enter_context(open(os.path.join(log_dir, run.name + ".log"), "a", buffering=1))
             handler = logging.StreamHandler(log_file)
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+            handler.setFormatter(
+                logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+            )
             logging.getLogger().addHandler(handler)
             stack.callback(logging.getLogger().removeHandler, handler)
             stack.enter_context(contextlib.redirect_stdout(log_file))
@@ -633,7 +678,9 @@ class WorkerConfig:
     timings_path: str | None = None  # append one JSON line per finished run
 
 
-def run_worker(plan: Sequence[Run], cfg: WorkerConfig, runner: Callable[..., dict] = execute_run) -> dict[str, list[str]]:
+def run_worker(
+    plan: Sequence[Run], cfg: WorkerConfig, runner: Callable[..., dict] = execute_run
+) -> dict[str, list[str]]:
     """Claim and run runs until every run is finished, failed, or blocked by a failed one.
 
     Returns ``{"done": [...], "failed": [...], "blocked": [...]}`` (this worker's view).
@@ -669,7 +716,9 @@ def run_worker(plan: Sequence[Run], cfg: WorkerConfig, runner: Callable[..., dic
             key = ",".join(sorted(r.name for r in pending))
             if key not in waiting_logged:
                 waiting_logged.add(key)
-                logger.info("waiting: %d run(s) left, all running elsewhere or waiting for their pretraining", len(pending))
+                logger.info(
+                    "waiting: %d run(s) left, all running elsewhere or waiting for their pretraining", len(pending)
+                )
             time.sleep(cfg.poll_s)
             continue
         run, lock = claimed
@@ -687,14 +736,26 @@ def run_worker(plan: Sequence[Run], cfg: WorkerConfig, runner: Callable[..., dic
         else:
             done.append(run.name)
             if cfg.timings_path:
-                append_jsonl(cfg.timings_path, {"run": run.name, "kind": run.kind, "seconds": round(time.time() - t0, 2), "owner": cfg.owner, "host": HOST})
+                append_jsonl(
+                    cfg.timings_path,
+                    {
+                        "run": run.name,
+                        "kind": run.kind,
+                        "seconds": round(time.time() - t0, 2),
+                        "owner": cfg.owner,
+                        "host": HOST,
+                    },
+                )
         finally:
             release_lock(lock)
 
 
 def _record_failure(cfg: WorkerConfig, run: Run, e: BaseException) -> None:
     """Write :func:`failed_path` of ``run`` (so that every worker skips it and its fine-tunings)."""
-    atomic_write_json(failed_path(cfg.state_dir, run.name), {"run": run.name, "error": f"{type(e).__name__}: {e}", "host": HOST, "pid": os.getpid(), "time": time.time()})
+    atomic_write_json(
+        failed_path(cfg.state_dir, run.name),
+        {"run": run.name, "error": f"{type(e).__name__}: {e}", "host": HOST, "pid": os.getpid(), "time": time.time()},
+    )
 
 
 def clear_failures(state_dir: str) -> list[str]:
@@ -741,8 +802,14 @@ def worker_entry(plan_dicts: list[dict], cfg_dict: dict, env: dict[str, str], n_
 # ---------------------------------------------------------------------------------------
 
 
-def run_local(plan: Sequence[Run], cfg: WorkerConfig, n_workers: int = 1, gpus: Sequence[str] = (), threads_per_worker: int = 0,
-              progress: bool = True) -> dict[str, list[str]]:
+def run_local(
+    plan: Sequence[Run],
+    cfg: WorkerConfig,
+    n_workers: int = 1,
+    gpus: Sequence[str] = (),
+    threads_per_worker: int = 0,
+    progress: bool = True,
+) -> dict[str, list[str]]:
     """Run every unfinished run of ``plan``, in this process or in spawned worker processes.
 
     One worker (and no GPU list) runs :func:`run_worker` in this process; otherwise
@@ -797,11 +864,19 @@ def run_local(plan: Sequence[Run], cfg: WorkerConfig, n_workers: int = 1, gpus: 
     for i in range(n_workers):
         env = {"CUDA_VISIBLE_DEVICES": gpus[i]} if gpus else {}
         wcfg = WorkerConfig(**{**cfg.__dict__, "owner": f"worker{i}" + (f"-gpu{gpus[i]}" if gpus else "")})
-        proc = ctx.Process(target=worker_entry, args=(plan_dicts, wcfg.__dict__, env, threads, logging.getLogger().level or logging.INFO),
-                           name=wcfg.owner)
+        proc = ctx.Process(
+            target=worker_entry,
+            args=(plan_dicts, wcfg.__dict__, env, threads, logging.getLogger().level or logging.INFO),
+            name=wcfg.owner,
+        )
         proc.start()
         procs.append(proc)
-    logger.info("started %d worker(s) with %d torch thread(s) each%s", n_workers, threads, f" on GPUs {','.join(gpus)}" if gpus else "")
+    logger.info(
+        "started %d worker(s) with %d torch thread(s) each%s",
+        n_workers,
+        threads,
+        f" on GPUs {','.join(gpus)}" if gpus else "",
+    )
     try:
         while any(p.is_alive() for p in procs):
             time.sleep(1.0)

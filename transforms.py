@@ -152,7 +152,11 @@ def preprocess_steps_3d(config: Mapping[str, Any]) -> list:
     before the first random one, and it treats a nested ``Compose`` as random.
     """
     pre = preprocessing_transforms(
-        keys=("image", "label"), a_min=config["a_min"], a_max=config["a_max"], pixdim=config["pixdim"], min_xy=config["min_xy"]
+        keys=("image", "label"),
+        a_min=config["a_min"],
+        a_max=config["a_max"],
+        pixdim=config["pixdim"],
+        min_xy=config["min_xy"],
     )
     return [*pre.flatten().transforms, KeepAffined()]
 
@@ -251,7 +255,9 @@ class PadToAtLeastd(MapTransform):
                 img = img.as_tensor()
             arr = img.numpy() if isinstance(img, torch.Tensor) else np.asarray(img)
             if arr.ndim != len(self.spatial_size) + 1:
-                raise ValueError(f"PadToAtLeastd key {key!r}: expected a channel-first {len(self.spatial_size)}D image, got shape {arr.shape}")
+                raise ValueError(
+                    f"PadToAtLeastd key {key!r}: expected a channel-first {len(self.spatial_size)}D image, got shape {arr.shape}"
+                )
             extra = [max(0, s - n) for n, s in zip(arr.shape[1:], self.spatial_size)]
             if any(extra):
                 arr = np.pad(arr, [(0, 0)] + [(e // 2, e - e // 2) for e in extra], mode="constant")
@@ -267,7 +273,9 @@ class PadToAtLeastd(MapTransform):
 def _blur(keys: Sequence[str], spatial_dims: int, prob: float) -> RandGaussianSmoothd:
     """Gaussian blur with a sigma drawn per axis in ``AUGMENT.blur_sigma`` (none along z in 2D)."""
     sig = AUGMENT.blur_sigma
-    return RandGaussianSmoothd(keys, sigma_x=sig, sigma_y=sig, sigma_z=sig if spatial_dims == 3 else (0.0, 0.0), prob=prob)
+    return RandGaussianSmoothd(
+        keys, sigma_x=sig, sigma_y=sig, sigma_z=sig if spatial_dims == 3 else (0.0, 0.0), prob=prob
+    )
 
 
 def view_augmentations(key: str, spatial_dims: int) -> Compose:
@@ -283,7 +291,15 @@ def view_augmentations(key: str, spatial_dims: int) -> Compose:
     zmin, zmax = a.view_zoom_range
     return Compose(
         [
-            RandZoomd(k, prob=a.view_zoom_prob, min_zoom=zmin, max_zoom=zmax, keep_size=True, mode="bilinear", padding_mode="constant"),
+            RandZoomd(
+                k,
+                prob=a.view_zoom_prob,
+                min_zoom=zmin,
+                max_zoom=zmax,
+                keep_size=True,
+                mode="bilinear",
+                padding_mode="constant",
+            ),
             RandFlipd(k, prob=a.view_flip_prob, spatial_axis=0),
             RandFlipd(k, prob=a.view_flip_prob, spatial_axis=1),
             RandRotate90d(k, prob=a.view_rot90_prob, max_k=a.rot90_max_k, spatial_axes=(0, 1)),
@@ -360,7 +376,9 @@ def pretrain_transforms(
     chain = [
         *load,
         PadToAtLeastd(k, spatial_size=[int(crop_size)] * spatial_dims),
-        IoUCropd(k, spatial_dims, crop_size=crop_size, min_iou=min_iou, max_iou=max_iou, strict=strict, store_boxes=True),
+        IoUCropd(
+            k, spatial_dims, crop_size=crop_size, min_iou=min_iou, max_iou=max_iou, strict=strict, store_boxes=True
+        ),
         DeleteItemsd(["iou_start1", "iou_start2"]),
     ]
     if augment:
@@ -381,7 +399,9 @@ def random_crop_transforms(spatial_dims: int, crop_size: int, n_crops: int, augm
     keys = ["image", "label"]
     size = (int(crop_size),) * spatial_dims
     return [
-        RandCropByPosNegLabeld(keys, label_key="label", spatial_size=size, pos=1, neg=1, num_samples=int(n_crops), allow_smaller=True),
+        RandCropByPosNegLabeld(
+            keys, label_key="label", spatial_size=size, pos=1, neg=1, num_samples=int(n_crops), allow_smaller=True
+        ),
         SpatialPadd(keys, spatial_size=size),
         *(finetune_augmentations(spatial_dims).transforms if augment else ()),
         EnsureTyped(keys, track_meta=False),

@@ -77,7 +77,9 @@ def setup_logging(level: int = logging.INFO, rank: int = 0) -> None:
     Ranks other than 0 log at WARNING and above, so a multi-GPU run prints one
     copy of the progress messages without patching ``print``.
     """
-    fmt = "%(asctime)s %(levelname)s %(message)s" if rank == 0 else f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"
+    fmt = (
+        "%(asctime)s %(levelname)s %(message)s" if rank == 0 else f"%(asctime)s %(levelname)s [rank {rank}] %(message)s"
+    )
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -143,7 +145,9 @@ def check_fits_in_memory(need: int, what: str, hint: str, available: int | None 
     if available is None:
         available = available_memory()
         if available is None:
-            logger.warning("%s: %s; the free memory of this system is unknown, so it is not checked", what, format_bytes(need))
+            logger.warning(
+                "%s: %s; the free memory of this system is unknown, so it is not checked", what, format_bytes(need)
+            )
             return
     room = available - max(MEMORY_RESERVE_MIN, MEMORY_RESERVE_FRAC * available)
     if need > room:
@@ -239,4 +243,6 @@ def torch_load(path: str, map_location: str | torch.device = "cpu") -> Any:
             f"data that weights_only=True refuses)"
         ) from None
     except Exception as e:  # zip errors, truncated files, text files...
-        raise UserError(f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).strip()[:200]})") from None
+        raise UserError(
+            f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).strip()[:200]})"
+        ) from None

@@ -79,7 +79,9 @@ def draw_crop_pairs(
 
     size = _as_pair_size(crop_size)
     if len(images) != len(pairs) or not images:
-        raise ValueError(f"need as many pairs as images (and at least one), got {len(images)} images, {len(pairs)} pairs")
+        raise ValueError(
+            f"need as many pairs as images (and at least one), got {len(images)} images, {len(pairs)} pairs"
+        )
     for extra, name in ((ious, "ious"), (captions, "captions")):
         if extra is not None and len(extra) != len(images):
             raise ValueError(f"{name} has {len(extra)} entries for {len(images)} images")
@@ -97,18 +99,28 @@ def draw_crop_pairs(
                 raise ValueError(f"box at {tuple(start)} of size {size} leaves image {i} of shape {img.shape}")
         ax = axes.ravel()[i]
         finite = img[np.isfinite(img)] if np.issubdtype(img.dtype, np.floating) else img
-        lo, hi = (np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0))
+        lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
         ax.imshow(img, cmap="gray", vmin=lo, vmax=hi if hi > lo else lo + 1, interpolation="nearest")
         for start, colour, style in zip((start_a, start_b), COLOURS, ("-", "--")):
-            ax.add_patch(Rectangle((start[1] - 0.5, start[0] - 0.5), size[1], size[0],
-                                   fill=False, edgecolor=colour, linewidth=2.0, linestyle=style))
+            ax.add_patch(
+                Rectangle(
+                    (start[1] - 0.5, start[0] - 0.5),
+                    size[1],
+                    size[0],
+                    fill=False,
+                    edgecolor=colour,
+                    linewidth=2.0,
+                    linestyle=style,
+                )
+            )
         iou = crop_iou(start_a, start_b, size) if ious is None else float(ious[i])
         text = f"IoU {iou:.3f}"
         if captions is not None and captions[i]:
             text += f"\n{captions[i]}"
         ax.set_title(text, fontsize=9)
-    handles = [Rectangle((0, 0), 1, 1, fill=False, edgecolor=c, linewidth=2, linestyle=s)
-               for c, s in zip(COLOURS, ("-", "--"))]
+    handles = [
+        Rectangle((0, 0), 1, 1, fill=False, edgecolor=c, linewidth=2, linestyle=s) for c, s in zip(COLOURS, ("-", "--"))
+    ]
     fig.legend(handles, ["crop 1", "crop 2"], loc="lower center", ncol=2, frameon=False)
     if title:
         fig.suptitle(title)
@@ -170,8 +182,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = parser.add_argument_group("input and output")
-    g.add_argument("--input_dir", type=Path, required=True,
-                   help="folder of PNG slices (8 or 16 bit) or NIfTI volumes (.nii/.nii.gz); files are taken in name order")
+    g.add_argument(
+        "--input_dir",
+        type=Path,
+        required=True,
+        help="folder of PNG slices (8 or 16 bit) or NIfTI volumes (.nii/.nii.gz); files are taken in name order",
+    )
     g.add_argument("--output", type=Path, required=True, help="PNG file to write (folders are created)")
     g.add_argument("--n_images", type=int, default=8, help="number of files to show (the first ones by name)")
     g.add_argument("--n_pairs_per_image", type=int, default=1, help="crop pairs drawn per file (one panel each)")
@@ -179,8 +195,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = parser.add_argument_group("crops and interval")
     g.add_argument("--min_iou", type=float, default=0.3, help="lower end of the IoU interval")
     g.add_argument("--max_iou", type=float, default=0.6, help="upper end of the IoU interval")
-    g.add_argument("--crop_size", type=int, nargs="+", default=[96],
-                   help="crop size: one int, or one per axis (2 for slices, 3 for volumes, e.g. 64 64 32)")
+    g.add_argument(
+        "--crop_size",
+        type=int,
+        nargs="+",
+        default=[96],
+        help="crop size: one int, or one per axis (2 for slices, 3 for volumes, e.g. 64 64 32)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the crop sampler; change it for other pairs")
     return parser
 
@@ -217,8 +238,13 @@ def main(args: argparse.Namespace) -> Path:
         except ValueError as e:
             raise UserError(f"{path}: {e}") from None
         if not feasible:
-            logger.warning("%s (shape %s) admits no pair in [%s, %s]: drawing the closest pairs",
-                           path.name, arr.shape, args.min_iou, args.max_iou)
+            logger.warning(
+                "%s (shape %s) admits no pair in [%s, %s]: drawing the closest pairs",
+                path.name,
+                arr.shape,
+                args.min_iou,
+                args.max_iou,
+            )
         for _ in range(args.n_pairs_per_image):
             pair = sampler.sample_pair(arr.shape, rng)
             note = "" if pair.feasible else " (closest; none in interval)"
@@ -250,8 +276,9 @@ def main(args: argparse.Namespace) -> Path:
         box2d = size
     title = f"IoU in [{args.min_iou}, {args.max_iou}], crops {'x'.join(map(str, size))}"
     try:
-        out = draw_crop_pairs(images, pairs, box2d, args.output, title=title, ious=ious, captions=captions,
-                              ncols=args.ncols)
+        out = draw_crop_pairs(
+            images, pairs, box2d, args.output, title=title, ious=ious, captions=captions, ncols=args.ncols
+        )
     except ValueError as e:
         raise UserError(str(e)) from None
     logger.info("wrote %s (%d panels from %d files)", out, len(images), len(files))

@@ -48,17 +48,25 @@ def get_args_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = parser.add_argument_group("data (synthetic, made fresh in a temporary folder)")
-    g.add_argument("--n_cases", type=int, default=8,
-                   help="unlabelled phantom cases; use a multiple of --workers so no worker idles at the end")
+    g.add_argument(
+        "--n_cases",
+        type=int,
+        default=8,
+        help="unlabelled phantom cases; use a multiple of --workers so no worker idles at the end",
+    )
     g.add_argument("--size_xy", type=int, default=256, help="phantom voxels along x and y (FLARE itself is 512)")
-    g.add_argument("--n_slices", type=int, default=60,
-                   help="phantom slices of a labelled case (unlabelled ones get 30%% more)")
+    g.add_argument(
+        "--n_slices", type=int, default=60, help="phantom slices of a labelled case (unlabelled ones get 30%% more)"
+    )
     g.add_argument("--seed", type=int, default=0, help="phantom seed")
     r = parser.add_argument_group("runs")
     r.add_argument("--workers", type=int, default=2, help="the --num_workers compared with 1 (set to the core count)")
     r.add_argument("--repeats", type=int, default=3, help="runs per setting; the median is reported")
-    r.add_argument("--work_dir", default=None,
-                   help="folder for phantoms and outputs (default: a new temporary folder, removed at the end)")
+    r.add_argument(
+        "--work_dir",
+        default=None,
+        help="folder for phantoms and outputs (default: a new temporary folder, removed at the end)",
+    )
     o = parser.add_argument_group("output")
     o.add_argument("--output", default=str(DEFAULT_OUTPUT), help="JSON file for the results")
     return parser
@@ -118,8 +126,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     try:
         t0 = time.perf_counter()
         made = make_phantoms.generate_dataset(
-            work / "phantoms", n_labelled=2, n_train=1, n_unlabelled=args.n_cases, seed=args.seed,
-            size_xy=args.size_xy, n_slices=args.n_slices,
+            work / "phantoms",
+            n_labelled=2,
+            n_train=1,
+            n_unlabelled=args.n_cases,
+            seed=args.seed,
+            size_xy=args.size_xy,
+            n_slices=args.n_slices,
         )
         logger.info("phantoms: %d cases in %.1f s", args.n_cases, time.perf_counter() - t0)
         data_dir = Path(made["unlabelled_dir"])
@@ -150,8 +163,13 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             "benchmark": "preprocess_flare_unlabelled.py 2D, --num_workers 1 vs N",
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "command": " ".join([os.path.basename(sys.executable)] + sys.argv) if sys.argv else None,
-            "data": {"n_cases": args.n_cases, "size_xy": args.size_xy, "n_slices_labelled": args.n_slices,
-                     "seed": args.seed, "n_output_slices": n_slices},
+            "data": {
+                "n_cases": args.n_cases,
+                "size_xy": args.size_xy,
+                "n_slices_labelled": args.n_slices,
+                "seed": args.seed,
+                "n_output_slices": n_slices,
+            },
             "workers": args.workers,
             "repeats": args.repeats,
             "seconds": {str(k): v for k, v in times.items()},
@@ -184,8 +202,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         m = result["median_seconds"][str(w)]
         print(f"{w:>8} {m:>9.2f} {args.n_cases / m:>8.2f} {n_slices / m:>9.1f}")
     print(f"speed-up with {args.workers} workers: {speedup:.2f}x (results in {args.output})")
-    print(f"CPU capacity for {args.workers} processes at the time (pure CPU loop, before / after): "
-          f"{capacity[0]:.2f}x / {capacity[1]:.2f}x")
+    print(
+        f"CPU capacity for {args.workers} processes at the time (pure CPU loop, before / after): "
+        f"{capacity[0]:.2f}x / {capacity[1]:.2f}x"
+    )
     if speedup < 0.9 * min(capacity):
         logger.warning("the preprocessing scales worse than the machine allowed at the time")
     elif max(capacity) < 0.9 * args.workers:

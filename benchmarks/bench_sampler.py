@@ -60,8 +60,15 @@ INTERVALS = [(0.0, 0.0), (0.0001, 0.3), (0.3, 0.6), (0.6, 1.0), (0.0, 1.0), (0.4
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "results" / "sampler.json"
 
 
-def algorithm1(image_shape: Sequence[int], crop: int, min_iou: float, max_iou: float, rng: np.random.Generator,
-               r1: int = 30, r2: int = 4) -> tuple[list[int], list[int]]:
+def algorithm1(
+    image_shape: Sequence[int],
+    crop: int,
+    min_iou: float,
+    max_iou: float,
+    rng: np.random.Generator,
+    r1: int = 30,
+    r2: int = 4,
+) -> tuple[list[int], list[int]]:
     """Algorithm 1 of the thesis, re-implemented from its description (the baseline).
 
     Returns the last pair drawn when no pair met the interval, as the original did.
@@ -124,10 +131,17 @@ def bench_samplers(n_2d: int, n_3d: int, seed: int) -> list[dict]:
         ours["infeasible_reported"] = sampler.stats["infeasible"]
         rng = np.random.default_rng(seed)
         alg1 = _time_pairs(lambda: algorithm1(shape, crop, lo, hi, rng), n, lo, hi, crop)
-        rows.append({
-            "shape": list(shape), "crop": crop, "min_iou": lo, "max_iou": hi,
-            "ours": ours, "algorithm1": alg1, "speedup": alg1["us_per_pair"] / ours["us_per_pair"],
-        })
+        rows.append(
+            {
+                "shape": list(shape),
+                "crop": crop,
+                "min_iou": lo,
+                "max_iou": hi,
+                "ours": ours,
+                "algorithm1": alg1,
+                "speedup": alg1["us_per_pair"] / ours["us_per_pair"],
+            }
+        )
     return rows
 
 
@@ -159,12 +173,18 @@ def bench_crop_step(n: int, rounds: int, seed: int) -> dict:
 
     variants = {
         "rand_spatial_cropd_x2": TwoRandomCrops(),
-        "ioucropd_0.3_0.6": IoUCropd(["image"], spatial_dims=2, crop_size=96, min_iou=0.3, max_iou=0.6).set_random_state(seed),
-        "ioucropd_0_1": IoUCropd(["image"], spatial_dims=2, crop_size=96, min_iou=0.0, max_iou=1.0).set_random_state(seed),
+        "ioucropd_0.3_0.6": IoUCropd(
+            ["image"], spatial_dims=2, crop_size=96, min_iou=0.3, max_iou=0.6
+        ).set_random_state(seed),
+        "ioucropd_0_1": IoUCropd(["image"], spatial_dims=2, crop_size=96, min_iou=0.0, max_iou=1.0).set_random_state(
+            seed
+        ),
     }
     with tempfile.TemporaryDirectory() as tmp:
         png = _make_png(Path(tmp), shape)
-        load = Compose([LoadImaged(["image"], image_only=True), EnsureChannelFirstd(["image"]), ScaleIntensityd(["image"])])
+        load = Compose(
+            [LoadImaged(["image"], image_only=True), EnsureChannelFirstd(["image"]), ScaleIntensityd(["image"])]
+        )
         base = load({"image": str(png)})
         times: dict[str, dict[str, list[float]]] = {k: {"crop_only_us": [], "load_and_crop_us": []} for k in variants}
         for _ in range(rounds):  # interleave the variants so that machine load hits them alike
@@ -189,8 +209,10 @@ def bench_crop_step(n: int, rounds: int, seed: int) -> dict:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Benchmark the exact IoU crop-pair sampler against Algorithm 1.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description="Benchmark the exact IoU crop-pair sampler against Algorithm 1.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     g = parser.add_argument_group("size of the run")
     g.add_argument("--quick", action="store_true", help="a short smoke run (few pairs); numbers are noisy")
     g.add_argument("--n_pairs_2d", type=int, default=4000, help="pairs per 2D configuration and sampler")
@@ -198,8 +220,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--n_crop_step", type=int, default=400, help="samples per round of the crop-step timing")
     g.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the crop-step timing (median taken)")
     g = parser.add_argument_group("output")
-    g.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                   help="JSON file with every figure (default: benchmarks/results/sampler.json next to this script)")
+    g.add_argument(
+        "--output",
+        type=Path,
+        default=DEFAULT_OUTPUT,
+        help="JSON file with every figure (default: benchmarks/results/sampler.json next to this script)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the random generators")
     return parser
 
@@ -229,29 +255,49 @@ def main(args: argparse.Namespace) -> dict:
         "summary": summary,
         "sampler_grid": rows,
         "crop_step": crop_step,
-        "settings": {"quick": args.quick, "n_pairs_2d": args.n_pairs_2d, "n_pairs_3d": args.n_pairs_3d,
-                     "seed": args.seed, "threads": 1},
-        "machine": {"python": platform.python_version(), "numpy": np.__version__, "cpu_count": os.cpu_count(),
-                    "load_average_at_end": list(os.getloadavg()), "platform": platform.platform()},
+        "settings": {
+            "quick": args.quick,
+            "n_pairs_2d": args.n_pairs_2d,
+            "n_pairs_3d": args.n_pairs_3d,
+            "seed": args.seed,
+            "threads": 1,
+        },
+        "machine": {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "cpu_count": os.cpu_count(),
+            "load_average_at_end": list(os.getloadavg()),
+            "platform": platform.platform(),
+        },
         "runtime_s": time.perf_counter() - t_start,
     }
     atomic_write_json(args.output, result)
 
-    print(f"\n{'shape':>14} {'crop':>4} {'interval':>15} | {'ours us/pair':>12} {'wall p50':>8} {'outside':>8} | "
-          f"{'alg1 us/pair':>12} {'outside':>8} | {'speedup':>7}")
+    print(
+        f"\n{'shape':>14} {'crop':>4} {'interval':>15} | {'ours us/pair':>12} {'wall p50':>8} {'outside':>8} | "
+        f"{'alg1 us/pair':>12} {'outside':>8} | {'speedup':>7}"
+    )
     for r in rows:
         o, a = r["ours"], r["algorithm1"]
-        print(f"{'x'.join(map(str, r['shape'])):>14} {r['crop']:>4} {'[' + str(r['min_iou']) + ', ' + str(r['max_iou']) + ']':>15} | "
-              f"{o['us_per_pair']:12.1f} {o['wall_median_us']:8.1f} {o['outside_fraction']:8.2%} | "
-              f"{a['us_per_pair']:12.1f} {a['outside_fraction']:8.2%} | {r['speedup']:7.2f}")
-    print(f"\nmedian speedup over Algorithm 1: {summary['median_speedup_vs_algorithm1']:.2f}x; "
-          f"worst mean us/pair 2D {summary['worst_us_per_pair_2d']:.1f}, 3D {summary['worst_us_per_pair_3d']:.1f}; "
-          f"pairs of ours outside the interval: {summary['ours_outside_total']}")
+        print(
+            f"{'x'.join(map(str, r['shape'])):>14} {r['crop']:>4} {'[' + str(r['min_iou']) + ', ' + str(r['max_iou']) + ']':>15} | "
+            f"{o['us_per_pair']:12.1f} {o['wall_median_us']:8.1f} {o['outside_fraction']:8.2%} | "
+            f"{a['us_per_pair']:12.1f} {a['outside_fraction']:8.2%} | {r['speedup']:7.2f}"
+        )
+    print(
+        f"\nmedian speedup over Algorithm 1: {summary['median_speedup_vs_algorithm1']:.2f}x; "
+        f"worst mean us/pair 2D {summary['worst_us_per_pair_2d']:.1f}, 3D {summary['worst_us_per_pair_3d']:.1f}; "
+        f"pairs of ours outside the interval: {summary['ours_outside_total']}"
+    )
     print("(us/pair: CPU time of the sampling thread per pair; wall p50: median wall-clock latency of one call)")
-    print(f"\ncrop step on a {crop_step['image_shape'][0]}x{crop_step['image_shape'][1]} slice, 96x96 crops (CPU us per sample, median of rounds):")
+    print(
+        f"\ncrop step on a {crop_step['image_shape'][0]}x{crop_step['image_shape'][1]} slice, 96x96 crops (CPU us per sample, median of rounds):"
+    )
     for name, d in crop_step["variants"].items():
-        print(f"  {name:>22}: crop only {d['crop_only_us']:7.1f} us ({d['crop_only_vs_random_pct']:+6.1f} %), "
-              f"load PNG + crop {d['load_and_crop_us']:7.1f} us ({d['load_and_crop_vs_random_pct']:+6.1f} %)")
+        print(
+            f"  {name:>22}: crop only {d['crop_only_us']:7.1f} us ({d['crop_only_vs_random_pct']:+6.1f} %), "
+            f"load PNG + crop {d['load_and_crop_us']:7.1f} us ({d['load_and_crop_vs_random_pct']:+6.1f} %)"
+        )
     print(f"\nwrote {args.output} in {result['runtime_s']:.0f} s")
     return result
 

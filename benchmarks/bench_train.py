@@ -104,45 +104,97 @@ EVALS_IN_225_EPOCHS = sum(1 for e in range(1, 226) if e % 10 == 0 or e >= 90)  #
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        "bench_train", description="Pretraining and fine-tuning speed (issue 7).",
+        "bench_train",
+        description="Pretraining and fine-tuning speed (issue 7).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     g = p.add_argument_group("where")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
-                   help="cpu: small sizes, for ratios between variants; cuda: the issue's targets. auto: cuda when available.")
-    g.add_argument("--out", default=None,
-                   help="Result JSON (default: benchmarks/results/train_<device type>.json in the project).")
-    g.add_argument("--work_dir", default=None,
-                   help="Folder for the phantom data (kept afterwards); default: a temporary folder, removed at the end.")
+    g.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="cpu: small sizes, for ratios between variants; cuda: the issue's targets. auto: cuda when available.",
+    )
+    g.add_argument(
+        "--out", default=None, help="Result JSON (default: benchmarks/results/train_<device type>.json in the project)."
+    )
+    g.add_argument(
+        "--work_dir",
+        default=None,
+        help="Folder for the phantom data (kept afterwards); default: a temporary folder, removed at the end.",
+    )
     g = p.add_argument_group("sizes (defaults depend on the device; change them to study one setting)")
     g.add_argument("--quick", action="store_true", help="CPU: fewer steps and workers, under 2 minutes in all.")
-    g.add_argument("--steps", type=int, default=None, help="Counted steps per measurement (CPU 30, CUDA 60; --quick: 12).")
-    g.add_argument("--warmup", type=int, default=None, help="Steps not counted at the start of each loop (CPU 3, CUDA 10).")
+    g.add_argument(
+        "--steps", type=int, default=None, help="Counted steps per measurement (CPU 30, CUDA 60; --quick: 12)."
+    )
+    g.add_argument(
+        "--warmup", type=int, default=None, help="Steps not counted at the start of each loop (CPU 3, CUDA 10)."
+    )
     g.add_argument("--batch_size", type=int, default=None, help="Pairs per 2D step (CPU 16, CUDA 128: the paper).")
     g.add_argument("--crop_size", type=int, default=None, help="2D crop side (CPU 64, CUDA 96: the paper).")
-    g.add_argument("--embedding_size", type=int, default=None, help="Swin embedding size (CPU 12 with small heads, CUDA 48: the paper).")
-    g.add_argument("--batch_size_3d", type=int, default=None, help="Pairs per 3D step (CPU 2 with 32^3 crops, CUDA 8 with 96^3).")
-    g.add_argument("--workers", type=int, nargs="+", default=None,
-                   help="Data-loader worker counts for the pipeline-alone measurement; the largest is used in the "
-                        "whole loop (CPU: 0 1 2, --quick 1; CUDA: 16).")
-    g.add_argument("--threads", type=int, default=None, help="torch threads of the main process (CPU default 1, so workers get the other cores).")
+    g.add_argument(
+        "--embedding_size",
+        type=int,
+        default=None,
+        help="Swin embedding size (CPU 12 with small heads, CUDA 48: the paper).",
+    )
+    g.add_argument(
+        "--batch_size_3d", type=int, default=None, help="Pairs per 3D step (CPU 2 with 32^3 crops, CUDA 8 with 96^3)."
+    )
+    g.add_argument(
+        "--workers",
+        type=int,
+        nargs="+",
+        default=None,
+        help="Data-loader worker counts for the pipeline-alone measurement; the largest is used in the "
+        "whole loop (CPU: 0 1 2, --quick 1; CUDA: 16).",
+    )
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the main process (CPU default 1, so workers get the other cores).",
+    )
     g = p.add_argument_group("what")
-    g.add_argument("--peak_tflops", type=float, default=None,
-                   help=f"Peak dense TFLOP/s of the GPU for the FLOP utilisation; default {H100_H200_BF16_TFLOPS:g} "
-                        f"(bf16, H100/H200) when the GPU's name says H100 or H200, otherwise no utilisation is reported.")
-    g.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=None,
-                   help="Time fine-tuning epochs (default: on CUDA only; on the CPU it takes minutes).")
-    g.add_argument("--ft_cases", type=int, default=20,
-                   help="Labelled phantom cases for fine-tuning (30 %% train; 512 x 512 x 80 each on CUDA, as FLARE's "
-                        "slices; 96 x 96 on the CPU); the estimate is scaled "
-                        "to FLARE's 1,515 / 3,535 slices. 50 = the size of FLARE's labelled split, slower to measure "
-                        "(the final evaluation's NSD runs on the CPU).")
-    g.add_argument("--three_d", action=argparse.BooleanOptionalAction, default=True, help="Measure the 3D step and pipeline.")
-    g.add_argument("--two_d", action=argparse.BooleanOptionalAction, default=True,
-                   help="Measure the 2D loop, step and pipeline (--no-two_d with --finetune: fine-tuning alone).")
-    g.add_argument("--compile_lever", action=argparse.BooleanOptionalAction, default=None,
-                   help="Also measure --compile (inductor) among the levers (default: on CUDA only; on the CPU "
-                        "compilation alone takes several minutes).")
+    g.add_argument(
+        "--peak_tflops",
+        type=float,
+        default=None,
+        help=f"Peak dense TFLOP/s of the GPU for the FLOP utilisation; default {H100_H200_BF16_TFLOPS:g} "
+        f"(bf16, H100/H200) when the GPU's name says H100 or H200, otherwise no utilisation is reported.",
+    )
+    g.add_argument(
+        "--finetune",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Time fine-tuning epochs (default: on CUDA only; on the CPU it takes minutes).",
+    )
+    g.add_argument(
+        "--ft_cases",
+        type=int,
+        default=20,
+        help="Labelled phantom cases for fine-tuning (30 %% train; 512 x 512 x 80 each on CUDA, as FLARE's "
+        "slices; 96 x 96 on the CPU); the estimate is scaled "
+        "to FLARE's 1,515 / 3,535 slices. 50 = the size of FLARE's labelled split, slower to measure "
+        "(the final evaluation's NSD runs on the CPU).",
+    )
+    g.add_argument(
+        "--three_d", action=argparse.BooleanOptionalAction, default=True, help="Measure the 3D step and pipeline."
+    )
+    g.add_argument(
+        "--two_d",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Measure the 2D loop, step and pipeline (--no-two_d with --finetune: fine-tuning alone).",
+    )
+    g.add_argument(
+        "--compile_lever",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Also measure --compile (inductor) among the levers (default: on CUDA only; on the CPU "
+        "compilation alone takes several minutes).",
+    )
     g.add_argument("--seed", type=int, default=0, help="Seed of the phantoms and of the runs.")
     return p
 
@@ -157,9 +209,24 @@ def make_pretrain_data(work: Path, spatial_dims: int, n_cases: int, size_xy: int
     raw = work / f"raw_u{spatial_dims}d"
     out = work / f"pre_{spatial_dims}d"
     if not out.exists():
-        make_phantoms.main(make_phantoms.get_args_parser().parse_args([
-            "--output_dir", str(raw), "--n_labelled", "0", "--n_unlabelled", str(n_cases), "--size_xy", str(size_xy),
-            "--n_slices", str(n_slices), "--num_workers", str(max(1, workers))]))
+        make_phantoms.main(
+            make_phantoms.get_args_parser().parse_args(
+                [
+                    "--output_dir",
+                    str(raw),
+                    "--n_labelled",
+                    "0",
+                    "--n_unlabelled",
+                    str(n_cases),
+                    "--size_xy",
+                    str(size_xy),
+                    "--n_slices",
+                    str(n_slices),
+                    "--num_workers",
+                    str(max(1, workers)),
+                ]
+            )
+        )
         argv = ["--data_dir", str(raw / "unlabelled"), "--output_dir", str(out), "--num_workers", str(max(1, workers))]
         if spatial_dims == 3:
             argv += ["--spatial_dims", "3"]
@@ -173,12 +240,40 @@ def make_labelled_data(work: Path, n_cases: int, size_xy: int, workers: int) -> 
     out = work / "pre_l2d"
     split = raw / "split.json"
     if not out.exists():
-        make_phantoms.main(make_phantoms.get_args_parser().parse_args([
-            "--output_dir", str(raw), "--n_labelled", str(n_cases), "--n_train", str(max(1, round(0.3 * n_cases))),
-            "--n_unlabelled", "0", "--size_xy", str(size_xy), "--n_slices", "80", "--num_workers", str(max(1, workers))]))
-        preprocess_flare_labelled.main(preprocess_flare_labelled.get_args_parser().parse_args([
-            "--data_dir", str(raw / "labelled"), "--output_dir", str(out), "--split_path", str(split),
-            "--num_workers", str(max(1, workers))]))
+        make_phantoms.main(
+            make_phantoms.get_args_parser().parse_args(
+                [
+                    "--output_dir",
+                    str(raw),
+                    "--n_labelled",
+                    str(n_cases),
+                    "--n_train",
+                    str(max(1, round(0.3 * n_cases))),
+                    "--n_unlabelled",
+                    "0",
+                    "--size_xy",
+                    str(size_xy),
+                    "--n_slices",
+                    "80",
+                    "--num_workers",
+                    str(max(1, workers)),
+                ]
+            )
+        )
+        preprocess_flare_labelled.main(
+            preprocess_flare_labelled.get_args_parser().parse_args(
+                [
+                    "--data_dir",
+                    str(raw / "labelled"),
+                    "--output_dir",
+                    str(out),
+                    "--split_path",
+                    str(split),
+                    "--num_workers",
+                    str(max(1, workers)),
+                ]
+            )
+        )
     return out, split
 
 
@@ -230,13 +325,47 @@ class Repeat:
 # ---------------------------------------------------------------------------------------
 
 
-def pretrain_args(data_dir: Path, spatial_dims: int, crop: int, batch: int, embed: int, small: bool, *,
-                  batch_augment: bool = False, cache: bool = False, amp: str | None = None, workers: int = 0,
-                  seed: int = 0, check_every: int = 20, fused: bool = False, compile: bool = False) -> argparse.Namespace:
+def pretrain_args(
+    data_dir: Path,
+    spatial_dims: int,
+    crop: int,
+    batch: int,
+    embed: int,
+    small: bool,
+    *,
+    batch_augment: bool = False,
+    cache: bool = False,
+    amp: str | None = None,
+    workers: int = 0,
+    seed: int = 0,
+    check_every: int = 20,
+    fused: bool = False,
+    compile: bool = False,
+) -> argparse.Namespace:
     """The flags of main_simsiam.py for one measurement (batch size not capped by low-resource mode)."""
-    argv = ["--data_dir", str(data_dir), "--spatial_dims", str(spatial_dims), "--crop_size", str(crop),
-            "--batch_size", str(batch), "--embedding_size", str(embed), "--n_epochs", "1", "--min_iou", "0.3",
-            "--max_iou", "0.6", "--no-progress", "--num_workers", str(workers), "--seed", str(seed)]
+    argv = [
+        "--data_dir",
+        str(data_dir),
+        "--spatial_dims",
+        str(spatial_dims),
+        "--crop_size",
+        str(crop),
+        "--batch_size",
+        str(batch),
+        "--embedding_size",
+        str(embed),
+        "--n_epochs",
+        "1",
+        "--min_iou",
+        "0.3",
+        "--max_iou",
+        "0.6",
+        "--no-progress",
+        "--num_workers",
+        str(workers),
+        "--seed",
+        str(seed),
+    ]
     if small:
         argv.append("--low_resource_mode")
     if batch_augment:
@@ -274,13 +403,25 @@ def _method(args: argparse.Namespace, info, steps: int):
 def _train(method, amp, batches: Iterable, args, info, steps: int, aug) -> dict[str, float]:
     """``steps`` optimizer steps through engine.train_one_epoch, exactly as pretrain.py runs
     them; returns its averages (the mean loss, to compare variants on the same seed)."""
+
     def loss_fn(batch):
         return method.loss_fn(augment_views(batch, aug, info.device), 0)
 
     return engine.train_one_epoch(
-        method.train_module, batches, method.optimizer, loss_fn, epoch=0, n_epochs=1, iters_per_epoch=steps,
-        lr_schedule=method.lr_schedule, base_lr=method.base_lr, wd_schedule=method.wd_schedule, amp=amp,
-        info=info, progress=False, check_every=args.check_every,
+        method.train_module,
+        batches,
+        method.optimizer,
+        loss_fn,
+        epoch=0,
+        n_epochs=1,
+        iters_per_epoch=steps,
+        lr_schedule=method.lr_schedule,
+        base_lr=method.base_lr,
+        wd_schedule=method.wd_schedule,
+        amp=amp,
+        info=info,
+        progress=False,
+        check_every=args.check_every,
     )
 
 
@@ -292,13 +433,18 @@ def measure_loop(args: argparse.Namespace, info, steps: int, warmup: int) -> dic
     n = steps + warmup
     ds = _dataset(args, info, n * args.batch_size)
     method, amp = _method(args, info, n)
-    loader = engine.build_loader(ds, args.batch_size, args.num_workers, args.seed, 0, info, pin_memory=info.device.type == "cuda")
+    loader = engine.build_loader(
+        ds, args.batch_size, args.num_workers, args.seed, 0, info, pin_memory=info.device.type == "cuda"
+    )
     stamps = Stamped(loader, n)
     t_start = time.perf_counter()
     stats = _train(method, amp, stamps, args, info, n, pretrain.make_batch_augment(args, 0, info))
     _sync(info.device)
-    return {"pairs_per_s": _rate(stamps, time.perf_counter(), warmup, args.batch_size), "mean_loss": stats["loss"],
-            "first_batch_s": stamps.times[0] - t_start}
+    return {
+        "pairs_per_s": _rate(stamps, time.perf_counter(), warmup, args.batch_size),
+        "mean_loss": stats["loss"],
+        "first_batch_s": stamps.times[0] - t_start,
+    }
 
 
 def measure_pipeline(args: argparse.Namespace, info, batches: int, warmup: int) -> float:
@@ -312,8 +458,9 @@ def measure_pipeline(args: argparse.Namespace, info, batches: int, warmup: int) 
     return _rate(stamps, time.perf_counter(), warmup, args.batch_size)
 
 
-def measure_step(args: argparse.Namespace, info, steps: int, warmup: int, peak_tflops: float | None,
-                 flops: int | None = None) -> dict[str, Any]:
+def measure_step(
+    args: argparse.Namespace, info, steps: int, warmup: int, peak_tflops: float | None, flops: int | None = None
+) -> dict[str, Any]:
     """Pairs/s of the training step alone (one batch already on the device), FLOPs of a step
     (counted unless given: pass them for a compiled model), the model FLOP utilisation when a
     peak is known, the mean loss, and ``warmup_s`` (the uncounted first steps: compilation)."""
@@ -329,8 +476,14 @@ def measure_step(args: argparse.Namespace, info, steps: int, warmup: int, peak_t
     stats = _train(method, amp, stamps, args, info, n, aug)
     _sync(info.device)
     rate = _rate(stamps, time.perf_counter(), warmup, args.batch_size)
-    out: dict[str, Any] = {"pairs_per_s": rate, "mean_loss": stats["loss"], "warmup_s": stamps.times[warmup] - stamps.times[0], "flops_per_step": flops,
-                           "flops_per_pair": flops / args.batch_size, "achieved_tflops": flops * rate / args.batch_size / 1e12}
+    out: dict[str, Any] = {
+        "pairs_per_s": rate,
+        "mean_loss": stats["loss"],
+        "warmup_s": stamps.times[warmup] - stamps.times[0],
+        "flops_per_step": flops,
+        "flops_per_pair": flops / args.batch_size,
+        "achieved_tflops": flops * rate / args.batch_size / 1e12,
+    }
     if peak_tflops:
         out["mfu"] = out["achieved_tflops"] / peak_tflops
     return out
@@ -385,7 +538,11 @@ def measure_finetune_pipeline(work: Path, workers: int, batches: int, n_slices: 
     items, _, _ = synthetic_labelled_slices(work, n_slices)
     info = engine.DistInfo()
     out = {}
-    for name, augment, cached in (("monai_augment", True, False), ("crops_only", False, False), ("crops_only_cached", False, True)):
+    for name, augment, cached in (
+        ("monai_augment", True, False),
+        ("crops_only", False, False),
+        ("crops_only_cached", False, True),
+    ):
         cache = SliceCache([p for it in items for p in (it["image"], it["label"])], progress=False) if cached else None
         ds = finetune.train_dataset_2d(items * -(-(batches + 2) * 4 // n_slices), 96, 2, augment=augment, cache=cache)
         loader = engine.build_loader(ds, 4, workers, 0, 0, info)
@@ -396,8 +553,9 @@ def measure_finetune_pipeline(work: Path, workers: int, batches: int, n_slices: 
     return out
 
 
-
-def synthetic_labelled_slices(work: Path, n_slices: int = 12, size: int = 512) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray]:
+def synthetic_labelled_slices(
+    work: Path, n_slices: int = 12, size: int = 512
+) -> tuple[list[dict[str, str]], np.ndarray, np.ndarray]:
     """``n_slices`` labelled slices of ``size``^2 with 14 classes (a block per organ) written as
     PNG pairs; returns (items {"image", "label"}, labels [Z, X, Y], a prediction with 5 % noise)."""
     rng = np.random.default_rng(0)
@@ -407,7 +565,7 @@ def synthetic_labelled_slices(work: Path, n_slices: int = 12, size: int = 512) -
     for c in range(1, 14):  # a block per organ, shifted per slice
         x0, y0 = rng.integers(0, size - 60 - n_slices, size=2)
         for z in range(n_slices):
-            label[z, x0 + z: x0 + z + 60, y0: y0 + 60] = c
+            label[z, x0 + z : x0 + z + 60, y0 : y0 + 60] = c
     pred = np.where(rng.random(label.shape) < 0.95, label, rng.integers(0, 14, size=label.shape))
     items = []
     for z in range(n_slices):
@@ -431,11 +589,12 @@ def measure_eval_overhead(work: Path, device: torch.device, n_slices: int = 12, 
     read_s = (time.perf_counter() - t0) / n_slices
     pt, lt = torch.from_numpy(pred), torch.from_numpy(label)
     t0 = time.perf_counter()
+
     def oh(t):
         return torch.nn.functional.one_hot(t, 14).movedim(-1, 1).float()
 
     for z in range(0, n_slices, 4):
-        DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pt[z:z + 4]), oh(lt[z:z + 4]))
+        DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pt[z : z + 4]), oh(lt[z : z + 4]))
     monai_s = (time.perf_counter() - t0) / n_slices
     pd, ld = pt.to(torch.uint8).to(device), lt.to(torch.uint8).to(device)
     metrics.paper_dice_per_item(pd, ld, 14)
@@ -445,13 +604,18 @@ def measure_eval_overhead(work: Path, device: torch.device, n_slices: int = 12, 
     for _ in range(reps):
         metrics.paper_dice_per_item(pd, ld, 14).tolist()
     counts_s = (time.perf_counter() - t0) / (reps * n_slices)
-    return {"read_png_s_per_slice": read_s, "dice_monai_cpu_s_per_slice": monai_s, "dice_counts_s_per_slice": counts_s,
-            "per_eval_flare_val_old_s": FLARE_VAL_SLICES * (read_s + monai_s),
-            "per_eval_flare_val_new_s": FLARE_VAL_SLICES * counts_s}
+    return {
+        "read_png_s_per_slice": read_s,
+        "dice_monai_cpu_s_per_slice": monai_s,
+        "dice_counts_s_per_slice": counts_s,
+        "per_eval_flare_val_old_s": FLARE_VAL_SLICES * (read_s + monai_s),
+        "per_eval_flare_val_new_s": FLARE_VAL_SLICES * counts_s,
+    }
 
 
-
-def measure_finetune(data_dir: Path, split: Path, work: Path, workers: int, seed: int, small: bool = False) -> dict[str, Any]:
+def measure_finetune(
+    data_dir: Path, split: Path, work: Path, workers: int, seed: int, small: bool = False
+) -> dict[str, Any]:
     """Three epochs of main_finetune.py at the paper's settings (embed 48, batch 32 x 2 crops;
     bf16, --batch_augment, --cache_images, --fused_optimizer, the default --sw_batch_size and
     --cache_eval; ``small``: low-resource model, 64-pixel crops, batch 2, for a CPU dry run), five
@@ -463,13 +627,42 @@ def measure_finetune(data_dir: Path, split: Path, work: Path, workers: int, seed
     imgs = sorted((data_dir / "imgs").glob("*.png"))
     n_train = sum(1 for p in imgs if any(p.name.startswith(c + "_") for c in split_d["train"]))
     n_val = sum(1 for p in imgs if any(p.name.startswith(c + "_") for c in split_d["val"]))
-    size = ["--low_resource_mode", "--crop_size", "64", "--batch_size", "2"] if small else ["--embedding_size", "48", "--batch_size", "32"]
-    argv = ["--data_dir", str(data_dir), "--split_path", str(split), *size,
-            "--n_epochs", "5", "--eval_every_from", "3", "--warmup_epochs", "1", "--num_workers", str(workers),
-            "--use_amp", "--amp_dtype", "bf16",
-            "--batch_augment", "--cache_images", "--fused_optimizer",
-            "--chkpt_dir", str(work / "ft_runs"), "--run_name", "bench", "--no-progress", "--ignore_user_warning",
-            "--n_vis", "0", "--seed", str(seed)]
+    size = (
+        ["--low_resource_mode", "--crop_size", "64", "--batch_size", "2"]
+        if small
+        else ["--embedding_size", "48", "--batch_size", "32"]
+    )
+    argv = [
+        "--data_dir",
+        str(data_dir),
+        "--split_path",
+        str(split),
+        *size,
+        "--n_epochs",
+        "5",
+        "--eval_every_from",
+        "3",
+        "--warmup_epochs",
+        "1",
+        "--num_workers",
+        str(workers),
+        "--use_amp",
+        "--amp_dtype",
+        "bf16",
+        "--batch_augment",
+        "--cache_images",
+        "--fused_optimizer",
+        "--chkpt_dir",
+        str(work / "ft_runs"),
+        "--run_name",
+        "bench",
+        "--no-progress",
+        "--ignore_user_warning",
+        "--n_vis",
+        "0",
+        "--seed",
+        str(seed),
+    ]
     res = main_finetune.main(main_finetune.get_args_parser().parse_args(argv))
     with open(res["log"]) as fh:
         log = [json.loads(ln) for ln in fh if ln.strip()]
@@ -478,11 +671,20 @@ def measure_finetune(data_dir: Path, split: Path, work: Path, workers: int, seed
     t_eval = max(0.0, float(log[3]["time_s"]) - t_train)  # a routine evaluation, cases in memory
     t_eval_full = max(0.0, float(log[4]["time_s"]) - t_train)  # the last: per-organ Dice and NSD too
     scale_val = FLARE_VAL_SLICES / n_val
-    est = (225 * t_train * FLARE_TRAIN_SLICES / n_train
-           + ((EVALS_IN_225_EPOCHS - 2) * t_eval + t_eval_first + t_eval_full) * scale_val)
-    return {"train_slices": n_train, "val_slices": n_val, "first_epoch_s": float(log[0]["time_s"]),
-            "epoch_train_s": t_train, "eval_first_s": t_eval_first, "eval_s": t_eval, "eval_full_s": t_eval_full,
-            "estimate_225_epochs_min_flare_size": est / 60.0}
+    est = (
+        225 * t_train * FLARE_TRAIN_SLICES / n_train
+        + ((EVALS_IN_225_EPOCHS - 2) * t_eval + t_eval_first + t_eval_full) * scale_val
+    )
+    return {
+        "train_slices": n_train,
+        "val_slices": n_val,
+        "first_epoch_s": float(log[0]["time_s"]),
+        "epoch_train_s": t_train,
+        "eval_first_s": t_eval_first,
+        "eval_s": t_eval,
+        "eval_full_s": t_eval_full,
+        "estimate_225_epochs_min_flare_size": est / 60.0,
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -504,10 +706,16 @@ def _cpu_name() -> str:
 def _defaults(args: argparse.Namespace, cuda: bool) -> None:
     quick = args.quick and not cuda
     fill = {
-        "steps": 60 if cuda else (12 if quick else 30), "warmup": 10 if cuda else 3,
-        "batch_size": 128 if cuda else 16, "crop_size": 96 if cuda else 64, "embedding_size": 48 if cuda else 12,
-        "batch_size_3d": 8 if cuda else 2, "workers": [min(16, os.cpu_count() or 1)] if cuda else ([1] if quick else [0, 1, 2]),
-        "threads": None if cuda else 1, "finetune": cuda, "compile_lever": cuda,
+        "steps": 60 if cuda else (12 if quick else 30),
+        "warmup": 10 if cuda else 3,
+        "batch_size": 128 if cuda else 16,
+        "crop_size": 96 if cuda else 64,
+        "embedding_size": 48 if cuda else 12,
+        "batch_size_3d": 8 if cuda else 2,
+        "workers": [min(16, os.cpu_count() or 1)] if cuda else ([1] if quick else [0, 1, 2]),
+        "threads": None if cuda else 1,
+        "finetune": cuda,
+        "compile_lever": cuda,
     }
     for k, v in fill.items():
         if getattr(args, k) is None:
@@ -540,8 +748,14 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_train_"))
     work.mkdir(parents=True, exist_ok=True)
     res: dict[str, Any] = {
-        "device": device.type, "device_name": name, "torch": torch.__version__, "cpu_count": os.cpu_count(),
-        "threads": torch.get_num_threads(), "peak_tflops": peak, "settings": {}, "figures": {},
+        "device": device.type,
+        "device_name": name,
+        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "peak_tflops": peak,
+        "settings": {},
+        "figures": {},
     }
     fig = res["figures"]
     W = max(args.workers)
@@ -549,10 +763,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         t0 = time.perf_counter()
         dir2d = None if not args.two_d else make_pretrain_data(work, 2, 24 if cuda else 2, 256, 80 if cuda else 24, W)
         small = not cuda
-        common = dict(spatial_dims=2, crop=args.crop_size, batch=args.batch_size, embed=args.embedding_size, small=small, seed=args.seed)
-        res["settings"]["2d"] = {"crop": args.crop_size, "batch": args.batch_size, "embed": args.embedding_size,
-                                 "low_resource_heads": small, "steps": args.steps, "warmup": args.warmup,
-                                 "workers_in_loop": W, "workers_pipeline": args.workers}
+        common = dict(
+            spatial_dims=2,
+            crop=args.crop_size,
+            batch=args.batch_size,
+            embed=args.embedding_size,
+            small=small,
+            seed=args.seed,
+        )
+        res["settings"]["2d"] = {
+            "crop": args.crop_size,
+            "batch": args.batch_size,
+            "embed": args.embedding_size,
+            "low_resource_heads": small,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "workers_in_loop": W,
+            "workers_pipeline": args.workers,
+        }
         logger.info("data ready in %.0f s", time.perf_counter() - t0)
 
         def save_partial() -> None:  # a run cut short by a time limit keeps what it measured
@@ -580,9 +808,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             for ba in (False, True):
                 a = pretrain_args(dir2d, **common, batch_augment=ba, amp=prec, workers=W)
                 loop(f"pretrain_2d_{tag}_{'batch_augment' if ba else 'monai_workers'}", a, args.steps, args.warmup)
-            step(f"step_2d_{tag}_batch_augment", pretrain_args(dir2d, **common, batch_augment=True, amp=prec, workers=W), args.steps, args.warmup)
+            step(
+                f"step_2d_{tag}_batch_augment",
+                pretrain_args(dir2d, **common, batch_augment=True, amp=prec, workers=W),
+                args.steps,
+                args.warmup,
+            )
             a = pretrain_args(dir2d, **common, batch_augment=False, amp=prec, workers=0)
-            fig[f"step_2d_{tag}_no_augment_pairs_per_s"] = measure_step(a, info, args.steps, args.warmup, peak)["pairs_per_s"]
+            fig[f"step_2d_{tag}_no_augment_pairs_per_s"] = measure_step(a, info, args.steps, args.warmup, peak)[
+                "pairs_per_s"
+            ]
 
         def lever(tag: str, main_prec: str | None, name: str, kw: dict[str, Any]) -> None:
             a = pretrain_args(dir2d, **common, batch_augment=True, amp=main_prec, workers=W, **kw)
@@ -598,8 +833,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
         def main_levers(main_prec: str | None) -> None:
             tag = main_prec or "fp32"
-            for name, kw in (("check_every_1", dict(check_every=1)), ("check_every_20", dict(check_every=20)),
-                             ("fused", dict(check_every=20, fused=True))):
+            for name, kw in (
+                ("check_every_1", dict(check_every=1)),
+                ("check_every_20", dict(check_every=20)),
+                ("fused", dict(check_every=20, fused=True)),
+            ):
                 lever(tag, main_prec, name, kw)
 
         if args.two_d:
@@ -619,13 +857,24 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                         fig[key] = measure_pipeline(a, info, args.steps, args.warmup)
                         logger.info("%s: %.1f", key, fig[key])
             views = 2 * args.batch_size
-            fig["batch_augment_2d_views_per_s"] = measure_batch_augment(2, views, args.crop_size, device, max(3, args.steps // 3))
+            fig["batch_augment_2d_views_per_s"] = measure_batch_augment(
+                2, views, args.crop_size, device, max(3, args.steps // 3)
+            )
             save_partial()
 
         if args.three_d:
-            dir3d = make_pretrain_data(work, 3, 2 if not cuda else 4, 128 if not cuda else 256, 40 if not cuda else 80, W)
+            dir3d = make_pretrain_data(
+                work, 3, 2 if not cuda else 4, 128 if not cuda else 256, 40 if not cuda else 80, W
+            )
             crop3 = 96 if cuda else 32
-            c3 = dict(spatial_dims=3, crop=crop3, batch=args.batch_size_3d, embed=args.embedding_size, small=small, seed=args.seed)
+            c3 = dict(
+                spatial_dims=3,
+                crop=crop3,
+                batch=args.batch_size_3d,
+                embed=args.embedding_size,
+                small=small,
+                seed=args.seed,
+            )
             res["settings"]["3d"] = {"crop": crop3, "batch": args.batch_size_3d, "embed": args.embedding_size}
             prec3 = "bf16" if cuda else None
             n3 = max(3, args.steps // 3)
@@ -707,7 +956,10 @@ def _ratios(res: dict[str, Any]) -> None:
         base = f.get(f"lever_2d_{tag}_check_every_1_{kind}_pairs_per_s")
         if base:
             r[key.replace("_pairs_per_s", "_over_check_every_1")] = f[key] / base
-            loss, base_loss = f[key.replace("_pairs_per_s", "_mean_loss")], f[f"lever_2d_{tag}_check_every_1_{kind}_mean_loss"]
+            loss, base_loss = (
+                f[key.replace("_pairs_per_s", "_mean_loss")],
+                f[f"lever_2d_{tag}_check_every_1_{kind}_mean_loss"],
+            )
             r[key.replace("_pairs_per_s", "_loss_abs_diff")] = abs(loss - base_loss)
     for key in [k for k in f if k.startswith("pretrain_2d_") and k.endswith("_batch_augment_first_batch_s")]:
         rate = f[key.replace("_first_batch_s", "_pairs_per_s")]

@@ -79,7 +79,10 @@ def test_zoom_matches_monai(spatial):
 
 def test_zoom_skipped_samples_are_untouched():
     x = torch.rand(4, 1, 12, 12)
-    params = {"do": torch.tensor([True, False, True, False]), "zoom": torch.tensor([0.8, 0.8, 1.2, 1.2], dtype=torch.float64)}
+    params = {
+        "do": torch.tensor([True, False, True, False]),
+        "zoom": torch.tensor([0.8, 0.8, 1.2, 1.2], dtype=torch.float64),
+    }
     out = ba.BatchRandZoom(1.0).apply(x, params)
     assert torch.equal(out[1], x[1]) and torch.equal(out[3], x[3])
     assert not torch.equal(out[0], x[0]) and not torch.equal(out[2], x[2])
@@ -149,7 +152,9 @@ def test_noise_adds_scaled_unit_noise():
     x = torch.rand(3, 1, 8, 8)
     unit = torch.randn(3, 1, 8, 8)
     std = torch.tensor([0.01, 0.005, 0.002], dtype=torch.float64)
-    out = ba.BatchRandGaussianNoise(1.0).apply(x, {"do": torch.tensor([True, True, False]), "std": std, "unit_noise": unit})
+    out = ba.BatchRandGaussianNoise(1.0).apply(
+        x, {"do": torch.tensor([True, True, False]), "std": std, "unit_noise": unit}
+    )
     torch.testing.assert_close(out[:2], x[:2] + unit[:2] * std[:2, None, None, None].float(), rtol=0, atol=0)
     assert torch.equal(out[2], x[2])
 
@@ -178,7 +183,10 @@ def test_ops_fire_with_their_probabilities_and_ranges():
 def test_chains_have_the_parameters_of_transforms_py():
     """The batched chains mirror transforms.py, op for op: a change there must show up here."""
     for dims in (2, 3):
-        for monai_chain, ops in ((view_augmentations("img", dims), ba.view_ops(dims)), (finetune_augmentations(dims), ba.finetune_ops(dims))):
+        for monai_chain, ops in (
+            (view_augmentations("img", dims), ba.view_ops(dims)),
+            (finetune_augmentations(dims), ba.finetune_ops(dims)),
+        ):
             assert len(monai_chain.transforms) == len(ops)
             for t, op in zip(monai_chain.transforms, ops):
                 assert t.prob == pytest.approx(op.prob)
@@ -220,8 +228,16 @@ def test_monai_chains_hold_the_augment_table():
         view = view_augmentations("img", dims).transforms
         ft = finetune_augmentations(dims).transforms
         assert [t.prob for t in view] == pytest.approx(
-            [a.view_zoom_prob, a.view_flip_prob, a.view_flip_prob, a.view_rot90_prob, a.view_intensity_prob,
-             a.view_intensity_prob, a.view_blur_prob, a.view_noise_prob]
+            [
+                a.view_zoom_prob,
+                a.view_flip_prob,
+                a.view_flip_prob,
+                a.view_rot90_prob,
+                a.view_intensity_prob,
+                a.view_intensity_prob,
+                a.view_blur_prob,
+                a.view_noise_prob,
+            ]
         )
         assert [t.prob for t in ft] == pytest.approx([a.finetune_geometric_prob] * 3 + [a.finetune_intensity_prob] * 4)
         zoom = view[0].rand_zoom
@@ -290,11 +306,18 @@ def _statistics(y: torch.Tensor) -> tuple[dict[str, np.ndarray], np.ndarray]:
 
     border = torch.cat([f[:, 0], f[:, -1], f[:, 1:-1, 0], f[:, 1:-1, -1]], 1)
     stats = {
-        "mean": flat.mean(1), "std": flat.std(1), "max": flat.amax(1), "min": flat.amin(1),
-        "pix_8_8": s[:, 8, 8], "pix_3_6": s[:, 3, 6], "pix_1_1": s[:, 1, 1], "pix_0_0": s[:, 0, 0],
+        "mean": flat.mean(1),
+        "std": flat.std(1),
+        "max": flat.amax(1),
+        "min": flat.amin(1),
+        "pix_8_8": s[:, 8, 8],
+        "pix_3_6": s[:, 3, 6],
+        "pix_1_1": s[:, 1, 1],
+        "pix_0_0": s[:, 0, 0],
         "gradient": (s[:, 1:] - s[:, :-1]).abs().mean((1, 2)) + (s[:, :, 1:] - s[:, :, :-1]).abs().mean((1, 2)),
         "high_freq": lap(s).std((1, 2)),
-        "flat_centre": f[:, 6:10, 6:10].mean((1, 2)), "flat_border": border.mean(1),
+        "flat_centre": f[:, 6:10, 6:10].mean((1, 2)),
+        "flat_border": border.mean(1),
         "flat_noise": lap(f[:, 4:12, 4:12]).std((1, 2)),
     }
     return {k: np.round(v.numpy(), 5) for k, v in stats.items()}, orient.numpy()
@@ -452,7 +475,10 @@ def test_3d_chains():
     # flips and rotations act on (H, W): every depth slice of the label keeps its histogram
     for i in range(6):
         for z in range(7):
-            assert torch.equal(torch.bincount(lab2[i, 0, :, :, z].flatten(), minlength=14), torch.bincount(lab[i, 0, :, :, z].flatten(), minlength=14))
+            assert torch.equal(
+                torch.bincount(lab2[i, 0, :, :, z].flatten(), minlength=14),
+                torch.bincount(lab[i, 0, :, :, z].flatten(), minlength=14),
+            )
 
 
 def test_bad_inputs():
@@ -488,7 +514,9 @@ def test_zoom_and_blur_match_monai_on_real_ct(real_ct):
     sig = torch.tensor([[0.4, 1.3], [1.5, 0.25], [0.8, 0.8]], dtype=torch.float64)
     blurred = ba.BatchRandGaussianSmooth(1.0).apply(x, {"do": _ones(3), "sigma": sig})
     for i in range(3):
-        torch.testing.assert_close(out[i], _plain(Zoom(float(zooms[i]), mode="bilinear", padding_mode="constant")(x[i])), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            out[i], _plain(Zoom(float(zooms[i]), mode="bilinear", padding_mode="constant")(x[i])), rtol=0, atol=1e-6
+        )
         ref = _plain(GaussianSmooth(sigma=tuple(float(s) for s in sig[i]))(x[i]))
         torch.testing.assert_close(blurred[i], ref, rtol=0, atol=1e-6)
 
@@ -528,13 +556,39 @@ def test_cuda_matches_cpu_for_fixed_parameters():
 def test_benchmark_cli_in_process(tmp_path):
     out = tmp_path / "bench.json"
     args = ba.get_args_parser().parse_args(
-        ["--batch_size", "4", "--size", "16", "--iters", "1", "--warmup", "0", "--monai_samples", "2", "--out", str(out)]
+        [
+            "--batch_size",
+            "4",
+            "--size",
+            "16",
+            "--iters",
+            "1",
+            "--warmup",
+            "0",
+            "--monai_samples",
+            "2",
+            "--out",
+            str(out),
+        ]
     )
     res = ba.main(args)
     assert res["batched_samples_per_s"] > 0 and res["monai_s_per_sample"] > 0 and res["speedup"] > 0
     assert out.is_file() and '"speedup"' in out.read_text()
-    args = ba.get_args_parser().parse_args(["--chain", "finetune", "--spatial_dims", "3", "--size", "8", "--batch_size", "2",
-                                            "--iters", "1", "--skip_monai"])
+    args = ba.get_args_parser().parse_args(
+        [
+            "--chain",
+            "finetune",
+            "--spatial_dims",
+            "3",
+            "--size",
+            "8",
+            "--batch_size",
+            "2",
+            "--iters",
+            "1",
+            "--skip_monai",
+        ]
+    )
     assert "speedup" not in ba.main(args)
     with pytest.raises(UserError, match="--batch_size"):
         ba.main(ba.get_args_parser().parse_args(["--batch_size", "0"]))

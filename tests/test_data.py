@@ -199,7 +199,9 @@ def test_pretrain_3d_lists_volumes_but_not_label_maps(tmp_path):
     write_nifti(tmp_path / "raw" / "labels" / "FLARE22_Tr_0001.nii.gz")
     files = data.list_pretrain_images(tmp_path, spatial_dims=3)
     assert [os.path.basename(f) for f in files] == [
-        "Case_00001_0000.nii.gz", "Case_00002.nii", "FLARE22_Tr_0001_0000.nii.gz"
+        "Case_00001_0000.nii.gz",
+        "Case_00002.nii",
+        "FLARE22_Tr_0001_0000.nii.gz",
     ]
 
 

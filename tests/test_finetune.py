@@ -56,18 +56,48 @@ torch.set_num_threads(2)
 def phantom(tmp_path_factory):
     """4 labelled phantom cases (1 train, 3 val), raw NIfTI and preprocessed 2D slices."""
     root = tmp_path_factory.mktemp("ft_phantoms")
-    r = make_phantoms.generate_dataset(root / "raw", n_labelled=4, n_unlabelled=0, seed=0, size_xy=64, n_slices=8, n_train=1)
+    r = make_phantoms.generate_dataset(
+        root / "raw", n_labelled=4, n_unlabelled=0, seed=0, size_xy=64, n_slices=8, n_train=1
+    )
     out = root / "d2"
-    prep.main(prep.get_args_parser().parse_args(["--data_dir", r["labelled_dir"], "--output_dir", str(out), "--split_path", r["split_path"]]))
+    prep.main(
+        prep.get_args_parser().parse_args(
+            ["--data_dir", r["labelled_dir"], "--output_dir", str(out), "--split_path", r["split_path"]]
+        )
+    )
     return {"raw": r["labelled_dir"], "split": r["split_path"], "d2": str(out), "root": root}
 
 
 def _argv(ph, chkpt_dir, *extra) -> list[str]:
     return [
-        "--data_dir", ph["d2"], "--split_path", ph["split"], "--low_resource_mode", "--crop_size", "64",
-        "--batch_size", "2", "--n_crops_per_ct", "1", "--n_epochs", "1", "--warmup_epochs", "0", "--num_workers", "0",
-        "--max_images", "2", "--sw_batch_size", "8", "--n_vis", "1", "--no-progress", "--ignore_user_warning",
-        "--chkpt_dir", str(chkpt_dir), *extra,
+        "--data_dir",
+        ph["d2"],
+        "--split_path",
+        ph["split"],
+        "--low_resource_mode",
+        "--crop_size",
+        "64",
+        "--batch_size",
+        "2",
+        "--n_crops_per_ct",
+        "1",
+        "--n_epochs",
+        "1",
+        "--warmup_epochs",
+        "0",
+        "--num_workers",
+        "0",
+        "--max_images",
+        "2",
+        "--sw_batch_size",
+        "8",
+        "--n_vis",
+        "1",
+        "--no-progress",
+        "--ignore_user_warning",
+        "--chkpt_dir",
+        str(chkpt_dir),
+        *extra,
     ]
 
 
@@ -97,9 +127,31 @@ def test_run_files_schedule_early_stopping_from_dino_student(phantom, tmp_path):
     dino_path = tmp_path / "dino.pt"
     torch.save(models.encoder_checkpoint(teacher, cfg, "dino", 1, {}, **extra), dino_path)
     # lr 0: the weights never change, so no evaluation after the first one improves
-    res = main_finetune.main(_args(phantom, tmp_path, "--n_epochs", "9", "--eval_every", "2", "--eval_every_from", "3",
-                                   "--patience", "1", "--base_lr", "0", "--end_lr", "0", "--run_name", "es",
-                                   "--chkpt_path", str(dino_path), "--checkpoint_key", "student", "--eval_train"))
+    res = main_finetune.main(
+        _args(
+            phantom,
+            tmp_path,
+            "--n_epochs",
+            "9",
+            "--eval_every",
+            "2",
+            "--eval_every_from",
+            "3",
+            "--patience",
+            "1",
+            "--base_lr",
+            "0",
+            "--end_lr",
+            "0",
+            "--run_name",
+            "es",
+            "--chkpt_path",
+            str(dino_path),
+            "--checkpoint_key",
+            "student",
+            "--eval_train",
+        )
+    )
     log = _log(tmp_path / "es_log.jsonl")
     assert [r["epoch"] for r in log] == [1, 2, 3]
     assert [r["epoch"] for r in log if "val_dice_paper" in r] == [2, 3]
@@ -137,7 +189,9 @@ def test_run_files_schedule_early_stopping_from_dino_student(phantom, tmp_path):
 
 def test_non_finite_loss_stops_the_run(phantom, tmp_path):
     with pytest.raises(TrainingError, match="loss is nan|loss is inf"):
-        main_finetune.main(_args(phantom, tmp_path, "--n_epochs", "3", "--base_lr", "1e30", "--end_lr", "1e30", "--run_name", "nan"))
+        main_finetune.main(
+            _args(phantom, tmp_path, "--n_epochs", "3", "--base_lr", "1e30", "--end_lr", "1e30", "--run_name", "nan")
+        )
     assert torch.load(tmp_path / "nan_last.pt", weights_only=True)["epoch"] >= 1  # the last good state is kept
     assert not (tmp_path / "nan_files" / "result.json").exists()
 
@@ -173,7 +227,9 @@ def test_checkpoint_layouts_and_refusals(tmp_path):
     with pytest.raises(UserError, match=r"embedding_size=24, but this model has embedding_size=12"):
         models.load_pretrained_encoder(target, str(tmp_path / "e24.pt"), cfg)
     unetr_cfg = _cfg(arch="unetr", crop=64)
-    torch.save(models.encoder_checkpoint(models.build_encoder(unetr_cfg), unetr_cfg, "simsiam", 1, {}), tmp_path / "unetr.pt")
+    torch.save(
+        models.encoder_checkpoint(models.build_encoder(unetr_cfg), unetr_cfg, "simsiam", 1, {}), tmp_path / "unetr.pt"
+    )
     with pytest.raises(UserError, match=r"arch=unetr, but this model has arch=swin"):
         models.load_pretrained_encoder(target, str(tmp_path / "unetr.pt"), cfg)
     bad = dict(ref)
@@ -181,7 +237,9 @@ def test_checkpoint_layouts_and_refusals(tmp_path):
     bad["extra.weight"] = torch.zeros(1)
     bad["layers1.0.blocks.0.norm1.weight"] = torch.zeros(5)
     torch.save(bad, tmp_path / "bad.pt")
-    with pytest.raises(UserError, match=r"1 missing \(patch_embed.proj.weight\); 1 unexpected \(extra.weight\); 1 mis-shaped"):
+    with pytest.raises(
+        UserError, match=r"1 missing \(patch_embed.proj.weight\); 1 unexpected \(extra.weight\); 1 mis-shaped"
+    ):
         models.load_pretrained_encoder(target, str(tmp_path / "bad.pt"), cfg)
     with pytest.raises(UserError, match="--checkpoint_key 'student' not available"):
         models.load_pretrained_encoder(target, str(tmp_path / "sim.pt"), cfg, "student")
@@ -197,13 +255,47 @@ def test_checkpoint_layouts_and_refusals(tmp_path):
 
 
 def test_3d_run_on_raw_nifti(phantom, tmp_path):
-    args = main_finetune.get_args_parser().parse_args([
-        "--data_dir", phantom["raw"], "--split_path", phantom["split"], "--spatial_dims", "3", "--arch", "unetr",
-        "--low_resource_mode", "--crop_size", "32", "--batch_size", "1", "--n_crops_per_ct", "1", "--n_epochs", "1",
-        "--warmup_epochs", "0", "--num_workers", "0", "--max_images", "1", "--sw_batch_size", "9", "--sw_overlap", "0", "--n_vis", "1",
-        "--no-progress", "--ignore_user_warning", "--chkpt_dir", str(tmp_path), "--run_name", "r3d",
-        "--save_predictions", str(tmp_path / "pred3d"),
-    ])
+    args = main_finetune.get_args_parser().parse_args(
+        [
+            "--data_dir",
+            phantom["raw"],
+            "--split_path",
+            phantom["split"],
+            "--spatial_dims",
+            "3",
+            "--arch",
+            "unetr",
+            "--low_resource_mode",
+            "--crop_size",
+            "32",
+            "--batch_size",
+            "1",
+            "--n_crops_per_ct",
+            "1",
+            "--n_epochs",
+            "1",
+            "--warmup_epochs",
+            "0",
+            "--num_workers",
+            "0",
+            "--max_images",
+            "1",
+            "--sw_batch_size",
+            "9",
+            "--sw_overlap",
+            "0",
+            "--n_vis",
+            "1",
+            "--no-progress",
+            "--ignore_user_warning",
+            "--chkpt_dir",
+            str(tmp_path),
+            "--run_name",
+            "r3d",
+            "--save_predictions",
+            str(tmp_path / "pred3d"),
+        ]
+    )
     res = main_finetune.main(args)
     assert res["n_val_items"] == 1 and 0.0 <= res["dice_paper"] <= 1.0
     assert any(p.name.startswith("flare3d_") for p in (tmp_path / "cache").iterdir())
@@ -225,7 +317,16 @@ def ddp_run(phantom, tmp_path_factory):
     out = tmp_path_factory.mktemp("ft_ddp")
     argv = _argv(phantom, out, "--run_name", "ddp", "--max_images", "0", "--batch_size", "4", "--sw_batch_size", "16")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
-    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ROOT / "main_finetune.py"), *argv]
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(ROOT / "main_finetune.py"),
+        *argv,
+    ]
     p = subprocess.run(cmd, cwd=out, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     return out, json.loads((out / "ddp_files" / "result.json").read_text())
@@ -234,10 +335,27 @@ def ddp_run(phantom, tmp_path_factory):
 @pytest.mark.slow
 def test_ddp_scores_equal_one_process_and_prediction_round_trip(phantom, ddp_run, tmp_path):
     out, ddp = ddp_run
-    assert ddp["n_val_items"] == sum(1 for it in data.list_finetune_pairs(phantom["d2"], data.load_split(phantom["split"]), 2)["val"])
+    assert ddp["n_val_items"] == sum(
+        1 for it in data.list_finetune_pairs(phantom["d2"], data.load_split(phantom["split"]), 2)["val"]
+    )
     preds = tmp_path / "preds"
-    one = main_finetune.main(_args(phantom, tmp_path, "--eval_only", "--chkpt_path", ddp["weights"], "--max_images", "0",
-                                   "--sw_batch_size", "16", "--save_predictions", str(preds), "--run_name", "one"))
+    one = main_finetune.main(
+        _args(
+            phantom,
+            tmp_path,
+            "--eval_only",
+            "--chkpt_path",
+            ddp["weights"],
+            "--max_images",
+            "0",
+            "--sw_batch_size",
+            "16",
+            "--save_predictions",
+            str(preds),
+            "--run_name",
+            "one",
+        )
+    )
     assert one["dice_paper"] == ddp["dice_paper"] and one["n_val_items"] == ddp["n_val_items"]
     assert json.loads(Path(one["scores"]).read_text()) == json.loads(Path(ddp["scores"]).read_text())
     # the saved volumes: one per case, the preprocessed geometry, labels = the stacked PNG slices
@@ -250,7 +368,9 @@ def test_ddp_scores_equal_one_process_and_prediction_round_trip(phantom, ddp_run
     assert np.array_equal(np.asarray(lab.dataobj), stacked)
     assert np.allclose(lab.affine, np.diag([1.0, 1.0, 2.5, 1.0]))
     # metrics.py on the saved files gives the run's challenge-grade scores
-    summary = metrics.main(metrics.get_args_parser().parse_args(["--pred_dir", str(preds), "--label_dir", str(preds / "labels")]))
+    summary = metrics.main(
+        metrics.get_args_parser().parse_args(["--pred_dir", str(preds), "--label_dir", str(preds / "labels")])
+    )
     assert summary["dice_mean"] == pytest.approx(one["summary"]["dice_mean"], abs=1e-12)
     assert summary["nsd_mean"] == pytest.approx(one["summary"]["nsd_mean"], abs=1e-12)
     # --eval_only refuses what is not a fine-tuned model, or the wrong dimensionality
@@ -259,7 +379,9 @@ def test_ddp_scores_equal_one_process_and_prediction_round_trip(phantom, ddp_run
     with pytest.raises(UserError, match="is not a fine-tuned model"):
         main_finetune.main(_args(phantom, tmp_path, "--eval_only", "--chkpt_path", str(enc)))
     with pytest.raises(UserError, match="is a 2D model but --spatial_dims is 3"):
-        main_finetune.main(_args(phantom, tmp_path, "--eval_only", "--chkpt_path", ddp["weights"], "--spatial_dims", "3"))
+        main_finetune.main(
+            _args(phantom, tmp_path, "--eval_only", "--chkpt_path", ddp["weights"], "--spatial_dims", "3")
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -269,18 +391,54 @@ def test_ddp_scores_equal_one_process_and_prediction_round_trip(phantom, ddp_run
 
 def test_resume_after_sigkill_equals_uninterrupted(phantom, tmp_path):
     """From a real tiny SimSiam run: killed during epoch 2 and resumed = uninterrupted, bit for bit."""
-    sim = main_simsiam.main(main_simsiam.get_args_parser().parse_args([
-        "--data_dir", phantom["d2"], "--low_resource_mode", "--crop_size", "32", "--batch_size", "2", "--n_epochs", "1",
-        "--max_images", "2", "--num_workers", "0", "--chkpt_dir", str(tmp_path), "--run_name", "sim", "--no-progress",
-    ]))
+    sim = main_simsiam.main(
+        main_simsiam.get_args_parser().parse_args(
+            [
+                "--data_dir",
+                phantom["d2"],
+                "--low_resource_mode",
+                "--crop_size",
+                "32",
+                "--batch_size",
+                "2",
+                "--n_epochs",
+                "1",
+                "--max_images",
+                "2",
+                "--num_workers",
+                "0",
+                "--chkpt_dir",
+                str(tmp_path),
+                "--run_name",
+                "sim",
+                "--no-progress",
+            ]
+        )
+    )
     n_enc = len(torch.load(sim["weights"], weights_only=True)["encoder"])
-    extra = ("--n_epochs", "2", "--n_vis", "0", "--run_name", "r", "--chkpt_path", sim["weights"], "--embedding_size", "48")
+    extra = (
+        "--n_epochs",
+        "2",
+        "--n_vis",
+        "0",
+        "--run_name",
+        "r",
+        "--chkpt_path",
+        sim["weights"],
+        "--embedding_size",
+        "48",
+    )
     a, b = tmp_path / "a", tmp_path / "b"
     ref = main_finetune.main(_args(phantom, a, *extra))
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}  # same float reductions as this process
     with open(tmp_path / "killed.log", "w") as err:
-        proc = subprocess.Popen([PY, str(ROOT / "main_finetune.py"), *_argv(phantom, b, *extra)], cwd=tmp_path, env=env,
-                                stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen(
+            [PY, str(ROOT / "main_finetune.py"), *_argv(phantom, b, *extra)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
     last = b / "r_last.pt"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not last.exists():  # killed during epoch 2
@@ -331,17 +489,34 @@ def _evaluate(pred, label, spacing, tolerance=1.0, spatial_dims=2, crop=16):
     ref = data.CaseRef(case="C1", spacing=spacing)
     affine = np.diag([*spacing, 1.0])
     return finetune.evaluate(
-        _EchoModel(), [ref], lambda r: (pred.astype(np.float32) / 100, label, affine), spatial_dims=spatial_dims, n_classes=14,
-        crop_size=crop, sw_batch_size=4, sw_overlap=0.25, device=torch.device("cpu"), autocast=contextlib.nullcontext,
-        info=engine.DistInfo(), full=True,
-        tolerance_mm=tolerance, progress=False,
+        _EchoModel(),
+        [ref],
+        lambda r: (pred.astype(np.float32) / 100, label, affine),
+        spatial_dims=spatial_dims,
+        n_classes=14,
+        crop_size=crop,
+        sw_batch_size=4,
+        sw_overlap=0.25,
+        device=torch.device("cpu"),
+        autocast=contextlib.nullcontext,
+        info=engine.DistInfo(),
+        full=True,
+        tolerance_mm=tolerance,
+        progress=False,
     )
 
 
 def _boundary(m):
     p = np.pad(m, 1)
     inner = p[1:-1, 1:-1, 1:-1]
-    nb = [p[2:, 1:-1, 1:-1], p[:-2, 1:-1, 1:-1], p[1:-1, 2:, 1:-1], p[1:-1, :-2, 1:-1], p[1:-1, 1:-1, 2:], p[1:-1, 1:-1, :-2]]
+    nb = [
+        p[2:, 1:-1, 1:-1],
+        p[:-2, 1:-1, 1:-1],
+        p[1:-1, 2:, 1:-1],
+        p[1:-1, :-2, 1:-1],
+        p[1:-1, 1:-1, 2:],
+        p[1:-1, 1:-1, :-2],
+    ]
     return inner & ~np.logical_and.reduce(nb)
 
 
@@ -360,8 +535,8 @@ def test_scores_match_independent_computation():
     pred[2:10, 3:11, 1:5] = 1
     label[12:20, 2:9, 0:4] = 2  # shifted by 2 mm in x, one slice longer
     pred[14:22, 2:9, 0:5] = 2
-    label[3:6, 14:18, 2:4] = 3                                         # missed
-    pred[18:21, 14:18, 4:6] = 4                                        # predicted, absent from the label
+    label[3:6, 14:18, 2:4] = 3  # missed
+    pred[18:21, 14:18, 4:6] = 4  # predicted, absent from the label
     pred[8:12, 12:16, 1:3] = 7  # partial
     label[9:12, 12:16, 1:2] = 7
     spacing = (1.0, 1.0, 2.5)
@@ -392,7 +567,9 @@ def test_scores_match_independent_computation():
     # the same volume as one 3D item: one value for the volume
     res3 = _evaluate(pred, label, spacing, tolerance=1.0, spatial_dims=3)
     present = [c for c in range(14) if (label == c).any()]
-    want3 = np.mean([2 * ((label == c) & (pred == c)).sum() / ((label == c).sum() + (pred == c).sum()) for c in present])
+    want3 = np.mean(
+        [2 * ((label == c) & (pred == c)).sum() / ((label == c).sum() + (pred == c).sum()) for c in present]
+    )
     assert res3.dice_paper == pytest.approx(want3, abs=1e-6) and res3.n_items == 1
     assert res3.per_case["C1"] == scores
 
@@ -476,8 +653,21 @@ def test_speed_flags_keep_the_fine_tuning_numbers(phantom, tmp_path):
     main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "plain", "--check_every", "1"))
     torch._dynamo.reset()
     counters.clear()
-    main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "fast", "--check_every", "3",
-                                 "--fused_optimizer", "--compile", "--compile_backend", "eager"))
+    main_finetune.main(
+        _args(
+            phantom,
+            tmp_path,
+            *common,
+            "--run_name",
+            "fast",
+            "--check_every",
+            "3",
+            "--fused_optimizer",
+            "--compile",
+            "--compile_backend",
+            "eager",
+        )
+    )
     assert counters["stats"]["unique_graphs"] >= 1
     torch._dynamo.reset()
     la, lb = _log(tmp_path / "plain_log.jsonl"), _log(tmp_path / "fast_log.jsonl")
@@ -498,15 +688,20 @@ def test_speed_flags_keep_the_fine_tuning_numbers(phantom, tmp_path):
 
 def _device_image_cases():
     rng = np.random.default_rng(4)
-    return [rng.integers(0, 256, size=(9, 7, 3)).astype(np.uint8), rng.integers(0, 65536, size=(9, 7, 3)).astype(np.uint16),
-            rng.random((9, 7, 3)).astype(np.float32)]
+    return [
+        rng.integers(0, 256, size=(9, 7, 3)).astype(np.uint8),
+        rng.integers(0, 65536, size=(9, 7, 3)).astype(np.uint16),
+        rng.random((9, 7, 3)).astype(np.float32),
+    ]
 
 
 def test_stored_slices_become_the_floats_of_read_image_2d():
     for image in _device_image_cases():
         take = finetune._device_image(image, torch.device("cpu"))
         want = data.stored_to_float(image)
-        assert torch.equal(take(None), torch.from_numpy(want)) and torch.equal(take(slice(1, 3)), torch.from_numpy(want[..., 1:3]))
+        assert torch.equal(take(None), torch.from_numpy(want)) and torch.equal(
+            take(slice(1, 3)), torch.from_numpy(want[..., 1:3])
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -526,15 +721,24 @@ def test_cached_evaluation_equals_reading_every_slice_and_monai_dice(phantom, dd
     split = data.load_split(phantom["split"])
     items = data.list_finetune_pairs(phantom["d2"], split, 2)["val"]
     cases = data.group_cases_2d(items, data.read_manifest_spacing(phantom["d2"]), phantom["d2"])
-    kw = dict(spatial_dims=2, crop_size=64, sw_batch_size=16, sw_overlap=0.25, device=torch.device("cpu"),
-              autocast=contextlib.nullcontext)
+    kw = dict(
+        spatial_dims=2,
+        crop_size=64,
+        sw_batch_size=16,
+        sw_overlap=0.25,
+        device=torch.device("cpu"),
+        autocast=contextlib.nullcontext,
+    )
     ref_values = []
     for ref in cases:
         image, label, _ = data.load_case_2d(ref, 14)
         assert image.dtype == np.float32
         pred = finetune.predict_volume(model, image, **kw)
+
         def oh(a):
-            return torch.nn.functional.one_hot(torch.from_numpy(np.moveaxis(a, -1, 0)).long(), 14).movedim(-1, 1).float()
+            return (
+                torch.nn.functional.one_hot(torch.from_numpy(np.moveaxis(a, -1, 0)).long(), 14).movedim(-1, 1).float()
+            )
 
         dice = DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pred), oh(label))
         ref_values.append(torch.nanmean(dice.double(), dim=1).tolist())
@@ -561,11 +765,24 @@ def test_cached_evaluation_equals_reading_every_slice_and_monai_dice(phantom, dd
 def test_batch_augment_and_cache_images_in_fine_tuning(phantom, tmp_path, monkeypatch):
     """--cache_images: the same run as reading the PNGs; --batch_augment: the augmentations run
     on the device once per step, reproducibly, and a run cannot be resumed with the other value."""
-    common = ("--n_epochs", "2", "--eval_every", "2", "--eval_every_from", "2", "--max_images", "4", "--num_workers", "0")
+    common = (
+        "--n_epochs",
+        "2",
+        "--eval_every",
+        "2",
+        "--eval_every_from",
+        "2",
+        "--max_images",
+        "4",
+        "--num_workers",
+        "0",
+    )
 
     def run(name, *extra):
         main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", name, *extra))
-        return _log(tmp_path / f"{name}_log.jsonl"), torch.load(tmp_path / f"{name}_last.pt", weights_only=True)["model"]
+        return _log(tmp_path / f"{name}_log.jsonl"), torch.load(tmp_path / f"{name}_last.pt", weights_only=True)[
+            "model"
+        ]
 
     def same(a, b):
         return set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
@@ -583,7 +800,9 @@ def test_batch_augment_and_cache_images_in_fine_tuning(phantom, tmp_path, monkey
 
     monkeypatch.setattr(batch_augment.BatchFinetuneAugment, "forward", counted)
     log_c, wc = run("ba", "--batch_augment")
-    assert len(calls) == 2 * 2 and all(c == ((2, 1, 64, 64), (2, 1, 64, 64), "cpu") for c in calls)  # 2 epochs x 2 steps
+    assert len(calls) == 2 * 2 and all(
+        c == ((2, 1, 64, 64), (2, 1, 64, 64), "cpu") for c in calls
+    )  # 2 epochs x 2 steps
     log_d, wd = run("ba2", "--batch_augment", "--cache_images")
     assert [r["train_loss"] for r in log_c] == [r["train_loss"] for r in log_d] and same(wc, wd)
     assert not same(wa, wc) and all(np.isfinite(r["train_loss"]) for r in log_c)
@@ -600,7 +819,9 @@ def test_caches_refused_when_they_cannot_fit(phantom, tmp_path, monkeypatch):
     out = tmp_path / "runs"
     with pytest.raises(UserError, match=r"--cache_eval: 2 evaluated slices and their labels need .*--no-cache_eval"):
         main_finetune.main(_args(phantom, out))
-    with pytest.raises(UserError, match=r"--cache_images: 2 training slices and their labels need .*run without --cache_images"):
+    with pytest.raises(
+        UserError, match=r"--cache_images: 2 training slices and their labels need .*run without --cache_images"
+    ):
         main_finetune.main(_args(phantom, out, "--no-cache_eval", "--cache_images"))
     assert not out.exists()
     monkeypatch.setattr(utils, "available_memory", lambda: None)  # unknown: not checked (a warning says so)

@@ -336,7 +336,11 @@ def test_iou_crop_array_level_types_and_attributes():
     img = _coord_image((30, 25), channels=2)
     t = IoUCrop(8, 0.3, 0.6).set_random_state(0)
     assert isinstance(t, IoUCrop)
-    for inp, typ in [(img, np.ndarray), (torch.as_tensor(img), torch.Tensor), (MetaTensor(torch.as_tensor(img)), MetaTensor)]:
+    for inp, typ in [
+        (img, np.ndarray),
+        (torch.as_tensor(img), torch.Tensor),
+        (MetaTensor(torch.as_tensor(img)), MetaTensor),
+    ]:
         c1, c2 = t(inp)
         assert type(c1) is typ and type(c2) is typ
         assert tuple(c1.shape) == (2, 8, 8)
@@ -360,7 +364,17 @@ def test_iou_cropd_same_boxes_for_all_keys_and_store_boxes():
     assert t.set_random_state(5) is t
     for _ in range(20):
         out = t({"image": MetaTensor(torch.as_tensor(img)), "label": label, "case": "x"})
-        assert set(out) == {"image1", "image2", "label1", "label2", "case", "iou_start1", "iou_start2", "iou_value", "iou_feasible"}
+        assert set(out) == {
+            "image1",
+            "image2",
+            "label1",
+            "label2",
+            "case",
+            "iou_start1",
+            "iou_start2",
+            "iou_value",
+            "iou_feasible",
+        }
         assert type(out["image1"]) is MetaTensor and type(out["label1"]) is np.ndarray
         s1, s2 = _box_of(out["image1"], img, (10, 7)), _box_of(out["image2"], img, (10, 7))
         np.testing.assert_array_equal(out["label1"], 2 * np.asarray(out["image1"]).astype(np.float32))
@@ -384,7 +398,9 @@ def test_iou_cropd_infeasible_reported_and_missing_keys():
         strict({"image": np.zeros((1, 8, 12), np.float32)})
     with pytest.raises(KeyError):
         IoUCropd(["image", "label"], spatial_dims=2, crop_size=4)({"image": np.zeros((1, 8, 8))})
-    out = IoUCropd(["image", "label"], spatial_dims=2, crop_size=4, allow_missing_keys=True)({"image": np.zeros((1, 8, 8))})
+    out = IoUCropd(["image", "label"], spatial_dims=2, crop_size=4, allow_missing_keys=True)(
+        {"image": np.zeros((1, 8, 8))}
+    )
     assert set(out) == {"image1", "image2"}
 
 
@@ -429,7 +445,10 @@ def test_iou_cropd_wraps_iou_crop_with_one_generator():
 
 
 def _pipeline_batches(seed, num_workers, cache=False):
-    data = [{"image": _coord_image((30 + i, 26)).astype(np.float32), "label": np.full((1, 30 + i, 26), i, np.uint8)} for i in range(8)]
+    data = [
+        {"image": _coord_image((30 + i, 26)).astype(np.float32), "label": np.full((1, 30 + i, 26), i, np.uint8)}
+        for i in range(8)
+    ]
     transform = Compose(
         [
             IoUCropd(["image", "label"], spatial_dims=2, crop_size=12, min_iou=0.3, max_iou=0.6, store_boxes=True),
@@ -437,7 +456,9 @@ def _pipeline_batches(seed, num_workers, cache=False):
         ]
     )
     ds = CacheDataset(data, transform, progress=False) if cache else Dataset(data, transform)
-    loader = DataLoader(ds, batch_size=4, num_workers=num_workers, generator=torch.Generator().manual_seed(seed), shuffle=True)
+    loader = DataLoader(
+        ds, batch_size=4, num_workers=num_workers, generator=torch.Generator().manual_seed(seed), shuffle=True
+    )
     return list(loader)
 
 

@@ -361,7 +361,11 @@ def test_plot_predictions_writes_a_png(tmp_path):
     rng = np.random.default_rng(0)
     images = [rng.random(label.shape[:2]) for _ in range(2)]
     out = plot_predictions(
-        images, [label[:, :, 2], label[:, :, 5]], [pred[:, :, 2], pred[:, :, 5]], tmp_path / "fig" / "val.png", titles=["a", "b"]
+        images,
+        [label[:, :, 2], label[:, :, 5]],
+        [pred[:, :, 2], pred[:, :, 5]],
+        tmp_path / "fig" / "val.png",
+        titles=["a", "b"],
     )
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 300 and im.size[1] > 300
@@ -386,7 +390,9 @@ def test_cli_scores_nifti_cases(tmp_path):
     expected = summarize_case_scores({"FLARE22_Tr_0001": organ_scores(pred, label, (1.0, 1.0, 2.5))})
     assert summary == expected
     assert (tmp_path / "out" / "eval_scores.csv").is_file()
-    bad = metrics.get_args_parser().parse_args(["--pred", str(tmp_path / "nope.nii.gz"), "--label", str(tmp_path / "lab" / "FLARE22_Tr_0001.nii.gz")])
+    bad = metrics.get_args_parser().parse_args(
+        ["--pred", str(tmp_path / "nope.nii.gz"), "--label", str(tmp_path / "lab" / "FLARE22_Tr_0001.nii.gz")]
+    )
     with pytest.raises(UserError, match="nope.nii.gz does not exist"):
         metrics.main(bad)
 
@@ -435,16 +441,21 @@ def test_paper_dice_equals_monai_dicemetric_bit_for_bit():
         label = np.zeros(shape, dtype=np.int64)
         for b in range(shape[0]):  # blobs of a few classes, some items background only
             for c in rng.choice(np.arange(1, k), size=rng.integers(0, min(4, k - 1) + 1), replace=False):
-                sl = tuple(slice(int(a), int(a) + int(rng.integers(2, max(3, n // 2)))) for a, n in
-                           ((rng.integers(0, n - 2), n) for n in shape[1:]))
+                sl = tuple(
+                    slice(int(a), int(a) + int(rng.integers(2, max(3, n // 2))))
+                    for a, n in ((rng.integers(0, n - 2), n) for n in shape[1:])
+                )
                 label[(b, *sl)] = c
         noise = rng.integers(0, k, size=shape)
         pred = np.where(rng.random(shape) < 0.8, label, noise)
         pt, lt = torch.from_numpy(pred), torch.from_numpy(label)
+
         def oh(t):
             return torch.nn.functional.one_hot(t, k).movedim(-1, 1).float()
 
-        ref = torch.nanmean(DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pt), oh(lt)).double(), dim=1)
+        ref = torch.nanmean(
+            DiceMetric(include_background=True, reduction="none", ignore_empty=True)(oh(pt), oh(lt)).double(), dim=1
+        )
         got = paper_dice_per_item(pt, lt, k)
         assert got.dtype == torch.float64 and torch.equal(got, ref), (shape, got, ref)
         both, in_label, in_pred = class_counts(pt.to(torch.uint8), lt.to(torch.uint8), k)
@@ -460,7 +471,9 @@ def test_paper_dice_equals_monai_dicemetric_bit_for_bit():
 def test_paper_dice_on_cuda_equals_the_cpu():
     rng = np.random.default_rng(2)
     label = torch.from_numpy(rng.integers(0, 14, size=(5, 96, 80)))
-    pred = torch.where(torch.from_numpy(rng.random((5, 96, 80))) < 0.7, label, torch.from_numpy(rng.integers(0, 14, size=(5, 96, 80))))
+    pred = torch.where(
+        torch.from_numpy(rng.random((5, 96, 80))) < 0.7, label, torch.from_numpy(rng.integers(0, 14, size=(5, 96, 80)))
+    )
     cpu = class_counts(pred, label, 14)
     gpu = class_counts(pred.cuda().to(torch.uint8), label.cuda().to(torch.uint8), 14)
     assert all(torch.equal(a, b.cpu()) for a, b in zip(cpu, gpu))

@@ -22,6 +22,7 @@ from models import (
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+
 def _neg_cos(p: np.ndarray, z: np.ndarray) -> float:
     num = (p * z).sum(1)
     den = np.sqrt((p * p).sum(1)) * np.sqrt((z * z).sum(1))
@@ -110,8 +111,15 @@ def test_dino_loss_matches_hand_written_cross_entropy_and_center_ema():
     student = rng.normal(size=(2 * b, k))
     teacher = rng.normal(size=(2 * b, k))
     center = rng.normal(size=(1, k)) * 0.1
-    loss_fn = DINOLoss(k, n_epochs=10, student_temp=0.1, teacher_temp=0.04, warmup_teacher_temp=0.07,
-                       warmup_teacher_temp_epochs=3, center_momentum=0.9)
+    loss_fn = DINOLoss(
+        k,
+        n_epochs=10,
+        student_temp=0.1,
+        teacher_temp=0.04,
+        warmup_teacher_temp=0.07,
+        warmup_teacher_temp_epochs=3,
+        center_momentum=0.9,
+    )
     assert loss_fn.teacher_temp(0) == pytest.approx(0.07)
     assert loss_fn.teacher_temp(1) == pytest.approx(0.055)
     assert loss_fn.teacher_temp(2) == pytest.approx(0.04)
@@ -121,8 +129,8 @@ def test_dino_loss_matches_hand_written_cross_entropy_and_center_ema():
     got = loss_fn(torch.from_numpy(student).float(), torch.from_numpy(teacher).float(), epoch).item()
 
     tt = 0.055
-    q = [_softmax((teacher[i * b:(i + 1) * b] - center) / tt) for i in range(2)]
-    logp = [_log_softmax(student[i * b:(i + 1) * b] / 0.1) for i in range(2)]
+    q = [_softmax((teacher[i * b : (i + 1) * b] - center) / tt) for i in range(2)]
+    logp = [_log_softmax(student[i * b : (i + 1) * b] / 0.1) for i in range(2)]
     terms = [(-(q[t] * logp[s]).sum(axis=1)).mean() for t in range(2) for s in range(2) if s != t]
     assert got == pytest.approx(float(np.mean(terms)), rel=1e-5)
 
@@ -158,7 +166,12 @@ def test_dino_head_last_layer_norm_is_fixed_and_not_trained():
 
 @pytest.mark.parametrize(
     "arch,dims,shape",
-    [("swin", 2, (2, 1, 32, 32)), ("swin", 3, (1, 1, 32, 32, 32)), ("unetr", 2, (2, 1, 32, 32)), ("unetr", 3, (1, 1, 32, 32, 32))],
+    [
+        ("swin", 2, (2, 1, 32, 32)),
+        ("swin", 3, (1, 1, 32, 32, 32)),
+        ("unetr", 2, (2, 1, 32, 32)),
+        ("unetr", 3, (1, 1, 32, 32, 32)),
+    ],
 )
 def test_encoder_output_size(arch, dims, shape):
     cfg = encoder_config(arch, spatial_dims=dims, embedding_size=12, low_resource_mode=True, crop_size=32)
@@ -195,4 +208,3 @@ def test_convert_sync_batchnorm_on_cpu_keeps_names_and_single_process_behaviour(
     x1, x2 = torch.rand(4, 1, 32, 32), torch.rand(4, 1, 32, 32)
     for a, b in zip(ref(x1, x2), conv(x1, x2)):
         assert torch.equal(a, b)
-

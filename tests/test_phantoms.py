@@ -56,7 +56,14 @@ def test_unlabelled_case_has_no_label_and_requested_shape():
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(size_xy=8), dict(n_slices=2), dict(size_xy=64.0), dict(spacing=(0.7, 0.7)), dict(spacing=(0.7, -1, 3)), dict(spacing=(0.7, float("nan"), 3))],
+    [
+        dict(size_xy=8),
+        dict(n_slices=2),
+        dict(size_xy=64.0),
+        dict(spacing=(0.7, 0.7)),
+        dict(spacing=(0.7, -1, 3)),
+        dict(spacing=(0.7, float("nan"), 3)),
+    ],
 )
 def test_bad_sizes_raise_user_error(kwargs):
     with pytest.raises(UserError):
@@ -257,8 +264,22 @@ def test_n_train_and_unwritable_output(tmp_path):
 
 def test_cli_with_preview(tmp_path, capsys):
     out, png = tmp_path / "ph", tmp_path / "preview.png"
-    argv = ["--output_dir", str(out), "--n_labelled", "1", "--n_unlabelled", "1", "--size_xy", "64",
-            "--n_slices", "16", "--num_workers", "1", "--preview", str(png)]
+    argv = [
+        "--output_dir",
+        str(out),
+        "--n_labelled",
+        "1",
+        "--n_unlabelled",
+        "1",
+        "--size_xy",
+        "64",
+        "--n_slices",
+        "16",
+        "--num_workers",
+        "1",
+        "--preview",
+        str(png),
+    ]
     res = run_cli(mp.main, mp.get_args_parser(), argv)
     assert os.path.exists(res["split_path"])
     with Image.open(png) as im:

@@ -241,7 +241,7 @@ def test_window_and_ras_orientation_exact(tmp_path):
     pic = stack_case(tmp_path / "out", "Case_00001", data.read_image_2d)
     assert pic.shape == (96, 96, 4)  # body 22 x 14, padded to 96
     ox, oy = (96 - 22) // 2, (96 - 14) // 2
-    body = np.round(pic * 255)[ox:ox + 22, oy:oy + 14, :]
+    body = np.round(pic * 255)[ox : ox + 22, oy : oy + 14, :]
     expect = np.round(window(hu[4:26, 3:17, :]) * 255)
     np.testing.assert_array_equal(body, expect)
     assert body[6, 5, 0] == 255 and body[8, 5, 0] == round(0.2 * 255) and body[1, 1, 0] == 204
@@ -380,7 +380,9 @@ def test_each_bad_input_fails_alone(bad_set, tmp_path, caplog):
     assert f"{len(bad)} of {len(bad) + 1} cases failed" in message
     for c in bad:
         assert c in message
-    lines = {r.getMessage().split(" failed: ")[0]: r.getMessage() for r in caplog.records if " failed: " in r.getMessage()}
+    lines = {
+        r.getMessage().split(" failed: ")[0]: r.getMessage() for r in caplog.records if " failed: " in r.getMessage()
+    }
     assert set(lines) == set(bad)
     for c, needle in bad.items():
         assert needle in lines[c], lines[c]

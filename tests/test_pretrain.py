@@ -89,8 +89,19 @@ def crop_sized_data(tmp_path_factory):
 
 
 def _argv(data_dir, chkpt_dir, *extra):
-    return ["--data_dir", str(data_dir), "--chkpt_dir", str(chkpt_dir), "--low_resource_mode", "--crop_size", "32",
-            "--no-progress", "--device", "cpu", *map(str, extra)]
+    return [
+        "--data_dir",
+        str(data_dir),
+        "--chkpt_dir",
+        str(chkpt_dir),
+        "--low_resource_mode",
+        "--crop_size",
+        "32",
+        "--no-progress",
+        "--device",
+        "cpu",
+        *map(str, extra),
+    ]
 
 
 def _run(mod, data_dir, chkpt_dir, *extra):
@@ -135,10 +146,28 @@ def _torchrun(tmp_path, runs, nproc=2, env_extra=None, timeout=300):
     spec = tmp_path / "runs.json"
     spec.write_text(json.dumps([[m, [str(a) for a in argv]] for m, argv in runs]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline", **(env_extra or {})}
-    cmd = [PY, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(drv), str(spec)]
-    proc = subprocess.Popen(cmd, cwd=str(tmp_path), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    cmd = [
+        PY,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(drv),
+        str(spec),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=str(tmp_path),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -209,8 +238,12 @@ def test_pretrain_transforms_2d_3d_and_padding(phantom_data, tmp_path):
 
 def test_pair_audit_counts():
     audit = PairAudit()
-    audit.update({"iou_value": torch.tensor([0.0, 0.05, 0.1, 0.999, 1.0], dtype=torch.float64),
-                  "iou_feasible": torch.tensor([True, True, False, True, False])})
+    audit.update(
+        {
+            "iou_value": torch.tensor([0.0, 0.05, 0.1, 0.999, 1.0], dtype=torch.float64),
+            "iou_feasible": torch.tensor([True, True, False, True, False]),
+        }
+    )
     audit.update({"iou_value": torch.tensor([0.45], dtype=torch.float64), "iou_feasible": torch.tensor([True])})
     s = audit.summary(engine.DistInfo())
     assert s["audit_pairs"] == 6
@@ -227,8 +260,21 @@ def test_pair_audit_in_a_run_with_infeasible_images(tmp_path):
     for i in range(4):
         _write_png(data / f"a_small_{i}.png", rng.random((32, 32)))
         _write_png(data / f"b_large_{i}.png", rng.random((64, 48)))
-    res = _run(main_simsiam, data, tmp_path / "runs", "--min_iou", 0.3, "--max_iou", 0.6, "--batch_size", 4,
-               "--n_epochs", 1, "--run_name", "audit")
+    res = _run(
+        main_simsiam,
+        data,
+        tmp_path / "runs",
+        "--min_iou",
+        0.3,
+        "--max_iou",
+        0.6,
+        "--batch_size",
+        4,
+        "--n_epochs",
+        1,
+        "--run_name",
+        "audit",
+    )
     rec = res["final"]
     assert res["images_infeasible_frac"] == 0.5
     assert rec["audit_pairs"] == 8 and sum(rec["audit_iou_hist"]) == 8
@@ -248,8 +294,22 @@ def test_pair_audit_in_a_run_with_infeasible_images(tmp_path):
 
 def test_simsiam_2d_run_writes_the_run_files(phantom_data, tmp_path):
     out = tmp_path / "runs"
-    res = _run(main_simsiam, phantom_data["2d"], out, "--min_iou", 0.3, "--max_iou", 0.6, "--batch_size", 4,
-               "--n_epochs", 2, "--max_images", 8, "--use_wandb")
+    res = _run(
+        main_simsiam,
+        phantom_data["2d"],
+        out,
+        "--min_iou",
+        0.3,
+        "--max_iou",
+        0.6,
+        "--batch_size",
+        4,
+        "--n_epochs",
+        2,
+        "--max_images",
+        8,
+        "--use_wandb",
+    )
     name = "simsiam_2d_iou_0.3_0.6"
     assert res["run_name"] == name and res["epochs_done"] == 2
     assert json.loads((out / f"{name}_files" / "result.json").read_text()) == json.loads(json.dumps(res))
@@ -280,8 +340,21 @@ def test_simsiam_2d_run_writes_the_run_files(phantom_data, tmp_path):
 
 def test_dino_2d_run(phantom_data, tmp_path):
     out = tmp_path / "runs"
-    res = _run(main_dino, phantom_data["2d"], out, "--batch_size", 4, "--n_epochs", 2, "--warmup_epochs", 1,
-               "--max_images", 8, "--run_name", "dino")
+    res = _run(
+        main_dino,
+        phantom_data["2d"],
+        out,
+        "--batch_size",
+        4,
+        "--n_epochs",
+        2,
+        "--warmup_epochs",
+        1,
+        "--max_images",
+        8,
+        "--run_name",
+        "dino",
+    )
     log = _log(out / "dino_log.jsonl")
     assert [r["epoch"] for r in log] == [1, 2] and res["final"] == log[-1]
     for r in log:
@@ -302,8 +375,25 @@ def test_dino_2d_run(phantom_data, tmp_path):
 # SimSiam's BatchNorm needs 2 images per batch; DINO trains on one (its two views make 2)
 @pytest.mark.parametrize("mod,batch", [(main_simsiam, 2), (main_dino, 1)], ids=["simsiam", "dino"])
 def test_3d_run(mod, batch, phantom_data, tmp_path):
-    res = _run(mod, phantom_data["3d"], tmp_path / "runs", "--spatial_dims", 3, "--batch_size", batch, "--n_epochs", 1,
-               "--min_iou", 0.3, "--max_iou", 0.6, "--warmup_epochs", 0, "--max_images", batch)
+    res = _run(
+        mod,
+        phantom_data["3d"],
+        tmp_path / "runs",
+        "--spatial_dims",
+        3,
+        "--batch_size",
+        batch,
+        "--n_epochs",
+        1,
+        "--min_iou",
+        0.3,
+        "--max_iou",
+        0.6,
+        "--warmup_epochs",
+        0,
+        "--max_images",
+        batch,
+    )
     rec = res["final"]
     assert np.isfinite(rec["loss"]) and rec["audit_pairs"] == batch and 0.3 <= rec["audit_iou_mean"] <= 0.6
     ckpt = _load(res["weights"])
@@ -312,8 +402,19 @@ def test_3d_run(mod, batch, phantom_data, tmp_path):
 
 
 def test_unetr_encoder_pretrains_and_loads_into_unetr(phantom_data, tmp_path):
-    res = _run(main_simsiam, phantom_data["2d"], tmp_path / "runs", "--arch", "unetr", "--batch_size", 4,
-               "--n_epochs", 1, "--max_images", 4)
+    res = _run(
+        main_simsiam,
+        phantom_data["2d"],
+        tmp_path / "runs",
+        "--arch",
+        "unetr",
+        "--batch_size",
+        4,
+        "--n_epochs",
+        1,
+        "--max_images",
+        4,
+    )
     ckpt = _load(res["weights"])
     cfg = ckpt["model_config"]
     assert cfg["arch"] == "unetr" and cfg["img_size"] == 32
@@ -332,8 +433,22 @@ def _method(mod, cls, *extra, iters=20):
     [
         (main_simsiam, main_simsiam.SimSiamMethod, ["--base_lr", 0.05]),
         # a fixed teacher and centre: the student fits fixed targets
-        (main_dino, main_dino.DINOMethod, ["--base_lr", 1e-3, "--warmup_epochs", 0, "--freeze_last_layer", 0,
-                                           "--momentum_teacher", 1, "--center_momentum", 1]),
+        (
+            main_dino,
+            main_dino.DINOMethod,
+            [
+                "--base_lr",
+                1e-3,
+                "--warmup_epochs",
+                0,
+                "--freeze_last_layer",
+                0,
+                "--momentum_teacher",
+                1,
+                "--center_momentum",
+                1,
+            ],
+        ),
     ],
     ids=["simsiam", "dino"],
 )
@@ -349,11 +464,24 @@ def test_loss_decreases_on_a_fixed_batch(mod, cls, extra):
         losses.append(loss.item())
         return loss, logs
 
-    engine.train_one_epoch(m.train_module, [batch] * n, m.optimizer, loss_fn, epoch=0, n_epochs=1, iters_per_epoch=n,
-                           lr_schedule=m.lr_schedule, base_lr=m.base_lr, wd_schedule=m.wd_schedule,
-                           amp=engine.Amp(torch.device("cpu"), False), clip_grad=m.clip_grad, clip_mode=m.clip_mode,
-                           before_optimizer_step=m.before_optimizer_step, after_optimizer_step=m.after_optimizer_step,
-                           progress=False)
+    engine.train_one_epoch(
+        m.train_module,
+        [batch] * n,
+        m.optimizer,
+        loss_fn,
+        epoch=0,
+        n_epochs=1,
+        iters_per_epoch=n,
+        lr_schedule=m.lr_schedule,
+        base_lr=m.base_lr,
+        wd_schedule=m.wd_schedule,
+        amp=engine.Amp(torch.device("cpu"), False),
+        clip_grad=m.clip_grad,
+        clip_mode=m.clip_mode,
+        before_optimizer_step=m.before_optimizer_step,
+        after_optimizer_step=m.after_optimizer_step,
+        progress=False,
+    )
     assert len(losses) == n
     assert losses[-1] < losses[0] - 0.2
     assert losses[-1] < min(losses[:3])
@@ -407,7 +535,19 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(phantom_data, tmp_
     monkeypatch.setattr(models.SimSiamLoss, "forward", sometimes_nan)
     out = tmp_path / "runs"
     with pytest.raises(TrainingError, match=r"loss is nan at epoch 2"):
-        _run(main_simsiam, phantom_data["2d"], out, "--batch_size", 4, "--n_epochs", 3, "--max_images", 8, "--run_name", "nan")
+        _run(
+            main_simsiam,
+            phantom_data["2d"],
+            out,
+            "--batch_size",
+            4,
+            "--n_epochs",
+            3,
+            "--max_images",
+            8,
+            "--run_name",
+            "nan",
+        )
     assert _load(out / "nan.pt")["epoch"] == 1 and _load(out / "nan_last.pt")["epoch"] == 1
     assert [r["epoch"] for r in _log(out / "nan_log.jsonl")] == [1]
     assert not (out / "nan_files" / "result.json").exists()
@@ -421,8 +561,24 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(phantom_data, tmp_
 @pytest.mark.parametrize("mod_name,num_workers", [("main_dino", 0), ("main_simsiam", 2)])
 def test_resume_after_sigkill_mid_epoch_gives_identical_weights(mod_name, num_workers, phantom_data, tmp_path):
     mod = importlib.import_module(mod_name)
-    extra = ["--max_images", 12, "--batch_size", 4, "--n_epochs", 2, "--num_workers", num_workers, "--min_iou", 0.3,
-             "--max_iou", 0.6, "--warmup_epochs", 1, "--run_name", "r"]
+    extra = [
+        "--max_images",
+        12,
+        "--batch_size",
+        4,
+        "--n_epochs",
+        2,
+        "--num_workers",
+        num_workers,
+        "--min_iou",
+        0.3,
+        "--max_iou",
+        0.6,
+        "--warmup_epochs",
+        1,
+        "--run_name",
+        "r",
+    ]
     full = _run(mod, phantom_data["2d"], tmp_path / "full", *extra)
 
     cut = tmp_path / "cut"
@@ -462,10 +618,12 @@ def test_ddp_two_processes_match_one_process_and_resume(crop_sized_data, tmp_pat
     ddp, snap = tmp_path / "ddp", tmp_path / "snapshot"
     done = _torchrun(
         tmp_path,
-        [["main_simsiam", _argv(crop_sized_data, ddp, *simsiam, "--batch_size", 2)],
-         # resume from the files the run had after its first epoch, as after a kill
-         ["main_simsiam", _argv(crop_sized_data, snap, *simsiam, "--batch_size", 2, "--resume")],
-         ["main_dino", _argv(crop_sized_data, ddp, *dino, "--batch_size", 2)]],
+        [
+            ["main_simsiam", _argv(crop_sized_data, ddp, *simsiam, "--batch_size", 2)],
+            # resume from the files the run had after its first epoch, as after a kill
+            ["main_simsiam", _argv(crop_sized_data, snap, *simsiam, "--batch_size", 2, "--resume")],
+            ["main_dino", _argv(crop_sized_data, ddp, *dino, "--batch_size", 2)],
+        ],
         env_extra={"SNAPSHOT": f"{ddp}:s:{snap}"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -513,8 +671,16 @@ def test_bad_flags_and_data(phantom_data, crop_sized_data, tmp_path):
     _bad(main_simsiam, tmp_path, phantom_data["2d"], "--min_iou", 0.7, "--max_iou", 0.6, match="larger than --max_iou")
     _bad(main_simsiam, tmp_path, phantom_data["2d"], "--max_iou", 1.5, match=r"--max_iou must lie in \[0, 1\]")
     _bad(main_dino, tmp_path, phantom_data["2d"], "--min_iou", -0.1, match=r"--min_iou must lie in \[0, 1\]")
-    _bad(main_simsiam, tmp_path, crop_sized_data, "--min_iou", 0.3, "--max_iou", 0.6,
-         match=r"no image admits .*IoU in \[0.3, 0.6\].*32x32 \(4\)")
+    _bad(
+        main_simsiam,
+        tmp_path,
+        crop_sized_data,
+        "--min_iou",
+        0.3,
+        "--max_iou",
+        0.6,
+        match=r"no image admits .*IoU in \[0.3, 0.6\].*32x32 \(4\)",
+    )
     _bad(main_simsiam, tmp_path, phantom_data["2d"], "--spatial_dims", 3, match="--spatial_dims")
     _bad(main_dino, tmp_path, phantom_data["3d"], "--spatial_dims", 2, match="--spatial_dims")
     _bad(main_simsiam, tmp_path, phantom_data["2d"], "--crop_size", 48, match="multiple of 32")
@@ -543,7 +709,9 @@ def test_cli_exit_code_2_with_one_line_for_a_corrupt_png_read_by_workers(phantom
     data, bad = _corrupt_data(phantom_data, tmp_path)
     out = tmp_path / "runs"
     with pytest.raises(SystemExit) as exc:
-        utils.run_cli(main_simsiam.main, main_simsiam.get_args_parser(), _argv(data, out, "--batch_size", 3, "--num_workers", 2))
+        utils.run_cli(
+            main_simsiam.main, main_simsiam.get_args_parser(), _argv(data, out, "--batch_size", 3, "--num_workers", 2)
+        )
     assert exc.value.code == 2
     err = capsys.readouterr().err
     errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
@@ -579,4 +747,3 @@ def test_bad_resume(phantom_data, tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         _run(main_simsiam, phantom_data["2d"], tmp_path / "other", *base, "--resume")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before  # nothing touched
-

@@ -52,7 +52,14 @@ def test_population_std_reproduces_the_papers_plus_minus():
 
 def test_rows_parse_to_the_papers_labels():
     rows = runqueue.parse_rows(",".join(report.PAPER_ROW_KEYS))
-    assert [r.label for r in rows] == ["- (no pretraining)", "[0, 0]", "[0.0001, 0.3]", "[0.3, 0.6]", "[0.6, 1]", "Random crop ([0, 1])"]
+    assert [r.label for r in rows] == [
+        "- (no pretraining)",
+        "[0, 0]",
+        "[0.0001, 0.3]",
+        "[0.3, 0.6]",
+        "[0.6, 1]",
+        "Random crop ([0, 1])",
+    ]
     assert [r.key for r in rows] == list(report.PAPER_ROW_KEYS)
     assert rows[3].tag == "iou0.30-0.60" and rows[2].tag == "iou0.0001-0.30"
     for bad in ("0.6-0.3", "abc", "0.2-1.5", "0.1-0.2-0.3"):
@@ -67,8 +74,18 @@ def test_rows_parse_to_the_papers_labels():
 def test_paper_plan_has_34_runs_with_fixed_shared_seeds(tmp_path):
     (tmp_path / "u").mkdir()
     (tmp_path / "l").mkdir()
-    args = parse(["--preset", "paper", "--output_dir", str(tmp_path / "out"), "--unlabelled_dir", str(tmp_path / "u"),
-                  "--labelled_dir", str(tmp_path / "l")])
+    args = parse(
+        [
+            "--preset",
+            "paper",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--unlabelled_dir",
+            str(tmp_path / "u"),
+            "--labelled_dir",
+            str(tmp_path / "l"),
+        ]
+    )
     s = rt.resolve_settings(args)
     rows = runqueue.parse_rows(args.rows)
     data = rt.data_paths(args, str(tmp_path / "out"))
@@ -107,8 +124,18 @@ def test_paper_plan_has_34_runs_with_fixed_shared_seeds(tmp_path):
 
 
 def test_random_init_depends_on_the_seed_only(tmp_path):
-    cfg = {"arch": "swin", "spatial_dims": 2, "embedding_size": 12, "low_resource_mode": True, "drop_path_rate": 0.0, "crop_size": 64}
-    paths = [runqueue.ensure_random_init({"path": str(tmp_path / f"{i}.pt"), "seed": seed, "config": cfg}) for i, seed in enumerate((5, 5, 6))]
+    cfg = {
+        "arch": "swin",
+        "spatial_dims": 2,
+        "embedding_size": 12,
+        "low_resource_mode": True,
+        "drop_path_rate": 0.0,
+        "crop_size": 64,
+    }
+    paths = [
+        runqueue.ensure_random_init({"path": str(tmp_path / f"{i}.pt"), "seed": seed, "config": cfg})
+        for i, seed in enumerate((5, 5, 6))
+    ]
     a, b, c = (torch.load(p, weights_only=True)["encoder"] for p in paths)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], c[k]) for k in a)
@@ -154,7 +181,7 @@ def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path, caplog):
     assert runqueue.try_lock(locks, "run_d") == str(empty)
 
 
-FAKE_SCRIPT = '''
+FAKE_SCRIPT = """
 import argparse, json, os, time
 
 def get_args_parser():
@@ -176,7 +203,7 @@ def main(args):
     with open(args.claims, "a") as f:
         f.write(f"end {args.run_name} {os.getpid()}\\n")
     return {"run_name": args.run_name}
-'''
+"""
 
 
 def test_two_spawned_workers_run_every_run_once_in_dependency_order(tmp_path, monkeypatch):
@@ -185,10 +212,23 @@ def test_two_spawned_workers_run_every_run_once_in_dependency_order(tmp_path, mo
     chk, claims = str(tmp_path / "runs"), str(tmp_path / "claims.txt")
     rows = runqueue.parse_rows("0-0,0.3-0.6")
     plan = runqueue.plan_grid(
-        rows, [1, 2], [3, 4], chk,
+        rows,
+        [1, 2],
+        [3, 4],
+        chk,
         lambda row, seed, name: ["--run_name", name, "--chkpt_dir", chk, "--claims", claims],
-        lambda row, ps, fs, name, w: ["--run_name", name, "--chkpt_dir", chk, "--claims", claims, "--needs", runqueue.pretrain_name(row, ps)],
-        pretrain_script="fake_train", finetune_script="fake_train",
+        lambda row, ps, fs, name, w: [
+            "--run_name",
+            name,
+            "--chkpt_dir",
+            chk,
+            "--claims",
+            claims,
+            "--needs",
+            runqueue.pretrain_name(row, ps),
+        ],
+        pretrain_script="fake_train",
+        finetune_script="fake_train",
     )
     assert len(plan) == 12
     cfg = runqueue.WorkerConfig(chkpt_dir=chk, state_dir=str(tmp_path / "state"), poll_s=0.1)
@@ -196,7 +236,9 @@ def test_two_spawned_workers_run_every_run_once_in_dependency_order(tmp_path, mo
     procs = []
     for i in range(2):
         c = {**cfg.__dict__, "owner": f"w{i}"}
-        procs.append(ctx.Process(target=runqueue.worker_entry, args=([r.to_dict() for r in plan], c, {}, 1, logging.INFO)))
+        procs.append(
+            ctx.Process(target=runqueue.worker_entry, args=([r.to_dict() for r in plan], c, {}, 1, logging.INFO))
+        )
     for p in procs:
         p.start()
     for p in procs:
@@ -220,19 +262,38 @@ def test_two_spawned_workers_run_every_run_once_in_dependency_order(tmp_path, mo
 def _fake_finished(chk: Path, name: str, dice: float, organ_dice: float = 0.5, split_path: str | None = None) -> None:
     files = chk / f"{name}_files"
     files.mkdir(parents=True, exist_ok=True)
-    scores = {"summary": {"n_cases": 1, "dice_mean": organ_dice, "nsd_mean": organ_dice / 2,
-                          "per_organ": {"liver": {"organ_id": 1, "dice": organ_dice, "nsd": organ_dice / 2},
-                                        "spleen": {"organ_id": 3, "dice": organ_dice, "nsd": organ_dice / 2}}}}
+    scores = {
+        "summary": {
+            "n_cases": 1,
+            "dice_mean": organ_dice,
+            "nsd_mean": organ_dice / 2,
+            "per_organ": {
+                "liver": {"organ_id": 1, "dice": organ_dice, "nsd": organ_dice / 2},
+                "spleen": {"organ_id": 3, "dice": organ_dice, "nsd": organ_dice / 2},
+            },
+        }
+    }
     (files / "val_scores.json").write_text(json.dumps(scores))
-    (files / "result.json").write_text(json.dumps({"run_name": name, "best_dice_paper": dice, "scores": str(files / "val_scores.json")}))
+    (files / "result.json").write_text(
+        json.dumps({"run_name": name, "best_dice_paper": dice, "scores": str(files / "val_scores.json")})
+    )
     if split_path:
         (chk / f"{name}_args.json").write_text(json.dumps({"split_path": split_path}))
 
 
 def _small_plan(chk: str):
     rows = runqueue.parse_rows("none,0.3-0.6")
-    enc = {"arch": "swin", "spatial_dims": 2, "embedding_size": 12, "low_resource_mode": True, "drop_path_rate": 0.0, "crop_size": 64}
-    plan = runqueue.plan_grid(rows, [1, 2], [3, 4], chk, lambda r, s, n: [], lambda r, p, f, n, w: [], encoder_config=enc)
+    enc = {
+        "arch": "swin",
+        "spatial_dims": 2,
+        "embedding_size": 12,
+        "low_resource_mode": True,
+        "drop_path_rate": 0.0,
+        "crop_size": 64,
+    }
+    plan = runqueue.plan_grid(
+        rows, [1, 2], [3, 4], chk, lambda r, s, n: [], lambda r, p, f, n, w: [], encoder_config=enc
+    )
     return rows, plan
 
 
@@ -249,7 +310,12 @@ def test_table_and_organs_come_from_the_run_folders(tmp_path):
     with open(out["csv"]) as f:
         lines = list(csv.reader(f))
     header = lines[0]
-    assert header[:5] == ["interval", "min_iou", "max_iou", "mean_dsc", "std_dsc"] and header[5:9] == ["dsc_1", "dsc_2", "dsc_3", "dsc_4"]
+    assert header[:5] == ["interval", "min_iou", "max_iou", "mean_dsc", "std_dsc"] and header[5:9] == [
+        "dsc_1",
+        "dsc_2",
+        "dsc_3",
+        "dsc_4",
+    ]
     assert len(lines) == 3 and lines[2][0] == "[0.3, 0.6]" and lines[2][-2:] == ["3", "4"]
     none_row = dict(zip(header, lines[1]))
     expect = [values[r.name] for r in ft if r.row == "none"]
@@ -295,15 +361,32 @@ def test_runs_that_disagree_on_the_split_are_refused(tmp_path):
 
 def test_bad_input_is_one_line_and_exit_code_2(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, str(ROOT / "reproduce_table.py"), "--preset", "nope", "--output_dir", str(tmp_path / "o")],
-                       capture_output=True, text=True, env=env, timeout=120)
+    p = subprocess.run(
+        [sys.executable, str(ROOT / "reproduce_table.py"), "--preset", "nope", "--output_dir", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == "error: --preset 'nope' does not exist; choose one of paper, demo"
     with pytest.raises(UserError, match="--unlabelled_dir"):
         rt.main(parse(["--preset", "paper", "--output_dir", str(tmp_path / "o")]))
     with pytest.raises(UserError, match="does not exist"):
-        rt.main(parse(["--preset", "paper", "--output_dir", str(tmp_path / "o"), "--unlabelled_dir", str(tmp_path / "missing"),
-                       "--labelled_dir", str(tmp_path / "missing2")]))
+        rt.main(
+            parse(
+                [
+                    "--preset",
+                    "paper",
+                    "--output_dir",
+                    str(tmp_path / "o"),
+                    "--unlabelled_dir",
+                    str(tmp_path / "missing"),
+                    "--labelled_dir",
+                    str(tmp_path / "missing2"),
+                ]
+            )
+        )
     with pytest.raises(UserError, match="only applies to --preset demo"):
         rt.resolve_settings(parse(["--output_dir", str(tmp_path), "--phantom_slices", "3"]))
     assert not (tmp_path / "o" / "grid.json").exists()
@@ -315,9 +398,26 @@ def _paper_args(tmp_path, *extra):
     split = tmp_path / "split.json"
     if not split.exists():
         split.write_text(json.dumps({"train": ["A"], "val": ["B"]}))
-    return parse(["--preset", "paper", "--output_dir", str(tmp_path / "out"), "--unlabelled_dir", str(tmp_path / "u"),
-                  "--labelled_dir", str(tmp_path / "l"), "--split", str(split), "--embedding_size", "12",
-                  "--low_resource_mode", "--rows", "none,0.3-0.6", *extra])
+    return parse(
+        [
+            "--preset",
+            "paper",
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--unlabelled_dir",
+            str(tmp_path / "u"),
+            "--labelled_dir",
+            str(tmp_path / "l"),
+            "--split",
+            str(split),
+            "--embedding_size",
+            "12",
+            "--low_resource_mode",
+            "--rows",
+            "none,0.3-0.6",
+            *extra,
+        ]
+    )
 
 
 def test_dry_run_prints_every_command_and_writes_nothing(tmp_path, capsys):
@@ -364,10 +464,41 @@ def test_write_scripts_and_refusing_another_grid(tmp_path):
 # End to end: real data, real runs, killed, resumed, rerun, re-collected
 # ---------------------------------------------------------------------------------------
 
-TINY = ["--preset", "demo", "--rows", "none,0.3-0.6", "--pretrain_seeds", "7", "--finetune_seeds", "1,2",
-        "--phantom_labelled", "3", "--phantom_unlabelled", "2", "--phantom_train", "1", "--phantom_size_xy", "64",
-        "--phantom_slices", "12", "--n_pretrain_epochs", "2", "--max_pretrain_images", "16", "--n_finetune_epochs", "1",
-        "--max_finetune_images", "8", "--eval_every", "1", "--figure_pairs", "100", "--workers", "1", "--no-progress"]
+TINY = [
+    "--preset",
+    "demo",
+    "--rows",
+    "none,0.3-0.6",
+    "--pretrain_seeds",
+    "7",
+    "--finetune_seeds",
+    "1,2",
+    "--phantom_labelled",
+    "3",
+    "--phantom_unlabelled",
+    "2",
+    "--phantom_train",
+    "1",
+    "--phantom_size_xy",
+    "64",
+    "--phantom_slices",
+    "12",
+    "--n_pretrain_epochs",
+    "2",
+    "--max_pretrain_images",
+    "16",
+    "--n_finetune_epochs",
+    "1",
+    "--max_finetune_images",
+    "8",
+    "--eval_every",
+    "1",
+    "--figure_pairs",
+    "100",
+    "--workers",
+    "1",
+    "--no-progress",
+]
 
 
 @pytest.mark.slow
@@ -377,8 +508,13 @@ def test_grid_end_to_end_killed_resumed_rerun_recollected(tmp_path, caplog, caps
     pre = "pre_iou0.30-0.60_s7"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
     # 1) start the grid in a subprocess and SIGKILL it once the pretraining has checkpointed its first epoch
-    proc = subprocess.Popen([sys.executable, str(ROOT / "reproduce_table.py"), "--output_dir", str(out), *TINY],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "reproduce_table.py"), "--output_dir", str(out), *TINY],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     log = chk / f"{pre}_log.jsonl"
     deadline = time.time() + 240
     try:
@@ -412,8 +548,19 @@ def test_grid_end_to_end_killed_resumed_rerun_recollected(tmp_path, caplog, caps
     assert len(lines) == 3 and "dsc_2" in header and "dsc_3" not in header
     for line, key in zip(lines[1:], ("none", "0.3-0.6")):
         row = dict(zip(header, line))
-        runs = [r for r in rt.build_plan(args, rt.resolve_settings(args), runqueue.parse_rows(args.rows), [7], [1, 2],
-                                        rt.data_paths(args, str(out)), str(chk)) if r.kind == "finetune" and r.row == key]
+        runs = [
+            r
+            for r in rt.build_plan(
+                args,
+                rt.resolve_settings(args),
+                runqueue.parse_rows(args.rows),
+                [7],
+                [1, 2],
+                rt.data_paths(args, str(out)),
+                str(chk),
+            )
+            if r.kind == "finetune" and r.row == key
+        ]
         got = [float(row["dsc_1"]), float(row["dsc_2"])]
         want = [json.loads((chk / f"{r.name}_files" / "result.json").read_text())["best_dice_paper"] for r in runs]
         assert got == pytest.approx(want, abs=1e-6)

@@ -27,6 +27,7 @@ from utils import MEMORY_RESERVE_MIN, TrainingError, UserError, available_memory
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
+
 class _Stop(Exception):
     """Raised to interrupt a run right after its first checkpoint."""
 
@@ -38,8 +39,23 @@ def phantoms(tmp_path_factory):
 
 
 def _argv(data_dir, chkpt_dir, *extra):
-    return ["--data_dir", str(data_dir), "--chkpt_dir", str(chkpt_dir), "--low_resource_mode", "--crop_size", "32",
-            "--no-progress", "--device", "cpu", "--min_iou", "0.3", "--max_iou", "0.6", *map(str, extra)]
+    return [
+        "--data_dir",
+        str(data_dir),
+        "--chkpt_dir",
+        str(chkpt_dir),
+        "--low_resource_mode",
+        "--crop_size",
+        "32",
+        "--no-progress",
+        "--device",
+        "cpu",
+        "--min_iou",
+        "0.3",
+        "--max_iou",
+        "0.6",
+        *map(str, extra),
+    ]
 
 
 def _run(data_dir, chkpt_dir, *extra):
@@ -120,7 +136,9 @@ def test_augment_views_draws_each_view_independently():
 
 
 def test_batch_augment_3d_trains(phantoms, tmp_path):
-    res = _run(phantoms["3d"], tmp_path / "r", "--spatial_dims", 3, "--batch_size", 2, "--n_epochs", 1, "--batch_augment")
+    res = _run(
+        phantoms["3d"], tmp_path / "r", "--spatial_dims", 3, "--batch_size", 2, "--n_epochs", 1, "--batch_augment"
+    )
     rec = res["final"]
     assert np.isfinite(rec["loss"]) and rec["audit_pairs"] == 2
 
@@ -164,7 +182,9 @@ def test_slice_cache_reads_what_the_png_holds(tmp_path):
 def test_check_fits_in_memory():
     gb = 10**9
     check_fits_in_memory(7 * gb, "x", "hint", available=10 * gb)  # reserve max(2 GiB, 15 %) = 2.15 GB: room 7.85 GB
-    with pytest.raises(UserError, match=r"--cache_images: 9 slices need 8\.00 GB .* 10\.00 GB is available .*7\.85 GB.*; run without"):
+    with pytest.raises(
+        UserError, match=r"--cache_images: 9 slices need 8\.00 GB .* 10\.00 GB is available .*7\.85 GB.*; run without"
+    ):
         check_fits_in_memory(8 * gb, "--cache_images: 9 slices", "run without --cache_images", available=10 * gb)
     check_fits_in_memory(84 * gb, "x", "h", available=100 * gb)  # the 15 % share is the reserve above 2 GiB
     with pytest.raises(UserError, match="86.00 GB"):
@@ -189,7 +209,10 @@ def test_cache_images_refused_when_it_cannot_fit(phantoms, tmp_path, monkeypatch
 
     monkeypatch.setattr(data.SliceCache, "__init__", counted)
     monkeypatch.setattr(utils, "available_memory", lambda: utils.MEMORY_RESERVE_MIN + need // 2)
-    with pytest.raises(UserError, match=r"--cache_images: 8 slices need 18\.4 kB of memory, but 2\.15 GB is available and at most 9\.2 kB"):
+    with pytest.raises(
+        UserError,
+        match=r"--cache_images: 8 slices need 18\.4 kB of memory, but 2\.15 GB is available and at most 9\.2 kB",
+    ):
         _run(phantoms["2d"], tmp_path / "r", "--batch_size", 4, "--n_epochs", 1, "--cache_images")
     assert not decoded and not (tmp_path / "r").exists()
     # the same check through SliceCache.build, with the room just enough for one copy, not two
@@ -212,19 +235,24 @@ def test_speed_flags_refuse_bad_combinations(phantoms, tmp_path):
 def test_fast_padding_gives_what_monai_spatialpadd_gave(phantoms, tmp_path):
     """pretrain_transforms pads with PadToAtLeastd (plain numpy, crops by slicing); the pairs
     must equal, bit for bit, those of the chain with MONAI's SpatialPadd and MetaTensor crops."""
+
     def reference(dims, crop, lo, hi, augment):
         k = ["image"]
-        chain = [LoadSlice2Dd(k) if dims == 2 else LoadVolume3Dd(k),
-                 SpatialPadd(k, spatial_size=[crop] * dims, mode="constant"),
-                 IoUCropd(k, dims, crop_size=crop, min_iou=lo, max_iou=hi, store_boxes=True),
-                 DeleteItemsd(["iou_start1", "iou_start2"])]
+        chain = [
+            LoadSlice2Dd(k) if dims == 2 else LoadVolume3Dd(k),
+            SpatialPadd(k, spatial_size=[crop] * dims, mode="constant"),
+            IoUCropd(k, dims, crop_size=crop, min_iou=lo, max_iou=hi, store_boxes=True),
+            DeleteItemsd(["iou_start1", "iou_start2"]),
+        ]
         if augment:
             chain += [view_augmentations("image1", dims), view_augmentations("image2", dims)]
         chain.append(EnsureTyped(["image1", "image2"], data_type="tensor", dtype=torch.float32, track_meta=False))
         return Compose(chain)
 
     small = tmp_path / "small.png"  # narrower than the crop on one axis: padded
-    small.write_bytes(encode_png_2d(np.random.default_rng(3).random((21, 50)).astype(np.float32)))  # odd padding: 5 before, 6 after
+    small.write_bytes(
+        encode_png_2d(np.random.default_rng(3).random((21, 50)).astype(np.float32))
+    )  # odd padding: 5 before, 6 after
     pngs = [str(p) for p in sorted(phantoms["2d"].glob("*.png"))[:3]] + [str(small)]
     nii = [str(sorted(phantoms["3d"].glob("*.nii.gz"))[0])]
     for dims, paths in ((2, pngs), (3, nii)):
@@ -240,7 +268,6 @@ def test_fast_padding_gives_what_monai_spatialpadd_gave(phantoms, tmp_path):
                         assert type(b[k]) is torch.Tensor and torch.equal(a[k], b[k]), (dims, augment, seed, p, k)
 
 
-
 # ---------------------------------------------------------------------------------------
 # Loss reads every --check_every batches, fused optimizers, torch.compile
 # ---------------------------------------------------------------------------------------
@@ -253,7 +280,11 @@ def test_loss_check_reads_every_n_batches_and_names_the_first_bad_iteration():
     assert c.avg.means() == {} and np.isnan(c.last_loss)  # nothing read yet
     assert c.add(12, torch.tensor(2.0), {"collapse": torch.tensor(0.3), "host": 6.0})
     got = c.avg.means()
-    assert got["loss"] == pytest.approx(2.0) and got["collapse"] == pytest.approx(0.3) and got["host"] == pytest.approx(4.0)
+    assert (
+        got["loss"] == pytest.approx(2.0)
+        and got["collapse"] == pytest.approx(0.3)
+        and got["host"] == pytest.approx(4.0)
+    )
     assert c.last_loss == 2.0 and c.pending == []
     c.add(13, torch.tensor(5.0), {"collapse": torch.tensor(0.0), "host": 0.0})
     c.add(14, torch.tensor(float("nan")), {"collapse": torch.tensor(0.0), "host": 0.0})
@@ -299,7 +330,9 @@ def test_fused_optimizer_gives_the_same_run_up_to_rounding(method, phantoms, tmp
 
 
 def test_dino_teacher_ema_with_foreach_equals_the_loop_bit_for_bit():
-    args = main_dino.get_args_parser().parse_args(["--data_dir", ".", "--low_resource_mode", "--crop_size", "32", "--n_epochs", "1", "--warmup_epochs", "0"])
+    args = main_dino.get_args_parser().parse_args(
+        ["--data_dir", ".", "--low_resource_mode", "--crop_size", "32", "--n_epochs", "1", "--warmup_epochs", "0"]
+    )
     main_dino.DINOMethod.adjust_args(args)
     pretrain.apply_low_resource_mode(args)
     m = main_dino.DINOMethod(args, pretrain.model_config(args), engine.DistInfo(), 3)
@@ -320,7 +353,20 @@ def test_compile_traces_the_model_and_keeps_losses_and_checkpoints(method, phant
     """--compile with the eager backend (tracing only: inductor's code generation takes
     minutes on this CPU): same losses, same checkpoint keys, and dynamo did capture graphs."""
     mod = main_simsiam if method == "simsiam" else main_dino
-    argv = _argv(phantoms["2d"], tmp_path, "--batch_size", 4, "--n_epochs", 1, "--warmup_epochs", 0, "--max_images", 8, "--drop_path_rate", 0)
+    argv = _argv(
+        phantoms["2d"],
+        tmp_path,
+        "--batch_size",
+        4,
+        "--n_epochs",
+        1,
+        "--warmup_epochs",
+        0,
+        "--max_images",
+        8,
+        "--drop_path_rate",
+        0,
+    )
 
     def run(name, *extra):
         return mod.main(mod.get_args_parser().parse_args([*argv, "--run_name", name, *map(str, extra)]))
@@ -349,8 +395,21 @@ def test_training_steps_read_nothing_on_the_host_between_loss_checks(method, mon
     --check_every 4, only LossCheck.flush reads, twice (loss and, for SimSiam, the collapse)."""
     mod = main_simsiam if method == "simsiam" else main_dino
     cls = main_simsiam.SimSiamMethod if method == "simsiam" else main_dino.DINOMethod
-    args = mod.get_args_parser().parse_args(["--data_dir", ".", "--low_resource_mode", "--crop_size", "32", "--n_epochs", "1",
-                                             "--warmup_epochs", "0", "--batch_size", "4"])
+    args = mod.get_args_parser().parse_args(
+        [
+            "--data_dir",
+            ".",
+            "--low_resource_mode",
+            "--crop_size",
+            "32",
+            "--n_epochs",
+            "1",
+            "--warmup_epochs",
+            "0",
+            "--batch_size",
+            "4",
+        ]
+    )
     cls.adjust_args(args)
     pretrain.apply_low_resource_mode(args)
     info = engine.DistInfo()
@@ -373,10 +432,23 @@ def test_training_steps_read_nothing_on_the_host_between_loss_checks(method, mon
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"):
         counting(name)
     engine.train_one_epoch(
-        m.train_module, [batch] * 6, m.optimizer, lambda b: m.loss_fn(b, 0), epoch=0, n_epochs=1, iters_per_epoch=6,
-        lr_schedule=m.lr_schedule, base_lr=m.base_lr, wd_schedule=m.wd_schedule, amp=engine.Amp(info.device, False),
-        clip_grad=m.clip_grad, clip_mode=m.clip_mode, before_optimizer_step=m.before_optimizer_step,
-        after_optimizer_step=m.after_optimizer_step, progress=False, check_every=4,
+        m.train_module,
+        [batch] * 6,
+        m.optimizer,
+        lambda b: m.loss_fn(b, 0),
+        epoch=0,
+        n_epochs=1,
+        iters_per_epoch=6,
+        lr_schedule=m.lr_schedule,
+        base_lr=m.base_lr,
+        wd_schedule=m.wd_schedule,
+        amp=engine.Amp(info.device, False),
+        clip_grad=m.clip_grad,
+        clip_mode=m.clip_mode,
+        before_optimizer_step=m.before_optimizer_step,
+        after_optimizer_step=m.after_optimizer_step,
+        progress=False,
+        check_every=4,
     )
     monkeypatch.undo()
     per_flush = 2 if method == "simsiam" else 1

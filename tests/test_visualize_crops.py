@@ -53,7 +53,9 @@ def test_png_folder_grid(png_dir: Path, tmp_path: Path):
     out = tmp_path / "figs" / "crops.png"
     assert [p.name for p in list_images(png_dir)] == ["case_0.png", "case_1.png", "case_2.png"]
     assert read_image(png_dir / "case_1.png").dtype == np.uint16
-    result = main(_args(input_dir=png_dir, output=out, crop_size=16, min_iou=0.3, max_iou=0.6, n_pairs_per_image=2, ncols=3))
+    result = main(
+        _args(input_dir=png_dir, output=out, crop_size=16, min_iou=0.3, max_iou=0.6, n_pairs_per_image=2, ncols=3)
+    )
     assert result == out and out.is_file()
     with Image.open(out) as im:
         assert im.format == "PNG" and im.size[0] > 600 and im.size[1] > 400  # 2 rows x 3 columns
