@@ -15,10 +15,13 @@ Two scores, never to be confused:
 
 Challenge-grade scores (:func:`organ_scores`)
     Per case volume and per organ 1..13 (background excluded): volumetric Dice
-    and normalized surface Dice (NSD), following the official FLARE 2022
-    evaluation script (``FLARE22/Evaluation/FLARE22_DSC_NSD_Eval.py`` in
-    github.com/JunMa11/FLARE), then the mean over organs per case and over
-    cases. See :func:`organ_scores` for the exact conventions.
+    and normalized surface Dice (NSD), equal to those of the official FLARE 2022
+    evaluation script (``FLARE22/Evaluation/FLARE22_DSC_NSD_Eval.py`` with
+    ``SurfaceDice.py`` in github.com/JunMa11/FLARE): surfel-area NSD, its per-organ
+    tolerances, its slice range for aorta / IVC / esophagus, its empty-organ and
+    low-Dice rules; then the mean over organs per case and over cases. See
+    :func:`organ_scores` for the exact conventions. They are computed once, at the
+    end of a fine-tuning (``dice_paper`` is the per-epoch score).
 
 Typical use from a training script::
 
@@ -40,7 +43,9 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
+import itertools
 import logging
 import math
 import os
@@ -55,6 +60,8 @@ import torch
 from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
+from monai.metrics.utils import _get_neighbour_code_to_normals_table as _monai_normals_table
+from monai.metrics.utils import get_code_to_measure_table
 from scipy import ndimage
 from scipy.spatial import cKDTree
 from tqdm import tqdm
@@ -74,6 +81,9 @@ FLARE22_TOLERANCE_MM: Mapping[int, float] = MappingProxyType(
 #: Organs FLARE 2022 scores only on the slices where the label has them
 #: (aorta, inferior vena cava, esophagus: long tubes annotated over a partial range).
 FLARE22_Z_RESTRICTED: frozenset[int] = frozenset({5, 6, 10})
+
+#: The official script sets NSD to 0 without computing it when the organ's Dice is below this.
+FLARE22_NSD_MIN_DICE = 0.2
 
 
 def _label_names(label_names: Sequence[str] | None) -> Sequence[str]:
@@ -263,53 +273,173 @@ class PaperDice:
 
 
 # ----------------------------------------------------------------------------------------------
-# Challenge-grade per-organ scores
+# Surfaces and NSD, as the official FLARE 2022 evaluation computes them
 # ----------------------------------------------------------------------------------------------
 
 
-def _boundary(mask: np.ndarray) -> np.ndarray:
-    """Boundary voxels of a mask that has a zero border: in the mask, with a face neighbour outside it."""
-    structure = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask & ~ndimage.binary_erosion(mask, structure=structure)
+@functools.lru_cache(maxsize=256)
+def surfel_measures(spacing: tuple[float, ...]) -> np.ndarray:
+    """Area in mm^2 (3D) or length in mm (2D) of the surface element of each neighbour code.
+
+    A neighbour code is the 2 x 2 x 2 (2D: 2 x 2) block of voxels around a corner of the
+    voxel grid, one bit per voxel (see :func:`_neighbour_codes`); its surface element is the
+    marching-cubes surface through that block. 3D: the table of surface normals of DeepMind's
+    ``surface-distance`` package, which the official FLARE 2022 evaluation ships as
+    ``SurfaceDice.py`` (MONAI carries the same table), each normal scaled by the spacing
+    and its length summed per code, in float64 as the official code does. 2D: the contour
+    lengths of the same package (MONAI's ``get_code_to_measure_table``).
+
+    Args:
+        spacing: voxel size in mm per axis (2 or 3 floats).
+
+    Returns:
+        float64 array of 256 (3D) or 16 (2D) entries; 0 for the all-outside and all-inside codes.
+    """
+    if len(spacing) == 3:
+        if not callable(_monai_normals_table):  # pragma: no cover - a MONAI without the table
+            raise RuntimeError(
+                "monai.metrics.utils no longer provides _get_neighbour_code_to_normals_table; "
+                "install the MONAI version pinned in requirements.txt"
+            )
+        normals = np.asarray(_monai_normals_table().cpu().numpy(), dtype=np.float64)  # [256, 4, 3], multiples of 1/8
+        s0, s1, s2 = (float(s) for s in spacing)
+        # the official code scales component 0 by s1 * s2, 1 by s0 * s2, 2 by s0 * s1, in this order
+        scaled = np.stack((normals[..., 0] * s1 * s2, normals[..., 1] * s0 * s2, normals[..., 2] * s0 * s1), axis=-1)
+        return np.linalg.norm(scaled, axis=-1).sum(axis=-1)
+    if len(spacing) == 2:
+        table, _ = get_code_to_measure_table(tuple(float(s) for s in spacing))
+        return np.asarray(table.cpu().numpy(), dtype=np.float64)
+    raise ValueError(f"surfel_measures: spacing {spacing} must have 2 or 3 values")
+
+
+def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
+    """Neighbour code of every corner of the voxel grid of a boolean mask (zeros outside it).
+
+    Corner ``i`` (per axis ``0 .. n``) sits between voxels ``i - 1`` and ``i``; its code
+    has one bit per voxel of that 2 x 2 x 2 block, ``2 ** (7 - (4 a + 2 b + c))`` for
+    the voxel at offset ``(a, b, c)`` in ``{0, 1}^3`` (2D: ``2 ** (3 - (2 a + b))``),
+    the kernel of DeepMind's code and MONAI's ``ENCODING_KERNEL``. Returns uint8 of
+    shape ``mask.shape + 1`` per axis.
+    """
+    padded = np.pad(mask.astype(np.uint8, copy=False), 1)
+    nd = mask.ndim
+    codes = np.zeros(tuple(s + 1 for s in mask.shape), dtype=np.uint8)
+    bits = 2**nd
+    for i, offset in enumerate(itertools.product((0, 1), repeat=nd)):
+        block = padded[tuple(slice(o, o + s + 1) for o, s in zip(offset, mask.shape))]
+        codes |= block << np.uint8(bits - 1 - i)
+    return codes
+
+
+def _surfels(mask: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """Boolean map of the corners that carry surface (code neither all-outside nor all-inside)
+    and the area (2D: length) of each of them, in ``np.argwhere`` order."""
+    codes = _neighbour_codes(mask)
+    border = (codes != 0) & (codes != (1 << 2**mask.ndim) - 1)
+    return border, surfel_measures(spacing)[codes[border]]
+
+
+def _close_to(src: np.ndarray, dst: np.ndarray, tree: cKDTree, scale: np.ndarray, tolerance: float) -> np.ndarray:
+    """For each grid point of ``src`` (int [N, d]): is the nearest point of ``dst`` (int [M, d],
+    indexed by ``tree``) within ``tolerance`` mm?
+
+    The tree finds the nearest point; its distance is then recomputed from the integer offsets as
+    ``scipy.ndimage.distance_transform_edt(..., sampling=spacing)`` computes it (the official
+    code's distance map), ``sqrt(sum((offset_i * spacing_i) ** 2))``, so that a distance equal to
+    the tolerance compares exactly as there.
+    """
+    out = np.zeros(len(src), dtype=bool)
+    if len(src) == 0:
+        return out
+    bound = np.nextafter(tolerance * (1.0 + 1e-6) + 1e-9, np.inf)
+    dist, idx = tree.query(src * scale, k=1, distance_upper_bound=bound)
+    found = np.flatnonzero(np.isfinite(dist))
+    offset = (dst[idx[found]] - src[found]).astype(np.float64) * scale
+    out[found] = np.sqrt(np.add.reduce(offset * offset, axis=1)) <= tolerance
+    return out
 
 
 def surface_dice(a: np.ndarray, b: np.ndarray, spacing: Sequence[float], tolerance_mm: float) -> float:
-    """Normalized surface Dice of two boolean masks.
+    """Normalized surface Dice of two boolean masks, as the official FLARE 2022 evaluation.
 
-    Surfaces are the boundary voxels of each mask (voxels of the mask with at
-    least one face neighbour outside it; outside the array counts as outside);
-    distances are Euclidean in mm between voxel centres, ``spacing`` giving the
-    size of a voxel along each axis. NSD = (boundary voxels of ``a`` within
-    ``tolerance_mm`` of the boundary of ``b`` + those of ``b`` within it of ``a``)
-    / (all boundary voxels of both). A distance equal to the tolerance counts as
-    within (up to a relative 1e-9, so that rounding cannot flip exact ties such as
-    2 x 2.5 mm against 5 mm). 0 when exactly one mask is empty; 1 when both are.
+    The surfaces are surface elements (surfels) at the corners of the voxel grid, each
+    weighted by its area in mm^2 (2D: its length in mm), as DeepMind's ``surface-distance``
+    ``compute_surface_distances`` / ``compute_surface_dice_at_tolerance`` that the official
+    script uses: NSD = (area of ``a``'s surfels within ``tolerance_mm`` of ``b``'s surfels
+    + area of ``b``'s within it of ``a``'s) / (total area of both). Distances are Euclidean in
+    mm between surfel positions; a distance equal to the tolerance counts as within, compared
+    in floating point exactly as the official code does (so 3 x 0.8 mm is *not* within 2.4 mm:
+    ``3 * 0.8 = 2.4000000000000004``). Outside the arrays counts as outside the masks.
+    1 when both masks are empty, 0 when exactly one is (the FLARE conventions).
 
-    The nearest-surface distances come from a k-d tree over the other mask's
-    boundary points, searched only up to the tolerance: the same numbers as an
-    exact Euclidean distance transform, several times faster on large organs.
+    The nearest surfels come from a k-d tree searched up to the tolerance (the official code
+    builds a distance map of the whole bounding box): the same values, a few times faster.
+
+    Args:
+        a, b: boolean masks of the same shape (2D or 3D).
+        spacing: voxel size in mm per axis.
+        tolerance_mm: the NSD tolerance in mm (>= 0).
+
+    Raises:
+        ValueError: the shapes differ, or the masks are not 2D or 3D.
     """
+    a = np.asarray(a, dtype=bool)
+    b = np.asarray(b, dtype=bool)
     if a.shape != b.shape:
         raise ValueError(f"surface_dice: shapes differ {a.shape} vs {b.shape}")
+    if a.ndim not in (2, 3) or len(spacing) != a.ndim:
+        raise ValueError(f"surface_dice: need 2D or 3D masks and one spacing per axis, got {a.shape} and {spacing}")
     a_any, b_any = bool(a.any()), bool(b.any())
     if not a_any and not b_any:
         return 1.0
     if not a_any or not b_any:
         return 0.0
-    scale = np.asarray([float(s) for s in spacing], dtype=np.float64)
-    pa = np.argwhere(_boundary(np.pad(a.astype(bool), 1))) * scale
-    pb = np.argwhere(_boundary(np.pad(b.astype(bool), 1))) * scale
-    limit = float(tolerance_mm) * (1.0 + 1e-9)
-    bound = np.nextafter(limit, np.inf)  # the tree's upper bound is strict; keep distances equal to `limit`
-    da, _ = cKDTree(pb).query(pa, k=1, distance_upper_bound=bound)
-    db, _ = cKDTree(pa).query(pb, k=1, distance_upper_bound=bound)
-    close = int(np.count_nonzero(da <= limit)) + int(np.count_nonzero(db <= limit))
-    return close / (len(pa) + len(pb))
+    # surfels lie only around the union of both masks: crop to its box (the codes pad it with background)
+    box = ndimage.find_objects((a | b).astype(np.uint8))[0]
+    a, b = a[box], b[box]
+    spacing_t = tuple(float(s) for s in spacing)
+    scale = np.asarray(spacing_t, dtype=np.float64)
+    border_a, area_a = _surfels(a, spacing_t)
+    border_b, area_b = _surfels(b, spacing_t)
+    # corners on both surfaces are at distance 0; the tree is asked only about the others
+    on_both = border_a & border_b
+    close_a = on_both[border_a]
+    close_b = on_both[border_b]
+    pa, pb = np.argwhere(border_a), np.argwhere(border_b)
+    tol = float(tolerance_mm)
+    if not close_a.all():
+        tree_b = cKDTree(pb * scale, balanced_tree=False, compact_nodes=False)
+        close_a[~close_a] = _close_to(pa[~close_a], pb, tree_b, scale, tol)
+    if not close_b.all():
+        tree_a = cKDTree(pa * scale, balanced_tree=False, compact_nodes=False)
+        close_b[~close_b] = _close_to(pb[~close_b], pa, tree_a, scale, tol)
+    total = float(area_a.sum()) + float(area_b.sum())
+    return (float(area_a[close_a].sum()) + float(area_b[close_b].sum())) / total
+
+
+# ----------------------------------------------------------------------------------------------
+# Challenge-grade per-organ scores
+# ----------------------------------------------------------------------------------------------
 
 
 def _union_box(*boxes: tuple[slice, ...] | None) -> list[slice]:
     present = [b for b in boxes if b is not None]
     return [slice(min(b[d].start for b in present), max(b[d].stop for b in present)) for d in range(len(present[0]))]
+
+
+def flare22_z_range(label_slices: slice) -> slice:
+    """The slices on which FLARE 2022 scores aorta, IVC and esophagus, from the label's range.
+
+    The official script takes ``z_lower, z_upper`` = the first and last slice holding the organ
+    in the label and scores ``gt[:, :, z_lower:z_upper]``: the label's last slice is left out.
+    When the organ lies on one slice only that range is empty and the script fails (its
+    surface-distance code cannot take an empty array); here that one slice is scored instead.
+
+    Args:
+        label_slices: ``slice(first, last + 1)`` of the organ in the label along the slice axis.
+    """
+    first, last = int(label_slices.start), int(label_slices.stop) - 1
+    return slice(first, last if last > first else first + 1)
 
 
 def organ_scores(
@@ -321,41 +451,40 @@ def organ_scores(
     *,
     z_axis: int | None = -1,
 ) -> dict[int, dict[str, float]]:
-    """Volumetric Dice and normalized surface Dice per organ of one case, FLARE 2022 style.
+    """Volumetric Dice and normalized surface Dice per organ of one case, as the official FLARE 2022 evaluation.
 
-    Conventions, as in the official FLARE 2022 evaluation script, per organ id
-    ``i`` in ``1..n_classes-1`` (background is not scored):
+    The official script is ``FLARE22/Evaluation/FLARE22_DSC_NSD_Eval.py`` with ``SurfaceDice.py``
+    in github.com/JunMa11/FLARE; with the defaults the values here equal its unrounded values
+    (it writes them rounded to 4 decimals). Per organ id ``i`` in ``1..n_classes-1`` (background
+    is not scored):
 
-    * absent from both label and prediction: Dice 1, NSD 1;
-    * absent from the label, present in the prediction: Dice 0, NSD 0;
-    * present in the label, absent from the prediction: Dice 0, NSD 0 (falls out of the formulas);
-    * aorta (5), inferior vena cava (6) and esophagus (10) are scored only on the
-      slices along ``z_axis`` where the label has them (they are annotated over a
-      partial range); prediction outside that range is ignored and the cut
-      sub-volume is bordered by background, as in the script. One deliberate
-      difference: the script slices ``z_lower:z_upper`` and so drops the label's
-      last slice; here the range includes it.
+    * absent from both label and prediction (whole volume): Dice 1, NSD 1;
+    * absent from exactly one of them (whole volume): Dice 0, NSD 0;
+    * aorta (5), inferior vena cava (6) and esophagus (10) are scored only on the slices
+      along ``z_axis`` from the first slice holding the organ in the label up to, *not
+      including*, the last one, as the script's ``gt[:, :, z_lower:z_upper]`` (see
+      :func:`flare22_z_range`; an organ on one slice only is scored on that slice, where the
+      script fails); prediction outside that range is ignored and the cut is bordered by
+      background. ``z_axis=None`` scores them on the whole volume like the others;
+    * Dice = 2 |P & G| / (|P| + |G|) on that region; NSD = 0 when that Dice is below 0.2
+      (:data:`FLARE22_NSD_MIN_DICE`, the script's shortcut), else :func:`surface_dice`
+      (surfel areas, Euclidean distances in mm);
     * NSD tolerance: by default FLARE 2022's per-organ tolerances
       (:data:`FLARE22_TOLERANCE_MM`: liver, pancreas, stomach 5 mm; duodenum 7 mm;
       kidneys, spleen, esophagus 3 mm; aorta, IVC, adrenals, gallbladder 2 mm).
-      The often-quoted 1 mm is FLARE 2021's (4 organs); it is stricter than the
-      voxel size of most CT (and of the 2.5 mm slices after preprocessing), so it
-      mostly measures in-plane agreement. Pass ``tolerance_mm=1.0`` for it.
-
-    Surfaces are boundary voxels, not the surfel areas of DeepMind's
-    ``surface-distance`` package that the script uses, so NSD can differ from the
-    official value by a little (mostly on small or thin organs); Dice is identical.
+      The often-quoted 1 mm is FLARE 2021's (4 organs); pass ``tolerance_mm=1.0`` for it.
 
     Args:
-        pred: predicted class ids of the whole case (3D; 2D works too), integer dtype.
+        pred: predicted class ids of the whole case (3D, as the official script; 2D works too,
+            with DeepMind's 2D contour lengths), integer dtype.
         label: label class ids, same shape and an integer dtype.
         spacing: voxel size in mm per axis, in array order (nibabel ``header.get_zooms()[:3]``
-            for an (x, y, z) array).
+            for an (x, y, z) array, as the script reads it from the label).
         n_classes: classes including background; ids must lie in ``0..n_classes-1``.
         tolerance_mm: NSD tolerance, one number for all organs or a mapping organ id -> mm.
         z_axis: the slice axis for the aorta / IVC / esophagus restriction (-1 for nibabel's
-            (x, y, z) order and for slices stacked with ``np.stack(..., axis=-1)``); None scores
-            these organs on the whole volume like the others.
+            (x, y, z) order, the script's axis 2, and for slices stacked with
+            ``np.stack(..., axis=-1)``); None scores these organs on the whole volume.
 
     Returns:
         ``{organ_id: {"dice", "nsd", "tolerance_mm", "label_voxels", "pred_voxels"}}`` (voxel counts over
@@ -371,6 +500,8 @@ def organ_scores(
         raise UserError(f"prediction shape {pred.shape} differs from label shape {label.shape}")
     _check_ids(pred, "prediction", n_classes)
     _check_ids(label, "label", n_classes)
+    if label.ndim not in (2, 3):
+        raise UserError(f"organ_scores scores 2D or 3D label maps, got shape {label.shape}")
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != label.ndim or not all(math.isfinite(s) and s > 0 for s in spacing):
         raise UserError(f"spacing {spacing} must be one positive size in mm per axis of a {label.ndim}D array")
@@ -403,19 +534,20 @@ def organ_scores(
         }
         if n_label[i] == 0 and n_pred[i] == 0:
             row.update(dice=1.0, nsd=1.0)
-        elif n_label[i] == 0:
+        elif n_label[i] == 0 or n_pred[i] == 0:
             row.update(dice=0.0, nsd=0.0)
         else:
             region = _union_box(box_label[i - 1], box_pred[i - 1])
             if zax is not None and i in FLARE22_Z_RESTRICTED:
-                zl = box_label[i - 1][zax]
-                region[zax] = slice(max(region[zax].start, zl.start), min(region[zax].stop, zl.stop))
+                zr = flare22_z_range(box_label[i - 1][zax])
+                region[zax] = zr  # the whole scored range: the label holds the organ on its first slice
             region_t = tuple(region)
             lab_m = label[region_t] == i
             prd_m = pred[region_t] == i
             inter = int(np.count_nonzero(lab_m & prd_m))
             dice = 2.0 * inter / (int(np.count_nonzero(lab_m)) + int(np.count_nonzero(prd_m)))
-            row.update(dice=dice, nsd=surface_dice(lab_m, prd_m, spacing, tolerances[i]))
+            nsd = 0.0 if dice < FLARE22_NSD_MIN_DICE else surface_dice(lab_m, prd_m, spacing, tolerances[i])
+            row.update(dice=dice, nsd=nsd)
         out[i] = row
     return out
 
@@ -677,7 +809,8 @@ def plot_predictions(
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        "Challenge-grade per-organ Dice and NSD (FLARE 2022 conventions) of NIfTI predictions against labels",
+        "Challenge-grade per-organ Dice and NSD of NIfTI predictions against labels, as the official FLARE 2022 "
+        "evaluation computes them",
         add_help=True,
     )
     g = parser.add_argument_group("inputs (one case, or two folders of cases)")
