@@ -374,7 +374,7 @@ COMMON_RESUME_KEYS = (
     "batch_augment",
 )
 #: values of resume keys that states saved before the key existed had implicitly
-RESUME_KEY_DEFAULTS = {"batch_augment": False}
+RESUME_KEY_DEFAULTS = {"batch_augment": False, "iou_sampler": "exact"}
 
 _COMMON_HELP = {
     "data_dir": "Folder of preprocessed data. Required.",

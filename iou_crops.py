@@ -27,6 +27,11 @@ axis by axis: class ``t_0`` from its marginal, then ``t_1`` given ``t_0``, and s
 on, then a uniform position within the chosen classes. No rejection, no retries,
 a fixed amount of work per pair.
 
+For comparison, the original's sampler is here too: :class:`OriginalIoUSampler`, the
+thesis' Algorithm 1 (r1 = 30 draws of the second crop per first crop, r2 = 4 first crops,
+then the last pair drawn whatever its IoU), selected with ``sampler="original"`` in
+:class:`IoUCrop` / :class:`IoUCropd` and ``--iou_sampler original`` in the scripts.
+
 Python API::
 
     import numpy as np
@@ -40,10 +45,14 @@ Python API::
     crop = IoUCropd(keys="image", spatial_dims=2, crop_size=96, min_iou=0.3, max_iou=0.6)
     out = crop({"image": np.zeros((1, 300, 250), np.float32)})
 
+    # the original's Algorithm 1, through the same transform
+    original = IoUCropd(keys="image", spatial_dims=2, crop_size=96, min_iou=0.3, max_iou=0.6, sampler="original")
+
 Command line (prints one pair per line, with its IoU)::
 
     .venv/bin/python iou_crops.py --image_shape 300 250 --crop_size 96 --min_iou 0.3 --max_iou 0.6 --n 5
     .venv/bin/python iou_crops.py --image_shape 200 200 120 --crop_size 64 --min_iou 0.6 --max_iou 1 --n 5 --seed 1
+    .venv/bin/python iou_crops.py --image_shape 300 250 --min_iou 0 --max_iou 0 --n 5 --sampler original
 """
 
 from __future__ import annotations
@@ -66,7 +75,17 @@ from utils import UserError, run_cli
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["crop_iou", "CropPair", "IoUCropSampler", "IoUCrop", "IoUCropd", "cut_crop"]
+__all__ = [
+    "crop_iou",
+    "CropPair",
+    "IoUCropSampler",
+    "OriginalIoUSampler",
+    "IOU_SAMPLERS",
+    "make_sampler",
+    "IoUCrop",
+    "IoUCropd",
+    "cut_crop",
+]
 
 RNG = Union[np.random.Generator, np.random.RandomState]
 SizeLike = Union[int, Sequence[int]]
@@ -130,7 +149,9 @@ def crop_iou(start_a: Sequence[int], start_b: Sequence[int], crop_size: SizeLike
 
 
 class CropPair(NamedTuple):
-    """One sampled pair: start corners (tuples of Python ints), its IoU, and whether it is in the interval."""
+    """One sampled pair: start corners (tuples of Python ints), its IoU, and whether the image
+    admits a pair in the interval (``feasible``; for :class:`IoUCropSampler` the same as this
+    pair being in it, for :class:`OriginalIoUSampler` not: its fallback pairs are outside)."""
 
     start_a: tuple[int, ...]
     start_b: tuple[int, ...]
@@ -632,6 +653,177 @@ class IoUCropSampler:
         return plan
 
 
+# --------------------------------------------------------------------------- the original's Algorithm 1
+
+
+#: The crop-pair samplers a pipeline can use: this project's exact one, or the original's Algorithm 1.
+IOU_SAMPLERS: tuple[str, ...] = ("exact", "original")
+
+
+def _randint(rng: RNG, low: int, high: int) -> int:
+    """One integer uniform on ``[low, high)``: ``RandomState.randint`` (as the original's
+    ``self.R.randint``) or ``Generator.integers``."""
+    if isinstance(rng, np.random.RandomState):
+        return int(rng.randint(low, high))
+    if isinstance(rng, np.random.Generator):
+        return int(rng.integers(low, high))
+    raise TypeError(f"rng must be a numpy.random.Generator or RandomState, got {type(rng).__name__}")
+
+
+class OriginalIoUSampler:
+    """The original work's trial-and-error sampler: Algorithm 1 of the thesis, for comparison.
+
+    Algorithm 1 with ``r1 = 30`` and ``r2 = 4`` (the thesis' values): up to ``r2`` times,
+    draw the first crop uniformly over the image, then draw the second crop up to ``r1``
+    times and return the first pair whose IoU lies in [min_iou, max_iou]; after ``r2 * r1``
+    failures return the last pair drawn, whatever its IoU (the fallback to a random pair).
+    As in the original code, when ``min_iou > 0`` the second crop is drawn only among the
+    positions that overlap the box grown by one crop size around the first (start within
+    ``crop_size`` of the first's on every axis, clipped to the image); with ``min_iou == 0``
+    anywhere in the image.
+
+    The draws are the original's, in its order: one ``randint`` per axis and crop from the
+    random state, for axis 1 first, then axis 0, then axis 2 (the original swaps the first
+    two axes to draw "x" first), so a ``RandomState`` in the same state gives the
+    original's crops. Unlike the original it accepts rectangular / cuboid crops, does not
+    print on a fallback but counts it (``stats["fallbacks"]``), and with ``strict=True``
+    refuses images that admit no pair in the interval at all.
+
+    The interface is that of :class:`IoUCropSampler` (``sample``, ``sample_pair``, ``stats``,
+    ``crop_size_for``, ``is_feasible``), so :class:`IoUCrop` / :class:`IoUCropd` take either
+    (``sampler="original"``). A pair's ``feasible`` says, as there, whether the image admits
+    a pair in the interval; whether this pair is in it is ``min_iou <= pair.iou <= max_iou``
+    (False for every fallback).
+
+    Args:
+        crop_size, min_iou, max_iou, strict, cache_size: as :class:`IoUCropSampler`.
+        r1: draws of the second crop per first crop (30 in the thesis).
+        r2: draws of the first crop before the fallback (4 in the thesis).
+
+    Raises:
+        ValueError: an invalid interval, crop size, ``r1`` or ``r2`` (the message holds the values).
+    """
+
+    def __init__(
+        self,
+        crop_size: SizeLike,
+        min_iou: float = 0.0,
+        max_iou: float = 1.0,
+        strict: bool = False,
+        r1: int = 30,
+        r2: int = 4,
+        cache_size: int = 4096,
+    ) -> None:
+        # the exact sampler checks the arguments and the image shapes, and knows which images admit the interval
+        self._exact = IoUCropSampler(crop_size, min_iou, max_iou, strict=False, cache_size=cache_size)
+        for name, v in (("r1", r1), ("r2", r2)):
+            if not _is_int(v) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        self.min_iou = self._exact.min_iou
+        self.max_iou = self._exact.max_iou
+        self.strict = bool(strict)
+        self.r1 = int(r1)
+        self.r2 = int(r2)
+        self._pairs = 0
+        self._infeasible = 0
+        self._fallbacks = 0
+
+    def __repr__(self) -> str:
+        return (
+            f"OriginalIoUSampler(crop_size={self._exact._size_arg}, min_iou={self.min_iou}, max_iou={self.max_iou}, "
+            f"strict={self.strict}, r1={self.r1}, r2={self.r2})"
+        )
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """``{"pairs", "infeasible": pairs from images that admit no pair in the interval,
+        "fallbacks": pairs returned after r2 x r1 failed draws (outside the interval)}``."""
+        return {"pairs": self._pairs, "infeasible": self._infeasible, "fallbacks": self._fallbacks}
+
+    def reset_stats(self) -> None:
+        """Set every counter of :attr:`stats` to zero."""
+        self._pairs = self._infeasible = self._fallbacks = 0
+
+    def crop_size_for(self, ndim: int) -> tuple[int, ...]:
+        """As :meth:`IoUCropSampler.crop_size_for`."""
+        return self._exact.crop_size_for(ndim)
+
+    def is_feasible(self, image_shape: Sequence[int]) -> bool:
+        """As :meth:`IoUCropSampler.is_feasible` (whether any pair of this image is in the interval)."""
+        return self._exact.is_feasible(image_shape)
+
+    def sample(self, image_shape: Sequence[int], rng: RNG) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Draw one pair of crop start corners (see :meth:`sample_pair`)."""
+        pair = self.sample_pair(image_shape, rng)
+        return pair.start_a, pair.start_b
+
+    def sample_pair(self, image_shape: Sequence[int], rng: RNG) -> CropPair:
+        """Algorithm 1 for an image of spatial shape ``image_shape``.
+
+        Args:
+            image_shape: spatial shape (2 or 3 ints, no channel axis).
+            rng: a ``numpy.random.RandomState`` (the original's ``self.R``) or ``Generator``.
+
+        Returns:
+            The pair, its IoU and whether the image admits a pair in the interval.
+
+        Raises:
+            ValueError: bad shape, or (``strict=True``) an image that admits no pair in the interval.
+        """
+        shape = tuple(image_shape)
+        feasible = self._exact.is_feasible(shape)  # also checks the shape against the crop size
+        size = self._exact.crop_size_for(len(shape))
+        if not feasible and self.strict:
+            raise ValueError(
+                f"image of shape {tuple(int(s) for s in shape)} admits no pair of {size} crops with IoU in "
+                f"[{self.min_iou}, {self.max_iou}]"
+            )
+        n_starts = [int(s) - c + 1 for s, c in zip(shape, size)]
+        order = (1, 0) + tuple(range(2, len(shape)))  # the original draws x (array axis 1) first
+        start_a = start_b = [0] * len(shape)
+        iou = 0.0
+        for _ in range(self.r2):
+            start_a = [0] * len(shape)
+            for axis in order:
+                start_a[axis] = _randint(rng, 0, n_starts[axis])
+            if self.min_iou > 0:  # second crop near the first: start within one crop size, inside the image
+                low = [max(a - c, 0) for a, c in zip(start_a, size)]
+                high = [min(a + c, n - 1) + 1 for a, c, n in zip(start_a, size, n_starts)]
+            else:
+                low, high = [0] * len(shape), n_starts
+            for _ in range(self.r1):
+                start_b = [0] * len(shape)
+                for axis in order:
+                    start_b[axis] = _randint(rng, low[axis], high[axis])
+                iou = crop_iou(start_a, start_b, size)
+                if self.min_iou <= iou <= self.max_iou:
+                    return self._count(CropPair(tuple(start_a), tuple(start_b), iou, feasible), fallback=False)
+        return self._count(CropPair(tuple(start_a), tuple(start_b), iou, feasible), fallback=True)
+
+    def _count(self, pair: CropPair, fallback: bool) -> CropPair:
+        self._pairs += 1
+        self._infeasible += not pair.feasible
+        self._fallbacks += fallback
+        return pair
+
+
+def make_sampler(
+    kind: str, crop_size: SizeLike, min_iou: float = 0.0, max_iou: float = 1.0, strict: bool = False
+) -> IoUCropSampler | OriginalIoUSampler:
+    """The crop-pair sampler ``kind`` (one of :data:`IOU_SAMPLERS`): ``"exact"`` is
+    :class:`IoUCropSampler` (this project's), ``"original"`` :class:`OriginalIoUSampler`
+    (the thesis' Algorithm 1, r1 = 30, r2 = 4).
+
+    Raises:
+        ValueError: an unknown ``kind``, or bad sampler arguments.
+    """
+    if kind == "exact":
+        return IoUCropSampler(crop_size, min_iou, max_iou, strict)
+    if kind == "original":
+        return OriginalIoUSampler(crop_size, min_iou, max_iou, strict)
+    raise ValueError(f"sampler must be one of {', '.join(IOU_SAMPLERS)}, got {kind!r}")
+
+
 # --------------------------------------------------------------------------- cutting
 
 
@@ -680,9 +872,12 @@ class IoUCrop(Randomizable, Transform):
     Args:
         crop_size: crop size, an int or one int per spatial axis.
         min_iou, max_iou, strict: see :class:`IoUCropSampler`.
+        sampler: ``"exact"`` (:class:`IoUCropSampler`, this project's) or ``"original"``
+            (:class:`OriginalIoUSampler`, the thesis' Algorithm 1 with its fallback to a
+            random pair); both draw from ``self.R``.
 
     Raises:
-        ValueError: a bad crop size or interval (the message holds the values); at call
+        ValueError: a bad crop size, interval or sampler (the message holds the values); at call
             time, an image that is not channel-first 2D / 3D or smaller than the crop, or
             (``strict=True``) one that admits no pair in the interval.
         TypeError: an image that is not a numpy array, torch tensor or MetaTensor.
@@ -690,8 +885,15 @@ class IoUCrop(Randomizable, Transform):
 
     backend = [TransformBackends.TORCH, TransformBackends.NUMPY]
 
-    def __init__(self, crop_size: SizeLike, min_iou: float = 0.0, max_iou: float = 1.0, strict: bool = False) -> None:
-        self.sampler = IoUCropSampler(crop_size, min_iou, max_iou, strict)
+    def __init__(
+        self,
+        crop_size: SizeLike,
+        min_iou: float = 0.0,
+        max_iou: float = 1.0,
+        strict: bool = False,
+        sampler: str = "exact",
+    ) -> None:
+        self.sampler = make_sampler(sampler, crop_size, min_iou, max_iou, strict)
         self.start_a: tuple[int, ...] | None = None
         self.start_b: tuple[int, ...] | None = None
         self.iou: float | None = None
@@ -699,7 +901,7 @@ class IoUCrop(Randomizable, Transform):
 
     @property
     def stats(self) -> dict[str, int]:
-        """The sampler's counters (pairs drawn, infeasible pairs) in this process."""
+        """The sampler's counters (pairs drawn, infeasible pairs; fallbacks of the original) in this process."""
         return self.sampler.stats
 
     def randomize(self, data: Sequence[int]) -> None:
@@ -725,8 +927,8 @@ class IoUCropd(Randomizable, MapTransform):
     pair from every key. For each key ``k`` it writes ``{k}1`` and ``{k}2`` and drops
     ``{k}``. With ``store_boxes=True`` it also writes ``iou_start1`` and ``iou_start2``
     (int64 arrays of shape ``(spatial_dims,)``), ``iou_value`` (float, the realised IoU)
-    and ``iou_feasible`` (bool, False when the image admitted no pair in the interval
-    and the closest pair was returned). Crops are views of the input, as with MONAI's
+    and ``iou_feasible`` (bool, False when the image admitted no pair in the interval;
+    the exact sampler then returns the closest pair). Crops are views of the input, as with MONAI's
     own crop transforms (see :func:`cut_crop`).
 
     Example: ``IoUCropd(["image", "label"], spatial_dims=2, crop_size=96, min_iou=0.3,
@@ -742,6 +944,7 @@ class IoUCropd(Randomizable, MapTransform):
         spatial_dims: 2 for slices (C, H, W), 3 for volumes (C, H, W, D).
         crop_size: crop size, an int or one int per spatial axis.
         min_iou, max_iou, strict: see :class:`IoUCropSampler`.
+        sampler: ``"exact"`` or ``"original"`` (the thesis' Algorithm 1), see :class:`IoUCrop`.
         store_boxes: also write the boxes, IoU and feasibility (pair audit, debugging).
         allow_missing_keys: skip keys absent from the data instead of raising KeyError.
 
@@ -764,17 +967,18 @@ class IoUCropd(Randomizable, MapTransform):
         strict: bool = False,
         store_boxes: bool = False,
         allow_missing_keys: bool = False,
+        sampler: str = "exact",
     ) -> None:
         MapTransform.__init__(self, keys, allow_missing_keys)
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         self.spatial_dims = int(spatial_dims)
         self.crop_size = _crop_size_tuple(crop_size, self.spatial_dims)
-        self.cropper = IoUCrop(self.crop_size, min_iou, max_iou, strict)
+        self.cropper = IoUCrop(self.crop_size, min_iou, max_iou, strict, sampler)
         self.store_boxes = bool(store_boxes)
 
     @property
-    def sampler(self) -> IoUCropSampler:
+    def sampler(self) -> IoUCropSampler | OriginalIoUSampler:
         """The wrapped :class:`IoUCrop`'s sampler."""
         return self.cropper.sampler
 
@@ -788,7 +992,7 @@ class IoUCropd(Randomizable, MapTransform):
 
     @property
     def stats(self) -> dict[str, int]:
-        """The sampler's counters (pairs drawn, infeasible pairs) in this process."""
+        """The sampler's counters (pairs drawn, infeasible pairs; fallbacks of the original) in this process."""
         return self.cropper.stats
 
     def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> IoUCropd:
@@ -877,6 +1081,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="fail when the image admits no pair in the interval instead of returning the closest pair",
     )
     g = parser.add_argument_group("sampling")
+    g.add_argument(
+        "--sampler",
+        choices=IOU_SAMPLERS,
+        default="exact",
+        help="exact: this project's sampler; original: the thesis' Algorithm 1 (r1 = 30, r2 = 4, then the last "
+        "pair drawn whatever its IoU), to see how often it misses the interval",
+    )
     g.add_argument("--n", type=int, default=5, help="number of pairs to print")
     g.add_argument("--seed", type=int, default=0, help="seed of the numpy Generator; change it for other pairs")
     return parser
@@ -885,7 +1096,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> list[CropPair]:
     crop = args.crop_size[0] if len(args.crop_size) == 1 else tuple(args.crop_size)
     try:
-        sampler = IoUCropSampler(crop, args.min_iou, args.max_iou, strict=args.strict)
+        sampler = make_sampler(args.sampler, crop, args.min_iou, args.max_iou, strict=args.strict)
         if args.n < 1:
             raise ValueError(f"--n must be >= 1, got {args.n}")
         rng = np.random.default_rng(args.seed)
@@ -893,10 +1104,13 @@ def main(args: argparse.Namespace) -> list[CropPair]:
     except ValueError as e:
         raise UserError(str(e)) from None
     if not sampler.is_feasible(tuple(args.image_shape)):
-        logger.warning("the image admits no pair in the interval: printing the closest pairs")
+        logger.warning(
+            "the image admits no pair in the interval: printing %s pairs",
+            "the closest" if args.sampler == "exact" else "the original's fallback",
+        )
     print(f"{'start_a':>20} {'start_b':>20} {'IoU':>8} in_interval")
     for p in pairs:
-        print(f"{str(p.start_a):>20} {str(p.start_b):>20} {p.iou:8.4f} {p.feasible}")
+        print(f"{str(p.start_a):>20} {str(p.start_b):>20} {p.iou:8.4f} {args.min_iou <= p.iou <= args.max_iou}")
     return pairs
 
 

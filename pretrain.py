@@ -49,7 +49,7 @@ from tqdm import tqdm
 import engine
 from batch_augment import BatchViewAugment
 from data import SliceCache, list_pretrain_images, png_size
-from iou_crops import IoUCropSampler
+from iou_crops import IOU_SAMPLERS, IoUCropSampler
 from models import encoder_checkpoint, encoder_config_from_args
 from transforms import pretrain_transforms
 from utils import TrainingError, UserError, atomic_torch_save, user_error_in
@@ -60,7 +60,7 @@ WANDB_PROJECT = "exploring-ssl-for-ct-pre"
 AUDIT_BINS = 10
 
 #: flags whose value must not change when a run is resumed (plus each method's own)
-RESUME_KEYS = engine.COMMON_RESUME_KEYS + ("min_iou", "max_iou", "strict_iou", "no_augment")
+RESUME_KEYS = engine.COMMON_RESUME_KEYS + ("min_iou", "max_iou", "strict_iou", "iou_sampler", "no_augment")
 
 _HELP = {
     "data_dir": "Folder of preprocessed pretraining data, searched recursively: PNG slices (--spatial_dims 2, from "
@@ -143,6 +143,15 @@ def add_common_args(
         help="Largest IoU allowed between the two crops (0.6 is the paper's best; [0, 1] is plain random cropping).",
     )
     g_iou.add_argument(
+        "--iou_sampler",
+        choices=IOU_SAMPLERS,
+        default="exact",
+        help="How the crop pairs are drawn. exact: this project's sampler (every pair in the interval whenever the "
+        "image admits one). original: the thesis' Algorithm 1 (up to 4 first crops x 30 second crops, then the "
+        "last pair drawn whatever its IoU), to measure what the exact sampler changes; the log reports the "
+        "fraction of pairs outside the interval (audit_outside_frac).",
+    )
+    g_iou.add_argument(
         "--strict_iou",
         action="store_true",
         help="Refuse to start when any image cannot meet the interval. By default such images get the "
@@ -158,7 +167,8 @@ def add_common_args(
 
 
 def default_run_name(method: str, args: argparse.Namespace) -> str:
-    return f"{method}_{args.spatial_dims}d_iou_{args.min_iou:g}_{args.max_iou:g}"
+    name = f"{method}_{args.spatial_dims}d_iou_{args.min_iou:g}_{args.max_iou:g}"
+    return name if args.iou_sampler == "exact" else f"{name}_{args.iou_sampler}"
 
 
 def check_common_args(args: argparse.Namespace) -> None:
@@ -313,6 +323,7 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
         strict=args.strict_iou,
         augment=augment,
         cache=cache,
+        sampler=args.iou_sampler,
     )
     return Dataset([{"image": p} for p in paths], transform=tf), check
 
@@ -352,15 +363,20 @@ def augment_views(batch: dict[str, Any], aug: Any, device: torch.device) -> dict
 class PairAudit:
     """Per-epoch statistics of the crop pairs that were trained on.
 
+    ``audit_outside_frac``: fraction of pairs whose IoU lies outside [min_iou, max_iou] (the
+    exact sampler: only pairs of images that cannot meet the interval; the original's
+    Algorithm 1 (``--iou_sampler original``): also its fallbacks to a random pair);
     ``audit_infeasible_frac``: fraction of pairs whose image could not meet the interval
-    (the closest pair was used); ``audit_iou_hist``: counts of realised IoUs in 10 equal
-    bins over [0, 1] (the last bin includes 1); ``audit_iou_mean``; ``audit_pairs``.
-    Summed over all ranks.
+    at all; ``audit_iou_hist``: counts of realised IoUs in 10 equal bins over [0, 1] (the
+    last bin includes 1); ``audit_iou_mean``; ``audit_pairs``. Summed over all ranks.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, min_iou: float = 0.0, max_iou: float = 1.0) -> None:
+        self.min_iou = float(min_iou)
+        self.max_iou = float(max_iou)
         self.n = 0
         self.n_infeasible = 0
+        self.n_outside = 0
         self.iou_sum = 0.0
         self.hist = np.zeros(AUDIT_BINS, dtype=np.int64)
 
@@ -369,12 +385,16 @@ class PairAudit:
         ok = torch.as_tensor(batch["iou_feasible"]).bool().flatten().cpu().numpy()
         self.n += int(iou.size)
         self.n_infeasible += int((~ok).sum())
+        # the same float64 comparison as the samplers' (the IoUs travel as float64)
+        self.n_outside += int(((iou < self.min_iou) | (iou > self.max_iou)).sum())
         self.iou_sum += float(iou.sum())
         self.hist += np.histogram(iou, bins=AUDIT_BINS, range=(0.0, 1.0))[0]
 
     def summary(self, info: engine.DistInfo) -> dict[str, Any]:
         t = torch.tensor(
-            [self.n, self.n_infeasible, self.iou_sum, *self.hist.tolist()], dtype=torch.float64, device=info.device
+            [self.n, self.n_infeasible, self.n_outside, self.iou_sum, *self.hist.tolist()],
+            dtype=torch.float64,
+            device=info.device,
         )
         if info.distributed:
             dist.all_reduce(t)
@@ -383,8 +403,9 @@ class PairAudit:
         return {
             "audit_pairs": n,
             "audit_infeasible_frac": v[1] / n if n else 0.0,
-            "audit_iou_mean": v[2] / n if n else float("nan"),
-            "audit_iou_hist": [int(round(c)) for c in v[3:]],
+            "audit_outside_frac": v[2] / n if n else 0.0,
+            "audit_iou_mean": v[3] / n if n else float("nan"),
+            "audit_iou_hist": [int(round(c)) for c in v[4:]],
         }
 
 
@@ -541,12 +562,14 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
                 epoch_logger,
             )
             logger.info(
-                "epoch %d/%d: loss %.4f, lr %.3g, IoU mean %.3f, infeasible %.1f%%, %.1f pairs/s",
+                "epoch %d/%d: loss %.4f, lr %.3g, IoU mean %.3f, outside the interval %.1f%% (infeasible images "
+                "%.1f%%), %.1f pairs/s",
                 epoch + 1,
                 args.n_epochs,
                 last_record["loss"],
                 last_record["lr"],
                 last_record["audit_iou_mean"],
+                100 * last_record["audit_outside_frac"],
                 100 * last_record["audit_infeasible_frac"],
                 last_record["pairs_per_s"],
             )
@@ -592,7 +615,7 @@ def _train_epoch(
         drop_last=True,
         pin_memory=info.device.type == "cuda",
     )
-    audit = PairAudit()
+    audit = PairAudit(args.min_iou, args.max_iou)
     aug = make_batch_augment(args, epoch, info)
 
     def loss_fn(batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:

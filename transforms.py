@@ -345,6 +345,7 @@ def pretrain_transforms(
     strict: bool = False,
     augment: bool = True,
     cache: SliceCache | None = None,
+    sampler: str = "exact",
 ) -> Compose:
     """The pretraining pipeline: image path in, two augmented IoU crops out.
 
@@ -359,6 +360,8 @@ def pretrain_transforms(
     tests that compare runs, and for ``--batch_augment``, where the chains run on the
     training device (``batch_augment.BatchViewAugment``). ``cache`` (2D only): read the
     slices from a :class:`SliceCache` instead of decoding the PNGs (same values).
+    ``sampler``: ``"exact"`` (this project's crop-pair sampler) or ``"original"`` (the
+    thesis' Algorithm 1, see ``iou_crops.OriginalIoUSampler``).
 
     Raises:
         ValueError: bad ``spatial_dims``, crop size or interval (from ``IoUCropd``), or a
@@ -377,7 +380,14 @@ def pretrain_transforms(
         *load,
         PadToAtLeastd(k, spatial_size=[int(crop_size)] * spatial_dims),
         IoUCropd(
-            k, spatial_dims, crop_size=crop_size, min_iou=min_iou, max_iou=max_iou, strict=strict, store_boxes=True
+            k,
+            spatial_dims,
+            crop_size=crop_size,
+            min_iou=min_iou,
+            max_iou=max_iou,
+            strict=strict,
+            store_boxes=True,
+            sampler=sampler,
         ),
         DeleteItemsd(["iou_start1", "iou_start2"]),
     ]

@@ -14,7 +14,17 @@ from monai.data.box_utils import box_iou
 from monai.transforms import Compose, EnsureChannelFirstd, LoadImaged, RandFlipd
 from scipy import stats as sps
 
-from iou_crops import IoUCrop, IoUCropd, IoUCropSampler, crop_iou, get_args_parser, main
+from iou_crops import (
+    IOU_SAMPLERS,
+    IoUCrop,
+    IoUCropd,
+    IoUCropSampler,
+    OriginalIoUSampler,
+    crop_iou,
+    get_args_parser,
+    main,
+    make_sampler,
+)
 from utils import UserError
 
 # --------------------------------------------------------------------------- independent references
@@ -519,3 +529,104 @@ def test_cli_main_and_bad_input(capsys):
     bad = get_args_parser().parse_args(["--image_shape", "4", "30", "--crop_size", "8"])
     with pytest.raises(UserError, match=r"\(4, 30\)"):
         main(bad)
+
+
+# --------------------------------------------------------------------------- the original's Algorithm 1
+
+
+def algorithm1_as_the_original(array_shape, crop, lo, hi, R):
+    """Algorithm 1 of the thesis in the original code's terms, written out here as the reference:
+    the shape's first two axes swapped ("x" first), boxes as [x1, y1, (z1,) x2, y2, (z2)], the
+    second crop drawn inside the box grown by one crop around the first when lo > 0, 30 tries
+    per first crop, 4 first crops, then the last pair. Returns (start_a, start_b) in array order."""
+    k = len(array_shape)
+    shape = list(array_shape)
+    shape[0], shape[1] = shape[1], shape[0]
+
+    def draw(box):  # box: [mins..., maxs...]
+        return [int(R.randint(box[i], box[k + i] - crop + 1)) for i in range(k)]
+
+    def iou(a, b):
+        inter = math.prod(max(0, min(a[i], b[i]) + crop - max(a[i], b[i])) for i in range(k))
+        return inter / (2 * crop**k - inter)
+
+    for _ in range(4):
+        a = draw([0] * k + shape)
+        box = [max(a[i] - crop, 0) for i in range(k)] + [min(a[i] + 2 * crop, shape[i]) for i in range(k)]
+        if lo == 0:
+            box = [0] * k + shape
+        for _ in range(30):
+            b = draw(box)
+            if lo <= iou(a, b) <= hi:
+                break
+        else:
+            continue
+        break
+
+    def to_array_order(p):
+        return (p[1], p[0], *p[2:])
+
+    return to_array_order(a), to_array_order(b)
+
+
+@pytest.mark.parametrize(
+    "shape, crop, lo, hi",
+    [
+        ((40, 30), 8, 0.3, 0.6),
+        ((40, 30), 8, 0.0, 0.0),
+        ((16, 10), 8, 0.0, 0.0),  # a third of the pairs: the fallback
+        ((25, 21), 6, 0.45, 0.5),
+        ((30, 26, 22), 6, 0.3, 0.6),
+        ((16, 16, 12), 6, 0.6, 1.0),
+        ((9, 9), 8, 0.0, 1.0),
+    ],
+)
+def test_original_sampler_draws_the_originals_pairs(shape, crop, lo, hi):
+    """OriginalIoUSampler, from a RandomState in a given state, returns exactly the pairs of the
+    original's Algorithm 1 (same draws, same order, same fallback)."""
+    ours = OriginalIoUSampler(crop, lo, hi)
+    r_ours, r_ref = np.random.RandomState(5), np.random.RandomState(5)
+    n_out = 0
+    for _ in range(60):
+        pair = ours.sample_pair(shape, r_ours)
+        assert (pair.start_a, pair.start_b) == algorithm1_as_the_original(shape, crop, lo, hi, r_ref)
+        assert pair.iou == crop_iou(pair.start_a, pair.start_b, crop)
+        assert pair.feasible == IoUCropSampler(crop, lo, hi).is_feasible(shape)
+        n_out += not lo <= pair.iou <= hi
+    assert r_ours.randint(1 << 30) == r_ref.randint(1 << 30)  # the same number of draws
+    assert ours.stats["pairs"] == 60 and ours.stats["fallbacks"] == n_out
+    if (shape, lo, hi) == ((16, 10), 0.0, 0.0):
+        assert n_out > 10  # the trial-and-error sampler misses an interval the exact one always meets
+        assert IoUCropSampler(crop, lo, hi).is_feasible(shape)
+
+
+def test_original_sampler_in_the_transforms_and_its_errors():
+    img = _coord_image((40, 30))
+    d = IoUCropd("image", spatial_dims=2, crop_size=8, min_iou=0.0, max_iou=0.0, store_boxes=True, sampler="original")
+    assert isinstance(d.sampler, OriginalIoUSampler)
+    d.set_random_state(3)
+    ref = OriginalIoUSampler(8, 0.0, 0.0)
+    rs = np.random.RandomState(3)
+    for _ in range(10):
+        out = d({"image": img})
+        a, b = ref.sample(img.shape[1:], rs)
+        assert (tuple(out["iou_start1"].tolist()), tuple(out["iou_start2"].tolist())) == (a, b)
+        assert out["iou_feasible"] is True
+        assert _box_of(out["image1"], img, (8, 8)) == a and _box_of(out["image2"], img, (8, 8)) == b
+    assert d.stats["pairs"] == 10 and set(d.stats) == {"pairs", "infeasible", "fallbacks"}
+    c = IoUCrop(8, 0.3, 0.6, sampler="original").set_random_state(1)
+    c1, c2 = c(img)
+    assert c1.shape == c2.shape == (1, 8, 8) and isinstance(c.sampler, OriginalIoUSampler)
+    # an image that admits no pair: flagged, or refused with strict
+    small = np.zeros((1, 8, 12), np.float32)
+    t = IoUCropd("image", spatial_dims=2, crop_size=8, min_iou=0.0, max_iou=0.0, store_boxes=True, sampler="original")
+    out = t.set_random_state(0)({"image": small})
+    assert out["iou_feasible"] is False and out["iou_value"] > 0 and t.stats["fallbacks"] == 1
+    strict = IoUCropd("image", spatial_dims=2, crop_size=8, max_iou=0.0, strict=True, sampler="original")
+    with pytest.raises(ValueError, match=r"\(8, 12\)"):
+        strict({"image": small})
+    with pytest.raises(ValueError, match="sampler must be one of exact, original, got 'thesis'"):
+        IoUCropd("image", spatial_dims=2, crop_size=8, sampler="thesis")
+    with pytest.raises(ValueError, match="r1 must be a positive integer"):
+        OriginalIoUSampler(8, r1=0)
+    assert make_sampler("exact", 8).__class__ is IoUCropSampler and IOU_SAMPLERS == ("exact", "original")

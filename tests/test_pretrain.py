@@ -237,7 +237,7 @@ def test_pretrain_transforms_2d_3d_and_padding(phantom_data, tmp_path):
 
 
 def test_pair_audit_counts():
-    audit = PairAudit()
+    audit = PairAudit(0.05, 0.999)
     audit.update(
         {
             "iou_value": torch.tensor([0.0, 0.05, 0.1, 0.999, 1.0], dtype=torch.float64),
@@ -249,6 +249,7 @@ def test_pair_audit_counts():
     assert s["audit_pairs"] == 6
     assert s["audit_iou_hist"] == [2, 1, 0, 0, 1, 0, 0, 0, 0, 2]
     assert s["audit_infeasible_frac"] == pytest.approx(2 / 6)
+    assert s["audit_outside_frac"] == pytest.approx(2 / 6)  # 0.0 and 1.0 (the ends 0.05 and 0.999 are inside)
     assert s["audit_iou_mean"] == pytest.approx((0.05 + 0.1 + 0.999 + 1.0 + 0.45) / 6)
 
 
@@ -278,13 +279,34 @@ def test_pair_audit_in_a_run_with_infeasible_images(tmp_path):
     rec = res["final"]
     assert res["images_infeasible_frac"] == 0.5
     assert rec["audit_pairs"] == 8 and sum(rec["audit_iou_hist"]) == 8
-    assert rec["audit_infeasible_frac"] == 0.5
+    assert rec["audit_infeasible_frac"] == 0.5 and rec["audit_outside_frac"] == 0.5
     assert rec["audit_iou_hist"][9] == 4  # the closest pair of a crop-sized image: the same crop twice
     assert sum(rec["audit_iou_hist"][3:7]) == 4  # the others inside [0.3, 0.6]
     assert (4 + 4 * 0.3) / 8 - 1e-9 <= rec["audit_iou_mean"] <= (4 + 4 * 0.6) / 8 + 1e-9
     with pytest.raises(UserError, match=r"--strict_iou: 4 of 8 images.*32x32"):
         _run(main_simsiam, data, tmp_path / "runs2", "--min_iou", 0.3, "--max_iou", 0.6, "--strict_iou")
     assert _no_run_files(tmp_path / "runs2")
+
+
+def test_original_sampler_run_logs_its_pairs_outside_the_interval(tmp_path):
+    """--iou_sampler original (Algorithm 1) on 64 x 40 slices with 32-pixel crops and IoU [0, 0]:
+    every image admits such pairs (starts 32 apart along x), which the exact sampler always
+    draws and the trial-and-error one mostly misses (then it keeps its last, overlapping pair)."""
+    data = tmp_path / "wide"
+    data.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(8):
+        _write_png(data / f"s_{i}.png", rng.random((64, 40)))
+    args = ("--min_iou", 0, "--max_iou", 0, "--batch_size", 4, "--n_epochs", 1, "--no_augment")
+    exact = _run(main_simsiam, data, tmp_path / "runs", *args)
+    original = _run(main_simsiam, data, tmp_path / "runs", *args, "--iou_sampler", "original")
+    assert exact["run_name"] == "simsiam_2d_iou_0_0" and original["run_name"] == "simsiam_2d_iou_0_0_original"
+    e, o = exact["final"], original["final"]
+    assert e["audit_pairs"] == o["audit_pairs"] == 8
+    assert e["audit_outside_frac"] == 0.0 and e["audit_iou_hist"][0] == 8
+    assert o["audit_outside_frac"] > 0.25 and o["audit_infeasible_frac"] == e["audit_infeasible_frac"] == 0.0
+    args_json = json.loads(Path(original["args"]).read_text())
+    assert args_json["iou_sampler"] == "original"
 
 
 # ---------------------------------------------------------------------------------------
@@ -730,6 +752,8 @@ def test_bad_resume(phantom_data, tmp_path):
         _run(main_simsiam, phantom_data["2d"], out, *base)
     with pytest.raises(UserError, match=r"min_iou: 0\.0 -> 0\.2.*drop_path_rate: 0\.1 -> 0\.2|drop_path_rate.*min_iou"):
         _run(main_simsiam, phantom_data["2d"], out, *base, "--min_iou", 0.2, "--drop_path_rate", 0.2, "--resume")
+    with pytest.raises(UserError, match=r"iou_sampler: 'exact' -> 'original'"):
+        _run(main_simsiam, phantom_data["2d"], out, *base, "--iou_sampler", "original", "--resume")
     with pytest.raises(UserError, match="is a 'simsiam' run"):
         _run(main_dino, phantom_data["2d"], out, *base, "--warmup_epochs", 0, "--resume", out / "r_last.pt")
     text = tmp_path / "notes.txt"
