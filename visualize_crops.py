@@ -8,6 +8,7 @@ from 3D crops and shown on the middle axial slice of the pair, with the IoU of t
     .venv/bin/python visualize_crops.py --input_dir data/flare_2d/imgs --min_iou 0.3 --max_iou 0.6 --output runs/crops_0.3_0.6.png
     .venv/bin/python visualize_crops.py --input_dir data/flare_2d/imgs --min_iou 0 --max_iou 0 --output runs/crops_0_0.png --n_images 4 --n_pairs_per_image 2
     .venv/bin/python visualize_crops.py --input_dir ../shared/data/real_ct/flare_layout/unlabelled --crop_size 64 64 32 --min_iou 0.3 --max_iou 0.6 --output /tmp/crops_3d.png
+    .venv/bin/python visualize_crops.py --input_dir data/flare_2d/imgs --min_iou 0 --max_iou 0 --iou_sampler original --output runs/crops_0_0_original.png
 
 Other scripts draw their own pairs with :func:`draw_crop_pairs`.
 """
@@ -26,7 +27,7 @@ import numpy as np
 from matplotlib.patches import Rectangle
 from PIL import Image
 
-from iou_crops import IoUCropSampler, crop_iou
+from iou_crops import IOU_SAMPLERS, crop_iou, make_sampler
 from utils import UserError, atomic_write, run_cli
 
 logger = logging.getLogger(__name__)
@@ -202,6 +203,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         default=[96],
         help="crop size: one int, or one per axis (2 for slices, 3 for volumes, e.g. 64 64 32)",
     )
+    g.add_argument(
+        "--iou_sampler",
+        choices=IOU_SAMPLERS,
+        default="exact",
+        help="exact: this project's sampler; original: the thesis' Algorithm 1 (r1 = 30, r2 = 4, then the last pair "
+        "drawn whatever its IoU), whose misses are marked in the captions",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the crop sampler; change it for other pairs")
     return parser
 
@@ -220,7 +228,7 @@ def main(args: argparse.Namespace) -> Path:
     files = files[: args.n_images]
     crop = args.crop_size[0] if len(args.crop_size) == 1 else tuple(args.crop_size)
     try:
-        sampler = IoUCropSampler(crop, args.min_iou, args.max_iou)
+        sampler = make_sampler(args.iou_sampler, crop, args.min_iou, args.max_iou)
     except ValueError as e:
         raise UserError(str(e)) from None
     rng = np.random.default_rng(args.seed)
@@ -239,15 +247,23 @@ def main(args: argparse.Namespace) -> Path:
             raise UserError(f"{path}: {e}") from None
         if not feasible:
             logger.warning(
-                "%s (shape %s) admits no pair in [%s, %s]: drawing the closest pairs",
+                "%s (shape %s) admits no pair in [%s, %s]: drawing %s pairs",
                 path.name,
                 arr.shape,
                 args.min_iou,
                 args.max_iou,
+                "the closest" if args.iou_sampler == "exact" else "Algorithm 1's fallback",
             )
         for _ in range(args.n_pairs_per_image):
             pair = sampler.sample_pair(arr.shape, rng)
-            note = "" if pair.feasible else " (closest; none in interval)"
+            if not pair.feasible:
+                note = (
+                    " (closest; none in interval)" if args.iou_sampler == "exact" else " (fallback; none in interval)"
+                )
+            elif not args.min_iou <= pair.iou <= args.max_iou:
+                note = " (fallback: outside the interval)"  # Algorithm 1 gave up after r2 x r1 draws
+            else:
+                note = ""
             if arr.ndim == 2:
                 images.append(arr)
                 pairs.append((pair.start_a, pair.start_b))
@@ -275,6 +291,8 @@ def main(args: argparse.Namespace) -> Path:
     else:
         box2d = size
     title = f"IoU in [{args.min_iou}, {args.max_iou}], crops {'x'.join(map(str, size))}"
+    if args.iou_sampler != "exact":
+        title += f", {args.iou_sampler} sampler (Algorithm 1)"
     try:
         out = draw_crop_pairs(
             images, pairs, box2d, args.output, title=title, ious=ious, captions=captions, ncols=args.ncols

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import visualize_crops
 from utils import UserError
 from visualize_crops import draw_crop_pairs, get_args_parser, list_images, main, read_image
 
@@ -105,3 +106,32 @@ def test_bad_input(png_dir: Path, tmp_path: Path):
     with pytest.raises(UserError, match="broken.png"):
         main(_args(input_dir=png_dir, output=tmp_path / "x.png", crop_size=16))
     assert not (tmp_path / "x.png").exists()
+
+
+def test_original_sampler_pairs_and_their_misses_are_drawn(png_dir: Path, tmp_path: Path, monkeypatch):
+    """--iou_sampler original draws Algorithm 1's pairs; the ones it kept after failing are captioned."""
+    drawn = {}
+    real = visualize_crops.draw_crop_pairs
+
+    def spy(images, pairs, crop_size, output_path, **kw):
+        drawn[Path(output_path).stem] = (pairs, kw["ious"], kw["captions"], kw["title"])
+        return real(images, pairs, crop_size, output_path, **kw)
+
+    monkeypatch.setattr(visualize_crops, "draw_crop_pairs", spy)
+    # 32-pixel crops, IoU 0: the 48 x 64 slice admits such pairs only with starts 32 apart along its
+    # second axis; the 60 x 50 and 40 x 40 slices admit none
+    common = dict(input_dir=png_dir, crop_size=32, min_iou=0.0, max_iou=0.0, n_pairs_per_image=8, seed=3)
+    main(_args(output=tmp_path / "exact.png", **common))
+    main(_args(output=tmp_path / "original.png", iou_sampler="original", **common))
+    _, ious_e, caps_e, _ = drawn["exact"]
+    pairs_o, ious_o, caps_o, title_o = drawn["original"]
+    feasible = [i for i, c in enumerate(caps_e) if c.startswith("case_1.png")]
+    assert len(feasible) == 8 and all(ious_e[i] == 0.0 and "(" not in caps_e[i] for i in feasible)
+    assert all("(closest; none in interval)" in c for i, c in enumerate(caps_e) if i not in feasible)
+    assert all("(fallback; none in interval)" in c for i, c in enumerate(caps_o) if i not in feasible)
+    missed = [i for i in feasible if ious_o[i] > 0.0]
+    assert len(missed) >= 3 and all(caps_o[i] == "case_1.png (fallback: outside the interval)" for i in missed)
+    assert all(caps_o[i] == "case_1.png" for i in feasible if i not in missed)
+    assert "original sampler" in title_o and len(pairs_o) == 24
+    with pytest.raises(SystemExit):
+        _args(output=tmp_path / "x.png", iou_sampler="thesis", **common)
