@@ -8,7 +8,8 @@ thesis' Dice) and the path of its challenge-grade per-organ scores (Dice and NSD
 :func:`make_figures` draws every figure of the table into ``figures/``::
 
     collapse.png        the collapse coefficient over pretraining epochs (the pretraining logs)
-    organ_sharing.png   the fraction of positive pairs whose crops share an organ (the labelled slices)
+    organ_sharing.png   the fraction of positive pairs whose crops share an organ, pairs of two
+                        background-only crops left out (the labelled slices; numbers in organ_sharing.json)
     crop_pairs.png      example crop pairs of each interval on one labelled slice
 
 Nothing here runs a training; an unfinished run is a gap in the table.
@@ -30,7 +31,7 @@ from matplotlib.patches import Rectangle
 
 from data import list_finetune_pairs, read_image_2d, read_label_2d
 from engine import run_paths
-from iou_crops import IoUCropSampler, crop_iou
+from iou_crops import crop_iou, make_sampler
 from runqueue import Row, Run, is_finished, read_result, result_path
 from utils import UserError, atomic_write, atomic_write_json, atomic_write_text
 
@@ -360,14 +361,23 @@ def organ_sharing(
     n_pairs: int = 2000,
     seed: int = 0,
     strict: bool = False,
-) -> dict[str, dict[str, float]]:
-    """Per interval: the fraction of positive pairs whose two crops share at least one organ.
+    iou_sampler: str = "exact",
+) -> dict[str, dict[str, Any]]:
+    """Per interval: the fraction of positive pairs whose two crops share at least one organ
+    (the thesis' Figure 3.2).
 
-    Pairs are drawn on the labelled 2D slices that contain at least one organ and are at
-    least ``crop_size`` on both axes: a slice uniformly at random, then a crop pair from
-    ``iou_crops.IoUCropSampler`` (same ``strict`` as pretraining), all from one numpy
-    generator seeded with ``seed``. Two crops share an organ when some organ id > 0 occurs
-    in both. Returns ``{row_key: {"fraction", "n_pairs", "n_slices", "mean_iou"}}``.
+    ``n_pairs`` pairs are drawn per interval on the labelled 2D slices that contain at least
+    one organ and are at least ``crop_size`` on both axes: a slice uniformly at random, then
+    a crop pair from ``iou_crops.make_sampler(iou_sampler, ...)`` (same sampler and ``strict``
+    as pretraining), all from one numpy generator seeded with ``seed``. As in the thesis'
+    figure ("cases where both views contained background only were excluded"), pairs whose
+    two crops both hold background only are left out; of the others, a pair shares an organ
+    when some organ id > 0 occurs in both crops.
+
+    Returns:
+        ``{row_key: {"fraction", "n_pairs_considered", "n_pairs_left_out", "n_pairs"
+        (drawn = considered + left out), "n_shared", "n_slices", "mean_iou", "iou_sampler"}}``;
+        ``fraction`` = n_shared / n_pairs_considered (None when every pair was left out).
 
     Raises:
         UserError: no labelled slice is usable.
@@ -385,9 +395,9 @@ def organ_sharing(
     for row in rows:
         if not row.pretrained:
             continue
-        sampler = IoUCropSampler(crop_size, row.min_iou, row.max_iou, strict)
+        sampler = make_sampler(iou_sampler, crop_size, row.min_iou, row.max_iou, strict)
         rng = np.random.default_rng(seed)
-        shared = 0
+        shared = left_out = 0
         ious = []
         for _ in range(n_pairs):
             lab = labels[int(rng.integers(len(labels)))]
@@ -396,20 +406,28 @@ def organ_sharing(
             cb = lab[b[0] : b[0] + crop_size, b[1] : b[1] + crop_size]
             oa = np.unique(ca)
             ob = np.unique(cb)
-            if np.intersect1d(oa[oa > 0], ob[ob > 0]).size:
-                shared += 1
+            oa, ob = oa[oa > 0], ob[ob > 0]
             ious.append(crop_iou(a, b, crop_size))
+            if oa.size == 0 and ob.size == 0:
+                left_out += 1  # both views background only: not counted (thesis, Fig. 3.2)
+            elif np.intersect1d(oa, ob).size:
+                shared += 1
+        considered = n_pairs - left_out
         out[row.key] = {
-            "fraction": shared / n_pairs,
+            "fraction": shared / considered if considered else None,
+            "n_pairs_considered": considered,
+            "n_pairs_left_out": left_out,
             "n_pairs": n_pairs,
+            "n_shared": shared,
             "n_slices": len(labels),
             "mean_iou": float(np.mean(ious)),
+            "iou_sampler": iou_sampler,
         }
     return out
 
 
 def plot_organ_sharing(
-    fractions: dict[str, dict[str, float]], rows: Sequence[Row], path: str, crop_size: int
+    fractions: dict[str, dict[str, Any]], rows: Sequence[Row], path: str, crop_size: int
 ) -> str | None:
     """``organ_sharing.png``: bars of the organ-sharing fraction, the interval on x."""
     present = [r for r in rows if r.key in fractions]
@@ -418,18 +436,21 @@ def plot_organ_sharing(
     fig = Figure(figsize=(6.4, 4.0))
     ax = fig.subplots()
     vals = [fractions[r.key]["fraction"] for r in present]
-    bars = ax.bar(range(len(present)), vals, color="tab:blue")
-    for b, v in zip(bars, vals):
-        ax.text(b.get_x() + b.get_width() / 2, v + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=8)
+    bars = ax.bar(range(len(present)), [0.0 if v is None else v for v in vals], color="tab:blue")
+    for b, v, r in zip(bars, vals, present):
+        text = "n/a" if v is None else f"{v:.2f}\n({fractions[r.key]['n_pairs_considered']})"
+        ax.text(b.get_x() + b.get_width() / 2, (v or 0.0) + 0.01, text, ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(present)), [r.label for r in present], rotation=15, fontsize=8)
-    ax.set_ylim(0, 1.08)
+    ax.set_ylim(0, 1.15)
     ax.set_xlabel("IoU interval of the positive pairs")
     ax.set_ylabel("fraction of pairs sharing an organ")
     f0 = fractions[present[0].key]
+    sampler = "" if f0.get("iou_sampler", "exact") == "exact" else f", {f0['iou_sampler']} sampler"
     ax.set_title(
-        f"Positive pairs whose crops share at least one organ\n({f0['n_pairs']} pairs per interval, "
-        f"{crop_size}x{crop_size} crops, {f0['n_slices']} labelled slices with organs)",
-        fontsize=9,
+        f"Positive pairs whose crops share at least one organ\n({f0['n_pairs']} pairs per interval drawn, pairs "
+        f"with both views background only left out (pairs kept in brackets);\n{crop_size}x{crop_size} crops, "
+        f"{f0['n_slices']} labelled slices with organs{sampler})",
+        fontsize=8,
     )
     ax.grid(axis="y", alpha=0.3)
     _save_fig(fig, path)
@@ -445,8 +466,10 @@ def plot_crop_pairs(
     n_examples: int = 3,
     seed: int = 0,
     strict: bool = False,
+    iou_sampler: str = "exact",
 ) -> str | None:
-    """``crop_pairs.png``: example crop pairs of each interval on one labelled slice.
+    """``crop_pairs.png``: example crop pairs of each interval on one labelled slice (drawn with
+    ``iou_sampler``, as the pretraining).
 
     One row of panels per interval: the slice (organ outlines when a label is given) with
     the two crops of a pair as a red and a blue square and their IoU in the title.
@@ -461,7 +484,7 @@ def plot_crop_pairs(
     fig = Figure(figsize=(2.2 * n_examples + 0.4, 2.3 * len(present) + 0.4), layout="constrained")
     axes = fig.subplots(len(present), n_examples, squeeze=False)
     for i, r in enumerate(present):
-        sampler = IoUCropSampler(crop_size, r.min_iou, r.max_iou, strict)
+        sampler = make_sampler(iou_sampler, crop_size, r.min_iou, r.max_iou, strict)
         rng = np.random.default_rng(seed)
         for j in range(n_examples):
             ax = axes[i][j]
@@ -501,6 +524,7 @@ def make_figures(
     crop_size: int,
     spatial_dims: int = 2,
     n_pairs: int = 2000,
+    iou_sampler: str = "exact",
 ) -> dict[str, str]:
     """Every figure of the table: ``collapse.png`` from the pretraining logs; ``organ_sharing.png``
     (with its numbers in ``organ_sharing.json``) and ``crop_pairs.png`` from the labelled slices.
@@ -510,6 +534,7 @@ def make_figures(
         crop_size: the pretraining crop size.
         spatial_dims: 3 draws only ``collapse.png`` (the pair figures are for 2D slices).
         n_pairs: crop pairs per interval for ``organ_sharing.png``.
+        iou_sampler: the pretraining's crop-pair sampler (``"exact"`` or ``"original"``).
 
     Returns:
         ``{figure name: path}`` of the figures drawn.
@@ -526,7 +551,9 @@ def make_figures(
         return made
     pairs = list_finetune_pairs(labelled_dir, split, 2)
     items = pairs["train"] + pairs["val"]
-    frac = organ_sharing([it["label"] for it in items], rows, crop_size, n_pairs=n_pairs, seed=0)
+    frac = organ_sharing(
+        [it["label"] for it in items], rows, crop_size, n_pairs=n_pairs, seed=0, iou_sampler=iou_sampler
+    )
     p = plot_organ_sharing(frac, rows, os.path.join(fig_dir, "organ_sharing.png"), crop_size)
     if p:
         made["organ_sharing"] = p
@@ -538,7 +565,14 @@ def make_figures(
         if n > best_n:
             best, best_n = it, n
     if best is not None:
-        p = plot_crop_pairs(best["image"], best["label"], rows, os.path.join(fig_dir, "crop_pairs.png"), crop_size)
+        p = plot_crop_pairs(
+            best["image"],
+            best["label"],
+            rows,
+            os.path.join(fig_dir, "crop_pairs.png"),
+            crop_size,
+            iou_sampler=iou_sampler,
+        )
         if p:
             made["crop_pairs"] = p
     return made

@@ -51,6 +51,9 @@ Usage::
     # two rows, shorter runs
     python reproduce_table.py --preset demo --output_dir demo_small --rows none,0.3-0.6 --n_pretrain_epochs 1
 
+    # the same table with the original's trial-and-error sampler (Algorithm 1), in its own folder
+    python reproduce_table.py --preset paper --output_dir table_flare_original --iou_sampler original ...
+
 Bad input (missing data folders, an unknown preset, a results folder written by another
 version of this script or for another grid, runs that disagree on the fine-tuning split)
 stops with one line and exit code 2.
@@ -75,6 +78,7 @@ import report
 import runqueue
 from data import DEFAULT_SPLIT_PATH, load_split
 from engine import run_paths
+from iou_crops import IOU_SAMPLERS
 from report import PAPER_ROW_KEYS
 from runqueue import Row, Run
 from utils import TrainingError, UserError, atomic_write_json, run_cli
@@ -99,6 +103,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "crop_size": 96,
         "finetune_crop_size": 96,
         "drop_path_rate": 0.1,
+        "iou_sampler": "exact",
         "use_amp": True,
         "n_pretrain_epochs": 100,
         "pretrain_batch_size": 128,
@@ -131,6 +136,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "crop_size": 32,
         "finetune_crop_size": 64,
         "drop_path_rate": 0.1,
+        "iou_sampler": "exact",
         "use_amp": False,
         "n_pretrain_epochs": 2,
         "pretrain_batch_size": 16,
@@ -265,6 +271,13 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="crop and sliding-window size of fine-tuning (Swin-UNETR: a multiple of 32, >= 64; paper 96)",
     )
     g.add_argument("--drop_path_rate", type=float, help="stochastic depth of the encoder (paper 0.1)")
+    g.add_argument(
+        "--iou_sampler",
+        choices=IOU_SAMPLERS,
+        help="crop-pair sampler of every pretraining: exact (this project's, the default of both presets) or "
+        "original (the thesis' Algorithm 1 with its fallback to a random pair); run the grid once with each, "
+        "in two --output_dir, to see what the exact sampler changes in the table",
+    )
     g.add_argument(
         "--use_amp", action=argparse.BooleanOptionalAction, default=None, help="mixed precision on CUDA (paper: on)"
     )
@@ -514,6 +527,8 @@ def build_plan(
             f"{row.min_iou:g}",
             "--max_iou",
             f"{row.max_iou:g}",
+            "--iou_sampler",
+            s["iou_sampler"],
             "--batch_size",
             str(s["pretrain_batch_size"]),
             "--n_epochs",
@@ -811,7 +826,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     check_runs_split(plan, chkpt_dir, split)
     collected = report.collect(plan, rows, chkpt_dir)
-    title = f"IoU-based positives: Dice per IoU interval ({args.preset} preset, {args.method})"
+    sampler_note = "" if s["iou_sampler"] == "exact" else f", {s['iou_sampler']} sampler"
+    title = f"IoU-based positives: Dice per IoU interval ({args.preset} preset, {args.method}{sampler_note})"
     table = report.render_table(rows, collected, out, title=title)
     organs = report.render_organs(rows, collected, out)
     figures = {}
@@ -826,6 +842,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             s["crop_size"],
             spatial_dims=s["spatial_dims"],
             n_pairs=args.figure_pairs,
+            iou_sampler=s["iou_sampler"],
         )
     print(table["text"], flush=True)
     result = {

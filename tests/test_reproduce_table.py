@@ -23,6 +23,7 @@ import main_simsiam
 import report
 import reproduce_table as rt
 import runqueue
+from data import encode_png_2d
 from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -119,8 +120,53 @@ def test_paper_plan_has_34_runs_with_fixed_shared_seeds(tmp_path):
     expected = {(a, b) for a in rt.PAPER_SEEDS for b in rt.PAPER_SEEDS}
     assert all(v == expected for v in per_row.values()) and len(per_row) == 6
     # every argv is accepted by the real scripts' parsers
-    main_simsiam.get_args_parser().parse_args(pre[0].argv)
+    assert main_simsiam.get_args_parser().parse_args(pre[0].argv).iou_sampler == "exact"
     main_finetune.get_args_parser().parse_args(ft[0].argv)
+    # the original's sampler is a grid option: in grid.json's settings and in every pretraining command
+    args_o = parse(["--iou_sampler", "original", *_paper_argv(tmp_path)])
+    s_o = rt.resolve_settings(args_o)
+    plan_o = rt.build_plan(args_o, s_o, rows, list(rt.PAPER_SEEDS), list(rt.PAPER_SEEDS), data, chk)
+    for r in plan_o:
+        if r.kind == "pretrain":
+            assert main_simsiam.get_args_parser().parse_args(r.argv).iou_sampler == "original"
+        else:
+            assert "--iou_sampler" not in r.argv
+    meta = rt.grid_meta(args_o, s_o, rows, list(rt.PAPER_SEEDS), list(rt.PAPER_SEEDS))
+    assert meta["settings"]["iou_sampler"] == "original"
+    assert rt.grid_meta(args, s, rows, list(rt.PAPER_SEEDS), list(rt.PAPER_SEEDS))["settings"]["iou_sampler"] == "exact"
+    with pytest.raises(SystemExit):
+        parse(["--iou_sampler", "thesis", *_paper_argv(tmp_path)])
+
+
+def _paper_argv(tmp_path):
+    return ["--preset", "paper", "--output_dir", str(tmp_path / "out"), "--unlabelled_dir", str(tmp_path / "u"),
+            "--labelled_dir", str(tmp_path / "l")]  # fmt: skip
+
+
+def test_organ_sharing_leaves_out_pairs_of_two_background_crops(tmp_path):
+    """16 x 16 label slices with one organ in the 4 x 4 corner, 8-pixel crops, IoU [0, 1]: both crops
+    are uniform over the 9 x 9 starts, a crop holds the organ with p = (4/9)^2; of the pairs not
+    both background (1 - (1 - p)^2), those sharing the organ (p^2): the fraction p / (2 - p)."""
+    lab = np.zeros((16, 16), np.uint8)
+    lab[0:4, 0:4] = 1
+    paths = []
+    for i in range(3):
+        path = tmp_path / f"case_{i}.png"
+        path.write_bytes(encode_png_2d(lab, is_label=True))
+        paths.append(str(path))
+    (tmp_path / "empty.png").write_bytes(encode_png_2d(np.zeros((16, 16), np.uint8), is_label=True))  # not drawn on
+    paths.append(str(tmp_path / "empty.png"))
+    p = (4 / 9) ** 2
+    rows = runqueue.parse_rows("none,0-1")
+    for sampler in ("exact", "original"):
+        got = report.organ_sharing(paths, rows, 8, n_pairs=4000, seed=1, iou_sampler=sampler)
+        assert set(got) == {"0-1"}
+        g = got["0-1"]
+        assert g["n_pairs"] == 4000 and g["n_pairs_considered"] + g["n_pairs_left_out"] == 4000
+        assert g["n_slices"] == 3 and g["iou_sampler"] == sampler
+        assert g["n_pairs_left_out"] / 4000 == pytest.approx((1 - p) ** 2, abs=0.03)
+        assert g["fraction"] == pytest.approx(p / (2 - p), abs=0.035)  # counting every pair would give p^2 = 0.04
+        assert g["fraction"] == g["n_shared"] / g["n_pairs_considered"]
 
 
 def test_random_init_depends_on_the_seed_only(tmp_path):
@@ -567,6 +613,9 @@ def test_grid_end_to_end_killed_resumed_rerun_recollected(tmp_path, caplog, caps
         assert row["n_finished"] == "2"
     for fig in ("collapse.png", "organ_sharing.png", "crop_pairs.png"):
         assert (out / "figures" / fig).stat().st_size > 1000
+    sharing = json.loads((out / "figures" / "organ_sharing.json").read_text())["0.3-0.6"]
+    assert sharing["n_pairs_considered"] + sharing["n_pairs_left_out"] == sharing["n_pairs"] > 0
+    assert json.loads((out / "grid.json").read_text())["settings"]["iou_sampler"] == "exact"
     assert "liver" in (out / "organs.md").read_text()
 
     # 3) a second invocation runs nothing
