@@ -28,6 +28,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_sampler.py
 	$(PY) benchmarks/bench_preprocess.py
+	$(PY) benchmarks/bench_metrics.py
 	$(PY) benchmarks/bench_train.py --device cpu --quick
 
 clean:
