@@ -60,7 +60,7 @@ import torch
 from matplotlib import colormaps
 from matplotlib.colors import ListedColormap
 from matplotlib.patches import Patch
-from monai.metrics.utils import _get_neighbour_code_to_normals_table as _monai_normals_table
+from monai.metrics.utils import _get_neighbour_code_to_normals_table as _monai_normals_table  # private: MONAI pinned
 from monai.metrics.utils import get_code_to_measure_table
 from scipy import ndimage
 from scipy.spatial import cKDTree
@@ -290,26 +290,24 @@ def surfel_measures(spacing: tuple[float, ...]) -> np.ndarray:
     lengths of the same package (MONAI's ``get_code_to_measure_table``).
 
     Args:
-        spacing: voxel size in mm per axis (2 or 3 floats).
+        spacing: voxel size in mm per axis, a tuple of 2 or 3 floats (the tables are cached per spacing).
 
     Returns:
-        float64 array of 256 (3D) or 16 (2D) entries; 0 for the all-outside and all-inside codes.
+        read-only float64 array of 256 (3D) or 16 (2D) entries; 0 for the all-outside and all-inside codes.
     """
     if len(spacing) == 3:
-        if not callable(_monai_normals_table):  # pragma: no cover - a MONAI without the table
-            raise RuntimeError(
-                "monai.metrics.utils no longer provides _get_neighbour_code_to_normals_table; "
-                "install the MONAI version pinned in requirements.txt"
-            )
         normals = np.asarray(_monai_normals_table().cpu().numpy(), dtype=np.float64)  # [256, 4, 3], multiples of 1/8
         s0, s1, s2 = (float(s) for s in spacing)
         # the official code scales component 0 by s1 * s2, 1 by s0 * s2, 2 by s0 * s1, in this order
         scaled = np.stack((normals[..., 0] * s1 * s2, normals[..., 1] * s0 * s2, normals[..., 2] * s0 * s1), axis=-1)
-        return np.linalg.norm(scaled, axis=-1).sum(axis=-1)
-    if len(spacing) == 2:
-        table, _ = get_code_to_measure_table(tuple(float(s) for s in spacing))
-        return np.asarray(table.cpu().numpy(), dtype=np.float64)
-    raise ValueError(f"surfel_measures: spacing {spacing} must have 2 or 3 values")
+        table = np.linalg.norm(scaled, axis=-1).sum(axis=-1)
+    elif len(spacing) == 2:
+        monai_table, _ = get_code_to_measure_table(tuple(float(s) for s in spacing))
+        table = np.array(monai_table.cpu().numpy(), dtype=np.float64)
+    else:
+        raise ValueError(f"surfel_measures: spacing {spacing} must have 2 or 3 values")
+    table.flags.writeable = False  # cached and shared: read-only
+    return table
 
 
 def _neighbour_codes(mask: np.ndarray) -> np.ndarray:
