@@ -48,6 +48,7 @@ from utils import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    surface_user_errors,
     torch_load,
 )
 
@@ -810,37 +811,38 @@ def train_one_epoch(
         dynamic_ncols=True,
     )
     optimizer.zero_grad(set_to_none=True)
-    for b, batch in enumerate(loader):
-        if b >= n_batches:
-            break
-        step, micro = divmod(b, accum_iters)
-        it = it0 + step
-        if micro == 0:
-            wd = float(wd_schedule[it]) if wd_schedule is not None else None
-            apply_schedules(optimizer, float(lr_schedule[it]), wd, base_lr)
-        last_micro = micro == accum_iters - 1
-        sync = contextlib.nullcontext()
-        if info.distributed and not last_micro and hasattr(model, "no_sync"):
-            sync = model.no_sync()
-        with sync:
-            with amp.autocast():
-                loss, logs = loss_fn(batch)
-            read = check.add(it, loss, logs)  # with check_every=1: read (and maybe stop) before the backward pass
-            amp.backward(loss / accum_iters)
-        if not last_micro:
-            continue
-        if clip_grad > 0:
-            amp.unscale(optimizer)
-            clip_gradients(model, clip_grad, clip_mode)
-        if before_optimizer_step is not None:
-            before_optimizer_step(it)
-        amp.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        if after_optimizer_step is not None:
-            after_optimizer_step(it)
-        bar.update(1)
-        if read:
-            bar.set_postfix(loss=f"{check.last_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    with surface_user_errors():  # a corrupt file read by a data worker: its one line, not a traceback
+        for b, batch in enumerate(loader):
+            if b >= n_batches:
+                break
+            step, micro = divmod(b, accum_iters)
+            it = it0 + step
+            if micro == 0:
+                wd = float(wd_schedule[it]) if wd_schedule is not None else None
+                apply_schedules(optimizer, float(lr_schedule[it]), wd, base_lr)
+            last_micro = micro == accum_iters - 1
+            sync = contextlib.nullcontext()
+            if info.distributed and not last_micro and hasattr(model, "no_sync"):
+                sync = model.no_sync()
+            with sync:
+                with amp.autocast():
+                    loss, logs = loss_fn(batch)
+                read = check.add(it, loss, logs)  # with check_every=1: read (and maybe stop) before the backward pass
+                amp.backward(loss / accum_iters)
+            if not last_micro:
+                continue
+            if clip_grad > 0:
+                amp.unscale(optimizer)
+                clip_gradients(model, clip_grad, clip_mode)
+            if before_optimizer_step is not None:
+                before_optimizer_step(it)
+            amp.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            if after_optimizer_step is not None:
+                after_optimizer_step(it)
+            bar.update(1)
+            if read:
+                bar.set_postfix(loss=f"{check.last_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     check.flush()
     bar.close()
     out = check.avg.means()

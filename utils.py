@@ -71,6 +71,22 @@ def user_error_in(exc: BaseException) -> UserError | None:
     return UserError(found[-1].strip()) if found else None
 
 
+@contextlib.contextmanager
+def surface_user_errors() -> Iterator[None]:
+    """Re-raise the UserError behind an exception of the block (a MONAI transform's or a
+    DataLoader worker's wrapper, see :func:`user_error_in`) as that UserError alone; any
+    other exception passes unchanged."""
+    try:
+        yield
+    except (UserError, TrainingError):
+        raise
+    except Exception as e:
+        found = user_error_in(e)
+        if found is not None:
+            raise found from None
+        raise
+
+
 def setup_logging(level: int = logging.INFO, rank: int = 0) -> None:
     """Configure the root logger once: time, level and (when distributed) the rank.
 
