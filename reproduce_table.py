@@ -197,7 +197,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--output_dir",
         required=True,
-        help="results folder (grid.json, tables, figures, runs/); share it between machines to spread the grid",
+        help="results folder (grid.json, tables, figures, runs/); on a shared file system for --launcher slurm",
     )
     g.add_argument(
         "--rows",
@@ -398,7 +398,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--write_scripts",
         metavar="DIR",
-        help="write one shell file per run (and all.sh) into DIR for a cluster scheduler, then exit",
+        help="write one shell file per run (and all.sh) into DIR to run them yourself or with a scheduler of your own "
+        "(SLURM: --launcher slurm submits them), then exit",
     )
     g.add_argument(
         "--collect_only", action="store_true", help="run nothing; render the table and figures from finished runs"

@@ -312,7 +312,7 @@ def write_run_scripts(
     extra: dict[str, list[str]] | None = None,
     python: str = "python",
 ) -> list[str]:
-    """One shell file per run (``NN_<run>.sh``) for a cluster scheduler, plus ``all.sh``.
+    """One shell file per run (``NN_<run>.sh``) to run by hand or with a scheduler, plus ``all.sh``.
 
     Each file names its run and its dependency in a comment, exits at once if the run
     is finished (``result.json``), resumes it when ``<run>_last.pt`` exists, and refuses
