@@ -267,6 +267,7 @@ def test_slurm_jobs_split_the_batch_over_their_ranks(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a python start-up in a subprocess: about 10 s on a loaded 2-core machine
 def test_no_sbatch_on_the_path_is_one_line_and_exit_code_2(tmp_path):
     empty = tmp_path / "bin"
     empty.mkdir()
