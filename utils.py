@@ -105,13 +105,25 @@ def setup_logging(level: int = logging.INFO, rank: int = 0) -> None:
     root.setLevel(level if rank == 0 else max(level, logging.WARNING))
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher says: torchrun's ``RANK``, else ``SLURM_PROCID`` of a
+    task that ``srun`` started (``SLURM_STEP_NUM_TASKS`` is set: a batch script's own shell has
+    ``SLURM_PROCID=0`` too but is no task of a step); 0 for a plain process. Used for the log
+    format before torch.distributed is set up (``engine.launch_env`` reads the rest)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"])
+    return 0
+
+
 def run_cli(main: Callable[[Any], Any], parser, argv: list[str] | None = None) -> Any:
     """Parse ``argv`` with ``parser``, run ``main(args)`` and map errors to exit codes.
 
     UserError -> exit 2, TrainingError -> exit 1, each as one ``error: ...`` line on stderr.
     """
     args = parser.parse_args(argv)
-    setup_logging(rank=int(os.environ.get("RANK", "0")))
+    setup_logging(rank=launch_rank())
     try:
         return main(args)
     except (UserError, TrainingError) as e:
