@@ -3,7 +3,7 @@ groups, AMP, the training loop of one epoch, data loaders, checkpoints and loggi
 
 A training script is a sequence of named phases built from these pieces::
 
-    dist_info = init_distributed()                      # torchrun or a single process
+    dist_info = init_distributed()                      # torchrun, srun or a single process
     fix_random_seeds(args.seed + dist_info.rank)
     paths = run_paths(args.chkpt_dir, args.run_name)     # every file the run writes
     lr = cosine_schedule(base, final, n_epochs, iters_per_epoch, warmup_epochs)
@@ -48,6 +48,7 @@ from utils import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    surface_user_errors,
     torch_load,
 )
 
@@ -68,7 +69,7 @@ class DistInfo:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
-    local_world_size: int = 1  # processes on this machine (torchrun's LOCAL_WORLD_SIZE)
+    local_world_size: int = 1  # processes on this machine (torchrun's LOCAL_WORLD_SIZE, srun's tasks on this node)
 
     @property
     def distributed(self) -> bool:
@@ -79,29 +80,172 @@ class DistInfo:
         return self.rank == 0
 
 
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Set up torch.distributed when launched by torchrun (RANK / WORLD_SIZE set).
+@dataclass(frozen=True)
+class LaunchEnv:
+    """How this process was started: by torchrun, by srun (one task of a SLURM job step), or alone."""
 
-    NCCL on CUDA, gloo on the CPU. ``device``: "auto" (CUDA when available), "cuda" or "cpu".
+    launcher: str  # "torchrun", "srun" or "none"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    master_addr: str | None = None  # srun: the rendezvous host and port (torchrun brings its own)
+    master_port: int | None = None
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM host list such as ``SLURM_JOB_NODELIST``.
+
+    ``"gpu[07-09,12],cpu3"`` -> ``"gpu07"``; ``"rack[1-2]-n[01-04]"`` -> ``"rack1-n01"``;
+    ``"node5"`` -> ``"node5"`` (the same as the first line of ``scontrol show hostnames``).
+
+    Raises:
+        ValueError: an empty list or an unclosed bracket.
+    """
+    text = nodelist.strip()
+    host, i = [], 0
+    while i < len(text) and text[i] != ",":
+        if text[i] == "[":
+            end = text.find("]", i)
+            if end < 0:
+                raise ValueError(f"host list {nodelist!r} has an unclosed '['")
+            first = text[i + 1 : end].split(",")[0].split("-")[0]
+            host.append(first)
+            i = end + 1
+        else:
+            host.append(text[i])
+            i += 1
+    if not host:
+        raise ValueError(f"host list {nodelist!r} is empty")
+    return "".join(host)
+
+
+def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
+    """Tasks of a step on node ``node_id`` from SLURM's ``SLURM_STEP_TASKS_PER_NODE``.
+
+    ``"4"`` -> 4 on every node; ``"2(x3),1"``: 2 on nodes 0-2, 1 on node 3.
+
+    Raises:
+        ValueError: not of that form, or fewer nodes than ``node_id + 1``.
+    """
+    counts: list[int] = []
+    for part in tasks_per_node.split(","):
+        part = part.strip()
+        if "(x" in part:
+            n, rep = part.split("(x")
+            counts += [int(n)] * int(rep.rstrip(")"))
+        else:
+            counts.append(int(part))
+    if node_id >= len(counts):
+        raise ValueError(f"tasks per node {tasks_per_node!r} lists no node {node_id}")
+    return counts[node_id]
+
+
+def slurm_port(job_id: int, step_id: int = 0) -> int:
+    """The rendezvous port of a SLURM job step: 10000-29999, fixed by the job and step ids, so
+    every task of the step computes the same port without talking to the others, and two
+    steps of one job (or jobs sharing a node) rarely meet. ``MASTER_PORT`` overrides it."""
+    return 10000 + (job_id * 10 + step_id) % 20000
+
+
+def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """Read how this process was launched from the environment.
+
+    - torchrun (``RANK`` and ``WORLD_SIZE`` set): its ranks; it runs the rendezvous itself.
+    - srun (``SLURM_STEP_NUM_TASKS`` and ``SLURM_PROCID`` set): rank ``SLURM_PROCID`` of
+      ``SLURM_STEP_NUM_TASKS``, local rank ``SLURM_LOCALID`` of the step's tasks on this node
+      (``SLURM_STEP_TASKS_PER_NODE``, ``SLURM_NODEID``), the rendezvous on the first host of
+      ``SLURM_STEP_NODELIST`` (or ``SLURM_JOB_NODELIST``) at :func:`slurm_port` of the job
+      and step ids; ``MASTER_ADDR`` / ``MASTER_PORT`` override both. A batch script's own
+      shell (``SLURM_PROCID=0`` and ``SLURM_NTASKS`` of the whole job, but no step) is a
+      plain process: only ``srun`` starts the tasks of a distributed run.
+    - otherwise one plain process.
+
+    Raises:
+        UserError: the SLURM variables are malformed or inconsistent (named).
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        return LaunchEnv(
+            "torchrun",
+            rank=int(env["RANK"]),
+            world_size=world,
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
+        )
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        try:
+            world = int(env["SLURM_STEP_NUM_TASKS"])
+            rank = int(env["SLURM_PROCID"])
+            local = int(env.get("SLURM_LOCALID", "0"))
+            per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(world)
+            local_world = tasks_on_node(per_node, int(env.get("SLURM_NODEID", "0")))
+            nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
+            addr = env.get("MASTER_ADDR") or first_host(nodes)
+            port = int(
+                env.get("MASTER_PORT")
+                or slurm_port(int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_STEP_ID", "0")))
+            )
+        except ValueError as e:
+            raise UserError(f"cannot read the srun task's SLURM variables: {e}") from None
+        if not (0 <= rank < world and 0 <= local < local_world):
+            raise UserError(
+                f"inconsistent SLURM variables: SLURM_PROCID={rank} of SLURM_STEP_NUM_TASKS={world}, "
+                f"SLURM_LOCALID={local} of {local_world} tasks on this node"
+            )
+        return LaunchEnv("srun", rank, world, local, local_world, addr, port)
+    return LaunchEnv("none")
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Set up torch.distributed when launched by torchrun or by srun with several tasks.
+
+    The ranks come from :func:`launch_env` (torchrun's ``RANK`` / ``WORLD_SIZE`` /
+    ``LOCAL_RANK``, or srun's ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS`` / ``SLURM_LOCALID``
+    with the first host of the job's node list as the rendezvous). NCCL on CUDA (each
+    process on GPU ``local_rank``), gloo on the CPU. ``device``: "auto" (CUDA when
+    available), "cuda" or "cpu".
     """
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda requested but no CUDA device is available")
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    le = launch_env()
     if device == "cuda":
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
+        n_gpus = torch.cuda.device_count()
+        # srun may bind one GPU to each task (--gpus-per-task, --gpu-bind): then it is device 0
+        index = 0 if (le.launcher == "srun" and n_gpus == 1) else le.local_rank
+        if index >= n_gpus:
+            raise UserError(
+                f"local rank {le.local_rank} ({le.launcher}) has no GPU: this process sees {n_gpus}; "
+                "start at most one process per GPU"
+            )
+        torch.cuda.set_device(index)
+        dev = torch.device("cuda", index)
     else:
         dev = torch.device("cpu")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
-    info = DistInfo(rank=rank, world_size=world, local_rank=local, device=dev, local_world_size=local_world)
+    if le.world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if device == "cuda" else "gloo"
+        if le.launcher == "srun":
+            dist.init_process_group(
+                backend=backend,
+                init_method=f"tcp://{le.master_addr}:{le.master_port}",
+                rank=le.rank,
+                world_size=le.world_size,
+            )
+        else:
+            dist.init_process_group(backend=backend)
+    info = DistInfo(
+        rank=le.rank,
+        world_size=le.world_size,
+        local_rank=le.local_rank,
+        device=dev,
+        local_world_size=le.local_world_size,
+    )
     if info.distributed:
-        logger.info("distributed: rank %d of %d on %s", rank, world, dev)
+        where = f" (rendezvous {le.master_addr}:{le.master_port})" if le.launcher == "srun" else ""
+        logger.info("distributed (%s): rank %d of %d on %s%s", le.launcher, le.rank, le.world_size, dev, where)
     return info
 
 
@@ -414,7 +558,7 @@ _COMMON_HELP = {
     "use_wandb": "Also log every epoch to Weights & Biases (works offline with WANDB_MODE=offline).",
     "wandb_project": "W&B project name.",
     "progress": "Show tqdm progress bars (--no-progress for batch jobs).",
-    "device": "'auto' uses CUDA when available. Several GPUs: launch with torchrun.",
+    "device": "'auto' uses CUDA when available. Several GPUs: launch with torchrun or srun (one task per GPU).",
     "num_workers": "Data-loading processes per GPU; -1 times a few batches with 0, 2, 4, ... workers and keeps the "
     "fastest. The crops depend on it (each worker has its own random stream): keep it fixed to "
     "reproduce or resume a run exactly.",
@@ -810,37 +954,38 @@ def train_one_epoch(
         dynamic_ncols=True,
     )
     optimizer.zero_grad(set_to_none=True)
-    for b, batch in enumerate(loader):
-        if b >= n_batches:
-            break
-        step, micro = divmod(b, accum_iters)
-        it = it0 + step
-        if micro == 0:
-            wd = float(wd_schedule[it]) if wd_schedule is not None else None
-            apply_schedules(optimizer, float(lr_schedule[it]), wd, base_lr)
-        last_micro = micro == accum_iters - 1
-        sync = contextlib.nullcontext()
-        if info.distributed and not last_micro and hasattr(model, "no_sync"):
-            sync = model.no_sync()
-        with sync:
-            with amp.autocast():
-                loss, logs = loss_fn(batch)
-            read = check.add(it, loss, logs)  # with check_every=1: read (and maybe stop) before the backward pass
-            amp.backward(loss / accum_iters)
-        if not last_micro:
-            continue
-        if clip_grad > 0:
-            amp.unscale(optimizer)
-            clip_gradients(model, clip_grad, clip_mode)
-        if before_optimizer_step is not None:
-            before_optimizer_step(it)
-        amp.step(optimizer)
-        optimizer.zero_grad(set_to_none=True)
-        if after_optimizer_step is not None:
-            after_optimizer_step(it)
-        bar.update(1)
-        if read:
-            bar.set_postfix(loss=f"{check.last_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
+    with surface_user_errors():  # a corrupt file read by a data worker: its one line, not a traceback
+        for b, batch in enumerate(loader):
+            if b >= n_batches:
+                break
+            step, micro = divmod(b, accum_iters)
+            it = it0 + step
+            if micro == 0:
+                wd = float(wd_schedule[it]) if wd_schedule is not None else None
+                apply_schedules(optimizer, float(lr_schedule[it]), wd, base_lr)
+            last_micro = micro == accum_iters - 1
+            sync = contextlib.nullcontext()
+            if info.distributed and not last_micro and hasattr(model, "no_sync"):
+                sync = model.no_sync()
+            with sync:
+                with amp.autocast():
+                    loss, logs = loss_fn(batch)
+                read = check.add(it, loss, logs)  # with check_every=1: read (and maybe stop) before the backward pass
+                amp.backward(loss / accum_iters)
+            if not last_micro:
+                continue
+            if clip_grad > 0:
+                amp.unscale(optimizer)
+                clip_gradients(model, clip_grad, clip_mode)
+            if before_optimizer_step is not None:
+                before_optimizer_step(it)
+            amp.step(optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            if after_optimizer_step is not None:
+                after_optimizer_step(it)
+            bar.update(1)
+            if read:
+                bar.set_postfix(loss=f"{check.last_loss:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}")
     check.flush()
     bar.close()
     out = check.avg.means()

@@ -1028,13 +1028,6 @@ def _train_epoch(
             progress=args.progress,
             check_every=args.check_every,
         )
-    except (UserError, TrainingError):
-        raise
-    except Exception as e:
-        found = user_error_in(e)
-        if found is not None:
-            raise found from None
-        raise
     finally:
         del loader
 

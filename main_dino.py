@@ -15,6 +15,7 @@ epoch (the student's is stored next to it), ready for ``main_finetune.py --chkpt
 
     python main_dino.py --data_dir <DIR_WITH_NIFTI> --spatial_dims 3 --crop_size 64 --batch_size 8 --use_amp
     torchrun --nproc_per_node 4 main_dino.py --data_dir D --batch_size 32 --run_name d1 --use_amp
+    srun --ntasks 4 --gpus 4 python main_dino.py --data_dir D --batch_size 32 --run_name d1 --use_amp   # SLURM
 
 Resume an interrupted run (same flags plus --resume)::
 

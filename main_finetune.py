@@ -19,6 +19,7 @@ weight decay 1e-5 (not on biases and norms), 32 slices x 2 crops of 96 x 96 per 
 
     # several GPUs (evaluation is split across them; scores identical to one GPU)
     torchrun --nproc_per_node 4 main_finetune.py --data_dir flare_2d/labelled --chkpt_path runs/dino.pt --batch_size 8
+    srun --ntasks 4 --gpus 4 python main_finetune.py --data_dir flare_2d/labelled --chkpt_path runs/dino.pt --batch_size 8   # SLURM
 
     # 3D on the raw labelled NIfTI (preprocessed on the fly, cached in --cache_dir)
     python main_finetune.py --spatial_dims 3 --data_dir FLARE22Train --batch_size 2 --embedding_size 48 --use_amp

@@ -20,6 +20,8 @@ Several GPUs (the batch size is per GPU), and resuming an interrupted run::
 
     torchrun --nproc_per_node 4 main_simsiam.py --data_dir D --batch_size 32 --run_name s1 --use_amp
     torchrun --nproc_per_node 4 main_simsiam.py --data_dir D --batch_size 32 --run_name s1 --use_amp --resume
+    # or in a SLURM allocation (sbatch --ntasks 4 --gpus 4): srun starts the 4 ranks
+    srun python main_simsiam.py --data_dir D --batch_size 32 --run_name s1 --use_amp
 
 Faster on one GPU (issue 7): the view augmentations as batched tensor operations on the GPU,
 and the decoded slices kept in RAM (X*Y bytes per slice: 8.75 GB per 100k slices of 350 x 250)::

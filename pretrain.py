@@ -52,7 +52,7 @@ from data import SliceCache, list_pretrain_images, png_size
 from iou_crops import IOU_SAMPLERS, IoUCropSampler
 from models import encoder_checkpoint, encoder_config_from_args
 from transforms import pretrain_transforms
-from utils import TrainingError, UserError, atomic_torch_save, user_error_in
+from utils import UserError, atomic_torch_save
 
 logger = logging.getLogger(__name__)
 
@@ -645,13 +645,6 @@ def _train_epoch(
             progress=args.progress,
             check_every=args.check_every,
         )
-    except (UserError, TrainingError):
-        raise
-    except Exception as e:
-        found = user_error_in(e)
-        if found is not None:
-            raise found from None
-        raise
     finally:
         del loader
     dt = time.perf_counter() - t0

@@ -6,10 +6,12 @@ pretrained row, SimSiam pretrainings with the seeds 4294967295 and 381122412, ea
 fine-tuned with the seeds 4294967295 and 381122412 (4 Dice scores per row); the "no
 pretraining" row fine-tunes a random encoder with the 2 x 2 (initialisation seed,
 fine-tuning seed) pairs. 34 runs in all. Runs are called in-process
-(``main_simsiam.main`` / ``main_finetune.main``), are resumable, and can be spread over
-processes, GPUs and machines that share ``--output_dir`` (one lock file per run).
-This script is the command line (flags, presets, the plan's argv, data preparation,
-``grid.json``); ``runqueue.py`` runs the plan and ``report.py`` renders the results.
+(``main_simsiam.main`` / ``main_finetune.main``) and are resumable. ``--launcher local``
+(the default) spreads them over processes and GPUs of this machine; ``--launcher slurm``
+submits one SLURM job per run (fine-tunings after their pretraining), which is also how
+several machines share one ``--output_dir``. This script is the command line (flags,
+presets, the plan's argv, data preparation, ``grid.json``); ``runqueue.py`` runs the plan
+on this machine, ``slurm.py`` submits it to SLURM, ``report.py`` renders the results.
 
 Output folder::
 
@@ -20,7 +22,9 @@ Output folder::
     <output_dir>/figures/organ_sharing.png fraction of positive pairs sharing an organ
     <output_dir>/figures/crop_pairs.png    example crop pairs per interval
     <output_dir>/runs/                     every run's files (engine.run_paths)
-    <output_dir>/state/                    locks/, logs/ (one per run), failed/, timings.jsonl
+    <output_dir>/state/                    logs/ (one per run), timings.jsonl, slurm_jobs.json (SLURM: each
+                                           run's job), failed/ and locks/ (local launcher)
+    <output_dir>/slurm/                    SLURM job scripts and logs (<job id>_<task>_log.out / .err)
     <output_dir>/data/                     demo only: phantoms and their preprocessed slices
 
 Usage::
@@ -40,8 +44,12 @@ Usage::
     # four GPUs of one machine: one worker per GPU
     python reproduce_table.py --preset paper ... --gpus 0,1,2,3
 
-    # several machines: the same command on each, --output_dir on a shared file system
-    # the commands only (34 lines), or one shell file per run for a cluster scheduler
+    # a SLURM cluster: 34 jobs of 4 GPUs each (4 ranks, the paper's global batch); again to resubmit failed runs
+    python reproduce_table.py --preset paper ... --launcher slurm --slurm_partition gpu --slurm_gpus_per_job 4
+    python reproduce_table.py --preset demo --output_dir demo_slurm --launcher slurm --slurm_gpus_per_job 0 \
+        --slurm_cpus_per_task 1 --slurm_wait        # the demo on CPU nodes, waiting for the table
+
+    # the commands only (34 lines), or one shell file per run for a scheduler of your own
     python reproduce_table.py --preset paper ... --dry_run
     python reproduce_table.py --preset paper ... --write_scripts jobs/
 
@@ -55,14 +63,15 @@ Usage::
     python reproduce_table.py --preset paper --output_dir table_flare_original --iou_sampler original ...
 
 Bad input (missing data folders, an unknown preset, a results folder written by another
-version of this script or for another grid, runs that disagree on the fine-tuning split)
-stops with one line and exit code 2.
+version of this script or for another grid, runs that disagree on the fine-tuning split,
+no ``sbatch`` here or a job that ``sbatch`` refuses) stops with one line and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import getpass
 import json
 import logging
 import os
@@ -76,6 +85,7 @@ import preprocess_flare_labelled
 import preprocess_flare_unlabelled
 import report
 import runqueue
+import slurm
 from data import DEFAULT_SPLIT_PATH, load_split
 from engine import run_paths
 from iou_crops import IOU_SAMPLERS
@@ -193,7 +203,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--output_dir",
         required=True,
-        help="results folder (grid.json, tables, figures, runs/); share it between machines to spread the grid",
+        help="results folder (grid.json, tables, figures, runs/); on a shared file system for --launcher slurm",
     )
     g.add_argument(
         "--rows",
@@ -311,6 +321,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("execution")
     g.add_argument(
+        "--launcher",
+        default="local",
+        choices=("local", "slurm"),
+        help="'local': workers on this machine (--workers, --gpus); 'slurm': one SLURM job per run through "
+        "submitit, fine-tunings after their pretraining (the --slurm_* flags); machines sharing --output_dir "
+        "must use 'slurm'",
+    )
+    g.add_argument(
         "--workers",
         type=int,
         help="local worker processes claiming runs (1 = run in this process; paper preset 1, demo 2 single-threaded)",
@@ -332,12 +350,69 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--poll_s", type=float, default=2.0, help="seconds between checks while waiting for runs of other workers"
     )
 
+    g = p.add_argument_group("SLURM (--launcher slurm; README: On a SLURM cluster)")
+    g.add_argument("--slurm_partition", help="partition of every job (default: the cluster's default partition)")
+    g.add_argument(
+        "--slurm_gpus_per_job",
+        type=int,
+        default=1,
+        help="GPUs per job, one training process (srun task) each; the grid's batch sizes are split over them, "
+        "so every run keeps the global batch of the preset (4 on 4-GPU nodes); 0: one CPU-only task",
+    )
+    g.add_argument(
+        "--slurm_cpus_per_task",
+        type=int,
+        default=8,
+        help="CPU cores per process (torch threads, data-loader workers); raise it for data loading on big nodes",
+    )
+    g.add_argument("--slurm_mem_gb", type=float, default=0.0, help="memory per job in GB (0: the partition's default)")
+    g.add_argument(
+        "--slurm_time_min",
+        type=int,
+        default=1440,
+        help="time limit per job in minutes; a job that reaches it requeues itself and resumes, so a limit "
+        "shorter than a run works (it must fit one epoch); choose what your partition allows",
+    )
+    g.add_argument("--slurm_account", help="account to charge (sbatch --account), if your cluster wants one")
+    g.add_argument("--slurm_qos", help="quality of service (sbatch --qos), if your cluster wants one")
+    g.add_argument(
+        "--slurm_max_parallel",
+        type=int,
+        default=0,
+        help="at most this many of the grid's jobs run at a time (job names <grid>_slot<i> with "
+        "--dependency=singleton); 0: as many as SLURM allows",
+    )
+    g.add_argument(
+        "--slurm_extra",
+        default="",
+        help="further sbatch options for every job, one shell-quoted string such as "
+        "'--constraint=v100 --exclusive' (not the options set by the flags above)",
+    )
+    g.add_argument(
+        "--slurm_setup",
+        action="append",
+        default=[],
+        metavar="LINE",
+        help="a shell line every job runs before the training, e.g. 'module load cuda/12.1' (repeat the flag "
+        "for several lines); the job's python is this one (sys.executable)",
+    )
+    g.add_argument(
+        "--slurm_wait",
+        action="store_true",
+        help="after submitting, wait until every job has ended, then render the table (default: submit and exit; "
+        "--collect_only later)",
+    )
+    g.add_argument(
+        "--slurm_poll_s", type=float, default=30.0, help="seconds between squeue queries while waiting (--slurm_wait)"
+    )
+
     g = p.add_argument_group("modes")
     g.add_argument("--dry_run", action="store_true", help="print the command of every run and exit; nothing is written")
     g.add_argument(
         "--write_scripts",
         metavar="DIR",
-        help="write one shell file per run (and all.sh) into DIR for a cluster scheduler, then exit",
+        help="write one shell file per run (and all.sh) into DIR to run them yourself or with a scheduler of your own "
+        "(SLURM: --launcher slurm submits them), then exit",
     )
     g.add_argument(
         "--collect_only", action="store_true", help="run nothing; render the table and figures from finished runs"
@@ -510,11 +585,21 @@ def build_plan(
     ft_seeds: list[int],
     data: dict[str, str],
     chkpt_dir: str,
+    ranks: int = 1,
 ) -> list[Run]:
-    """Every run of the grid with its full argv (see runqueue.plan_grid for the order)."""
+    """Every run of the grid with its full argv (see runqueue.plan_grid for the order).
+
+    ``ranks``: processes per run (``--slurm_gpus_per_job``); the batch sizes of the settings
+    are global and each process gets its share, so every layout trains with the same batch.
+
+    Raises:
+        UserError: a batch size that ``ranks`` does not divide.
+    """
     pre_extra = shlex.split(args.pretrain_args)
     ft_extra = shlex.split(args.finetune_args)
     common = _common_argv(s)
+    pre_batch = _per_rank(s["pretrain_batch_size"], ranks, "pretrain_batch_size")
+    ft_batch = _per_rank(s["finetune_batch_size"], ranks, "finetune_batch_size")
 
     def pre_argv(row: Row, seed: int, name: str) -> list[str]:
         return [
@@ -530,7 +615,7 @@ def build_plan(
             "--iou_sampler",
             s["iou_sampler"],
             "--batch_size",
-            str(s["pretrain_batch_size"]),
+            str(pre_batch),
             "--n_epochs",
             str(s["n_pretrain_epochs"]),
             "--base_lr",
@@ -564,7 +649,7 @@ def build_plan(
             "--chkpt_path",
             weights,
             "--batch_size",
-            str(s["finetune_batch_size"]),
+            str(ft_batch),
             "--n_epochs",
             str(s["n_finetune_epochs"]),
             "--base_lr",
@@ -611,14 +696,24 @@ def build_plan(
     )
 
 
-def execution_argv(args: argparse.Namespace, s: dict[str, Any], n_workers: int) -> dict[str, list[str]]:
-    """Flags per run kind that change how a run executes, not what it computes (not in grid.json)."""
+def _per_rank(total: int, ranks: int, key: str) -> int:
+    if total % ranks:
+        raise UserError(
+            f"--{key} {total} is the batch of all {ranks} processes of a job (--slurm_gpus_per_job {ranks}) "
+            f"and must be a multiple of {ranks}"
+        )
+    return total // ranks
+
+
+def execution_argv(args: argparse.Namespace, s: dict[str, Any], progress_bars: bool) -> dict[str, list[str]]:
+    """Flags per run kind that change how a run executes, not what it computes (not in grid.json).
+    ``progress_bars``: the runs' own bars (one run at a time in this terminal)."""
     argv = [
         "--device",
         args.device,
         "--num_workers",
         str(s["num_workers"]),
-        "--progress" if (args.progress and n_workers == 1) else "--no-progress",
+        "--progress" if (args.progress and progress_bars) else "--no-progress",
     ]
     if args.use_wandb:
         argv += ["--use_wandb", "--wandb_project", args.wandb_project]
@@ -735,8 +830,30 @@ def check_runs_split(plan: list[Run], chkpt_dir: str, split: dict[str, list[str]
 # ---------------------------------------------------------------------------------------
 
 
+def slurm_config(args: argparse.Namespace) -> slurm.SlurmConfig:
+    """The ``--slurm_*`` flags as a checked :class:`slurm.SlurmConfig`.
+
+    Raises:
+        UserError: a value out of range, or ``--slurm_extra`` setting what a flag sets.
+    """
+    cfg = slurm.SlurmConfig(
+        partition=args.slurm_partition or None,
+        gpus_per_job=args.slurm_gpus_per_job,
+        cpus_per_task=args.slurm_cpus_per_task,
+        mem_gb=args.slurm_mem_gb,
+        time_min=args.slurm_time_min,
+        account=args.slurm_account or None,
+        qos=args.slurm_qos or None,
+        max_parallel=args.slurm_max_parallel,
+        extra=slurm.parse_sbatch_extra(args.slurm_extra),
+        setup=list(args.slurm_setup),
+    )
+    cfg.check()
+    return cfg
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    """Plan, (prepare data,) run, collect, render. Returns the paths written and the table rows.
+    """Plan, (prepare data,) run or submit, collect, render. Returns the paths written and the table rows.
 
     Raises:
         UserError: bad input (see the module docstring).
@@ -752,11 +869,23 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     state_dir = os.path.join(out, "state")
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
     n_workers = len(gpus) or s["workers"]
+    on_slurm = args.launcher == "slurm" and not args.collect_only
+    slurm_cfg = None
+    if on_slurm:
+        if gpus or args.workers is not None:
+            raise UserError(
+                "--gpus and --workers are for --launcher local; SLURM jobs get their GPUs from --slurm_gpus_per_job"
+            )
+        if args.write_scripts:
+            raise UserError("--write_scripts writes shell files to run yourself; --launcher slurm submits the jobs")
+        slurm_cfg = slurm_config(args)
+    ranks = slurm_cfg.ranks if slurm_cfg else 1
+    progress_bars = n_workers == 1 and not on_slurm
     meta = grid_meta(args, s, rows, pre_seeds, ft_seeds)
 
     if args.dry_run:
-        plan = build_plan(args, s, rows, pre_seeds, ft_seeds, data_paths(args, out), chkpt_dir)
-        extra = execution_argv(args, s, n_workers)
+        plan = build_plan(args, s, rows, pre_seeds, ft_seeds, data_paths(args, out), chkpt_dir, ranks)
+        extra = execution_argv(args, s, progress_bars)
         for i, r in enumerate(plan, 1):
             dep = f" (after {r.depends})" if r.depends else ""
             if r.init:
@@ -766,6 +895,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return {"plan": [r.to_dict() for r in plan]}
 
     check_grid_file(out, meta)
+    # before the data is prepared (minutes for FLARE): is there a SLURM to submit to, or
+    # SLURM jobs of this grid that a local launch would run a second time?
+    if on_slurm:
+        slurm.require_slurm()
+    elif not args.collect_only and not args.write_scripts:
+        names = build_plan(args, s, rows, pre_seeds, ft_seeds, data_paths(args, out), chkpt_dir, ranks)
+        active = slurm.active_jobs_of_grid(state_dir, names)
+        if active:
+            run, job = next(iter(active.items()))
+            raise UserError(
+                f"{len(active)} SLURM job(s) of this grid are queued or running (e.g. job {job} for {run}); wait for "
+                "them (the same command with --launcher slurm --slurm_wait) or scancel them before running it locally"
+            )
     if args.collect_only:
         data = data_paths(args, out)
     else:
@@ -777,7 +919,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         os.path.join(out, "grid.json"),
         {**meta, "split": split, "data": data, "updated": time.strftime("%Y-%m-%d %H:%M:%S")},
     )
-    plan = build_plan(args, s, rows, pre_seeds, ft_seeds, data, chkpt_dir)
+    plan = build_plan(args, s, rows, pre_seeds, ft_seeds, data, chkpt_dir, ranks)
     logger.info(
         "grid: %d rows, %d runs (%d pretrainings, %d fine-tunings), results in %s",
         len(rows),
@@ -793,21 +935,58 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             os.path.abspath(args.write_scripts),
             chkpt_dir,
             PROJECT_ROOT,
-            execution_argv(args, s, 1),
+            execution_argv(args, s, True),
             python=sys.executable,
         )
         logger.info("wrote %d shell files to %s (all.sh runs them in order)", len(written) - 1, args.write_scripts)
         return {"scripts": written}
 
     failed: list[str] = []
-    if not args.collect_only:
+    failed_how = ""
+    if on_slurm:
+        sub = slurm.launch_slurm(
+            plan,
+            chkpt_dir,
+            state_dir,
+            os.path.join(out, "slurm"),
+            execution_argv(args, s, False),
+            slurm_cfg,
+            PROJECT_ROOT,
+            slurm.grid_id(out),
+        )
+        for run, why in sub.resubmitted.items():
+            logger.warning("resubmitted %s: %s", run, why)
+        slurm.print_summary(sub, len(plan))
+        if not args.slurm_wait:
+            logger.info(
+                "follow the jobs with: squeue -u %s; the table of what has finished: the same command with "
+                "--collect_only; job logs in %s",
+                getpass.getuser(),
+                os.path.join(out, "slurm"),
+            )
+            return {
+                "output_dir": out,
+                "submitted": sub.submitted,
+                "active": sub.active,
+                "resubmitted": sub.resubmitted,
+                "finished": sub.finished,
+                "n_runs": len(plan),
+            }
+        final = slurm.wait_for_jobs(sub.jobs, plan, chkpt_dir, poll_s=args.slurm_poll_s, progress=args.progress)
+        failed = [r.name for r in plan if not runqueue.is_finished(chkpt_dir, r.name)]
+        failed_how = (
+            "did not finish on SLURM ("
+            + ", ".join(f"{r}: job {sub.jobs[r]} {final.get(r, '?')}" for r in failed if r in sub.jobs)
+            + f"; job logs in {os.path.join(out, 'slurm')}, run logs in {os.path.join(state_dir, 'logs')})"
+        )
+    elif not args.collect_only:
         cleared = runqueue.clear_failures(state_dir)
         if cleared:
             logger.info("retrying %d run(s) that failed before: %s", len(cleared), ", ".join(cleared))
         cfg = runqueue.WorkerConfig(
             chkpt_dir=chkpt_dir,
             state_dir=state_dir,
-            extra_argv=execution_argv(args, s, n_workers),
+            extra_argv=execution_argv(args, s, progress_bars),
             poll_s=args.poll_s,
             owner="main",
             timings_path=os.path.join(state_dir, "timings.jsonl"),
@@ -823,6 +1002,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             progress=args.progress,
         )
         failed = res["failed"]
+        failed_how = f"failed (see {os.path.join(state_dir, 'failed')} and logs/)"
 
     check_runs_split(plan, chkpt_dir, split)
     collected = report.collect(plan, rows, chkpt_dir)
@@ -859,8 +1039,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     }
     if failed:
         raise TrainingError(
-            f"{len(failed)} run(s) failed (see {os.path.join(state_dir, 'failed')} and logs/): {', '.join(failed)}; "
-            f"rerun the same command to retry them"
+            f"{len(failed)} run(s) {failed_how}: {', '.join(failed)}; rerun the same command to retry them"
         )
     return result
 

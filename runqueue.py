@@ -15,21 +15,22 @@ Run names encode the row and the seeds (and are the file names in ``<output_dir>
     ft_none_init4294967295_ft381122412             no pretraining: init seed, fine-tuning seed
 
 Executing a run (:func:`execute_run`) is a plain function call in this process:
-``main(get_args_parser().parse_args(argv))`` of the training script the run names,
-looked up in :data:`TRAINERS`.
+``main(get_args_parser().parse_args(argv))`` of the training script the run names, looked
+up in a mapping of :class:`Trainer` (:data:`TRAINERS` by default; the tests pass their own).
 
-Claiming runs. Every worker (:func:`run_worker`: a process of this machine, or of
-another machine that shares the output folder) loops over the plan and claims the first
-run that is not finished, not locked and whose pretraining is finished, by creating
-``<state_dir>/locks/<run>.lock`` with ``O_CREAT | O_EXCL`` (host, pid, time inside).
-A run is finished exactly when ``<run>_files/result.json`` exists (the training
-scripts write it last). A lock left by a process that is gone (same host, pid not
-alive, or alive but a different process) is stale and taken over, with a log line; a
-lock of another host is respected (delete it by hand if that machine died).
+Claiming runs on one machine. Every worker (:func:`run_worker`: this process or a process
+that :func:`run_local` spawned) loops over the plan and claims the first run that is not
+finished, not claimed and whose pretraining is finished, by taking the lock
+``<state_dir>/locks/<run>.lock`` (``filelock``: an OS lock on an open file, so the lock of
+a worker that died is free again at once; the empty file may stay). A run is finished
+exactly when ``<run>_files/result.json`` exists (the training scripts write it last).
+:func:`run_local` holds ``<state_dir>/local.lock`` for the whole grid, so a second local
+launch on the same folder is refused. Machines that share a folder go through SLURM
+(``slurm.py``: one job per run, dependencies, requeue), not through lock files.
 
-Launching. :func:`run_local` runs the plan in this process or in spawned worker
-processes (one per GPU with ``gpus``); :func:`write_run_scripts` writes one shell file
-per run for a cluster scheduler instead.
+Launching. :func:`run_local` runs the plan in this process or in spawned worker processes
+(one per GPU with ``gpus``); :func:`write_run_scripts` writes one shell file per run for
+a scheduler of your own instead.
 
 The results (tables, figures) are read from the run folders by ``report.py``.
 """
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import io
 import json
 import logging
@@ -51,9 +51,10 @@ import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 
 # The training scripts are imported here, at the top, so that a run is a plain call of
@@ -311,7 +312,7 @@ def write_run_scripts(
     extra: dict[str, list[str]] | None = None,
     python: str = "python",
 ) -> list[str]:
-    """One shell file per run (``NN_<run>.sh``) for a cluster scheduler, plus ``all.sh``.
+    """One shell file per run (``NN_<run>.sh``) to run by hand or with a scheduler, plus ``all.sh``.
 
     Each file names its run and its dependency in a comment, exits at once if the run
     is finished (``result.json``), resumes it when ``<run>_last.pt`` exists, and refuses
@@ -406,148 +407,42 @@ def failed_path(state_dir: str, name: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------
-# Locks
+# Locks (several workers of one machine)
 # ---------------------------------------------------------------------------------------
 
-_HELD: set[str] = set()  # lock files held by this process
-_EMPTY_LOCK_GRACE_S = 30.0  # an empty lock file older than this was left by a process killed while creating it
-_GUARD_STALE_S = 60.0
+#: The lock a local launch holds on its grid (``<state_dir>/local.lock``).
+LOCAL_LOCK_NAME = "local.lock"
 
 
-def _proc_start(pid: int) -> str | None:
-    """The start time of a process (Linux ``/proc``), to tell a reused pid from the original."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            text = f.read()
-        return text.rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _read_lock(path: str) -> dict[str, Any] | None:
-    """The lock's content; ``{}`` when empty or unreadable (being written); None when gone."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    try:
-        obj = json.loads(text)
-        return obj if isinstance(obj, dict) else {}
-    except json.JSONDecodeError:
-        return {}
-
-
-def stale_reason(path: str, info: dict[str, Any]) -> str | None:
-    """Why the lock at ``path`` is stale, or None when its owner may still be running."""
-    if not info:
-        try:
-            age = time.time() - os.path.getmtime(path)
-        except FileNotFoundError:
-            return "it vanished"
-        return (
-            f"it is empty and {age:.0f} s old (its creator died while writing it)"
-            if age > _EMPTY_LOCK_GRACE_S
-            else None
-        )
-    if info.get("host") != HOST:
-        return None
-    pid = int(info.get("pid", -1))
-    if pid == os.getpid():
-        return None if os.path.abspath(path) in _HELD else f"this process (pid {pid}) does not hold it any more"
-    if not _pid_alive(pid):
-        return f"process {pid} on {HOST} is gone"
-    start = info.get("pid_start")
-    if start is not None and _proc_start(pid) not in (None, start):
-        return f"pid {pid} now belongs to another process"
-    return None
-
-
-def try_lock(lock_dir: str, name: str, owner: str = "") -> str | None:
-    """Claim run ``name``: create ``<lock_dir>/<name>.lock`` exclusively; None if taken.
-
-    A stale lock (see :func:`stale_reason`) is taken over, with a warning in the log.
-    Returns the lock path, to pass to :func:`release_lock`.
-    """
+def try_lock(lock_dir: str, name: str) -> FileLock | None:
+    """Claim run ``name`` for this process: the lock ``<lock_dir>/<name>.lock``; None when
+    another worker holds it. Release it with ``lock.release()``; the OS releases it when
+    the process ends, however it ends."""
     os.makedirs(lock_dir, exist_ok=True)
-    path = os.path.abspath(os.path.join(lock_dir, name + ".lock"))
-    info = {
-        "host": HOST,
-        "pid": os.getpid(),
-        "pid_start": _proc_start(os.getpid()),
-        "time": time.time(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "owner": owner,
-    }
-    for attempt in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            if attempt == 0 and _take_over_if_stale(path):
-                continue
-            return None
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(info))
-            f.flush()
-            os.fsync(f.fileno())
-        _HELD.add(path)
-        return path
-    return None
-
-
-def _take_over_if_stale(path: str) -> bool:
-    """Remove ``path`` if it is a stale lock; True when the caller may try again."""
-    info = _read_lock(path)
-    if info is None:
-        return True
-    reason = stale_reason(path, info)
-    if reason is None:
-        return False
-    guard = path + ".takeover"
+    lock = FileLock(os.path.join(lock_dir, name + ".lock"))
     try:
-        gfd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        with contextlib.suppress(FileNotFoundError):
-            if time.time() - os.path.getmtime(guard) > _GUARD_STALE_S:
-                os.unlink(guard)
+        lock.acquire(timeout=0)
+    except Timeout:
+        return None
+    return lock
+
+
+def local_lock_path(state_dir: str) -> str:
+    """``<state_dir>/local.lock``: held by a local launch (:func:`run_local`) while it runs."""
+    return os.path.join(state_dir, LOCAL_LOCK_NAME)
+
+
+def local_launch_running(state_dir: str) -> bool:
+    """True while a local launch of this grid holds :func:`local_lock_path` (another process)."""
+    if not os.path.isfile(local_lock_path(state_dir)):
         return False
+    lock = FileLock(local_lock_path(state_dir))
     try:
-        again = _read_lock(path)
-        if again is None:
-            return True
-        if again != info:  # someone else took it over in between
-            return False
-        os.unlink(path)
-        logger.warning("taking over the stale lock %s (%s)", path, reason)
+        lock.acquire(timeout=0)
+    except Timeout:
         return True
-    finally:
-        os.close(gfd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(guard)
-
-
-def release_lock(path: str) -> None:
-    """Remove a lock this process holds (only if it still holds our pid)."""
-    _HELD.discard(path)
-    info = _read_lock(path)
-    if info is None:
-        logger.warning("lock %s vanished while held", path)
-        return
-    if info and (info.get("host"), info.get("pid")) != (HOST, os.getpid()):
-        logger.warning("lock %s now belongs to %s pid %s; leaving it", path, info.get("host"), info.get("pid"))
-        return
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
+    lock.release()
+    return False
 
 
 # ---------------------------------------------------------------------------------------
@@ -570,21 +465,16 @@ TRAINERS: dict[str, Trainer] = {
 }
 
 
-def trainer_for(script: str) -> Trainer:
-    """The :class:`Trainer` of ``Run.script``: one of :data:`TRAINERS`, else a module of that name.
-
-    A script outside the project (the tests' stand-in, a method of your own) is found by
-    importing its module by name, because a spawned worker can only be handed names it
-    imports itself, not functions registered in its parent at run time; the module must
-    define ``get_args_parser()`` and ``main(args)`` like the project's scripts.
+def trainer_for(script: str, trainers: Mapping[str, Trainer] | None = None) -> Trainer:
+    """The :class:`Trainer` of ``Run.script`` in ``trainers`` (default :data:`TRAINERS`).
 
     Raises:
-        ModuleNotFoundError: no such module (the run fails, like a crash in the run).
+        ValueError: ``trainers`` has no such script (a plan built for other trainers).
     """
-    if script in TRAINERS:
-        return TRAINERS[script]
-    mod = importlib.import_module(script)
-    return Trainer(mod.get_args_parser, mod.main)
+    table = TRAINERS if trainers is None else trainers
+    if script not in table:
+        raise ValueError(f"no trainer for script {script!r}; known: {', '.join(sorted(table))}")
+    return table[script]
 
 
 # ---------------------------------------------------------------------------------------
@@ -607,7 +497,12 @@ def _remove_partial_run(chkpt_dir: str, name: str) -> list[str]:
 
 
 def execute_run(
-    run: Run, chkpt_dir: str, extra_argv: dict[str, list[str]] | None = None, log_dir: str | None = None
+    run: Run,
+    chkpt_dir: str,
+    extra_argv: dict[str, list[str]] | None = None,
+    log_dir: str | None = None,
+    trainers: Mapping[str, Trainer] | None = None,
+    rank: int = 0,
 ) -> dict[str, Any]:
     """Run one training in this process: ``main(get_args_parser().parse_args(argv))`` of its script.
 
@@ -615,26 +510,32 @@ def execute_run(
     ``<run>_last.pt``; a run that died before its first checkpoint has its partial files
     removed and starts over. A "no pretraining" fine-tuning first gets its random encoder
     (:func:`ensure_random_init`). With ``log_dir``, the run's log lines also go to
-    ``<log_dir>/<run>.log``.
+    ``<log_dir>/<run>.log``. ``trainers``: the scripts by name (default :data:`TRAINERS`).
+
+    ``rank``: this process's rank when every task of a multi-process run calls this function
+    (a SLURM job with several tasks). Only rank 0 removes partial files and checks
+    ``result.json``; every rank decides ``--resume`` alike, since no rank writes a checkpoint
+    before all of them have joined the process group.
 
     Raises:
         UserError: the script refuses its arguments.
         TrainingError: the run ended without writing ``result.json``.
+        ValueError: ``trainers`` has no entry for the run's script.
     """
     p = run_paths(chkpt_dir, run.name)
+    trainer = trainer_for(run.script, trainers)
     argv = list(run.argv) + list((extra_argv or {}).get(run.kind, []))
     if run.init is not None:
         ensure_random_init(run.init)
     if os.path.isfile(p["last"]):
         argv.append("--resume")
         logger.info("%s: resuming from %s", run.name, p["last"])
-    else:
+    elif rank == 0:
         removed = _remove_partial_run(chkpt_dir, run.name)
         if removed:
             logger.warning(
                 "%s: stopped before its first checkpoint; removed %s and starting over", run.name, ", ".join(removed)
             )
-    trainer = trainer_for(run.script)
     parser = trainer.get_args_parser()
     err = io.StringIO()
     try:
@@ -660,10 +561,24 @@ def execute_run(
             stack.enter_context(contextlib.redirect_stdout(log_file))
         t0 = time.perf_counter()
         out = trainer.main(args)
-    if not is_finished(chkpt_dir, run.name):
+    if rank == 0 and not is_finished(chkpt_dir, run.name):
         raise TrainingError(f"run {run.name} returned without writing {result_path(chkpt_dir, run.name)}")
     logger.info("%s: finished in %.1f s", run.name, time.perf_counter() - t0)
     return out if isinstance(out, dict) else {}
+
+
+def timing_record(run: Run, start: float, end: float, **extra: Any) -> dict[str, Any]:
+    """One line of ``<state_dir>/timings.jsonl``: a finished run's kind, start and end (Unix
+    seconds), duration and host, plus ``extra`` (the worker, or the SLURM job id)."""
+    return {
+        "run": run.name,
+        "kind": run.kind,
+        "seconds": round(end - start, 2),
+        "start": round(start, 3),
+        "end": round(end, 3),
+        "host": HOST,
+        **extra,
+    }
 
 
 @dataclass
@@ -679,11 +594,16 @@ class WorkerConfig:
 
 
 def run_worker(
-    plan: Sequence[Run], cfg: WorkerConfig, runner: Callable[..., dict] = execute_run
+    plan: Sequence[Run],
+    cfg: WorkerConfig,
+    runner: Callable[..., dict] = execute_run,
+    trainers: Mapping[str, Trainer] | None = None,
 ) -> dict[str, list[str]]:
     """Claim and run runs until every run is finished, failed, or blocked by a failed one.
 
-    Returns ``{"done": [...], "failed": [...], "blocked": [...]}`` (this worker's view).
+    ``runner(run, chkpt_dir, extra_argv, log_dir, trainers)`` executes a claimed run
+    (default :func:`execute_run`). Returns ``{"done": [...], "failed": [...], "blocked": [...]}``
+    (this worker's view).
 
     Raises:
         UserError: a run refused its arguments (every run would; the grid stops). Its
@@ -691,7 +611,6 @@ def run_worker(
     """
     lock_dir = os.path.join(cfg.state_dir, "locks")
     done: list[str] = []
-    mine_failed: list[str] = []
     waiting_logged: set[str] = set()
     while True:
         finished = {r.name for r in plan if is_finished(cfg.chkpt_dir, r.name)}
@@ -704,11 +623,11 @@ def run_worker(
         for r in pending:
             if r.depends is not None and r.depends not in finished:
                 continue
-            lock = try_lock(lock_dir, r.name, cfg.owner)
+            lock = try_lock(lock_dir, r.name)
             if lock is None:
                 continue
             if is_finished(cfg.chkpt_dir, r.name):  # finished between the scan and the lock
-                release_lock(lock)
+                lock.release()
                 continue
             claimed = (r, lock)
             break
@@ -717,7 +636,8 @@ def run_worker(
             if key not in waiting_logged:
                 waiting_logged.add(key)
                 logger.info(
-                    "waiting: %d run(s) left, all running elsewhere or waiting for their pretraining", len(pending)
+                    "waiting: %d run(s) left, all running in other workers or waiting for their pretraining",
+                    len(pending),
                 )
             time.sleep(cfg.poll_s)
             continue
@@ -725,29 +645,19 @@ def run_worker(
         logger.info("starting %s (%s, row %s)", run.name, run.kind, run.row)
         t0 = time.time()
         try:
-            runner(run, cfg.chkpt_dir, cfg.extra_argv, os.path.join(cfg.state_dir, "logs"))
+            runner(run, cfg.chkpt_dir, cfg.extra_argv, os.path.join(cfg.state_dir, "logs"), trainers)
         except UserError as e:
             _record_failure(cfg, run, e)
             raise
         except Exception as e:  # noqa: BLE001 - one failed run (TrainingError, a crash) must not stop the grid
             logger.error("run %s failed: %s: %s", run.name, type(e).__name__, e)
             _record_failure(cfg, run, e)
-            mine_failed.append(run.name)
         else:
             done.append(run.name)
             if cfg.timings_path:
-                append_jsonl(
-                    cfg.timings_path,
-                    {
-                        "run": run.name,
-                        "kind": run.kind,
-                        "seconds": round(time.time() - t0, 2),
-                        "owner": cfg.owner,
-                        "host": HOST,
-                    },
-                )
+                append_jsonl(cfg.timings_path, timing_record(run, t0, time.time(), owner=cfg.owner))
         finally:
-            release_lock(lock)
+            lock.release()
 
 
 def _record_failure(cfg: WorkerConfig, run: Run, e: BaseException) -> None:
@@ -771,12 +681,21 @@ def clear_failures(state_dir: str) -> list[str]:
     return names
 
 
-def worker_entry(plan_dicts: list[dict], cfg_dict: dict, env: dict[str, str], n_threads: int, log_level: int) -> None:
+def worker_entry(
+    plan_dicts: list[dict],
+    cfg_dict: dict,
+    env: dict[str, str],
+    n_threads: int,
+    log_level: int,
+    trainers: Mapping[str, Trainer] | None = None,
+) -> None:
     """Entry point of a spawned worker process (``--workers K`` / ``--gpus``).
 
     Sets its environment (``CUDA_VISIBLE_DEVICES``) before torch touches CUDA, its torch
     thread count, and its log format (prefixed with the worker name); exit code 0 when it
-    ran out of runs, 2 on a UserError, 1 when a run failed.
+    ran out of runs, 2 on a UserError, 1 when a run failed. ``trainers`` crosses the spawn
+    by pickling: module-level functions travel as references to their module, which the
+    worker imports.
     """
     os.environ.update(env)
     cfg = WorkerConfig(**cfg_dict)
@@ -790,7 +709,7 @@ def worker_entry(plan_dicts: list[dict], cfg_dict: dict, env: dict[str, str], n_
     torch.set_num_threads(max(1, n_threads))
     plan = [Run.from_dict(d) for d in plan_dicts]
     try:
-        out = run_worker(plan, cfg)
+        out = run_worker(plan, cfg, trainers=trainers)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -809,12 +728,14 @@ def run_local(
     gpus: Sequence[str] = (),
     threads_per_worker: int = 0,
     progress: bool = True,
+    trainers: Mapping[str, Trainer] | None = None,
 ) -> dict[str, list[str]]:
     """Run every unfinished run of ``plan``, in this process or in spawned worker processes.
 
     One worker (and no GPU list) runs :func:`run_worker` in this process; otherwise
     ``n_workers`` processes (one per GPU of ``gpus``, each seeing only its GPU through
     ``CUDA_VISIBLE_DEVICES``) run :func:`worker_entry`. A progress bar counts finished runs.
+    The grid's :func:`local_lock_path` is held until the workers end.
 
     Args:
         cfg: the workers' configuration; each spawned worker gets it with its own ``owner``.
@@ -823,6 +744,8 @@ def run_local(
         threads_per_worker: torch threads per worker (0: CPU cores / workers; in this
             process, 0 leaves torch's setting alone).
         progress: show the progress bar.
+        trainers: the training scripts by name (default :data:`TRAINERS`); a picklable
+            mapping (module-level functions), since spawned workers receive it.
 
     Returns:
         ``{"done": [...], "failed": [...], "blocked": [...]}`` (spawned workers: only the
@@ -830,9 +753,33 @@ def run_local(
 
     Raises:
         ValueError: fewer than one worker.
-        UserError: a run refused its arguments (a worker stopped on bad input).
+        UserError: another local launch runs this grid, or a run refused its arguments
+            (a worker stopped on bad input).
     """
-    gpus = list(gpus)
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    grid_lock = FileLock(local_lock_path(cfg.state_dir))
+    try:
+        grid_lock.acquire(timeout=0)
+    except Timeout:
+        raise UserError(
+            f"another local launch of this grid is running (it holds {local_lock_path(cfg.state_dir)}); "
+            "wait for it, or spread the grid over machines with --launcher slurm"
+        ) from None
+    try:
+        return _run_local(plan, cfg, n_workers, list(gpus), threads_per_worker, progress, trainers)
+    finally:
+        grid_lock.release()
+
+
+def _run_local(
+    plan: Sequence[Run],
+    cfg: WorkerConfig,
+    n_workers: int,
+    gpus: list[str],
+    threads_per_worker: int,
+    progress: bool,
+    trainers: Mapping[str, Trainer] | None,
+) -> dict[str, list[str]]:
     n_workers = len(gpus) if gpus else n_workers
     if n_workers < 1:
         raise ValueError(f"run_local needs at least one worker, got {n_workers}")
@@ -855,7 +802,7 @@ def run_local(
                 bar.refresh()
 
         try:
-            return run_worker(plan, cfg, runner=runner)
+            return run_worker(plan, cfg, runner=runner, trainers=trainers)
         finally:
             bar.close()
     ctx = mp.get_context("spawn")
@@ -866,7 +813,7 @@ def run_local(
         wcfg = WorkerConfig(**{**cfg.__dict__, "owner": f"worker{i}" + (f"-gpu{gpus[i]}" if gpus else "")})
         proc = ctx.Process(
             target=worker_entry,
-            args=(plan_dicts, wcfg.__dict__, env, threads, logging.getLogger().level or logging.INFO),
+            args=(plan_dicts, wcfg.__dict__, env, threads, logging.getLogger().level or logging.INFO, trainers),
             name=wcfg.owner,
         )
         proc.start()

@@ -71,6 +71,22 @@ def user_error_in(exc: BaseException) -> UserError | None:
     return UserError(found[-1].strip()) if found else None
 
 
+@contextlib.contextmanager
+def surface_user_errors() -> Iterator[None]:
+    """Re-raise the UserError behind an exception of the block (a MONAI transform's or a
+    DataLoader worker's wrapper, see :func:`user_error_in`) as that UserError alone; any
+    other exception passes unchanged."""
+    try:
+        yield
+    except (UserError, TrainingError):
+        raise
+    except Exception as e:
+        found = user_error_in(e)
+        if found is not None:
+            raise found from None
+        raise
+
+
 def setup_logging(level: int = logging.INFO, rank: int = 0) -> None:
     """Configure the root logger once: time, level and (when distributed) the rank.
 
@@ -89,13 +105,25 @@ def setup_logging(level: int = logging.INFO, rank: int = 0) -> None:
     root.setLevel(level if rank == 0 else max(level, logging.WARNING))
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher says: torchrun's ``RANK``, else ``SLURM_PROCID`` of a
+    task that ``srun`` started (``SLURM_STEP_NUM_TASKS`` is set: a batch script's own shell has
+    ``SLURM_PROCID=0`` too but is no task of a step); 0 for a plain process. Used for the log
+    format before torch.distributed is set up (``engine.launch_env`` reads the rest)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if "SLURM_STEP_NUM_TASKS" in os.environ and "SLURM_PROCID" in os.environ:
+        return int(os.environ["SLURM_PROCID"])
+    return 0
+
+
 def run_cli(main: Callable[[Any], Any], parser, argv: list[str] | None = None) -> Any:
     """Parse ``argv`` with ``parser``, run ``main(args)`` and map errors to exit codes.
 
     UserError -> exit 2, TrainingError -> exit 1, each as one ``error: ...`` line on stderr.
     """
     args = parser.parse_args(argv)
-    setup_logging(rank=int(os.environ.get("RANK", "0")))
+    setup_logging(rank=launch_rank())
     try:
         return main(args)
     except (UserError, TrainingError) as e:

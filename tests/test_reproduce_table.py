@@ -1,8 +1,10 @@
 """Tests of reproduce_table.py, runqueue.py and report.py: the plan, locks, workers, collection, the table,
-bad input, and the whole grid end to end at a tiny size (killed, resumed, rerun, re-collected)."""
+bad input, and the whole grid end to end at a tiny size (killed, resumed, rerun, re-collected).
+The grid on SLURM: tests/test_slurm.py."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
@@ -192,69 +194,95 @@ def test_random_init_depends_on_the_seed_only(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def _dead_pid() -> int:
-    p = subprocess.Popen([sys.executable, "-c", "pass"])
-    p.wait()
-    return p.pid
+HOLD_LOCK = """
+import sys, time
+from filelock import FileLock
+lock = FileLock(sys.argv[1])
+lock.acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
 
 
-def test_lock_is_exclusive_and_stale_locks_are_taken_over(tmp_path, caplog):
-    locks = str(tmp_path / "locks")
-    path = runqueue.try_lock(locks, "run_a")
-    assert path and os.path.isfile(path)
-    assert runqueue.try_lock(locks, "run_a") is None  # held by this live process
-    runqueue.release_lock(path)
-    assert not os.path.exists(path)
-
-    # a lock of a process that is gone (same host) is taken over, with a log line
-    stale = Path(locks) / "run_b.lock"
-    stale.write_text(json.dumps({"host": runqueue.HOST, "pid": _dead_pid(), "time": 0}))
-    with caplog.at_level(logging.WARNING, logger="runqueue"):
-        got = runqueue.try_lock(locks, "run_b")
-    assert got == str(stale) and "taking over the stale lock" in caplog.text
-    assert json.loads(stale.read_text())["pid"] == os.getpid()
-    runqueue.release_lock(got)
-
-    # a lock of another host is respected; so is a fresh empty lock (being written)
-    other = Path(locks) / "run_c.lock"
-    other.write_text(json.dumps({"host": runqueue.HOST + "-elsewhere", "pid": 1, "time": 0}))
-    assert runqueue.try_lock(locks, "run_c") is None
-    empty = Path(locks) / "run_d.lock"
-    empty.write_text("")
-    assert runqueue.try_lock(locks, "run_d") is None
-    old = time.time() - 3600
-    os.utime(empty, (old, old))
-    assert runqueue.try_lock(locks, "run_d") == str(empty)
+def _hold_lock_in_child(path) -> subprocess.Popen:
+    """A child process that takes the lock ``path`` and keeps it until it is killed."""
+    child = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(path)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    return child
 
 
-FAKE_SCRIPT = """
-import argparse, json, os, time
+def test_run_lock_is_exclusive_and_free_again_when_its_holder_dies(tmp_path):
+    locks = tmp_path / "locks"
+    lock = runqueue.try_lock(str(locks), "run_a")
+    assert lock is not None and lock.is_locked
+    assert runqueue.try_lock(str(locks), "run_a") is None  # another claim, even in this process
+    lock.release()
+    again = runqueue.try_lock(str(locks), "run_a")
+    assert again is not None
+    again.release()
 
-def get_args_parser():
+    # a worker killed while it holds a run leaves no stale claim behind
+    locks.mkdir(exist_ok=True)
+    child = _hold_lock_in_child(locks / "run_b.lock")
+    try:
+        assert runqueue.try_lock(str(locks), "run_b") is None
+    finally:
+        child.kill()
+        child.wait()
+    taken = runqueue.try_lock(str(locks), "run_b")
+    assert taken is not None
+    taken.release()
+
+
+def test_a_second_local_launch_of_a_grid_is_refused(tmp_path):
+    state = tmp_path / "state"
+    state.mkdir()
+    cfg = runqueue.WorkerConfig(chkpt_dir=str(tmp_path / "runs"), state_dir=str(state))
+    _, plan = _small_plan(str(tmp_path / "runs"))
+    assert not runqueue.local_launch_running(str(state))
+    child = _hold_lock_in_child(runqueue.local_lock_path(str(state)))
+    try:
+        assert runqueue.local_launch_running(str(state))
+        with pytest.raises(UserError, match="another local launch of this grid is running"):
+            runqueue.run_local(plan, cfg, progress=False)
+    finally:
+        child.kill()
+        child.wait()
+    assert not runqueue.local_launch_running(str(state))
+    assert not (tmp_path / "runs").exists()  # nothing ran
+
+
+# A stand-in training script for the worker tests: module-level functions, so that spawned
+# workers receive them by reference (they import this test module).
+
+
+def fake_get_args_parser():
     p = argparse.ArgumentParser()
-    for flag in ("--run_name", "--chkpt_dir", "--claims", "--resume", "--needs"):
-        p.add_argument(flag, nargs="?" if flag == "--resume" else None, const="auto" if flag == "--resume" else None)
+    for flag in ("--run_name", "--chkpt_dir", "--claims", "--needs"):
+        p.add_argument(flag)
+    p.add_argument("--resume", nargs="?", const="auto")
     return p
 
-def main(args):
+
+def fake_main(args):
     if args.needs:
         assert os.path.isfile(os.path.join(args.chkpt_dir, args.needs + "_files", "result.json")), args.needs
     with open(args.claims, "a") as f:
-        f.write(f"start {args.run_name} {os.getpid()}\\n")
+        f.write(f"start {args.run_name} {os.getpid()}\n")
     time.sleep(0.3)
     d = os.path.join(args.chkpt_dir, args.run_name + "_files")
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, "result.json"), "w") as f:
         json.dump({"run_name": args.run_name, "best_dice_paper": 0.5}, f)
     with open(args.claims, "a") as f:
-        f.write(f"end {args.run_name} {os.getpid()}\\n")
+        f.write(f"end {args.run_name} {os.getpid()}\n")
     return {"run_name": args.run_name}
-"""
 
 
-def test_two_spawned_workers_run_every_run_once_in_dependency_order(tmp_path, monkeypatch):
-    (tmp_path / "fake_train.py").write_text(FAKE_SCRIPT)
-    monkeypatch.syspath_prepend(str(tmp_path))  # the spawned workers inherit sys.path
+FAKE_TRAINERS = {"fake_train": runqueue.Trainer(fake_get_args_parser, fake_main)}
+
+
+def test_two_spawned_workers_run_every_run_once_in_dependency_order(tmp_path):
     chk, claims = str(tmp_path / "runs"), str(tmp_path / "claims.txt")
     rows = runqueue.parse_rows("0-0,0.3-0.6")
     plan = runqueue.plan_grid(
@@ -277,13 +305,18 @@ def test_two_spawned_workers_run_every_run_once_in_dependency_order(tmp_path, mo
         finetune_script="fake_train",
     )
     assert len(plan) == 12
+    with pytest.raises(ValueError, match="no trainer for script 'fake_train'"):
+        runqueue.trainer_for("fake_train")  # the project's scripts only, unless given others
     cfg = runqueue.WorkerConfig(chkpt_dir=chk, state_dir=str(tmp_path / "state"), poll_s=0.1)
     ctx = mp.get_context("spawn")
     procs = []
     for i in range(2):
         c = {**cfg.__dict__, "owner": f"w{i}"}
         procs.append(
-            ctx.Process(target=runqueue.worker_entry, args=([r.to_dict() for r in plan], c, {}, 1, logging.INFO))
+            ctx.Process(
+                target=runqueue.worker_entry,
+                args=([r.to_dict() for r in plan], c, {}, 1, logging.INFO, FAKE_TRAINERS),
+            )
         )
     for p in procs:
         p.start()
@@ -293,11 +326,15 @@ def test_two_spawned_workers_run_every_run_once_in_dependency_order(tmp_path, mo
     lines = [ln.split() for ln in Path(claims).read_text().splitlines()]
     starts = [ln[1] for ln in lines if ln[0] == "start"]
     assert sorted(starts) == sorted(r.name for r in plan)  # every run exactly once
+    assert len({ln[2] for ln in lines}) == 2  # by both workers
     order = [(ln[0], ln[1]) for ln in lines]
     for r in plan:
         if r.depends:
             assert order.index(("end", r.depends)) < order.index(("start", r.name))
-    assert not os.listdir(tmp_path / "state" / "locks")  # every lock released
+    for r in plan:  # every lock released
+        lock = runqueue.try_lock(str(tmp_path / "state" / "locks"), r.name)
+        assert lock is not None
+        lock.release()
 
 
 # ---------------------------------------------------------------------------------------
@@ -574,13 +611,13 @@ def test_grid_end_to_end_killed_resumed_rerun_recollected(tmp_path, caplog, caps
         proc.wait()
         proc.stderr.close()
     assert not (chk / f"{pre}_files" / "result.json").exists()
-    assert (out / "state" / "locks" / f"{pre}.lock").exists()  # left behind by the killed process
 
-    # 2) rerun in-process: the stale lock is taken over, the pretraining resumes, the grid completes
+    # 2) rerun in-process: the killed process held the run's lock and the grid's, both free now;
+    # the pretraining resumes, the grid completes
     args = parse(["--output_dir", str(out), *TINY])
     with caplog.at_level(logging.INFO):
         res = rt.main(args)
-    assert "taking over the stale lock" in caplog.text and "resuming from" in caplog.text
+    assert "resuming from" in caplog.text
     epochs = [json.loads(ln)["epoch"] for ln in log.read_text().splitlines()]
     assert epochs == [1, 2]
     assert res["n_runs"] == 5 and res["n_finished"] == 5
