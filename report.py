@@ -234,12 +234,12 @@ def render_organs(
     rows: Sequence[Row],
     collected: dict[str, dict[str, Any]],
     out_dir: str,
-    name: str = "organs",
+    stem: str = "organs",
     title: str = "Challenge-grade scores per organ",
     intro: str = "Per-organ Dice and normalised surface Dice (NSD) on the validation cases (FLARE 2022 conventions), "
     "each the mean over cases, then averaged over the row's finished fine-tunings.",
 ) -> dict[str, str]:
-    """Write ``<name>.md`` (a Dice table and an NSD table: organs x intervals) and ``<name>.csv``
+    """Write ``<stem>.md`` (a Dice table and an NSD table: organs x intervals) and ``<stem>.csv``
     (default ``organs.*``; ``collected[row]["organs"]`` lists per-organ summaries, one per run)."""
     means = organ_means(rows, collected)
     present = [r for r in rows if r.key in means]
@@ -273,7 +273,7 @@ def render_organs(
             for name, o in m["organs"].items():
                 w.writerow([r.label, o["organ_id"], name, _csv(o["dice"]), _csv(o["nsd"]), m["n_runs"]])
             w.writerow([r.label, "", "mean", _csv(m["dice_mean"]), _csv(m["nsd_mean"]), m["n_runs"]])
-    md_path, csv_path = os.path.join(out_dir, f"{name}.md"), os.path.join(out_dir, f"{name}.csv")
+    md_path, csv_path = os.path.join(out_dir, f"{stem}.md"), os.path.join(out_dir, f"{stem}.csv")
     atomic_write_text(md_path, "\n".join(md) + "\n")
     atomic_write_text(csv_path, buf.getvalue())
     return {"md": md_path, "csv": csv_path}

@@ -840,7 +840,7 @@ def native_table(
         "tolerances); mean over cases. Models: " + "; ".join(chosen) + "."
     )
     return report.render_organs(
-        rows, native, out, name="native", title="Scores per organ at native resolution", intro=intro
+        rows, native, out, stem="native", title="Scores per organ at native resolution", intro=intro
     )
 
 
