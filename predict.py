@@ -34,6 +34,7 @@ checkpoint that is not a fine-tuned model of this project.
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import io
 import logging
@@ -291,9 +292,9 @@ class Predictor:
             sw_overlap=float(sw_overlap),
         )
 
-    @property
+    @functools.cached_property
     def pipeline(self) -> Compose:
-        """The training preprocessing chain (``load=False``, key ``"image"``)."""
+        """The training preprocessing chain (``load=False``, key ``"image"``), built once."""
         return preprocessing_from_record(self.preprocessing)
 
     def model_input(self, pre: torch.Tensor) -> np.ndarray:
@@ -566,7 +567,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--use_amp",
         action="store_true",
-        help="Mixed precision on CUDA (about 2x faster; labels may differ at a few boundary voxels). No effect on the CPU.",
+        help="Mixed precision on CUDA (faster; labels may differ from float32 at a few boundary voxels). "
+        "No effect on the CPU.",
     )
     g.add_argument(
         "--amp_dtype",
@@ -579,7 +581,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="Processes that read and preprocess the next scans while the model runs (0: in this process). "
-        "2-4 keep a GPU busy; each holds up to two preprocessed scans in memory.",
+        "Raise it on a GPU when reading and resampling a scan takes longer than predicting it; each "
+        "process holds up to two preprocessed scans in memory.",
     )
     g.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="Show a progress bar over the cases."

@@ -913,7 +913,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("wrote %d shell files to %s (all.sh runs them in order)", len(written) - 1, args.write_scripts)
         return {"scripts": written}
 
-    native_items = native_inputs(data["labelled_dir"], split) if s["native_table"] else None  # refused before the grid runs
+    native_items = (
+        native_inputs(data["labelled_dir"], split) if s["native_table"] else None
+    )  # refused before the grid runs
 
     failed: list[str] = []
     if not args.collect_only:
