@@ -5,8 +5,8 @@ LPS with a shuffled axis order (and a qform different from its sform), and on ph
 with anisotropic voxels: the output has the input's shape, affine, qform and sform, and a
 label volume taken through the forward preprocessing and back keeps every organ. A tiny
 model really fine-tuned for one epoch records its preprocessing, sees on new CT exactly
-the values its training slices held, and its predictions are scored by metrics.py in the
-labels' own geometry. Bad cases are skipped and listed (exit 1); nothing-can-run is exit 2.
+the values its training slices held, predicts there exactly what the fine-tuning's own
+evaluation predicts, and its predictions are scored by metrics.py in the labels' own geometry. Bad cases are skipped and listed (exit 1); nothing-can-run is exit 2.
 
 Models built directly (random weights, saved with ``finetune.finetuned_checkpoint``) keep
 the geometry tests fast; a coarse preprocessing record (3 x 3 x 5 mm) keeps the real CT
@@ -293,6 +293,22 @@ def test_a_finetuned_model_records_its_preprocessing_and_predicts_raw_ct(tmp_pat
     stored = np.stack([data.read_image_2d_stored(p) for p in slices], axis=-1)
     got = predictor.model_input(pre)
     assert got.dtype == np.uint8 and np.array_equal(got, stored)
+    # ... and predicts there what the fine-tuning's own evaluation predicts from those slices
+    ev = [
+        "--eval_only",
+        "--chkpt_path",
+        str(ckpt_path),
+        "--save_predictions",
+        str(tmp_path / "ev"),
+        "--max_images",
+        "0",
+    ]
+    ev += ["--run_name", "ev"]
+    main_finetune.main(main_finetune.get_args_parser().parse_args([*argv[: argv.index("--run_name")], *ev]))
+    evaluated = np.asarray(nib.load(tmp_path / "ev" / f"{case}.nii.gz").dataobj)
+    predictor.sw_batch_size = 8  # the evaluation's --sw_batch_size
+    grid_ids, _ = predictor.segment(pre)
+    assert np.array_equal(grid_ids, evaluated)
 
     # predict the raw scans, then score them with metrics.py in the labels' own geometry
     out = tmp_path / "pred"
@@ -311,6 +327,19 @@ def test_a_finetuned_model_records_its_preprocessing_and_predicts_raw_ct(tmp_pat
     direct = metrics.organ_scores(np.asarray(pred.dataobj), np.asarray(lab.dataobj), lab.header.get_zooms(), z_axis=-1)
     want = float(np.mean([direct[i]["dice"] for i in direct]))
     assert summary["per_case"][case]["dice_mean"] == pytest.approx(want)
+    # the scan-geometry labels taken back through the training preprocessing are the evaluation's
+    # labels inside the scan (the padding is the model's alone), but where nearest-neighbour
+    # resampling between the two grids moves a boundary
+    image, _ = predict.load_scan(os.path.join(images, f"{case}_0000.nii.gz"))
+    native, _ = predict.load_scan(str(out / f"{case}.nii.gz"))
+    native.affine = image.affine.clone()
+    inside = native.clone()
+    inside[:] = 1.0
+    chain = preprocessing_transforms(keys=("image", "label"), load=False, **PAPER)
+    again = chain({"image": image, "label": native})["label"].as_tensor().numpy()[0].round().astype(np.uint8)
+    mask = chain({"image": image, "label": inside})["label"].as_tensor().numpy()[0] > 0.5
+    assert again.shape == evaluated.shape and 0.1 < mask.mean() < 1.0  # a 45 mm phantom in 96 x 96
+    assert (again[mask] == evaluated[mask]).mean() > 0.95 and (again[~mask] == 0).all()
 
     # a checkpoint from before the record: the settings come from its data folder's manifest
     legacy = {k: v for k, v in ckpt.items() if k != "preprocessing"}
