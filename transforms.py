@@ -282,7 +282,8 @@ def _traced_by(image: MetaTensor, pipeline: Compose) -> list:
     Raises:
         ValueError: the operations differ from the chain's.
     """
-    probe = MetaTensor(torch.ones((1, 4, 4, 4)), affine=torch.eye(4, dtype=torch.float64))
+    # a small volume above any HU window: every step records its operation (nothing is cropped away)
+    probe = MetaTensor(torch.full((1, 4, 4, 4), 1e4), affine=torch.eye(4, dtype=torch.float64))
     want = [op[TraceKeys.CLASS_NAME] for op in pipeline({"image": probe})["image"].applied_operations]
     got = [op.get(TraceKeys.CLASS_NAME) for op in image.applied_operations]
     if got != want:
