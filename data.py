@@ -197,14 +197,7 @@ def encode_png_2d(arr: np.ndarray, bits: int = 8, is_label: bool = False) -> byt
     """
     if arr.ndim != 2:
         raise ValueError(f"a slice must be 2D (X, Y), got shape {arr.shape}")
-    if is_label:
-        pic = arr.astype(np.uint8)
-    elif bits == 8:
-        pic = np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
-    elif bits == 16:
-        pic = np.round(np.clip(arr, 0.0, 1.0).astype(np.float64) * 65535.0).astype(np.uint16)
-    else:
-        raise ValueError(f"png bits must be 8 or 16, got {bits}")
+    pic = arr.astype(np.uint8) if is_label else float_to_stored(arr, bits)
     buf = io.BytesIO()
     # compress_level 1: 3x faster than the default 6 for ~15% larger files; pixels are identical
     Image.fromarray(_to_display(pic)).save(buf, format="PNG", compress_level=1)
@@ -298,6 +291,21 @@ def stored_scale(dtype: Any) -> float | None:
     """The divisor that maps stored PNG values of ``dtype`` to [0, 1]: 255 for uint8, 65535
     for uint16; None for anything else (already float)."""
     return {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(np.dtype(dtype))
+
+
+def float_to_stored(arr: np.ndarray, bits: int = 8) -> np.ndarray:
+    """Image values in [0, 1] -> what an image PNG of ``bits`` bits stores: ``round(value * 255)``
+    as uint8 or ``round(value * 65535)`` as uint16 (values outside [0, 1] are clipped first).
+    Works on slices and volumes; :func:`stored_to_float` maps back.
+
+    Raises:
+        ValueError: ``bits`` is not 8 or 16.
+    """
+    if bits == 8:
+        return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    if bits == 16:
+        return np.round(np.clip(arr, 0.0, 1.0).astype(np.float64) * 65535.0).astype(np.uint16)
+    raise ValueError(f"png bits must be 8 or 16, got {bits}")
 
 
 def stored_to_float(stored: np.ndarray) -> np.ndarray:
@@ -880,6 +888,27 @@ def read_manifest_spacing(data_dir: str) -> dict[str, tuple[float, float, float]
         ) from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"cannot read the voxel sizes in {path}: {type(e).__name__}: {e}") from None
+
+
+def read_manifest(data_dir: str) -> dict[str, Any]:
+    """The ``manifest.json`` of a preprocessing output: ``{"format_version", "args" (the
+    preprocessing arguments, ``preprocessing.PreprocessConfig.to_json()``), "n_cases",
+    "n_slices", "cases": {case: {"shape", "spacing", "source", "label_source", ...}}}``.
+
+    Raises:
+        UserError: the file is missing, unreadable, or has no ``args`` / ``cases``.
+    """
+    path = os.path.join(data_dir, MANIFEST_NAME)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing: {data_dir} is not a finished preprocess_flare_*.py output") from None
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {type(e).__name__}: {e}") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("args"), dict) or "cases" not in manifest:
+        raise UserError(f"{path} holds no preprocessing 'args' and 'cases'; rerun the preprocessing script")
+    return manifest
 
 
 def group_cases_2d(

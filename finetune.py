@@ -70,7 +70,13 @@ from data import (
     load_case_2d,
     read_manifest_spacing,
 )
-from transforms import LoadSliceAndLabel2d, preprocess_steps_3d, random_crop_transforms
+from transforms import (
+    LoadSliceAndLabel2d,
+    check_preprocessing_record,
+    preprocess_steps_3d,
+    preprocessing_record,
+    random_crop_transforms,
+)
 from utils import (
     TrainingError,
     UserError,
@@ -240,7 +246,8 @@ def predict_volume(
     device: torch.device,
     autocast: Callable[[], Any],
     on_device: bool = False,
-) -> np.ndarray | torch.Tensor:
+    probabilities: bool = False,
+) -> np.ndarray | torch.Tensor | tuple[np.ndarray | torch.Tensor, torch.Tensor]:
     """Class ids (X, Y, Z) uint8 for an image volume (X, Y, Z) by sliding-window inference.
 
     ``image``: float32, or stored 8-/16-bit PNG values (converted on the device, same bits
@@ -248,15 +255,21 @@ def predict_volume(
     call as fill ``sw_batch_size`` windows, so each forward pass sees a full batch of windows.
     3D: the volume is one item with windows of ``crop_size``^3. ``on_device``: return the
     prediction as a tensor on ``device`` (no copy to the host) instead of a numpy array.
+    ``probabilities``: return ``(ids, probs)``, ``probs`` the softmax per class as a float16
+    CPU tensor (C, X, Y, Z) (the ids are its argmax, taken in float32 before rounding).
     """
     model.eval()
     roi = (int(crop_size),) * spatial_dims
     take = _device_image(image, device)
+    probs: list[torch.Tensor] = []
     if spatial_dims == 3:
         with autocast():
             logits = sliding_window_inference(take(None)[None, None], roi, sw_batch_size, model, overlap=sw_overlap)
         out = logits.argmax(1)[0].to(torch.uint8)
-        return out if on_device else out.cpu().numpy()
+        if probabilities:
+            probs.append(torch.softmax(logits[0].float(), dim=0).half().cpu())
+        out = out if on_device else out.cpu().numpy()
+        return (out, probs[0]) if probabilities else out
     n_z = image.shape[-1]
     per = max(1, sw_batch_size // windows_per_item(image.shape[:2], crop_size, sw_overlap))
     out = []
@@ -265,8 +278,13 @@ def predict_volume(
         with autocast():
             logits = sliding_window_inference(x, roi, sw_batch_size, model, overlap=sw_overlap)
         out.append(logits.argmax(1).to(torch.uint8))
+        if probabilities:
+            probs.append(torch.softmax(logits.float(), dim=1).half().cpu())  # (z, C, X, Y)
     pred = torch.cat(out).permute(1, 2, 0)
-    return pred if on_device else pred.contiguous().cpu().numpy()
+    pred = pred if on_device else pred.contiguous().cpu().numpy()
+    if probabilities:
+        return pred, torch.cat(probs).permute(1, 2, 3, 0)
+    return pred
 
 
 # ---------------------------------------------------------------------------------------
@@ -424,9 +442,20 @@ def evaluate(
 
 
 def finetuned_checkpoint(
-    model: nn.Module, cfg: Mapping[str, Any], n_classes: int, args: Mapping[str, Any], epoch: int, dice_paper: float
+    model: nn.Module,
+    cfg: Mapping[str, Any],
+    n_classes: int,
+    args: Mapping[str, Any],
+    epoch: int,
+    dice_paper: float,
+    preprocessing: Mapping[str, Any],
 ) -> dict[str, Any]:
-    """The self-describing best-model file ``<run>.pt`` (format ``ioupos-finetune-v1``)."""
+    """The self-describing best-model file ``<run>.pt`` (format ``ioupos-finetune-v1``).
+
+    ``preprocessing``: how the training data was preprocessed
+    (:func:`transforms.preprocessing_record`, from :func:`data_preprocessing`); ``predict.py``
+    applies exactly that to new CT, and ``export_model.py`` writes it into the model card.
+    """
     return {
         "format": FINETUNE_FORMAT,
         "model_config": dict(cfg),
@@ -435,7 +464,87 @@ def finetuned_checkpoint(
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "epoch": int(epoch),
         "dice_paper": float(dice_paper),
+        "preprocessing": dict(preprocessing),
     }
+
+
+def _record_from_manifest(data_dir: str) -> dict[str, Any]:
+    """The preprocessing record of a ``preprocess_flare_labelled.py`` output (its ``manifest.json`` args).
+
+    Raises:
+        UserError: no readable manifest, or not 2D labelled slices.
+    """
+    manifest = data.read_manifest(data_dir)
+    where = os.path.join(data_dir, data.MANIFEST_NAME)
+    a = manifest["args"]
+    if a.get("kind") != "labelled" or a.get("spatial_dims") != 2:
+        raise UserError(
+            f"{where} describes {a.get('kind')} {a.get('spatial_dims')}D data, not the labelled 2D slices of fine-tuning"
+        )
+    try:
+        return preprocessing_record(2, a["a_min"], a["a_max"], a["pixdim"], a["min_xy"], a["png_bits"], where)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{where}: the preprocessing arguments are incomplete ({type(e).__name__}: {e})") from None
+
+
+def data_preprocessing(data_dir: str, spatial_dims: int) -> dict[str, Any]:
+    """How the fine-tuning data of ``data_dir`` is preprocessed (:func:`transforms.preprocessing_record`).
+
+    2D: the arguments recorded in the folder's ``manifest.json`` by ``preprocess_flare_labelled.py``
+    (HU window, voxel size, padding, PNG bits). 3D: the raw NIfTI go through
+    :func:`preprocess_config_3d`'s chain on the fly.
+
+    Raises:
+        UserError: 2D and the manifest is missing or incomplete.
+    """
+    if spatial_dims == 2:
+        return _record_from_manifest(data_dir)
+    c = preprocess_config_3d()
+    return preprocessing_record(
+        3,
+        c["a_min"],
+        c["a_max"],
+        c["pixdim"],
+        c["min_xy"],
+        None,
+        "main_finetune.py --spatial_dims 3: raw NIfTI preprocessed on the fly (finetune.preprocess_config_3d)",
+    )
+
+
+def checkpoint_preprocessing(ckpt: Mapping[str, Any], path: str) -> dict[str, Any]:
+    """The preprocessing a fine-tuned model expects: its checkpoint's ``"preprocessing"`` record.
+
+    A checkpoint written before the record existed (2D) falls back to the ``manifest.json``
+    of the data folder it records as ``args["data_dir"]``, when that folder still holds one
+    (logged); nothing is ever assumed.
+
+    Raises:
+        UserError: no record and no manifest to read it from (the message says what to do),
+            or a record this code cannot apply.
+    """
+    rec = ckpt.get("preprocessing")
+    if rec is not None:
+        return check_preprocessing_record(rec, path)
+    saved = ckpt.get("args") or {}
+    data_dir = saved.get("data_dir")
+    if saved.get("spatial_dims") == 2 and data_dir:
+        where = os.path.join(data_dir, data.MANIFEST_NAME)
+        if os.path.isfile(where):
+            logger.warning(
+                "%s has no preprocessing record (written by an older version); using the settings in %s, "
+                "the manifest of the data it was trained on",
+                path,
+                where,
+            )
+            return _record_from_manifest(data_dir)
+        raise UserError(
+            f"{path} records no preprocessing (written by an older version) and the manifest of its training data "
+            f"{where} is gone; restore that folder, or fine-tune again to get a model that records it"
+        )
+    raise UserError(
+        f"{path} records no preprocessing (written by an older version; 3D or without a recorded data folder); "
+        "fine-tune again to get a model that records it"
+    )
 
 
 def load_finetuned(path: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
@@ -545,6 +654,8 @@ class FinetuneData:
             raise UserError(f"no training slices in {args.data_dir} for the split {args.split_path} ('train' is empty)")
         self.spatial_dims = args.spatial_dims
         self.n_classes = args.n_classes
+        #: how the data was preprocessed; stored in the fine-tuned checkpoint for predict.py
+        self.preprocessing = data_preprocessing(args.data_dir, args.spatial_dims)
         self.train_items = train_items if need_train else []
         self.case_cache: CaseCache | None = None
         self.train_ds = None
@@ -1068,7 +1179,9 @@ def _evaluate_epoch(
     improved = best.update(epoch, res.dice_paper)
     if improved and info.is_main:
         atomic_torch_save(
-            finetuned_checkpoint(seg.model, cfg, args.n_classes, engine.args_dict(args), epoch, res.dice_paper),
+            finetuned_checkpoint(
+                seg.model, cfg, args.n_classes, engine.args_dict(args), epoch, res.dice_paper, dat.preprocessing
+            ),
             paths["weights"],
         )
     record.update(best_dice_paper=best.dice_paper, best_epoch=best.epoch)

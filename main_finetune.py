@@ -193,7 +193,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--save_predictions",
         type=str,
         default=None,
-        help="Write each evaluated case's predicted label volume to DIR/<case>.nii.gz (with DIR/labels/ and DIR/images/) in the preprocessed geometry, for a viewer or metrics.py.",
+        help="Write each evaluated case's predicted label volume to DIR/<case>.nii.gz (with DIR/labels/ and DIR/images/) in the preprocessed geometry, for a viewer or metrics.py. For labels in each scan's own geometry use predict.py.",
     )
     g.add_argument(
         "--nsd_tolerance_mm",

@@ -498,36 +498,67 @@ class DINOLoss(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
+def segmenter_spec(cfg: dict[str, Any], n_classes: int) -> tuple[str, dict[str, Any]]:
+    """The MONAI class (``"SwinUNETR"`` or ``"UNETR"``) and the keyword arguments that build the
+    segmenter of ``cfg``, as plain JSON values: what :func:`build_segmenter` calls and what an
+    exported model card records (``export_model.py``), so that
+    ``getattr(monai.networks.nets, name)(**kwargs)`` rebuilds the very network.
+
+    The arguments MONAI would default are written out too, so a later MONAI with other
+    defaults still builds the same network. ``use_checkpoint`` (gradient checkpointing,
+    a training memory option) is ``cfg``'s; it changes no output.
+    """
+    d = int(cfg["spatial_dims"])
+    if cfg["arch"] == "swin":
+        return "SwinUNETR", {
+            "in_channels": 1,
+            "out_channels": int(n_classes),
+            "patch_size": int(cfg["patch_size"]),
+            "depths": [int(v) for v in cfg["depths"]],
+            "num_heads": [int(v) for v in cfg["num_heads"]],
+            "window_size": int(cfg["window_size"]),
+            "qkv_bias": True,
+            "mlp_ratio": 4.0,
+            "feature_size": int(cfg["embedding_size"]),
+            "norm_name": "instance",
+            "drop_rate": 0.0,
+            "attn_drop_rate": 0.0,
+            "dropout_path_rate": float(cfg["drop_path_rate"]),
+            "normalize": True,
+            "patch_norm": False,
+            "use_checkpoint": bool(cfg["use_checkpoint"]),
+            "spatial_dims": d,
+            "downsample": "merging",
+            "use_v2": False,
+        }
+    return "UNETR", {
+        "in_channels": 1,
+        "out_channels": int(n_classes),
+        "img_size": int(cfg["img_size"]),
+        "feature_size": 16,
+        "hidden_size": int(cfg["hidden_size"]),
+        "mlp_dim": int(cfg["mlp_dim"]),
+        "num_heads": int(cfg["num_heads"]),
+        "proj_type": "conv",
+        "norm_name": "instance",
+        "conv_block": True,
+        "res_block": True,
+        "dropout_rate": 0.0,
+        "spatial_dims": d,
+        "qkv_bias": False,
+        "save_attn": False,
+    }
+
+
 def build_segmenter(cfg: dict[str, Any], n_classes: int) -> nn.Module:
-    """``SwinUNETR`` or ``UNETR`` with 1 input channel and ``n_classes`` outputs.
+    """``SwinUNETR`` or ``UNETR`` with 1 input channel and ``n_classes`` outputs
+    (:func:`segmenter_spec`'s arguments).
 
     The encoder inside (``segmenter_encoder``) has the same parameter names and shapes
     as ``build_encoder(cfg).backbone``.
     """
-    if cfg["arch"] == "swin":
-        return SwinUNETR(
-            in_channels=1,
-            out_channels=n_classes,
-            patch_size=cfg["patch_size"],
-            depths=cfg["depths"],
-            num_heads=cfg["num_heads"],
-            window_size=cfg["window_size"],
-            feature_size=cfg["embedding_size"],
-            dropout_path_rate=cfg["drop_path_rate"],
-            use_checkpoint=cfg["use_checkpoint"],
-            spatial_dims=cfg["spatial_dims"],
-        )
-    return UNETR(
-        in_channels=1,
-        out_channels=n_classes,
-        img_size=cfg["img_size"],
-        feature_size=16,
-        hidden_size=cfg["hidden_size"],
-        mlp_dim=cfg["mlp_dim"],
-        num_heads=cfg["num_heads"],
-        proj_type="conv",
-        spatial_dims=cfg["spatial_dims"],
-    )
+    name, kwargs = segmenter_spec(cfg, n_classes)
+    return (SwinUNETR if name == "SwinUNETR" else UNETR)(**kwargs)
 
 
 def segmenter_encoder(model: nn.Module) -> nn.Module:

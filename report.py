@@ -231,17 +231,20 @@ def organ_means(rows: Sequence[Row], collected: dict[str, dict[str, Any]]) -> di
     return out
 
 
-def render_organs(rows: Sequence[Row], collected: dict[str, dict[str, Any]], out_dir: str) -> dict[str, str]:
-    """Write ``organs.md`` (a Dice table and an NSD table: organs x intervals) and ``organs.csv``."""
+def render_organs(
+    rows: Sequence[Row],
+    collected: dict[str, dict[str, Any]],
+    out_dir: str,
+    stem: str = "organs",
+    title: str = "Challenge-grade scores per organ",
+    intro: str = "Per-organ Dice and normalised surface Dice (NSD) on the validation cases (FLARE 2022 conventions), "
+    "each the mean over cases, then averaged over the row's finished fine-tunings.",
+) -> dict[str, str]:
+    """Write ``<stem>.md`` (a Dice table and an NSD table: organs x intervals) and ``<stem>.csv``
+    (default ``organs.*``; ``collected[row]["organs"]`` lists per-organ summaries, one per run)."""
     means = organ_means(rows, collected)
     present = [r for r in rows if r.key in means]
-    md = [
-        "# Challenge-grade scores per organ",
-        "",
-        "Per-organ Dice and normalised surface Dice (NSD) on the validation cases (FLARE 2022 conventions), "
-        "each the mean over cases, then averaged over the row's finished fine-tunings.",
-        "",
-    ]
+    md = [f"# {title}", "", intro, ""]
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["interval", "organ_id", "organ", "dice", "nsd", "n_runs"])
@@ -271,7 +274,7 @@ def render_organs(rows: Sequence[Row], collected: dict[str, dict[str, Any]], out
             for name, o in m["organs"].items():
                 w.writerow([r.label, o["organ_id"], name, _csv(o["dice"]), _csv(o["nsd"]), m["n_runs"]])
             w.writerow([r.label, "", "mean", _csv(m["dice_mean"]), _csv(m["nsd_mean"]), m["n_runs"]])
-    md_path, csv_path = os.path.join(out_dir, "organs.md"), os.path.join(out_dir, "organs.csv")
+    md_path, csv_path = os.path.join(out_dir, f"{stem}.md"), os.path.join(out_dir, f"{stem}.csv")
     atomic_write_text(md_path, "\n".join(md) + "\n")
     atomic_write_text(csv_path, buf.getvalue())
     return {"md": md_path, "csv": csv_path}

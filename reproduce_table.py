@@ -18,6 +18,10 @@ Output folder::
     <output_dir>/grid.json                 format version, rows, seeds, preset, settings, split
     <output_dir>/table.md, table.csv       the table (ours beside the paper's), printed at the end
     <output_dir>/organs.md, organs.csv     challenge-grade per-organ Dice and NSD per row
+    <output_dir>/native.md, native.csv     the same at native resolution: the raw validation scans
+                                           predicted by each row's best model (predict.py), scored
+                                           against the raw labels (--native_table; paper preset)
+    <output_dir>/native/<run>/             those predictions (<case>.nii.gz) and native_scores.*
     <output_dir>/figures/collapse.png      collapse coefficient over pretraining epochs
     <output_dir>/figures/organ_sharing.png fraction of positive pairs sharing an organ
     <output_dir>/figures/crop_pairs.png    example crop pairs per interval
@@ -80,13 +84,18 @@ import sys
 import time
 from typing import Any
 
+import nibabel as nib
+import numpy as np
+
 import make_phantoms
+import metrics
+import predict
 import preprocess_flare_labelled
 import preprocess_flare_unlabelled
 import report
 import runqueue
 import slurm
-from data import DEFAULT_SPLIT_PATH, load_split
+from data import DEFAULT_SPLIT_PATH, load_split, read_manifest
 from engine import run_paths
 from iou_crops import IOU_SAMPLERS
 from report import PAPER_ROW_KEYS
@@ -136,6 +145,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "max_finetune_images": 0,
         "num_workers": -1,
         "workers": 1,
+        # the validation cases predicted in their own geometry by the best model of each row
+        "native_table": True,
     },
     # the same grid on synthetic CT at a size a 2-core CPU finishes in minutes
     "demo": {
@@ -176,10 +187,11 @@ PRESETS: dict[str, dict[str, Any]] = {
         "phantom_slices": 24,
         # execution (not part of grid.json): two single-threaded workers on a 2-core CPU
         "workers": 2,
+        "native_table": False,
     },
 }
 #: Settings that are not hyper-parameters of the runs (kept out of grid.json's comparison).
-_EXECUTION_KEYS = ("num_workers", "workers")
+_EXECUTION_KEYS = ("num_workers", "workers", "native_table")
 
 
 # ---------------------------------------------------------------------------------------
@@ -418,6 +430,15 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--collect_only", action="store_true", help="run nothing; render the table and figures from finished runs"
     )
     g.add_argument("--no_figures", action="store_true", help="skip the figures")
+    g.add_argument(
+        "--native_table",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="after the grid, predict the raw validation scans (the sources recorded in --labelled_dir's "
+        "manifest.json) with each row's best fine-tuning (highest validation dice_paper) in their own geometry "
+        "(predict.py) and score them against the raw labels: native.md / native.csv. Default: on for --preset "
+        "paper, off for the demo",
+    )
     g.add_argument("--figure_pairs", type=int, default=2000, help="crop pairs per interval for organ_sharing.png")
     return p
 
@@ -826,6 +847,114 @@ def check_runs_split(plan: list[Run], chkpt_dir: str, split: dict[str, list[str]
 
 
 # ---------------------------------------------------------------------------------------
+# Scores at native resolution
+# ---------------------------------------------------------------------------------------
+
+
+def native_inputs(labelled_dir: str, split: dict[str, list[str]]) -> dict[str, tuple[str, str]]:
+    """The raw (image, label) files of the validation cases, as ``--labelled_dir``'s
+    ``manifest.json`` recorded them at preprocessing time: ``{case: (image, label)}``.
+
+    Raises:
+        UserError: the manifest is missing, a validation case is not in it, or its raw files are gone.
+    """
+    cases = read_manifest(labelled_dir)["cases"]
+    out = {}
+    for case in split["val"]:
+        entry = cases.get(case)
+        if entry is None:
+            raise UserError(
+                f"validation case {case} is not in {os.path.join(labelled_dir, 'manifest.json')}; "
+                "pass --no-native_table to skip the native-resolution table"
+            )
+        for key in ("source", "label_source"):
+            p = entry.get(key)
+            if not p or not os.path.isfile(p):
+                raise UserError(
+                    f"the raw {'image' if key == 'source' else 'label'} of validation case {case} ({p}) is gone; "
+                    "the native-resolution table needs the raw FLARE files (pass --no-native_table to skip it)"
+                )
+        out[case] = (entry["source"], entry["label_source"])
+    return out
+
+
+def _read_ids(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Label ids and voxel size (mm) of a NIfTI label volume."""
+    try:
+        img = nib.load(path)
+        return np.asarray(img.dataobj).round().astype(np.int64), tuple(float(z) for z in img.header.get_zooms()[:3])
+    except Exception as e:  # nibabel raises many types for a bad file
+        raise UserError(f"cannot read label volume {path}: {type(e).__name__}: {e}") from None
+
+
+def native_table(
+    rows: list[Row],
+    collected: dict[str, dict[str, Any]],
+    chkpt_dir: str,
+    items: dict[str, tuple[str, str]],
+    out: str,
+    s: dict[str, Any],
+    args: argparse.Namespace,
+) -> dict[str, str]:
+    """Predict the raw validation scans with each row's best fine-tuning (``predict.py``, in
+    their own geometry; resumable) and score them against the raw labels with the official
+    FLARE 2022 conventions (:func:`metrics.organ_scores`, each label's voxel size): writes
+    ``native/<run>/<case>.nii.gz`` and ``native_scores.*`` per row, and ``native.md`` / ``native.csv``.
+
+    Raises:
+        TrainingError: a scan could not be predicted (named in the log).
+    """
+    device = predict.resolve_device(args.device)
+    native: dict[str, dict[str, Any]] = {}
+    chosen = []
+    for row in rows:
+        c = collected[row.key]
+        done = [(d, name) for d, name in zip(c["dsc"], c["runs"]) if d is not None]
+        if not done:
+            continue
+        dsc, name = max(done)
+        weights = run_paths(chkpt_dir, name)["weights"]
+        pred_dir = os.path.join(out, "native", name)
+        predictor = predict.Predictor.from_checkpoint(
+            weights, device, bool(s["use_amp"]), sw_batch_size=s["sw_batch_size"]
+        )
+        todo = [
+            predict.CaseInput(case, img, os.path.join(pred_dir, case + ".nii.gz")) for case, (img, _) in items.items()
+        ]
+        logger.info(
+            "native resolution, row %s: %d validation scans with %s (dice_paper %.4f)", row.label, len(todo), name, dsc
+        )
+        res = predict.predict_cases(predictor, todo, progress=args.progress)
+        if res["failed"]:
+            raise TrainingError(
+                f"native-resolution table: {res['n_failed']} scan(s) could not be predicted with {name}: "
+                f"{', '.join(res['failed'])} (reasons logged above)"
+            )
+        per_case = {}
+        tol = metrics.FLARE22_TOLERANCE_MM
+        for it in todo:
+            pred, _ = _read_ids(it.output)
+            label, spacing = _read_ids(items[it.case][1])
+            if pred.shape != label.shape:
+                raise UserError(f"{it.output} has shape {pred.shape}, its label {items[it.case][1]} has {label.shape}")
+            per_case[it.case] = metrics.organ_scores(
+                pred, label, spacing, n_classes=predictor.n_classes, tolerance_mm=tol, z_axis=-1
+            )
+        metrics.write_scores(per_case, pred_dir, prefix="native")
+        native[row.key] = {"organs": [metrics.summarize_case_scores(per_case)]}
+        chosen.append(f"{row.label}: {name} (validation dice_paper {dsc:.4f})")
+    intro = (
+        "Per-organ Dice and NSD of each row's best fine-tuning (highest validation dice_paper) on the raw "
+        "validation scans, predicted in their own geometry with predict.py (the training preprocessing and its "
+        "inverse) and scored against the raw labels at their native voxel size (FLARE 2022 conventions and "
+        "tolerances); mean over cases. Models: " + "; ".join(chosen) + "."
+    )
+    return report.render_organs(
+        rows, native, out, stem="native", title="Scores per organ at native resolution", intro=intro
+    )
+
+
+# ---------------------------------------------------------------------------------------
 # main
 # ---------------------------------------------------------------------------------------
 
@@ -941,6 +1070,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("wrote %d shell files to %s (all.sh runs them in order)", len(written) - 1, args.write_scripts)
         return {"scripts": written}
 
+    native_items = (
+        native_inputs(data["labelled_dir"], split) if s["native_table"] else None
+    )  # refused before the grid runs
+
     failed: list[str] = []
     failed_how = ""
     if on_slurm:
@@ -1010,6 +1143,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     title = f"IoU-based positives: Dice per IoU interval ({args.preset} preset, {args.method}{sampler_note})"
     table = report.render_table(rows, collected, out, title=title)
     organs = report.render_organs(rows, collected, out)
+    native_files = None
+    if native_items is not None:
+        native_files = native_table(rows, collected, chkpt_dir, native_items, out, s, args)
     figures = {}
     if not args.no_figures:
         figures = report.make_figures(
@@ -1031,6 +1167,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "table_csv": table["csv"],
         "organs": organs["md"],
         "organs_csv": organs["csv"],
+        "native": native_files,
         "figures": figures,
         "rows": report.table_rows(rows, collected),
         "n_runs": len(plan),

@@ -27,12 +27,18 @@ Fine-tuning (:func:`random_crop_transforms`, after :class:`LoadSliceAndLabel2d` 
 (p 0.25), rotate 90 (p 0.25), then blur, intensity scale, intensity shift and noise
 (p 0.15 each); geometric ones move image and label together.
 
+The inverse of the preprocessing (:func:`invert_preprocessing`, MONAI's ``Invertd``) takes a
+prediction made on the preprocessed grid back to the input's own grid: un-pad, un-crop,
+resample back (nearest for labels), re-orient. ``predict.py`` uses it; the preprocessing
+settings come from the fine-tuned checkpoint's record (:func:`preprocessing_from_record`).
+
 Reading files is :mod:`data`'s (PNG slices, :class:`data.SliceCache`); the data sets that
 run these chains are built in ``finetune.py`` and ``pretrain.py``.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Hashable, Mapping, Sequence
 
@@ -45,6 +51,7 @@ from monai.transforms import (
     DeleteItemsd,
     EnsureChannelFirstd,
     EnsureTyped,
+    Invertd,
     LoadImaged,
     MapTransform,
     Orientationd,
@@ -62,6 +69,7 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.transforms.utils import is_positive
+from monai.utils import TraceKeys
 
 from augment_params import AUGMENT
 from data import SliceCache, label_from_stored, read_image_2d, read_label_2d
@@ -74,6 +82,12 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------
 # Preprocessing
 # --------------------------------------------------------------------------------------
+
+#: The orientation of every preprocessed volume: voxel indices grow towards the patient's
+#: right (x), anterior (y) and superior (z), nibabel's / MONAI's axis codes "RAS".
+ORIENTATION = "RAS"
+#: Version of the preprocessing record stored in fine-tuned checkpoints (:func:`preprocessing_record`).
+PREPROCESSING_RECORD_VERSION = 1
 
 
 def preprocessing_transforms(
@@ -119,13 +133,177 @@ def preprocessing_transforms(
             EnsureChannelFirstd(keys=keys),
         ]
     steps += [
-        Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+        Orientationd(keys=keys, axcodes=ORIENTATION, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=tuple(float(p) for p in pixdim), mode=modes),
         ScaleIntensityRanged(keys=image_key, a_min=a_min, a_max=a_max, b_min=0.0, b_max=1.0, clip=True),
         CropForegroundd(keys=keys, source_key=image_key, select_fn=is_positive),
         SpatialPadd(keys=keys, spatial_size=(int(min_xy), int(min_xy), -1)),
     ]
     return Compose(steps)
+
+
+def preprocessing_record(
+    spatial_dims: int,
+    a_min: float,
+    a_max: float,
+    pixdim: Sequence[float],
+    min_xy: int,
+    png_bits: int | None,
+    source: str,
+) -> dict[str, Any]:
+    """How a model's input was preprocessed, as stored in its fine-tuned checkpoint
+    (``"preprocessing"``) and in an exported model card.
+
+    Args:
+        spatial_dims: 2 (the model saw axial (X, Y) slices) or 3 (volumes).
+        a_min, a_max, pixdim, min_xy: :func:`preprocessing_transforms`'s arguments.
+        png_bits: 2D: the image PNGs' bits (8 or 16): the model saw ``round(v * 255) / 255``
+            (or 65535); None: float32 values as the chain gives them (3D).
+        source: where the settings were read (a ``manifest.json``, or the 3D chain).
+
+    Raises:
+        ValueError: a value out of range (names it).
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    if png_bits not in (None, 8, 16):
+        raise ValueError(f"png_bits must be None, 8 or 16, got {png_bits!r}")
+    if not float(a_max) > float(a_min):
+        raise ValueError(f"a_max ({a_max}) must be greater than a_min ({a_min})")
+    pix = [float(p) for p in pixdim]
+    if len(pix) != 3 or not all(np.isfinite(p) and p > 0 for p in pix):
+        raise ValueError(f"pixdim must be three positive numbers, got {list(pixdim)}")
+    if int(min_xy) < 1:
+        raise ValueError(f"min_xy must be positive, got {min_xy}")
+    return {
+        "version": PREPROCESSING_RECORD_VERSION,
+        "spatial_dims": int(spatial_dims),
+        "orientation": ORIENTATION,
+        "pixdim": pix,
+        "interpolation": {"image": "bilinear", "label": "nearest"},
+        "a_min": float(a_min),
+        "a_max": float(a_max),
+        "scale_to": [0.0, 1.0],
+        "crop_foreground": "box of the voxels with image > 0 (HU > a_min)",
+        "min_xy": int(min_xy),
+        "png_bits": None if png_bits is None else int(png_bits),
+        "source": str(source),
+    }
+
+
+def check_preprocessing_record(record: Any, where: str) -> dict[str, Any]:
+    """Validate a stored :func:`preprocessing_record` (``where`` names the file in messages).
+
+    Raises:
+        UserError: not a record of a version this code reads, an orientation other than
+            :data:`ORIENTATION`, or a value out of range.
+    """
+    if not isinstance(record, Mapping) or record.get("version") != PREPROCESSING_RECORD_VERSION:
+        version = record.get("version") if isinstance(record, Mapping) else type(record).__name__
+        raise UserError(
+            f"{where}: preprocessing record of version {version!r}; this code reads version {PREPROCESSING_RECORD_VERSION}"
+        )
+    if record.get("orientation") != ORIENTATION:
+        raise UserError(
+            f"{where}: the model was trained on {record.get('orientation')!r}-oriented data; "
+            f"this code preprocesses to {ORIENTATION!r} only"
+        )
+    try:
+        return preprocessing_record(
+            record["spatial_dims"],
+            record["a_min"],
+            record["a_max"],
+            record["pixdim"],
+            record["min_xy"],
+            record["png_bits"],
+            record["source"],
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{where}: bad preprocessing record ({type(e).__name__}: {e})") from None
+
+
+def preprocessing_from_record(record: Mapping[str, Any], keys: Sequence[str] = ("image",)) -> Compose:
+    """:func:`preprocessing_transforms` (``load=False``) with the settings of a
+    :func:`preprocessing_record`: the chain the model's training data went through."""
+    return preprocessing_transforms(
+        keys=keys,
+        a_min=record["a_min"],
+        a_max=record["a_max"],
+        pixdim=record["pixdim"],
+        min_xy=record["min_xy"],
+        load=False,
+    )
+
+
+def invert_preprocessing(
+    pred: torch.Tensor | np.ndarray, image: MetaTensor, pipeline: Compose, nearest: bool = True
+) -> MetaTensor:
+    """Take ``pred``, made on the grid of the preprocessed ``image``, back to ``image``'s
+    original grid with MONAI's ``Invertd``: un-pad, un-crop (zeros outside the crop),
+    resample back, re-orient; in reverse order of ``image.applied_operations``.
+
+    Args:
+        pred: (C, X', Y', Z') on the preprocessed grid (class ids or per-class maps).
+        image: the preprocessed image, a MetaTensor carrying the applied operations of
+            ``pipeline`` (as :func:`preprocessing_transforms` returns it).
+        pipeline: the chain that made ``image`` (``load=False``, key ``"image"``).
+        nearest: resample with nearest neighbour (label ids); False: the chain's own
+            interpolation (bilinear: probabilities).
+
+    Returns:
+        (C, X, Y, Z) MetaTensor in the input's voxel order with its affine.
+
+    Example: the real CT of 122 x 101 x 30 voxels of 3 mm becomes (1, 362, 287, 36) after
+    preprocessing; a (1, 362, 287, 36) label map comes back as (1, 122, 101, 30).
+
+    Raises:
+        ValueError: ``pred``'s spatial shape differs from ``image``'s.
+    """
+    if tuple(pred.shape[1:]) != tuple(image.shape[1:]):
+        raise ValueError(
+            f"pred has spatial shape {tuple(pred.shape[1:])}, the preprocessed image {tuple(image.shape[1:])}"
+        )
+    ops = _traced_by(image, pipeline)
+    t = pred.as_tensor() if isinstance(pred, MetaTensor) else torch.as_tensor(pred)
+    src = MetaTensor(image.as_tensor(), meta=image.meta, applied_operations=ops)
+    d = {"image": src, "pred": MetaTensor(t)}
+    return Invertd(keys="pred", transform=pipeline, orig_keys="image", nearest_interp=nearest)(d)["pred"]
+
+
+def _traced_by(image: MetaTensor, pipeline: Compose) -> list:
+    """``image.applied_operations``, checked to be those of a chain like ``pipeline`` (the same
+    operations in the same order) and marked for MONAI's inverse as coming from ``pipeline``.
+
+    MONAI matches each recorded operation to the transform object that made it by ``id``;
+    the image may come from a copy of the chain (a data-loader worker, or a chain rebuilt
+    from the same settings), so the ids are replaced by MONAI's "skip the id check" marker
+    after comparing the operation names with those the chain records on a small volume.
+
+    Raises:
+        ValueError: the operations differ from the chain's.
+    """
+    # a small volume above any HU window: every step records its operation (nothing is cropped away)
+    probe = MetaTensor(torch.full((1, 4, 4, 4), 1e4), affine=torch.eye(4, dtype=torch.float64))
+    want = [op[TraceKeys.CLASS_NAME] for op in pipeline({"image": probe})["image"].applied_operations]
+    got = [op.get(TraceKeys.CLASS_NAME) for op in image.applied_operations]
+    if got != want:
+        raise ValueError(f"the image was made by the operations {got}, not by this chain's {want}")
+    ops = copy.deepcopy(list(image.applied_operations))
+    _skip_id_checks(ops)
+    return ops
+
+
+def _skip_id_checks(obj: Any) -> None:
+    """Set every recorded operation's id, nested ones included (e.g. the padding that
+    ``CropForeground`` keeps in its ``extra_info``), to MONAI's "skip the id check" marker."""
+    if isinstance(obj, dict):
+        if TraceKeys.ID in obj and TraceKeys.CLASS_NAME in obj:
+            obj[TraceKeys.ID] = TraceKeys.NONE
+        for v in obj.values():
+            _skip_id_checks(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            _skip_id_checks(v)
 
 
 class KeepAffined(MapTransform):

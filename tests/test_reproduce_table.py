@@ -16,12 +16,14 @@ import sys
 import time
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 import main_finetune
 import main_simsiam
+import metrics
 import report
 import reproduce_table as rt
 import runqueue
@@ -675,3 +677,57 @@ def test_grid_end_to_end_killed_resumed_rerun_recollected(tmp_path, caplog, caps
     res3 = rt.main(parse(["--output_dir", str(out), *TINY, "--collect_only", "--no_figures"]))
     assert res3["rows"][0]["dsc"][1] == pytest.approx(0.777)
     assert "0.777" in Path(res3["table"]).read_text()
+    assert res3["native"] is None  # off by default for the demo
+
+    # 5) the native-resolution table: each row's best fine-tuning predicts the raw validation
+    # scans in their own geometry (predict.py), scored against the raw labels as metrics.py does
+    res4 = rt.main(parse(["--output_dir", str(out), *TINY, "--collect_only", "--no_figures", "--native_table"]))
+    md = Path(res4["native"]["md"]).read_text()
+    assert "Scores per organ at native resolution" in md and "| liver |" in md
+    split = json.loads((out / "data" / "phantoms" / "split.json").read_text())
+    labels = out / "data" / "phantoms" / "labelled" / "labels"
+    collected = report.collect(
+        rt.build_plan(
+            args,
+            rt.resolve_settings(args),
+            runqueue.parse_rows(args.rows),
+            [7],
+            [1, 2],
+            rt.data_paths(args, str(out)),
+            str(chk),
+        ),
+        runqueue.parse_rows(args.rows),
+        str(chk),
+    )
+    for key in ("none", "0.3-0.6"):
+        best = max(zip(collected[key]["dsc"], collected[key]["runs"]))[1]
+        pred_dir = out / "native" / best
+        assert best in md
+        for case in split["val"]:
+            pred, lab = nib.load(pred_dir / f"{case}.nii.gz"), nib.load(labels / f"{case}.nii.gz")
+            assert pred.shape == lab.shape and np.array_equal(pred.affine, lab.affine)
+        mine = json.loads((pred_dir / "native_scores.json").read_text())["summary"]
+        route = metrics.main(
+            metrics.get_args_parser().parse_args(["--pred_dir", str(pred_dir), "--label_dir", str(labels)])
+        )
+        assert route["dice_mean"] == pytest.approx(mine["dice_mean"]) and route["nsd_mean"] == pytest.approx(
+            mine["nsd_mean"]
+        )
+    assert res3["rows"][0]["dsc"][1] == pytest.approx(0.777) and "ft_none_init7_ft2" in md  # the best of its row now
+
+
+def test_native_table_needs_the_raw_validation_scans(tmp_path):
+    raw = tmp_path / "img_0000.nii.gz"
+    raw.write_bytes(b"x")
+    manifest = {"args": {}, "cases": {"a": {"source": str(raw), "label_source": str(tmp_path / "gone.nii.gz")}}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        UserError, match=r"the raw label of validation case a \(.*gone.nii.gz\) is gone.*--no-native_table"
+    ):
+        rt.native_inputs(str(tmp_path), {"train": [], "val": ["a"]})
+    with pytest.raises(UserError, match="validation case b is not in"):
+        rt.native_inputs(str(tmp_path), {"train": [], "val": ["b"]})
+    (tmp_path / "gone.nii.gz").write_bytes(b"y")
+    assert rt.native_inputs(str(tmp_path), {"train": [], "val": ["a"]}) == {
+        "a": (str(raw), str(tmp_path / "gone.nii.gz"))
+    }
