@@ -14,21 +14,34 @@ run their ``main`` through :func:`run_cli`, which turns it into that line::
 Writes go through :func:`atomic_write` (or the helpers built on it): the data
 lands in a temporary file in the same folder, is flushed to disk and then
 renamed over the target, so a kill at any moment leaves either the old file or
-the new one, never a truncated file.
+the new one, never a truncated file (:func:`remove_stale_temporaries` clears
+the temporary files a kill leaves behind).
+
+What a command writes is checked before the work starts: every output folder is
+created and tested for writing (:func:`prepare_output_dir`), no output lies inside,
+on or around an input (:func:`check_outputs_apart`), and files the project did not
+write are not overwritten without ``--overwrite`` (:func:`claim_outputs`).
+:func:`run_cli` refuses non-finite numbers in any flag and turns an ``OSError``
+(a full disk, a read-only folder) into one ``error:`` line naming the path.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import errno
+import glob
+import hashlib
 import io
 import json
 import logging
+import math
 import os
 import pickle
 import re
 import sys
 import tempfile
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
@@ -71,17 +84,69 @@ def user_error_in(exc: BaseException) -> UserError | None:
     return UserError(found[-1].strip()) if found else None
 
 
+def os_error_reason(e: OSError) -> str:
+    """Why an OSError happened, without the path: ``No space left on device (ENOSPC)``."""
+    code = errno.errorcode.get(e.errno, "") if e.errno is not None else ""
+    return (e.strerror or str(e)).strip() + (f" ({code})" if code else "")
+
+
+def os_error_message(e: OSError) -> str:
+    """One line for an OSError: the path and what failed, e.g. ``/data/runs/r_last.pt: No
+    space left on device (ENOSPC)``."""
+    why = os_error_reason(e)
+    if e.filename is None:
+        return why
+    where = os.fspath(e.filename)
+    if e.filename2 is not None:
+        where += f" -> {os.fspath(e.filename2)}"
+    return f"{where}: {why}"
+
+
+_OS_ERROR_TEXT = re.compile(r"^(?:[\w.]*\.)?(\w*Error): \[Errno (\d+)\] ([^:'\n]+)(?:: '([^'\n]*)')?", re.MULTILINE)
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind an exception (a full disk, a read-only folder, a vanished file), if
+    there is one: in the chain of causes (MONAI's ``applying transform`` wrapper) or, for an
+    error re-raised from a DataLoader worker, in its traceback text (errno and path kept)."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError) and e.errno is not None:
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    found = _OS_ERROR_TEXT.findall(str(exc))
+    if found:
+        _, num, why, path = found[-1]
+        return OSError(int(num), why.strip(), path or None)
+    return None
+
+
+def cli_error_in(exc: BaseException) -> UserError | TrainingError | None:
+    """The one-line error behind an exception raised in a run (also inside data-loader
+    workers): the UserError it wraps (exit code 2), or a TrainingError (exit code 1) for an
+    OSError such as a full disk; None when it is neither (a bug: keep the traceback)."""
+    found = user_error_in(exc)
+    if found is not None:
+        return found
+    ose = os_error_in(exc)
+    if ose is not None:
+        return TrainingError(os_error_message(ose))
+    return None
+
+
 @contextlib.contextmanager
 def surface_user_errors() -> Iterator[None]:
-    """Re-raise the UserError behind an exception of the block (a MONAI transform's or a
-    DataLoader worker's wrapper, see :func:`user_error_in`) as that UserError alone; any
-    other exception passes unchanged."""
+    """Re-raise the one-line error behind an exception of the block (a MONAI transform's or a
+    DataLoader worker's wrapper): its UserError (:func:`user_error_in`), or a TrainingError for
+    an OSError such as a full disk (:func:`cli_error_in`); any other exception passes unchanged."""
     try:
         yield
     except (UserError, TrainingError):
         raise
     except Exception as e:
-        found = user_error_in(e)
+        found = cli_error_in(e)
         if found is not None:
             raise found from None
         raise
@@ -117,19 +182,54 @@ def launch_rank() -> int:
     return 0
 
 
+def non_finite_flags(args: argparse.Namespace) -> list[str]:
+    """``--name value`` of every float flag (or float in a list flag) that is NaN or infinite."""
+    bad = []
+    for name, value in vars(args).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                bad.append(f"--{name} {v}")
+    return bad
+
+
+def check_finite_flags(args: argparse.Namespace) -> None:
+    """Refuse NaN and infinite numbers in any flag of a parsed command line (UserError).
+
+    One check over the whole namespace, so a float flag added later is covered too.
+    """
+    bad = non_finite_flags(args)
+    if bad:
+        raise UserError(f"{', '.join(bad)}: flag values must be finite numbers")
+
+
 def run_cli(main: Callable[[Any], Any], parser, argv: list[str] | None = None) -> Any:
     """Parse ``argv`` with ``parser``, run ``main(args)`` and map errors to exit codes.
 
-    UserError -> exit 2, TrainingError -> exit 1, each as one ``error: ...`` line on stderr.
+    UserError (and a non-finite number in any flag) -> exit 2, TrainingError -> exit 1, an
+    ``OSError`` that reaches here (a full disk, a read-only folder) -> exit 1, each as one
+    ``error: ...`` line on stderr naming the path.
     """
     args = parser.parse_args(argv)
     setup_logging(rank=launch_rank())
     try:
+        check_finite_flags(args)
         return main(args)
     except (UserError, TrainingError) as e:
-        msg = str(e).strip().replace("\n", " ")
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-        sys.exit(e.exit_code)
+        _exit_with(e)
+    except OSError as e:
+        _exit_with(TrainingError(os_error_message(e)))
+    except Exception as e:
+        found = cli_error_in(e)
+        if found is None:
+            raise
+        _exit_with(found)
+
+
+def _exit_with(e: UserError | TrainingError) -> None:
+    msg = str(e).strip().replace("\n", " ")
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
 
 
 def available_memory() -> int | None:
@@ -233,10 +333,41 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
+class _RecordingWriter:
+    """A file object whose ``write`` remembers the OSError it raised: ``torch.save`` calls it
+    from C++ and reports a failed write as an unrelated RuntimeError ("unexpected pos")."""
+
+    def __init__(self, f: io.IOBase):
+        self.f = f
+        self.error: OSError | None = None
+
+    def write(self, b: bytes) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """``torch.save`` through :func:`atomic_write`: a kill mid-save keeps the previous file."""
+    """``torch.save`` through :func:`atomic_write`: a kill mid-save keeps the previous file.
+
+    Raises:
+        OSError: the file cannot be written (a full disk: ENOSPC, with the path), not
+            torch's RuntimeError.
+    """
     with atomic_write(path, "wb") as f:
-        torch.save(obj, f)
+        w = _RecordingWriter(f)
+        try:
+            torch.save(obj, w)
+        except RuntimeError:
+            if w.error is not None:
+                e = w.error
+                raise OSError(e.errno, e.strerror, os.fspath(path)) from None
+            raise
 
 
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
@@ -246,6 +377,189 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def append_jsonl_atomic(path: str | os.PathLike, record: dict) -> None:
+    """Append one JSON line to ``path`` by rewriting the file atomically: a kill or a full disk
+    leaves the old file or the new one, never half a line. For files with one writer (a run's
+    log); logs that several processes append to use :func:`append_jsonl`."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        text = ""
+    if text and not text.endswith("\n"):
+        text += "\n"
+    atomic_write_text(path, text + json.dumps(record) + "\n")
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[str]:
+    """Delete the temporary files that killed :func:`atomic_write` calls for ``path`` left
+    behind (``.<name>.<random>.tmp`` next to it); returns the removed paths.
+
+    Only for files one process writes at a time (a run's files): a live writer's temporary
+    file would be removed too.
+    """
+    path = os.path.abspath(os.fspath(path))
+    folder, name = os.path.split(path)
+    removed = []
+    for tmp in glob.glob(os.path.join(glob.escape(folder), f".{glob.escape(name)}.*.tmp")):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+            removed.append(tmp)
+    return removed
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 of a file's bytes, as hex.
+
+    Raises:
+        UserError: the file cannot be read (named).
+    """
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    except OSError as e:
+        raise UserError(f"cannot read {os.fspath(path)}: {e.strerror or e}") from None
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Outputs: checked before the work, never on or around an input, never over a foreign file
+# ---------------------------------------------------------------------------------------
+
+
+def prepare_output_dir(path: str | os.PathLike, flag: str) -> str:
+    """Create the output folder ``path`` and check that a file can be written in it, before
+    any work: a read-only or full file system is refused at start-up, not hours later.
+
+    Returns:
+        the absolute folder.
+
+    Raises:
+        UserError: it cannot be created (names the flag, the path and why), it is a file,
+            or nothing can be written in it.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=path)
+        try:
+            os.write(fd, b"x")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise UserError(f"{flag} {path} cannot be written: {os_error_reason(e)}") from None
+    return path
+
+
+def prepare_output_file(path: str | os.PathLike, flag: str) -> str:
+    """:func:`prepare_output_dir` for the folder of the output file ``path``; also refuses a
+    ``path`` that is a folder. Returns the absolute path."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path} is a folder; give a file name")
+    prepare_output_dir(os.path.dirname(path), f"the folder of {flag}")
+    return path
+
+
+def _real(path: str | os.PathLike) -> str:
+    return os.path.realpath(os.path.abspath(os.fspath(path)))
+
+
+def _inside(a: str, b: str) -> bool:
+    """``a`` lies inside (or is) ``b`` (both real paths)."""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def check_outputs_apart(outputs: Mapping[str, str | None], inputs: Mapping[str, str | None]) -> None:
+    """Refuse an output location that is an input, lies inside one, or contains one.
+
+    Args:
+        outputs: ``{description: path}`` of what the command writes (folders it writes into,
+            files it writes); None entries are skipped.
+        inputs: ``{description: path}`` of what it reads (data folders, label folders,
+            checkpoints, split files); None entries are skipped. Links are resolved.
+
+    Raises:
+        UserError: naming both paths and how they overlap.
+    """
+    for o_name, o_path in outputs.items():
+        if not o_path:
+            continue
+        o = _real(o_path)
+        for i_name, i_path in inputs.items():
+            if not i_path:
+                continue
+            i = _real(i_path)
+            if o == i:
+                how = "is"
+            elif _inside(o, i):
+                how = "lies inside"
+            elif _inside(i, o):
+                how = "contains"
+            else:
+                continue
+            raise UserError(
+                f"{o_name} {os.fspath(o_path)} {how} {i_name} {os.fspath(i_path)}: a command never writes into, over "
+                f"or around its inputs; choose another output location"
+            )
+
+
+#: The record of the files this project wrote in a folder (see :func:`claim_outputs`).
+OUTPUTS_RECORD = ".ioupos-outputs.json"
+
+
+def claim_outputs(paths: Iterable[str | os.PathLike], overwrite: bool, flag: str) -> None:
+    """Refuse to write over files this project did not write, then record ``paths`` as ours.
+
+    Each folder that receives outputs keeps ``.ioupos-outputs.json``: the names of the files
+    written there by the project's commands. A path that exists but is not in that record
+    (a user's file, a raw data set) is refused unless ``overwrite`` (``--overwrite``); a
+    rerun writes over its own files freely.
+
+    Raises:
+        UserError: naming the first foreign file and the flag that points there.
+    """
+    by_folder: dict[str, list[str]] = {}
+    for p in paths:
+        folder, name = os.path.split(os.path.abspath(os.fspath(p)))
+        by_folder.setdefault(folder, []).append(name)
+    for folder, names in by_folder.items():
+        record_path = os.path.join(folder, OUTPUTS_RECORD)
+        owned = set(_read_record(record_path))
+        foreign = sorted(n for n in names if n not in owned and os.path.lexists(os.path.join(folder, n)))
+        if foreign and not overwrite:
+            more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+            raise UserError(
+                f"{flag}: {os.path.join(folder, foreign[0])}{more} exists and was not written by this project; "
+                f"pass --overwrite to replace it, or choose another {flag}"
+            )
+        if foreign and any(os.path.isdir(os.path.join(folder, n)) for n in foreign):
+            bad = next(n for n in foreign if os.path.isdir(os.path.join(folder, n)))
+            raise UserError(f"{flag}: {os.path.join(folder, bad)} is a folder; it cannot be replaced by a file")
+        new = sorted(owned | set(names))
+        if new != sorted(owned):
+            os.makedirs(folder, exist_ok=True)
+            atomic_write_json(record_path, {"written_by": "ioupos", "files": new})
+
+
+def _read_record(path: str) -> list[str]:
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+        files = obj.get("files", []) if isinstance(obj, dict) else []
+        return [str(n) for n in files]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the record of written files {path}: {e}; delete it to start afresh") from None
 
 
 def torch_load(path: str, map_location: str | torch.device = "cpu") -> Any:
