@@ -37,16 +37,21 @@ Example (Python)::
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
 import json
 import logging
 import os
 import re
+import struct
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import nibabel as nib
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
@@ -214,15 +219,62 @@ _STORED_DTYPES: dict[str, Any] = {
 }
 
 
-def _read_png(path: str | os.PathLike, pixels: bool = True) -> tuple[str, tuple[int, int], np.ndarray | None]:
-    """(PIL mode, (width, height), pixels or None) of a PNG; with ``pixels=False`` only the
-    header is read. Raises UserError naming the file when it is missing or unreadable."""
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def verified_png_bytes(path: str | os.PathLike) -> bytes:
+    """The bytes of a PNG file, every chunk's CRC checked and the file complete up to ``IEND``.
+
+    PIL skips the CRCs of the image data and stops reading once it has the pixels, so a
+    flipped bit or a lost tail can decode into a wrong slice without an error; here every
+    byte is checked first.
+
+    Raises:
+        UserError: the file is missing, not a PNG, truncated, or a chunk's CRC is wrong (names the file).
+    """
     path = os.fspath(path)
     try:
-        with Image.open(path) as im:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UserError(f"slice file {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"cannot read PNG {path}: {e.strerror or e}") from None
+    if not raw.startswith(_PNG_SIGNATURE):
+        raise UserError(f"cannot read PNG {path}: not a PNG file (no PNG signature)")
+    pos, n = len(_PNG_SIGNATURE), len(raw)
+    while True:
+        if pos + 12 > n:
+            raise UserError(f"cannot read PNG {path}: truncated ({n} bytes, no IEND chunk)")
+        (length,) = struct.unpack(">I", raw[pos : pos + 4])
+        end = pos + 12 + length
+        if end > n:
+            raise UserError(f"cannot read PNG {path}: truncated ({n} bytes, a chunk needs {end})")
+        kind = raw[pos + 4 : pos + 8]
+        (crc,) = struct.unpack(">I", raw[end - 4 : end])
+        if zlib.crc32(raw[pos + 4 : end - 4]) != crc:
+            name = kind.decode("latin-1", "replace")
+            raise UserError(
+                f"cannot read PNG {path}: the CRC of its {name} chunk at byte {pos} is wrong (corrupt file)"
+            )
+        pos = end
+        if kind == b"IEND":
+            return raw
+
+
+def _read_png(path: str | os.PathLike, pixels: bool = True) -> tuple[str, tuple[int, int], np.ndarray | None]:
+    """(PIL mode, (width, height), pixels or None) of a PNG; with ``pixels=False`` only the
+    header is read, otherwise every byte is checked (:func:`verified_png_bytes`). Raises
+    UserError naming the file when it is missing, unreadable or corrupt."""
+    path = os.fspath(path)
+    try:
+        src = io.BytesIO(verified_png_bytes(path)) if pixels else path
+        with Image.open(src) as im:
             if pixels:
                 im.load()
             return im.mode, (int(im.size[0]), int(im.size[1])), (np.asarray(im) if pixels else None)
+    except UserError:
+        raise
     except FileNotFoundError:
         raise UserError(f"slice file {path} does not exist") from None
     except Exception as e:  # PIL raises many types for broken files
@@ -339,6 +391,59 @@ def label_from_stored(stored: np.ndarray, path: str | os.PathLike) -> np.ndarray
             raise UserError(f"label PNG {os.fspath(path)} holds values above 255")
         stored = stored.astype(np.uint8)
     return stored
+
+
+# --------------------------------------------------------------------------------------
+# NIfTI volumes, read in full
+# --------------------------------------------------------------------------------------
+
+
+def read_nifti_bytes(path: str | os.PathLike) -> bytes:
+    """The uncompressed bytes of a ``.nii`` / ``.nii.gz`` file, with a gzip stream read to its
+    end so that its CRC-32 and length are checked.
+
+    nibabel reads a compressed volume only as far as the voxels go and never reaches the gzip
+    trailer, so a flipped bit mid-stream loads as wrong voxels without an error; here it is
+    refused.
+
+    Raises:
+        UserError: the file is missing or unreadable, or its gzip stream is corrupt or
+            truncated (names the file).
+    """
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except FileNotFoundError:
+        raise UserError(f"NIfTI file {path} does not exist") from None
+    except OSError as e:
+        raise UserError(f"cannot read NIfTI {path}: {e.strerror or e}") from None
+    if raw[:2] != b"\x1f\x8b":
+        return raw
+    try:
+        return gzip.decompress(raw)  # checks every member's CRC-32 and length
+    except (OSError, EOFError, zlib.error) as e:
+        raise UserError(f"corrupt or truncated NIfTI {path}: the gzip stream fails its check ({e})") from None
+
+
+def load_nifti(path: str | os.PathLike):
+    """A NIfTI image (nibabel) read in full from verified bytes (:func:`read_nifti_bytes`):
+    header, affine and voxels exactly as ``nibabel.load`` gives them.
+
+    Raises:
+        UserError: the file is missing, corrupt, truncated or not NIfTI-1 / NIfTI-2 (names the file).
+    """
+    raw = read_nifti_bytes(path)
+    if raw[4:8] == b"n+2\x00":
+        klass: Any = nib.Nifti2Image
+    elif raw[344:348] == b"n+1\x00":
+        klass = nib.Nifti1Image
+    else:
+        raise UserError(f"{os.fspath(path)} is not a single-file NIfTI-1 / NIfTI-2 volume (no n+1 / n+2 magic)")
+    try:
+        return klass.from_bytes(raw)
+    except Exception as e:  # nibabel raises many types for a bad header
+        raise UserError(f"cannot read NIfTI {os.fspath(path)}: {type(e).__name__}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------
@@ -531,6 +636,25 @@ def load_split(path: str | os.PathLike = DEFAULT_SPLIT_PATH) -> dict[str, list[s
 # --------------------------------------------------------------------------------------
 
 
+def walk(root: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    """``os.walk(root)`` (top-down; prune ``dirnames`` in place as with ``os.walk``) that
+    follows links to folders, and walks a folder reached twice (a link loop, two links to
+    one folder) only once, with a warning. Every listing of the project walks through here."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError as e:
+            raise UserError(f"cannot list {dirpath}: {e.strerror or e}") from None
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            logger.warning("%s is a folder already listed (a link loop or a second link to it); skipped", dirpath)
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        yield dirpath, dirnames, filenames
+
+
 def _require_dir(path: str | os.PathLike, what: str) -> str:
     path = os.path.abspath(os.fspath(path))
     if not os.path.isdir(path):
@@ -600,7 +724,7 @@ def find_unlabelled_cases(data_dir: str | os.PathLike) -> dict[str, str]:
     """
     data_dir = _require_dir(data_dir, "--data_dir")
     cases: dict[str, str] = {}
-    for root, dirs, files in os.walk(data_dir):
+    for root, dirs, files in walk(data_dir):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for n in sorted(files):
             if n.startswith(".") or not is_nifti(n):
@@ -638,7 +762,9 @@ def _check_finished(root: str, counts: dict[str, int], spatial_dims: int) -> Non
                 with open(mpath) as f:
                     expected = int(json.load(f)["n_slices"])
             except (OSError, ValueError, KeyError, TypeError) as e:
-                raise UserError(f"cannot read per-case manifest {mpath}: {e}") from None
+                raise UserError(
+                    f"cannot read per-case manifest {mpath}: {e}; rerun the preprocessing script to redo the case"
+                ) from None
             if expected != n:
                 raise UserError(f"case {case!r} in {root} has {n} slice files but {mpath} records {expected}")
 
@@ -676,7 +802,7 @@ def list_pretrain_images(data_dir: str | os.PathLike, spatial_dims: int) -> list
     # (root with .manifest) -> {case: n files}
     finished_roots: dict[str, dict[str, int]] = {}
     owner: dict[str, str | None] = {data_dir: None}
-    for dirpath, dirnames, filenames in os.walk(data_dir):
+    for dirpath, dirnames, filenames in walk(data_dir):
         root = owner.get(dirpath)
         if MANIFEST_DIR in dirnames:
             root = dirpath
@@ -829,6 +955,52 @@ def list_finetune_pairs(
 
 
 # --------------------------------------------------------------------------------------
+# Fingerprints of a run's inputs (pinned on resume)
+# --------------------------------------------------------------------------------------
+
+
+def listing_fingerprint(root: str | os.PathLike, paths: Sequence[str]) -> str:
+    """``"<n> files, <bytes> bytes, sha256 <16 hex digits>"`` over the paths (relative to
+    ``root``) and sizes of ``paths``: files added, removed, renamed or resized change it.
+
+    Raises:
+        UserError: a file vanished.
+    """
+    root = os.path.abspath(os.fspath(root))
+    h = hashlib.sha256()
+    total = 0
+    for p in sorted(os.fspath(x) for x in paths):
+        try:
+            size = os.stat(p).st_size
+        except OSError as e:
+            raise UserError(f"cannot read {p}: {e.strerror or e}") from None
+        total += size
+        h.update(f"{os.path.relpath(p, root)}\t{size}\n".encode())
+    return f"{len(paths):,} files, {total:,} bytes, sha256 {h.hexdigest()[:16]}"
+
+
+def split_fingerprint(split: Mapping[str, Sequence[str]]) -> str:
+    """``"<n> train / <m> val cases, sha256 <16 hex digits>"`` of a split's case lists (order
+    and formatting of the file do not count)."""
+    canon = json.dumps({k: sorted(split[k]) for k in ("train", "val")}, sort_keys=True)
+    n_tr, n_va = len(split["train"]), len(split["val"])
+    return f"{n_tr} train / {n_va} val cases, sha256 {hashlib.sha256(canon.encode()).hexdigest()[:16]}"
+
+
+def data_fingerprints(data_dir: str | os.PathLike, paths: Sequence[str], flag: str = "--data_dir") -> dict[str, str]:
+    """Fingerprints of a data folder for :meth:`engine.RunFiles.pin_inputs`: its listing
+    (:func:`listing_fingerprint` of ``paths``) and, when the preprocessing wrote one, its
+    ``manifest.json`` (SHA-256 of the file)."""
+    data_dir = os.path.abspath(os.fspath(data_dir))
+    out = {f"data folder {flag}": listing_fingerprint(data_dir, paths)}
+    manifest = os.path.join(data_dir, MANIFEST_NAME)
+    if os.path.isfile(manifest):
+        with open(manifest, "rb") as f:
+            out[f"{MANIFEST_NAME} of {flag}"] = "sha256 " + hashlib.sha256(f.read()).hexdigest()[:16]
+    return out
+
+
+# --------------------------------------------------------------------------------------
 # Evaluation cases (fine-tuning)
 # --------------------------------------------------------------------------------------
 
@@ -933,13 +1105,20 @@ def group_cases_2d(
 
 
 def check_label_slices(items: Sequence[dict[str, Any]], n_classes: int, progress: bool = True) -> None:
-    """Read every label slice once and refuse ids above ``n_classes - 1`` (the file is named).
+    """Read every label slice once and refuse ids above ``n_classes - 1``, or a label whose
+    shape differs from its image's (read from the image's header); the file is named.
 
     Raises:
-        UserError: a label file cannot be read or holds an id out of range.
+        UserError: a label file cannot be read, holds an id out of range, or does not match its image.
     """
     for it in tqdm(items, desc="checking labels", disable=not progress or len(items) < 200, leave=False):
-        check_label_ids(read_label_2d(it["label"]), n_classes, it["label"])
+        label = read_label_2d(it["label"])
+        check_label_ids(label, n_classes, it["label"])
+        size = png_size(it["image"])
+        if tuple(label.shape) != tuple(size):
+            raise UserError(
+                f"image slice {it['image']} has shape {tuple(size)}, its label {it['label']} has {label.shape}"
+            )
 
 
 def load_case_2d(ref: CaseRef, n_classes: int, stored: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -44,7 +44,8 @@ from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
-from monai.data import MetaTensor
+from monai.data import MetaTensor, NibabelReader
+from monai.data.utils import correct_nifti_header_if_necessary
 from monai.transforms import (
     Compose,
     CropForegroundd,
@@ -52,6 +53,7 @@ from monai.transforms import (
     EnsureChannelFirstd,
     EnsureTyped,
     Invertd,
+    LoadImage,
     LoadImaged,
     MapTransform,
     Orientationd,
@@ -69,14 +71,67 @@ from monai.transforms import (
     SpatialPadd,
 )
 from monai.transforms.utils import is_positive
-from monai.utils import TraceKeys
+from monai.utils import TraceKeys, ensure_tuple
 
 from augment_params import AUGMENT
-from data import SliceCache, label_from_stored, read_image_2d, read_label_2d
+from data import SliceCache, label_from_stored, load_nifti, read_image_2d, read_label_2d
 from iou_crops import IoUCropd
-from utils import UserError
+from utils import UserError, user_error_in
 
 logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------
+# Reading NIfTI in full
+# --------------------------------------------------------------------------------------
+
+
+class VerifiedNibabelReader(NibabelReader):
+    """MONAI's ``NibabelReader`` reading each file in full through :func:`data.load_nifti`: a
+    ``.nii.gz`` whose gzip CRC or length is wrong raises ``UserError`` naming the file instead
+    of loading as wrong voxels (nibabel alone stops before the gzip trailer). Same arrays and
+    metadata as ``NibabelReader`` for a sound file."""
+
+    def read(self, data: Sequence[str] | str, **kwargs: Any):
+        filenames = ensure_tuple(data)
+        self.filenames = filenames
+        imgs = [correct_nifti_header_if_necessary(load_nifti(name)) for name in filenames]
+        return imgs if len(filenames) > 1 else imgs[0]
+
+
+def load_nifti_image(**kwargs: Any) -> LoadImage:
+    """MONAI's ``LoadImage`` with :class:`VerifiedNibabelReader` as its only reader (MONAI would
+    otherwise retry a file that fails the check with its other readers, which load it)."""
+    loader = LoadImage(reader=VerifiedNibabelReader(), **kwargs)
+    loader.readers = [r for r in loader.readers if isinstance(r, VerifiedNibabelReader)]
+    return loader
+
+
+def load_nifti_imaged(keys: Sequence[str], **kwargs: Any) -> LoadImaged:
+    """``LoadImaged`` whose only reader is :class:`VerifiedNibabelReader` (see :func:`load_nifti_image`)."""
+    t = LoadImaged(keys, reader=VerifiedNibabelReader(), **kwargs)
+    t._loader.readers = [r for r in t._loader.readers if isinstance(r, VerifiedNibabelReader)]
+    return t
+
+
+class CheckSameShaped(MapTransform):
+    """Refuse an item whose arrays under ``keys`` (channel first) differ in spatial shape,
+    naming the files (``<key>_meta_dict`` or MetaTensor ``filename_or_obj``): an image and its
+    label must cover the same voxels.
+
+    Raises:
+        UserError: the shapes differ.
+    """
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        keys = list(self.key_iterator(d))
+        shapes = {k: tuple(d[k].shape[1:]) for k in keys}
+        if len(set(shapes.values())) > 1:
+            names = [str(getattr(d[k], "meta", {}).get("filename_or_obj", k)) for k in keys]
+            listing = ", ".join(f"{n} has {shapes[k]}" for n, k in zip(names, keys))
+            raise UserError(f"image and label differ in shape: {listing}")
+        return d
 
 
 # --------------------------------------------------------------------------------------
@@ -129,9 +184,11 @@ def preprocessing_transforms(
     steps: list = []
     if load:
         steps += [
-            LoadImaged(keys=keys, reader="NibabelReader", image_only=True),
+            load_nifti_imaged(keys, image_only=True),
             EnsureChannelFirstd(keys=keys),
         ]
+        if len(keys) == 2:
+            steps.append(CheckSameShaped(keys=keys))
     steps += [
         Orientationd(keys=keys, axcodes=ORIENTATION, labels=(("L", "R"), ("P", "A"), ("I", "S"))),
         Spacingd(keys=keys, pixdim=tuple(float(p) for p in pixdim), mode=modes),
@@ -370,7 +427,8 @@ class LoadSliceAndLabel2d(MapTransform):
     under ``image_path``.
 
     Raises:
-        UserError: a file is missing or cannot be read (names the file).
+        UserError: a file is missing or cannot be read, or image and label differ in shape
+            (names the files).
     """
 
     def __init__(self, cache: SliceCache | None = None):
@@ -384,6 +442,11 @@ class LoadSliceAndLabel2d(MapTransform):
         else:
             image = self.cache.read(data["image"])
             label = label_from_stored(self.cache.read_stored(data["label"]), data["label"])
+        if image.shape != label.shape:
+            raise UserError(
+                f"image slice {data['image']} has shape {tuple(image.shape)}, its label {data['label']} has "
+                f"{tuple(label.shape)}"
+            )
         d["image"] = torch.from_numpy(image)[None]
         d["label"] = torch.from_numpy(label.astype(np.float32))[None]
         d["image_path"] = data["image"]
@@ -399,12 +462,20 @@ class LoadVolume3Dd(MapTransform):
 
     def __init__(self, keys: Sequence[str]):
         super().__init__(keys)
-        self.load = Compose([LoadImaged(keys, image_only=True, dtype=np.float32), EnsureChannelFirstd(keys)])
+        self.load = Compose(
+            [
+                load_nifti_imaged(keys, image_only=True, dtype=np.float32),
+                EnsureChannelFirstd(keys),
+            ]
+        )
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         try:
             return self.load(data)
         except Exception as e:
+            found = user_error_in(e)
+            if found is not None:
+                raise found from None
             paths = ", ".join(str(data[k]) for k in self.key_iterator(dict(data)))
             cause = e.__cause__ if e.__cause__ is not None else e
             raise UserError(f"cannot read volume {paths}: {type(cause).__name__}: {str(cause).strip()[:200]}") from None
