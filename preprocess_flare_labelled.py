@@ -45,7 +45,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     groups = add_common_args(
         parser,
-        output_help="folder for imgs/, labels/ and manifest.json; created if missing. Required.",
+        output_help="folder for imgs/, labels/ and manifest.json; created if missing; must not be, lie inside or "
+        "contain --data_dir. Required.",
     )
     groups["io"].add_argument(
         "--split_path",

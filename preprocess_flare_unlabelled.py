@@ -30,12 +30,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from typing import Any
 
 import data
 from preprocessing import CaseTask, add_common_args, config_from_args, run_from_args
-from utils import UserError, run_cli
+from utils import run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +48,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     groups = add_common_args(
         parser,
         output_help="folder for the slices (or volumes) and manifest.json; created if missing; "
-        "must not lie inside --data_dir. Required.",
+        "must not be, lie inside or contain --data_dir. Required.",
     )
     groups["io"].add_argument(
         "--spatial_dims",
@@ -64,13 +63,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the unlabelled preprocessing; returns the summary (see preprocessing.run_preprocessing)."""
     config = config_from_args(args, kind="unlabelled", spatial_dims=args.spatial_dims)
-    cases = data.find_unlabelled_cases(args.data_dir)
-    data_dir = os.path.realpath(args.data_dir)
-    out = os.path.realpath(args.output_dir)
-    if out == data_dir or out.startswith(data_dir + os.sep):
-        raise UserError(
-            f"--output_dir {args.output_dir} lies inside --data_dir {args.data_dir}: its output would be read as input"
-        )
+    cases = data.find_unlabelled_cases(args.data_dir)  # --output_dir is checked against it before any write
     tasks = [CaseTask(case=c, image=p) for c, p in cases.items()]
     return run_from_args(tasks, args, config)
 

@@ -14,10 +14,18 @@ Output folder contract::
     <output_dir>/.manifest/<case>.json      written after the last file of a case: the case is finished
     <output_dir>/.manifest/<case>.inprogress  a case being written (left behind by a killed run;
                                             its files are removed and redone on the next run)
+    <output_dir>/.manifest/.<case>.lock     held while a process works on the case (removed when
+                                            it is finished); .manifest/.lock for the folder's own files
     <output_dir>/manifest.json              all finished cases + the arguments, assembled at the end
 
 A killed run leaves no truncated file (every file is written to a temporary name and
 renamed), and output is identical bit for bit whether a run was interrupted or not.
+Several processes may write one folder at once (shards, or two commands started
+together): each case is locked by the process working on it, the others take the
+next free case and wait only for cases still in progress at their end. A full disk
+stops the run with one line naming the file (exit code 1) and removes the case's
+partial files. Compressed inputs are read in full with their gzip checksum checked
+(:class:`transforms.VerifiedNibabelReader`): a corrupt file is one failing case.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import gzip
 import json
 import logging
@@ -40,13 +49,21 @@ from typing import Any, Iterator, Sequence
 import nibabel as nib
 import numpy as np
 import torch
-from monai.transforms import LoadImage
+from filelock import FileLock, Timeout
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import data
-from transforms import preprocessing_transforms
-from utils import TrainingError, UserError, atomic_write
+from transforms import load_nifti_image, preprocessing_transforms
+from utils import (
+    TrainingError,
+    UserError,
+    atomic_write,
+    check_outputs_apart,
+    os_error_message,
+    os_error_reason,
+    user_error_in,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +78,14 @@ _FILE_MODE = 0o666 & ~_UMASK  # what open() would give; output folders are often
 
 class CaseError(Exception):
     """One case cannot be preprocessed (bad input); the message names the file."""
+
+
+class OutputError(Exception):
+    """The output cannot be written (a full disk, a read-only folder): the run must stop."""
+
+
+#: errors of writing that stop the whole run instead of failing one case
+_OUTPUT_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EFBIG}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +153,12 @@ def add_common_args(parser: argparse.ArgumentParser, output_help: str) -> dict[s
     io_g = parser.add_argument_group("input and output")
     io_g.add_argument("--data_dir", required=True, help="FLARE folder to read (see the layout above). Required.")
     io_g.add_argument("--output_dir", required=True, help=output_help)
+    io_g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow --output_dir to be a folder that already holds files the preprocessing did not write "
+        "(they may be replaced); without it such a folder is refused",
+    )
 
     pre = parser.add_argument_group("preprocessing (the paper's values; change only to study preprocessing)")
     pre.add_argument(
@@ -212,41 +243,63 @@ def _manifest_dir(output_dir: str) -> str:
     return os.path.join(output_dir, data.MANIFEST_DIR)
 
 
-def prepare_output_dir(output_dir: str | os.PathLike, config: PreprocessConfig) -> str:
+def _folder_lock(output_dir: str) -> FileLock:
+    """The lock of a folder's own files (``.manifest/args.json``, ``manifest.json``)."""
+    return FileLock(os.path.join(_manifest_dir(output_dir), ".lock"))
+
+
+def _case_lock(output_dir: str, case: str) -> FileLock:
+    """The lock a process holds while it works on ``case`` (removed once the case is finished)."""
+    return FileLock(os.path.join(_manifest_dir(output_dir), f".{case}.lock"))
+
+
+def prepare_output_dir(
+    output_dir: str | os.PathLike,
+    config: PreprocessConfig,
+    inputs: dict[str, str | None] | None = None,
+    overwrite: bool = False,
+) -> str:
     """Create ``output_dir``, check that it is writable, and record / compare the arguments.
 
-    The arguments are stored once in ``.manifest/args.json`` (created exclusively, so
+    The arguments are stored once in ``.manifest/args.json`` (under the folder's lock, so
     shards starting together agree on one file).
+
+    Args:
+        inputs: ``{flag: path}`` of what is read (``--data_dir``, ``--split_path``): the
+            output folder may not be, lie in, or contain one of them.
+        overwrite: accept a folder that holds files the preprocessing did not write.
 
     Returns:
         the absolute output folder.
 
     Raises:
-        UserError: the folder cannot be created or written, or it already holds output
-            made with different arguments (the differing ones are named).
+        UserError: the folder overlaps an input, cannot be created or written, holds files
+            of something else (without ``overwrite``), or holds output made with different
+            arguments (the differing ones are named).
     """
     output_dir = os.path.abspath(os.fspath(output_dir))
+    check_outputs_apart({"--output_dir": output_dir}, inputs or {})
     mdir = _manifest_dir(output_dir)
+    if os.path.isdir(output_dir) and not os.path.isdir(mdir) and not overwrite:
+        others = sorted(n for n in os.listdir(output_dir) if not n.startswith(".write_test."))
+        if others:
+            raise UserError(
+                f"--output_dir {output_dir} already holds files that the preprocessing did not write (e.g. "
+                f"{os.path.join(output_dir, others[0])}); choose an empty or new folder, or pass --overwrite"
+            )
     try:
         os.makedirs(mdir, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=output_dir)
         os.close(fd)
         os.unlink(probe)
     except OSError as e:
-        raise UserError(f"--output_dir {output_dir} is not writable: {e.strerror or e}") from None
+        raise UserError(f"--output_dir {output_dir} is not writable: {os_error_reason(e)}") from None
     want = config.to_json()
     apath = os.path.join(mdir, ARGS_NAME)
-    if not os.path.exists(apath):
-        fd, tmp = tempfile.mkstemp(prefix=".args.", suffix=".tmp", dir=mdir)
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(want, indent=2) + "\n")
-            os.fchmod(f.fileno(), _FILE_MODE)
-        try:
-            os.link(tmp, apath)  # atomic create-if-absent: a racing shard keeps the first file
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
+    with _folder_lock(output_dir):
+        _remove_temporaries(mdir, ARGS_NAME)
+        if not os.path.exists(apath):
+            _write_json(apath, want)
     try:
         with open(apath) as f:
             have = json.load(f)
@@ -261,33 +314,65 @@ def prepare_output_dir(output_dir: str | os.PathLike, config: PreprocessConfig) 
     return output_dir
 
 
+def _remove_temporaries(folder: str, name: str) -> None:
+    """Remove the temporary files a killed atomic write of ``folder/name`` left (call under the lock that guards ``name``)."""
+    pat = re.compile(rf"^\.{re.escape(name)}\..*\.tmp$")
+    for n in os.listdir(folder):
+        if pat.match(n):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(folder, n))
+
+
+def read_case_manifest(output_dir: str, case: str) -> dict[str, Any] | None:
+    """The per-case manifest of a finished case, None when the case is not finished; an
+    unreadable manifest (empty, not JSON, no ``n_slices``) is logged and counts as unfinished."""
+    path = os.path.join(_manifest_dir(output_dir), case + ".json")
+    try:
+        with open(path) as f:
+            entry = json.load(f)
+        int(entry["n_slices"])
+        return entry
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        logger.warning("%s is unreadable (%s: %s); case %s will be preprocessed again", path, type(e).__name__, e, case)
+        return None
+
+
 def is_finished(output_dir: str, case: str) -> bool:
-    """A case is finished when its per-case manifest exists."""
-    return os.path.isfile(os.path.join(_manifest_dir(output_dir), case + ".json"))
+    """A case is finished when its per-case manifest exists and can be read."""
+    return read_case_manifest(output_dir, case) is not None
 
 
 def assemble_manifest(output_dir: str, config: PreprocessConfig) -> dict[str, Any]:
-    """Write ``manifest.json`` from the per-case manifests (repeated until no shard adds a case meanwhile)."""
+    """Write ``manifest.json`` from the per-case manifests, under the folder's lock (repeated
+    until no other process adds a case meanwhile). Unreadable per-case manifests are left
+    out with a warning (those cases count as unfinished)."""
     mdir = _manifest_dir(output_dir)
     previous: list[str] | None = None
     manifest: dict[str, Any] = {}
-    for _ in range(5):
-        names = sorted(n for n in os.listdir(mdir) if n.endswith(".json") and n != ARGS_NAME and not n.startswith("."))
-        if names == previous:
-            break
-        cases: dict[str, Any] = {}
-        for n in names:
-            with open(os.path.join(mdir, n)) as f:
-                cases[n[: -len(".json")]] = json.load(f)
-        manifest = {
-            "format_version": MANIFEST_FORMAT_VERSION,
-            "args": config.to_json(),
-            "n_cases": len(cases),
-            "n_slices": int(sum(c["n_slices"] for c in cases.values())),
-            "cases": cases,
-        }
-        _write_json(os.path.join(output_dir, MANIFEST_NAME), manifest)
-        previous = names
+    with _folder_lock(output_dir):
+        _remove_temporaries(output_dir, MANIFEST_NAME)
+        for _ in range(5):
+            names = sorted(
+                n for n in os.listdir(mdir) if n.endswith(".json") and n != ARGS_NAME and not n.startswith(".")
+            )
+            if names == previous:
+                break
+            cases: dict[str, Any] = {}
+            for n in names:
+                entry = read_case_manifest(output_dir, n[: -len(".json")])
+                if entry is not None:
+                    cases[n[: -len(".json")]] = entry
+            manifest = {
+                "format_version": MANIFEST_FORMAT_VERSION,
+                "args": config.to_json(),
+                "n_cases": len(cases),
+                "n_slices": int(sum(c["n_slices"] for c in cases.values())),
+                "cases": cases,
+            }
+            _write_json(os.path.join(output_dir, MANIFEST_NAME), manifest)
+            previous = names
     return manifest
 
 
@@ -298,7 +383,8 @@ def _case_output_dirs(output_dir: str, config: PreprocessConfig) -> list[str]:
 
 
 def _remove_case_files(output_dir: str, config: PreprocessConfig, case: str) -> int:
-    """Delete every file (and leftover temporary file) of ``case`` in the output folders."""
+    """Delete every file (and leftover temporary file) of ``case`` in the output folders, and
+    the temporary files of its per-case manifest (the caller holds the case's lock)."""
     c = re.escape(case)
     if config.spatial_dims == 2:
         pat = re.compile(rf"^(\.)?{c}_\d{{4,}}\.png(\..*\.tmp)?$")
@@ -312,8 +398,10 @@ def _remove_case_files(output_dir: str, config: PreprocessConfig, case: str) -> 
             m = pat.match(n)
             # a temporary file starts with "." and ends with ".tmp"; a final file has neither
             if m and bool(m.group(1)) == bool(m.group(2)):
-                os.unlink(os.path.join(d, n))
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(d, n))
                 removed += 1
+    _remove_temporaries(_manifest_dir(output_dir), case + ".json")
     return removed
 
 
@@ -335,9 +423,13 @@ def _check_header(path: str, what: str):
 
 
 def _load(path: str, what: str):
+    """The volume (channel first), read in full with its gzip checksum checked."""
     try:
-        return LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True)(path)
+        return load_nifti_image(image_only=True, ensure_channel_first=True)(path)
     except Exception as e:
+        found = user_error_in(e)
+        if found is not None:
+            raise CaseError(str(found)) from None
         cause = e
         while cause.__cause__ is not None:  # MONAI wraps the reader's error
             cause = cause.__cause__
@@ -345,16 +437,53 @@ def _load(path: str, what: str):
         raise CaseError(f"corrupt or truncated {what} {path}: {type(cause).__name__}: {msg}") from None
 
 
-def process_case(task: CaseTask, config: PreprocessConfig, output_dir: str) -> dict[str, Any]:
-    """Preprocess one case into ``output_dir`` and write its per-case manifest.
+def process_case(task: CaseTask, config: PreprocessConfig, output_dir: str, wait: bool = True) -> dict[str, Any] | None:
+    """Preprocess one case into ``output_dir`` and write its per-case manifest, holding the
+    case's lock (``.manifest/.<case>.lock``) meanwhile.
+
+    Args:
+        wait: wait for another process that holds the case; with False return None at once.
 
     Returns:
-        the per-case manifest entry.
+        the per-case manifest entry (with ``"skipped": True`` when another process finished
+        the case meanwhile), or None (``wait=False`` and the case is held elsewhere).
 
     Raises:
-        CaseError: bad input (missing, unreadable, not 3D, image / label mismatch,
+        CaseError: bad input (missing, unreadable, corrupt, not 3D, image / label mismatch,
             non-finite voxels, label ids outside 0..13, nothing above ``a_min``).
+        OutputError: the output cannot be written (full disk, read-only folder); the case's
+            partial files are removed.
     """
+    lock = _case_lock(output_dir, task.case)
+    try:
+        lock.acquire(blocking=wait)
+    except Timeout:
+        return None
+    try:
+        done = read_case_manifest(output_dir, task.case)
+        if done is not None:  # finished by another process while this one waited
+            _unlink_quietly(lock.lock_file)
+            return {**done, "skipped": True}
+        entry, arrays = _prepare_case(task, config)
+        try:
+            _write_case(task, config, output_dir, entry, *arrays)
+        except OSError as e:
+            _remove_case_files(output_dir, config, task.case)
+            _unlink_quietly(os.path.join(_manifest_dir(output_dir), task.case + ".inprogress"))
+            raise OutputError(f"cannot write case {task.case}: {os_error_message(e)}") from None
+        _unlink_quietly(lock.lock_file)  # finished: nobody needs the lock any more
+        return entry
+    finally:
+        lock.release()
+
+
+def _unlink_quietly(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
+
+
+def _prepare_case(task: CaseTask, config: PreprocessConfig) -> tuple[dict[str, Any], tuple[Any, Any, Any]]:
+    """Read, check and preprocess one case: (manifest entry, (image, label or None, affine))."""
     if task.image is None:
         raise CaseError(task.missing or f"case {task.case} has no image file")
     if config.kind == "labelled" and task.label is None:
@@ -424,9 +553,27 @@ def process_case(task: CaseTask, config: PreprocessConfig, output_dir: str) -> d
         entry["label_source"] = os.path.abspath(task.label)
         entry["labels_present"] = [int(v) for v in np.unique(lab_arr)]
 
+    return entry, (arr, lab_arr if config.kind == "labelled" else None, affine)
+
+
+def _write_case(
+    task: CaseTask,
+    config: PreprocessConfig,
+    output_dir: str,
+    entry: dict[str, Any],
+    arr: np.ndarray,
+    lab_arr: np.ndarray | None,
+    affine: np.ndarray,
+) -> None:
+    """Write a case's files, then its per-case manifest (the caller holds the case's lock).
+
+    A ``.inprogress`` marker (left by a killed run) or an unreadable manifest means that
+    files of an earlier attempt may be there: they are removed first.
+    """
+    n_slices = int(entry["n_slices"])
     mdir = _manifest_dir(output_dir)
     marker = os.path.join(mdir, task.case + ".inprogress")
-    if os.path.exists(marker):
+    if os.path.exists(marker) or os.path.exists(os.path.join(mdir, task.case + ".json")):
         n = _remove_case_files(output_dir, config, task.case)
         logger.debug("%s: removed %d files of an interrupted run", task.case, n)
     with open(marker, "w"):
@@ -447,7 +594,6 @@ def process_case(task: CaseTask, config: PreprocessConfig, output_dir: str) -> d
 
     _write_json(os.path.join(mdir, task.case + ".json"), entry)
     os.unlink(marker)
-    return entry
 
 
 def _atomic_bytes(path: str, payload: bytes) -> None:
@@ -495,13 +641,20 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _run_one(task: CaseTask, config: PreprocessConfig, output_dir: str) -> tuple[str, str, Any]:
-    """Pool entry point: ("ok", case, entry) or ("fail", case, one-line message); never raises."""
+def _run_one(task: CaseTask, config: PreprocessConfig, output_dir: str, wait: bool = True) -> tuple[str, str, Any]:
+    """Pool entry point; never raises. Returns (status, case, payload): ("ok", case, entry),
+    ("skipped", case, entry) when another process finished it, ("busy", case, None) when
+    another process holds it (``wait=False``), ("fail", case, one-line message) for a bad
+    case, ("fatal", case, message) when the output cannot be written (the run stops)."""
     try:
-        return "ok", task.case, process_case(task, config, output_dir)
+        entry = process_case(task, config, output_dir, wait=wait)
     except CaseError as e:
         return "fail", task.case, str(e)
+    except OutputError as e:
+        return "fatal", task.case, str(e)
     except Exception as e:  # an unexpected error in one case must not stop the other 1,999
+        if isinstance(e, OSError) and e.errno in _OUTPUT_ERRNOS:
+            return "fatal", task.case, f"cannot preprocess case {task.case}: {os_error_message(e)}"
         logger.debug("case %s failed", task.case, exc_info=True)
         where = task.image or task.case
         return (
@@ -509,6 +662,9 @@ def _run_one(task: CaseTask, config: PreprocessConfig, output_dir: str) -> tuple
             task.case,
             f"{where}: unexpected {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}",
         )
+    if entry is None:
+        return "busy", task.case, None
+    return ("skipped" if entry.get("skipped") else "ok"), task.case, entry
 
 
 def _mp_context():
@@ -525,27 +681,36 @@ def run_preprocessing(
     shard_index: int = 0,
     num_shards: int = 1,
     raise_on_failure: bool = True,
+    inputs: dict[str, str | None] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Preprocess ``tasks`` (this shard's part of them) into ``output_dir``.
 
     Finished cases are skipped; the others run in ``num_workers`` processes with one
     progress bar over cases. Each failing case is logged as one line naming its file
-    and the rest continue. ``manifest.json`` is assembled at the end.
+    and the rest continue. A case another process is working on (a second command on the
+    same folder) is left to it first, then waited for at the end. ``manifest.json`` is
+    assembled at the end.
+
+    Args:
+        inputs: ``{flag: path}`` of the inputs the output folder must keep apart from.
+        overwrite: accept an output folder holding files the preprocessing did not write.
 
     Returns:
         summary dict: n_cases (this shard), n_done, n_skipped, n_failed, n_slices (total in
         the folder), seconds, output_dir, failed ({case: message}).
 
     Raises:
-        UserError: bad ``num_workers`` / shard flags, unwritable ``output_dir``, or output
-            made with other arguments.
-        TrainingError: one or more cases failed (listed; only with ``raise_on_failure``,
-            otherwise call :func:`raise_if_failed` after reporting); all others were processed.
+        UserError: bad ``num_workers`` / shard flags, an output folder that overlaps an input,
+            is unwritable or foreign, or output made with other arguments.
+        TrainingError: the output cannot be written (a full disk: the run stops at once); or
+            one or more cases failed (listed; only with ``raise_on_failure``, otherwise call
+            :func:`raise_if_failed` after reporting), all others processed.
     """
     if num_workers < 1:
         raise UserError(f"--num_workers must be at least 1, got {num_workers}")
     mine = shard_tasks(tasks, shard_index, num_shards)
-    output_dir = prepare_output_dir(output_dir, config)
+    output_dir = prepare_output_dir(output_dir, config, inputs, overwrite)
     for d in _case_output_dirs(output_dir, config):
         os.makedirs(d, exist_ok=True)
     todo = [t for t in mine if not is_finished(output_dir, t.case)]
@@ -561,30 +726,53 @@ def run_preprocessing(
         output_dir,
     )
     failed: dict[str, str] = {}
+    busy: list[CaseTask] = []
+    fatal: list[str] = []
     done = 0
     t0 = time.perf_counter()
-    job = partial(_run_one, config=config, output_dir=output_dir)
+    by_case = {t.case: t for t in todo}
     with logging_redirect_tqdm(), tqdm(total=len(todo), desc="cases", unit="case", dynamic_ncols=True) as bar:
 
         def collect(result: tuple[str, str, Any]) -> None:
-            nonlocal done
+            nonlocal done, n_skipped
             status, case, payload = result
+            if status == "busy":  # another process works on it: come back to it at the end
+                busy.append(by_case[case])
+                return
             if status == "ok":
                 done += 1
                 bar.set_postfix_str(f"{case}: {payload['n_slices']} slices", refresh=False)
+            elif status == "skipped":
+                n_skipped += 1
+            elif status == "fatal":
+                fatal.append(payload)
             else:
                 failed[case] = payload
                 logger.error("%s failed: %s", case, payload)
             bar.update(1)
 
-        if num_workers == 1 or len(todo) <= 1:
-            with _single_thread():
-                for t in todo:
-                    collect(job(t))
-        else:
-            with _mp_context().Pool(min(num_workers, len(todo)), initializer=_worker_init) as pool:
-                for result in pool.imap_unordered(job, todo, chunksize=1):
-                    collect(result)
+        def run_pass(cases: list[CaseTask], wait: bool) -> None:
+            job = partial(_run_one, config=config, output_dir=output_dir, wait=wait)
+            if num_workers == 1 or len(cases) <= 1:
+                with _single_thread():
+                    for t in cases:
+                        collect(job(t))
+                        if fatal:
+                            return
+            else:
+                with _mp_context().Pool(min(num_workers, len(cases)), initializer=_worker_init) as pool:
+                    for result in pool.imap_unordered(job, cases, chunksize=1):
+                        collect(result)
+                        if fatal:
+                            pool.terminate()
+                            return
+
+        run_pass(todo, wait=False)
+        if busy and not fatal:
+            logger.info("waiting for %d case(s) that another process is preprocessing", len(busy))
+            run_pass(list(busy), wait=True)
+    if fatal:
+        raise TrainingError(f"{fatal[0]}; the preprocessing stopped (rerun it when the output can be written)")
     seconds = time.perf_counter() - t0
     manifest = assemble_manifest(output_dir, config)
     summary = {
@@ -623,6 +811,8 @@ def run_from_args(tasks: Sequence[CaseTask], args: argparse.Namespace, config: P
         shard_index=args.shard_index,
         num_shards=args.num_shards,
         raise_on_failure=False,
+        inputs={"--data_dir": args.data_dir, "--split_path": getattr(args, "split_path", None)},
+        overwrite=getattr(args, "overwrite", False),
     )
     print_summary(summary)
     raise_if_failed(summary)
