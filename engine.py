@@ -44,10 +44,13 @@ from models import ARCHS
 from utils import (
     TrainingError,
     UserError,
-    append_jsonl,
+    append_jsonl_atomic,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    check_outputs_apart,
+    prepare_output_dir,
+    remove_stale_temporaries,
     surface_user_errors,
     torch_load,
 )
@@ -1022,25 +1025,14 @@ def run_paths(chkpt_dir: str, run_name: str) -> dict[str, str]:
 
 
 def prepare_run_dir(paths: dict[str, str], resume: bool, info: DistInfo) -> None:
-    """Check that the checkpoint folder can be written; refuse to overwrite an existing
-    run unless resuming. A missing folder is not created here (the run's first write
-    creates it), so a run refused later for bad data leaves nothing behind.
+    """Create the checkpoint folder and check that it can be written (at start-up, not after the
+    first epoch); refuse to overwrite an existing run unless resuming. A run exists when it
+    saved a training state or logged an epoch; its weights file alone (a kill before the
+    first state) does not count.
     """
     if not info.is_main:
         return
-    folder = paths["chkpt_dir"]
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"--chkpt_dir {folder!r} cannot be created: {existing!r} is not a folder")
-    try:
-        probe = os.path.join(existing, f".write_test_{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.unlink(probe)
-    except OSError as e:
-        raise UserError(f"--chkpt_dir {folder!r} is not writable ({e.strerror})") from None
+    prepare_output_dir(paths["chkpt_dir"], "--chkpt_dir")
     if not resume and any(os.path.exists(paths[k]) for k in ("last", "log")):
         raise UserError(
             f"run {os.path.basename(paths['weights'])[:-3]!r} already exists in {paths['chkpt_dir']!r}; "
@@ -1050,17 +1042,21 @@ def prepare_run_dir(paths: dict[str, str], resume: bool, info: DistInfo) -> None
 
 def resolve_resume(resume: str | None, paths: dict[str, str]) -> str | None:
     """The training state ``--resume`` points to: None (no resume), this run's
-    ``<run>_last.pt`` for ``--resume`` alone ("auto"), or the given path.
+    ``<run>_last.pt`` for ``--resume`` alone ("auto"), or the given path. ``--resume`` alone
+    on a run that never saved a state (killed before its first epoch ended, or not started)
+    gives None: the run starts from the beginning, with a warning.
 
     Raises:
-        UserError: the file does not exist.
+        UserError: a given path does not exist.
     """
     if resume is None:
         return None
     path = paths["last"] if resume == "auto" else os.path.abspath(resume)
+    if resume == "auto" and not os.path.isfile(path):
+        logger.warning("--resume: %s does not exist (no epoch was saved); the run starts from the beginning", path)
+        return None
     if not os.path.isfile(path):
-        hint = " (the run has not finished an epoch yet; start it again without --resume)" if resume == "auto" else ""
-        raise UserError(f"--resume: {path!r} does not exist{hint}")
+        raise UserError(f"--resume: {path!r} does not exist")
     return path
 
 
@@ -1173,7 +1169,7 @@ class EpochLogger:
     def log(self, record: dict[str, Any]) -> None:
         if not self.info.is_main:
             return
-        append_jsonl(self.paths["log"], record)
+        append_jsonl_atomic(self.paths["log"], record)
         if self.wandb_run is not None:
             flat = {k: v for k, v in record.items() if isinstance(v, (int, float))}
             self.wandb_run.log(flat, step=int(record.get("epoch", 0)))
@@ -1208,14 +1204,20 @@ class RunFiles:
 
     Pretraining and fine-tuning both go through it. At the end of every epoch a run
     writes, in this order: its weights (``<run>.pt``, by the caller), the full training
-    state ``<run>_last.pt`` (which holds the epoch's log record), then that record as a line
-    of ``<run>_log.jsonl``. The state decides what exists: a run killed before its first
-    state was saved has not started (a plain rerun starts it afresh), and ``--resume`` makes
-    the log agree with the state (lines of epochs after it dropped; its record appended
-    when the kill came between the two writes)::
+    state ``<run>_last.pt`` (which holds the epoch's log record and the fingerprints of the
+    run's inputs), then that record as a line of ``<run>_log.jsonl`` (each file atomically).
+    The state decides what exists: a run killed before its first state was saved has not
+    started (a plain rerun, or ``--resume``, starts it afresh), and ``--resume`` makes the log
+    agree with the state (lines of epochs after it dropped; its record appended when the kill
+    came between the two writes). Temporary files of killed writes are removed at start-up.
+
+    What a run is made of is pinned: :meth:`pin_inputs` records fingerprints of the inputs
+    that define it (the data folder's manifest and listing, the split's contents, the
+    checkpoint it started from) and refuses a resume where one of them changed::
 
         run = RunFiles(args.chkpt_dir, args.run_name, "finetune", info)
-        state = run.open(args.resume, args_dict(args), resume_keys)   # None: a new run
+        state = run.open(args.resume, args_dict(args), resume_keys, inputs={"--data_dir": ...})  # None: a new run
+        run.pin_inputs(state, {"data folder": ..., "split": ...})
         ...
         run.end_epoch({"epoch": epoch + 1, ...}, record, epoch_logger)
     """
@@ -1225,15 +1227,38 @@ class RunFiles:
         self.method = method
         self.info = info
         self.resume_path: str | None = None
+        self.inputs: dict[str, str] = {}
 
-    def open(self, resume: str | None, args_d: dict[str, Any], resume_keys: Iterable[str]) -> dict[str, Any] | None:
+    def output_locations(self) -> dict[str, str]:
+        """``{description: path}`` of everything the run writes (for :func:`utils.check_outputs_apart`)."""
+        return {
+            "the run file": self.paths["weights"],
+            "the run's state": self.paths["last"],
+            "the run's log": self.paths["log"],
+            "the run's arguments": self.paths["args"],
+            "the run's folder": self.paths["dir"],
+        }
+
+    def open(
+        self,
+        resume: str | None,
+        args_d: dict[str, Any],
+        resume_keys: Iterable[str],
+        inputs: dict[str, str | None] | None = None,
+    ) -> dict[str, Any] | None:
         """Check the run folder; with ``--resume`` load the saved state, check that it is a
         state of this method saved with the same ``resume_keys``, and return it.
 
+        Args:
+            inputs: ``{flag: path}`` of what the run reads; no run file may be one of them,
+                lie inside one (a data folder) or contain one.
+
         Raises:
-            UserError: the state is missing, foreign or was saved with other flags; the run
-                exists and ``--resume`` was not given; the folder cannot be written.
+            UserError: the state is foreign or was saved with other flags; a given ``--resume``
+                path is missing; the run exists and ``--resume`` was not given; a run file
+                overlaps an input; the folder cannot be created or written.
         """
+        check_outputs_apart(self.output_locations(), inputs or {})
         self.resume_path = resolve_resume(resume, self.paths)
         state = None
         if self.resume_path is not None:
@@ -1244,8 +1269,50 @@ class RunFiles:
                     f"not a {self.method!r} one (not a training state of this script)"
                 )
             check_resume_args({**RESUME_KEY_DEFAULTS, **state["args"]}, args_d, resume_keys, self.resume_path)
-        prepare_run_dir(self.paths, resume=state is not None, info=self.info)
+        prepare_run_dir(self.paths, resume=resume is not None, info=self.info)
+        if self.info.is_main:
+            self._remove_leftovers(started=state is not None)
         return state
+
+    def _remove_leftovers(self, started: bool) -> None:
+        """Temporary files of killed atomic writes of this run's files; and, for a run that
+        never saved a state, log lines of epochs that are redone from the start."""
+        removed = [t for k in ("weights", "last", "log", "args") for t in remove_stale_temporaries(self.paths[k])]
+        if os.path.isdir(self.paths["dir"]):
+            for n in os.listdir(self.paths["dir"]):
+                if n.startswith(".") and n.endswith(".tmp"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(os.path.join(self.paths["dir"], n))
+                        removed.append(os.path.join(self.paths["dir"], n))
+        if removed:
+            logger.info("removed %d temporary file(s) of interrupted writes: %s", len(removed), ", ".join(removed))
+        if not started and read_log(self.paths["log"]):
+            truncate_log(self.paths["log"], 0)
+
+    def pin_inputs(self, state: dict[str, Any] | None, fingerprints: dict[str, str | None]) -> None:
+        """Record what defines the run (``{what: fingerprint}``, e.g. ``{"data folder --data_dir
+        D": "1,234 files, sha256 ..."}``; None entries are skipped) for every state it saves,
+        and on a resume refuse inputs that changed since the state was saved.
+
+        A state saved before fingerprints existed is resumed with a warning.
+
+        Raises:
+            UserError: an input differs from the recorded one (one line naming it).
+        """
+        self.inputs = {k: v for k, v in fingerprints.items() if v is not None}
+        if state is None:
+            return
+        saved = state.get("inputs")
+        if saved is None:
+            logger.warning("%s records no fingerprints of its inputs (an older version); not checked", self.resume_path)
+            return
+        for what, now in self.inputs.items():
+            before = saved.get(what)
+            if before is not None and before != now:
+                raise UserError(
+                    f"cannot resume {self.resume_path!r}: the {what} changed since the run started "
+                    f"(was {before}, now {now}); restore it or start a new --run_name"
+                )
 
     def restore_log(self, state: dict[str, Any]) -> None:
         """After loading ``state``: make the log hold exactly the records of its epochs (rank 0)."""
@@ -1254,8 +1321,9 @@ class RunFiles:
             repair_log(self.paths["log"], int(state["epoch"]), state.get("record", state.get("last_record")))
 
     def end_epoch(self, state: dict[str, Any], record: dict[str, Any], epoch_logger: "EpochLogger") -> None:
-        """Save the full state (with ``record`` in it), then log ``record``."""
-        save_training_state(self.paths["last"], {"method": self.method, **state, "record": record}, self.info)
+        """Save the full state (with ``record`` and the inputs' fingerprints in it), then log ``record``."""
+        full = {"method": self.method, **state, "record": record, "inputs": dict(self.inputs)}
+        save_training_state(self.paths["last"], full, self.info)
         epoch_logger.log(record)
 
     def write_result(self, result: dict[str, Any]) -> None:
@@ -1271,7 +1339,7 @@ def repair_log(path: str, epochs_done: int, record: dict[str, Any] | None) -> No
     truncate_log(path, epochs_done)
     logged = [r.get("epoch", 0) for r in read_log(path)]
     if record is not None and int(record.get("epoch", 0)) == epochs_done and epochs_done not in logged:
-        append_jsonl(path, record)
+        append_jsonl_atomic(path, record)
 
 
 def read_log(path: str) -> list[dict[str, Any]]:

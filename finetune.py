@@ -84,6 +84,10 @@ from utils import (
     atomic_write,
     atomic_write_json,
     check_fits_in_memory,
+    check_outputs_apart,
+    claim_outputs,
+    file_sha256,
+    prepare_output_dir,
     torch_load,
     user_error_in,
 )
@@ -374,8 +378,8 @@ def evaluate(
         full: also compute the challenge-grade per-organ scores and the figure's slices.
         tolerance_mm: NSD tolerance (one value, or per organ id).
         n_vis: slices for the figure (cases spread evenly over ``cases``; the slice with most organ voxels).
-        save_dir: write ``<case>.nii.gz`` (prediction), ``labels/<case>.nii.gz`` and
-            ``images/<case>_0000.nii.gz`` there, with the preprocessed geometry.
+        save_dir: write :func:`prediction_files` there (prediction, reference label and image
+            of each case, with the preprocessed geometry).
 
     Raises:
         UserError: no case to evaluate.
@@ -416,9 +420,10 @@ def evaluate(
             z_name = ref.slices[z]["slice"] if ref.slices else z
             rec["vis"] = (image[..., z].copy(), label[..., z].copy(), pred[..., z].copy(), f"{ref.case} slice {z_name}")
         if save_dir is not None:
-            save_nifti(os.path.join(save_dir, f"{ref.case}.nii.gz"), pred.astype(np.uint8), affine)
-            save_nifti(os.path.join(save_dir, "labels", f"{ref.case}.nii.gz"), label.astype(np.uint8), affine)
-            save_nifti(os.path.join(save_dir, "images", f"{ref.case}_0000.nii.gz"), image.astype(np.float32), affine)
+            files = prediction_files(save_dir, ref.case)
+            save_nifti(files["prediction"], pred.astype(np.uint8), affine)
+            save_nifti(files["label"], label.astype(np.uint8), affine)
+            save_nifti(files["image"], image.astype(np.float32), affine)
         local.append(rec)
     bar.close()
     gathered = sorted((r for part in engine.all_gather_objects(local, info) for r in part), key=lambda r: r["index"])
@@ -656,6 +661,8 @@ class FinetuneData:
         self.n_classes = args.n_classes
         #: how the data was preprocessed; stored in the fine-tuned checkpoint for predict.py
         self.preprocessing = data_preprocessing(args.data_dir, args.spatial_dims)
+        self.split = split
+        self.val_items = val_items
         self.train_items = train_items if need_train else []
         self.case_cache: CaseCache | None = None
         self.train_ds = None
@@ -775,6 +782,49 @@ def evaluate_cases(
             "--cache_eval: %d cases in memory (%.2f GB)", len(dat.case_cache.cases), dat.case_cache.nbytes / 1e9
         )
     return res
+
+
+#: Sub-folders of ``--save_predictions`` for the reference label and image of each case. Not
+#: the raw FLARE layout's ``images/<case>_0000.nii.gz`` and ``labels/<case>.nii.gz``: a
+#: prediction folder pointed at a raw data set can never take its files' names.
+PRED_LABEL_DIR = "reference_labels"
+PRED_IMAGE_DIR = "reference_images"
+
+
+def prediction_files(save_dir: str, case: str) -> dict[str, str]:
+    """The files ``--save_predictions`` writes for ``case``: ``<case>.nii.gz`` (the prediction),
+    ``reference_labels/<case>.nii.gz`` and ``reference_images/<case>.nii.gz`` (label and image in
+    the same preprocessed geometry; ``metrics.py --pred_dir DIR --label_dir DIR/reference_labels``)."""
+    return {
+        "prediction": os.path.join(save_dir, f"{case}.nii.gz"),
+        "label": os.path.join(save_dir, PRED_LABEL_DIR, f"{case}.nii.gz"),
+        "image": os.path.join(save_dir, PRED_IMAGE_DIR, f"{case}.nii.gz"),
+    }
+
+
+def run_inputs(args: argparse.Namespace) -> dict[str, str | None]:
+    """``{flag: path}`` of what a fine-tuning run reads (no output may overlap them)."""
+    return {"--data_dir": args.data_dir, "--split_path": args.split_path, "--chkpt_path": args.chkpt_path}
+
+
+def check_predictions_dir(args: argparse.Namespace, cases: Sequence[str], info: engine.DistInfo) -> None:
+    """``--save_predictions``, checked at start-up (not after the training): the folder is
+    created and tested for writing, it keeps apart from the inputs, and none of the files it
+    will receive exists unless this project wrote it (or ``--overwrite``); rank 0 records them.
+
+    Raises:
+        UserError: a folder that cannot be written, overlaps an input, or holds foreign files.
+    """
+    if not args.save_predictions:
+        return
+    check_outputs_apart({"--save_predictions": args.save_predictions}, run_inputs(args))
+    files = [f for c in cases for f in prediction_files(args.save_predictions, c).values()]
+    if info.is_main:
+        for sub in ("", PRED_LABEL_DIR, PRED_IMAGE_DIR):
+            prepare_output_dir(os.path.join(args.save_predictions, sub), "--save_predictions")
+        claim_outputs(files, args.overwrite, "--save_predictions")
+    if info.distributed:
+        torch.distributed.barrier()
 
 
 def _prepare_predictions_dir(args: argparse.Namespace, info: engine.DistInfo) -> None:
@@ -975,11 +1025,13 @@ def _evaluate_only(args: argparse.Namespace, info: engine.DistInfo) -> dict[str,
             args.crop_size,
         )
         args.crop_size = saved_crop
+    check_outputs_apart({"the run's folder": paths["dir"]}, run_inputs(args))
     if info.is_main:
-        os.makedirs(paths["dir"], exist_ok=True)
+        prepare_output_dir(paths["dir"], "--chkpt_dir")
     model.to(info.device)
     amp = engine.Amp(info.device, args.use_amp, args.amp_dtype)
     dat = FinetuneData(args, info, need_train=False)
+    check_predictions_dir(args, [c.case for c in dat.val_cases], info)
     out = final_outputs(model, dat, args, info, amp, paths)
     result = {
         "run_name": args.run_name,
@@ -993,6 +1045,22 @@ def _evaluate_only(args: argparse.Namespace, info: engine.DistInfo) -> dict[str,
     if info.is_main:
         atomic_write_json(os.path.join(paths["dir"], "result.json"), result)
     return result
+
+
+def input_fingerprints(args: argparse.Namespace, dat: "FinetuneData") -> dict[str, str | None]:
+    """What defines a fine-tuning run, pinned for ``--resume`` (:meth:`engine.RunFiles.pin_inputs`):
+    the data folder's listing of the slices / volumes used and its ``manifest.json``, the split's
+    case lists, and the checkpoint the run started from (SHA-256; when it is gone on a resume
+    it is not checked: the state holds the model)."""
+    paths = [it[k] for it in list(dat.train_items) + list(dat.val_items) for k in ("image", "label")]
+    out: dict[str, str | None] = {
+        **data.data_fingerprints(args.data_dir, paths),
+        "split --split_path": data.split_fingerprint(dat.split),
+    }
+    if args.chkpt_path:
+        key = "checkpoint --chkpt_path the run started from"
+        out[key] = "sha256 " + file_sha256(args.chkpt_path)[:16] if os.path.isfile(args.chkpt_path) else None
+    return out
 
 
 def _build_model(
@@ -1020,10 +1088,14 @@ def _train(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
     paths = run.paths
     logger.info("run %r: files in %s", args.run_name, paths["chkpt_dir"])
     args_d = engine.args_dict(args)
-    state = run.open(args.resume, args_d, RESUME_KEYS)
+    inputs = run_inputs(args)
+    check_outputs_apart({"--cache_dir": args.cache_dir if args.spatial_dims == 3 else None}, inputs)
+    state = run.open(args.resume, args_d, RESUME_KEYS, inputs=inputs)
     cfg = models.encoder_config_from_args(args)
     model, n_loaded = _build_model(args, cfg, state, info)
     dat = FinetuneData(args, info, need_train=True)
+    run.pin_inputs(state, input_fingerprints(args, dat))
+    check_predictions_dir(args, [c.case for c in dat.val_cases], info)
     per_step = args.batch_size * info.world_size * args.accum_iters
     iters_per_epoch = len(dat.train_ds) // per_step
     if iters_per_epoch == 0:
@@ -1057,7 +1129,7 @@ def _train(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
             best.dice_paper,
             best.epoch,
         )
-    engine.write_args(paths, args_d, info)
+    engine.write_args(paths, {**args_d, "inputs": run.inputs}, info)
 
     elog = engine.EpochLogger(paths, info, args.use_wandb, args.wandb_project, args_d, wandb_id)
     try:

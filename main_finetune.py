@@ -24,9 +24,10 @@ weight decay 1e-5 (not on biases and norms), 32 slices x 2 crops of 96 x 96 per 
     # 3D on the raw labelled NIfTI (preprocessed on the fly, cached in --cache_dir)
     python main_finetune.py --spatial_dims 3 --data_dir FLARE22Train --batch_size 2 --embedding_size 48 --use_amp
 
-    # evaluate a fine-tuned model only, and write each predicted label volume as NIfTI
+    # evaluate a fine-tuned model only, write each predicted label volume as NIfTI, and score them again
     python main_finetune.py --eval_only --data_dir flare_2d/labelled --chkpt_path runs/scratch.pt \\
         --save_predictions preds/
+    python metrics.py --pred_dir preds/ --label_dir preds/reference_labels
 
     # a CPU demo in a minute on phantoms (make_phantoms.py + preprocess_flare_labelled.py)
     python main_finetune.py --data_dir phantoms_2d/labelled --split_path phantoms/split.json \\
@@ -193,7 +194,16 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--save_predictions",
         type=str,
         default=None,
-        help="Write each evaluated case's predicted label volume to DIR/<case>.nii.gz (with DIR/labels/ and DIR/images/) in the preprocessed geometry, for a viewer or metrics.py. For labels in each scan's own geometry use predict.py.",
+        help="Write each validation case's predicted label volume to DIR/<case>.nii.gz, with its label and image in "
+        "DIR/reference_labels/ and DIR/reference_images/ (same preprocessed geometry), for a viewer or metrics.py "
+        "(for labels in each scan's own geometry use predict.py). Checked at start-up: it must be writable and "
+        "apart from the inputs, and files there that this project did not write are refused (see --overwrite).",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Let --save_predictions replace files that this project did not write there (by default they are "
+        "refused, so that a folder of raw data or a user's files is never overwritten).",
     )
     g.add_argument(
         "--nsd_tolerance_mm",

@@ -48,7 +48,7 @@ from tqdm import tqdm
 
 import engine
 from batch_augment import BatchViewAugment
-from data import SliceCache, list_pretrain_images, png_size
+from data import SliceCache, data_fingerprints, list_pretrain_images, png_size
 from iou_crops import IOU_SAMPLERS, IoUCropSampler
 from models import encoder_checkpoint, encoder_config_from_args
 from transforms import pretrain_transforms
@@ -500,7 +500,7 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
     paths = run.paths
     logger.info("%s pretraining run %r; its files go to %s", method_cls.name, args.run_name, paths["chkpt_dir"])
     args_d = engine.args_dict(args)
-    state = run.open(args.resume, args_d, RESUME_KEYS + method_cls.resume_keys)
+    state = run.open(args.resume, args_d, RESUME_KEYS + method_cls.resume_keys, inputs={"--data_dir": args.data_dir})
     if state is not None and int(state.get("world_size", 1)) != info.world_size:
         raise UserError(
             f"cannot resume {run.resume_path!r} with {info.world_size} processes: it was started with "
@@ -508,6 +508,7 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
         )
 
     dataset, check = build_dataset(args, info)
+    run.pin_inputs(state, data_fingerprints(args.data_dir, [d["image"] for d in dataset.data]))
     per_rank = len(dataset) // info.world_size
     iters_per_epoch = per_rank // args.batch_size // args.accum_iters
     if iters_per_epoch == 0:
@@ -535,7 +536,15 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
         logger.info("resumed %s after epoch %d of %d", run.resume_path, start_epoch, args.n_epochs)
 
     engine.write_args(
-        paths, {**args_d, "model_config": cfg, "num_workers_used": num_workers, "world_size": info.world_size}, info
+        paths,
+        {
+            **args_d,
+            "model_config": cfg,
+            "num_workers_used": num_workers,
+            "world_size": info.world_size,
+            "inputs": run.inputs,
+        },
+        info,
     )
     epoch_logger = engine.EpochLogger(paths, info, args.use_wandb, args.wandb_project, args_d, wandb_id)
     try:
