@@ -73,7 +73,7 @@ from matplotlib.colors import ListedColormap
 from tqdm import tqdm
 
 from data import LABEL_NAMES as FLARE_LABEL_NAMES
-from utils import UserError, atomic_write, atomic_write_json, run_cli
+from utils import UserError, atomic_write, atomic_write_json, prepare_output_dir, prepare_output_file, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -1488,6 +1488,9 @@ def main(args: argparse.Namespace) -> dict:
         raise UserError(f"--preview must name a .png file, got {args.preview!r}")
     if args.preview is not None and args.n_labelled == 0:
         raise UserError("--preview draws the first labelled case, but --n_labelled is 0")
+    prepare_output_dir(args.output_dir, "--output_dir")  # checked before hours of generation, not after
+    if args.preview is not None:
+        prepare_output_file(args.preview, "--preview")
     result = generate_dataset(
         args.output_dir,
         n_labelled=args.n_labelled,

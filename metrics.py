@@ -37,6 +37,10 @@ Check the scores of a saved prediction against its label from the shell::
 
     python metrics.py --pred pred/FLARE22_Tr_0001.nii.gz --label labels/FLARE22_Tr_0001.nii.gz
     python metrics.py --pred_dir preds/ --label_dir labels/ --out_dir results/   # every case, CSV + JSON
+
+With ``--pred_dir`` every case of ``--label_dir`` is scored: a case without a prediction is an
+error naming it, or with ``--missing_as_zero`` it scores 0 for every organ, as the FLARE
+challenges score a missing submission.
 """
 
 from __future__ import annotations
@@ -54,7 +58,6 @@ from types import MappingProxyType
 from typing import Mapping, Sequence
 
 import matplotlib
-import nibabel as nib
 import numpy as np
 import torch
 from matplotlib import colormaps
@@ -66,8 +69,17 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from data import LABEL_NAMES
-from utils import UserError, atomic_write, atomic_write_json, atomic_write_text, run_cli
+from data import LABEL_NAMES, load_nifti
+from utils import (
+    UserError,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+    check_outputs_apart,
+    claim_outputs,
+    prepare_output_dir,
+    run_cli,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -825,10 +837,20 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--pred_dir",
         type=str,
         default=None,
-        help="Folder of predicted .nii.gz volumes; each is matched by file name in --label_dir.",
+        help="Folder of predicted .nii.gz volumes, matched by file name to the cases of --label_dir.",
     )
     g.add_argument(
-        "--label_dir", type=str, default=None, help="Folder of reference .nii.gz label volumes for --pred_dir."
+        "--label_dir",
+        type=str,
+        default=None,
+        help="Folder of reference .nii.gz label volumes: every case in it is scored (a prediction without a label "
+        "is an error).",
+    )
+    g.add_argument(
+        "--missing_as_zero",
+        action="store_true",
+        help="Score a --label_dir case without a prediction as 0 (Dice and NSD of every organ), as the FLARE "
+        "challenges do, instead of stopping with an error that names it.",
     )
     g = parser.add_argument_group("scoring")
     g.add_argument(
@@ -856,14 +878,19 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="Write <prefix>_scores.csv and .json here; without it only the table is printed.",
     )
     g.add_argument("--prefix", type=str, default="eval", help="File name prefix of the score files in --out_dir.")
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Let --out_dir's score files replace files that this project did not write (refused by default).",
+    )
     return parser
 
 
 def _load_ids(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     if not path.is_file():
         raise UserError(f"{path} does not exist")
+    img = load_nifti(path)  # read in full: a corrupt .nii.gz is refused, not scored
     try:
-        img = nib.load(str(path))
         arr = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for a bad file
         raise UserError(f"{path} is not a readable NIfTI volume ({type(e).__name__}: {e})") from e
@@ -874,33 +901,93 @@ def _load_ids(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
     return arr, tuple(float(z) for z in img.header.get_zooms()[: arr.ndim])
 
 
+def _case_name(path: Path) -> str:
+    return path.name.removesuffix(".gz").removesuffix(".nii")
+
+
+def _volumes(folder: Path) -> dict[str, Path]:
+    """``{case: path}`` of the .nii / .nii.gz files directly in ``folder``."""
+    return {_case_name(p): p for p in sorted(folder.iterdir()) if p.name.endswith((".nii.gz", ".nii")) and p.is_file()}
+
+
+def missing_prediction_scores(label: np.ndarray, n_classes: int, tolerance_mm: float | Mapping[int, float]) -> dict:
+    """The scores of a case without a prediction (``--missing_as_zero``): Dice 0 and NSD 0 for
+    every organ, as the FLARE challenges score a missing submission."""
+    counts = np.bincount(np.asarray(label, dtype=np.intp).ravel(), minlength=n_classes)
+    out = {}
+    for i in range(1, n_classes):
+        tol = tolerance_mm[i] if isinstance(tolerance_mm, Mapping) else tolerance_mm
+        out[i] = {
+            "tolerance_mm": float(tol),
+            "label_voxels": int(counts[i]),
+            "pred_voxels": 0,
+            "dice": 0.0,
+            "nsd": 0.0,
+        }
+    return out
+
+
 def main(args: argparse.Namespace) -> dict:
-    """Score the given predictions; returns the summary dict (see :func:`summarize_case_scores`)."""
+    """Score the given predictions; returns the summary dict (see :func:`summarize_case_scores`).
+
+    With ``--pred_dir`` / ``--label_dir`` every case of the label folder is scored; a missing
+    prediction is an error (or 0 with ``--missing_as_zero``), and so is a prediction without a label.
+    """
     if (args.pred is None) != (args.label is None):
         raise UserError("--pred and --label go together")
     if (args.pred_dir is None) != (args.label_dir is None):
         raise UserError("--pred_dir and --label_dir go together")
     if (args.pred is None) == (args.pred_dir is None):
         raise UserError("give either --pred/--label or --pred_dir/--label_dir")
+    if args.out_dir is not None:
+        inputs = {
+            "--pred": args.pred,
+            "--label": args.label,
+            "--pred_dir": args.pred_dir,
+            "--label_dir": args.label_dir,
+        }
+        check_outputs_apart({"--out_dir": args.out_dir}, inputs)
+        out_dir = prepare_output_dir(args.out_dir, "--out_dir")
+        claim_outputs(
+            [os.path.join(out_dir, f"{args.prefix}_scores.{ext}") for ext in ("csv", "json")],
+            args.overwrite,
+            "--out_dir",
+        )
+    pairs: list[tuple[str, Path | None, Path]]
     if args.pred is not None:
-        pairs = [(Path(args.pred), Path(args.label))]
+        pairs = [(_case_name(Path(args.pred)), Path(args.pred), Path(args.label))]
     else:
         pred_dir, label_dir = Path(args.pred_dir), Path(args.label_dir)
         for d, flag in ((pred_dir, "--pred_dir"), (label_dir, "--label_dir")):
             if not d.is_dir():
                 raise UserError(f"{flag} {d} is not a folder")
-        preds = sorted(p for p in pred_dir.iterdir() if p.name.endswith((".nii.gz", ".nii")))
-        if not preds:
-            raise UserError(f"--pred_dir {pred_dir} holds no .nii.gz volumes")
-        pairs = [(p, label_dir / p.name) for p in preds]
+        labels, preds = _volumes(label_dir), _volumes(pred_dir)
+        if not labels:
+            raise UserError(f"--label_dir {label_dir} holds no .nii.gz volumes")
+        orphans = sorted(set(preds) - set(labels))
+        if orphans:
+            more = f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""
+            raise UserError(f"prediction {preds[orphans[0]]}{more} has no label in --label_dir {label_dir}")
+        missing = sorted(set(labels) - set(preds))
+        if missing and not args.missing_as_zero:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise UserError(
+                f"case {missing[0]!r}{more} of --label_dir has no prediction {pred_dir / labels[missing[0]].name}; "
+                f"every labelled case is scored (--missing_as_zero scores a missing one as 0, as FLARE does)"
+            )
+        if missing:
+            logger.warning("%d case(s) have no prediction and score 0: %s", len(missing), ", ".join(missing))
+        pairs = [(c, preds.get(c), labels[c]) for c in labels]
     tol = FLARE22_TOLERANCE_MM if args.tolerance_mm is None else args.tolerance_mm
     per_case = {}
-    for pred_path, label_path in tqdm(pairs, desc="scoring", disable=len(pairs) < 2):
-        pred, _ = _load_ids(pred_path)
+    for case, pred_path, label_path in tqdm(pairs, desc="scoring", disable=len(pairs) < 2):
         label, spacing = _load_ids(label_path)
+        if pred_path is None:
+            per_case[case] = missing_prediction_scores(label, args.n_classes, tol)
+            continue
+        pred, _ = _load_ids(pred_path)
         if pred.shape != label.shape:
             raise UserError(f"{pred_path} has shape {pred.shape}, its label {label_path} has {label.shape}")
-        case = pred_path.name.removesuffix(".gz").removesuffix(".nii")
         try:
             per_case[case] = organ_scores(
                 pred,

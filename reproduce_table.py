@@ -86,6 +86,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from filelock import FileLock, Timeout
 
 import make_phantoms
 import metrics
@@ -100,7 +101,7 @@ from engine import run_paths
 from iou_crops import IOU_SAMPLERS
 from report import PAPER_ROW_KEYS
 from runqueue import Row, Run
-from utils import TrainingError, UserError, atomic_write_json, run_cli
+from utils import TrainingError, UserError, atomic_write_json, check_outputs_apart, prepare_output_dir, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -564,6 +565,43 @@ def prepare_data(args: argparse.Namespace, settings: dict[str, Any], out: str) -
     return paths
 
 
+def grid_outputs(out: str) -> dict[str, str]:
+    """``{description: path}`` of what the grid writes in ``out`` (its data, in the demo, is made there too)."""
+    names = ("runs", "state", "slurm", "figures", "grid.json", "table.md", "table.csv", "organs.md", "organs.csv")
+    return {f"--output_dir's {n}": os.path.join(out, n) for n in names}
+
+
+def check_grid_inputs(args: argparse.Namespace, out: str) -> None:
+    """Refuse inputs (raw or preprocessed data folders, the split) on, inside or around what
+    the grid writes (UserError naming both)."""
+    inputs = {
+        "--raw_labelled_dir": args.raw_labelled_dir,
+        "--raw_unlabelled_dir": args.raw_unlabelled_dir,
+        "--split": args.split,
+    }
+    if args.preset != "demo":
+        inputs.update({"--labelled_dir": args.labelled_dir, "--unlabelled_dir": args.unlabelled_dir})
+    check_outputs_apart(grid_outputs(out), {k: os.path.abspath(os.path.expanduser(v)) for k, v in inputs.items() if v})
+
+
+def prepare_data_once(args: argparse.Namespace, settings: dict[str, Any], out: str) -> dict[str, str]:
+    """:func:`prepare_data` under a lock on ``<out>/state/data.lock``: two grids started on one
+    fresh ``--output_dir`` cooperate (the second waits, then finds every case finished)
+    instead of writing the same files at once."""
+    state = os.path.join(out, "state")
+    os.makedirs(state, exist_ok=True)
+    lock = FileLock(os.path.join(state, "data.lock"))
+    try:
+        lock.acquire(blocking=False)
+    except Timeout:
+        logger.info("another reproduce_table.py is preparing the data in %s; waiting for it", out)
+        lock.acquire()
+    try:
+        return prepare_data(args, settings, out)
+    finally:
+        lock.release()
+
+
 def _preprocess(kind: str, raw: str, out: str, split: str | None, workers: int) -> None:
     """Run ``preprocess_flare_<kind>.py`` on ``raw`` into ``out`` (its summary goes to stderr)."""
     mod = preprocess_flare_labelled if kind == "labelled" else preprocess_flare_unlabelled
@@ -1024,6 +1062,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         return {"plan": [r.to_dict() for r in plan]}
 
     check_grid_file(out, meta)
+    check_grid_inputs(args, out)
+    prepare_output_dir(out, "--output_dir")
     # before the data is prepared (minutes for FLARE): is there a SLURM to submit to, or
     # SLURM jobs of this grid that a local launch would run a second time?
     if on_slurm:
@@ -1040,7 +1080,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if args.collect_only:
         data = data_paths(args, out)
     else:
-        data = prepare_data(args, s, out)
+        data = prepare_data_once(args, s, out)
     split = load_split(data["split"])
     check_grid_file(out, meta, split)
     os.makedirs(out, exist_ok=True)

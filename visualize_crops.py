@@ -22,13 +22,13 @@ from pathlib import Path
 from typing import Sequence
 
 import matplotlib
-import nibabel as nib
 import numpy as np
 from matplotlib.patches import Rectangle
 from PIL import Image
 
+from data import load_nifti, verified_png_bytes
 from iou_crops import IOU_SAMPLERS, crop_iou, make_sampler
-from utils import UserError, atomic_write, run_cli
+from utils import UserError, atomic_write, check_outputs_apart, claim_outputs, prepare_output_file, run_cli
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +156,12 @@ def read_image(path: Path) -> np.ndarray:
     """
     try:
         if _is_nifti(path):
-            arr = np.asarray(nib.load(str(path)).dataobj)
+            arr = np.asarray(load_nifti(path).dataobj)  # read in full, gzip checksum checked
             arr = arr.reshape([s for s in arr.shape if s != 1] if arr.ndim > 3 else arr.shape)
             if arr.ndim != 3:
                 raise UserError(f"{path}: expected a 3D volume, got shape {arr.shape}")
             return arr
-        with Image.open(path) as im:
+        with Image.open(io.BytesIO(verified_png_bytes(path))) as im:  # every chunk's CRC checked
             if im.mode in ("RGB", "RGBA", "P", "LA"):
                 im = im.convert("L")
             arr = np.array(im)
@@ -189,7 +189,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         required=True,
         help="folder of PNG slices (8 or 16 bit) or NIfTI volumes (.nii/.nii.gz); files are taken in name order",
     )
-    g.add_argument("--output", type=Path, required=True, help="PNG file to write (folders are created)")
+    g.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        help="PNG file to write (folders are created; checked before any work; not inside --input_dir)",
+    )
+    g.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --output even when it is a file this project did not write (refused by default)",
+    )
     g.add_argument("--n_images", type=int, default=8, help="number of files to show (the first ones by name)")
     g.add_argument("--n_pairs_per_image", type=int, default=1, help="crop pairs drawn per file (one panel each)")
     g.add_argument("--ncols", type=int, default=4, help="panels per row of the grid")
@@ -219,6 +229,9 @@ def main(args: argparse.Namespace) -> Path:
         raise UserError(f"--input_dir {str(args.input_dir)!r} is not a folder")
     if args.output.suffix.lower() != ".png":
         raise UserError(f"--output {str(args.output)!r} must end in .png")
+    check_outputs_apart({"--output": str(args.output)}, {"--input_dir": str(args.input_dir)})
+    prepare_output_file(args.output, "--output")
+    claim_outputs([args.output], args.overwrite, "--output")
     for name in ("n_images", "n_pairs_per_image", "ncols"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name} must be >= 1, got {getattr(args, name)}")
