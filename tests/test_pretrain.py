@@ -769,5 +769,5 @@ def test_bad_resume(phantom_data, tmp_path):
     with pytest.raises(UserError, match="not a training state"):
         _run(main_simsiam, phantom_data["2d"], out, *base, "--resume", foreign)
     with pytest.raises(UserError, match="does not exist"):
-        _run(main_simsiam, phantom_data["2d"], tmp_path / "other", *base, "--resume")
+        _run(main_simsiam, phantom_data["2d"], tmp_path / "other", *base, "--resume", tmp_path / "other" / "r_last.pt")
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before  # nothing touched
