@@ -1063,7 +1063,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
 
     check_grid_file(out, meta)
     check_grid_inputs(args, out)
-    prepare_output_dir(out, "--output_dir")
     # before the data is prepared (minutes for FLARE): is there a SLURM to submit to, or
     # SLURM jobs of this grid that a local launch would run a second time?
     if on_slurm:
@@ -1077,6 +1076,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 f"{len(active)} SLURM job(s) of this grid are queued or running (e.g. job {job} for {run}); wait for "
                 "them (the same command with --launcher slurm --slurm_wait) or scancel them before running it locally"
             )
+    prepare_output_dir(out, "--output_dir")  # created and write-tested before the data and the runs
     if args.collect_only:
         data = data_paths(args, out)
     else:
