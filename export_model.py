@@ -48,7 +48,7 @@ import data
 import engine
 import finetune
 import models
-from utils import UserError, atomic_write, atomic_write_json, run_cli, torch_load
+from utils import UserError, atomic_write, atomic_write_json, prepare_output_file, run_cli, torch_load
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +305,7 @@ def export(
             raise UserError(f"{p} exists; pass --overwrite to replace it")
         if os.path.isdir(p):
             raise UserError(f"{p} is a folder; -o names the weights file")
+    prepare_output_file(output, "-o")  # a read-only or missing folder: one line now, not after the conversion
     src = read_checkpoint(path, checkpoint_key)
     if fmt == "monai_ssl":
         if src["cfg"]["arch"] != "swin":

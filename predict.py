@@ -48,7 +48,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from monai.data import MetaTensor
-from monai.transforms import Compose, LoadImage
+from monai.transforms import Compose
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -57,8 +57,18 @@ import data
 import engine
 import finetune
 import models
-from transforms import invert_preprocessing, preprocessing_from_record
-from utils import TrainingError, UserError, atomic_write, run_cli, torch_load
+from transforms import invert_preprocessing, load_nifti_image, preprocessing_from_record
+from utils import (
+    TrainingError,
+    UserError,
+    atomic_write,
+    check_outputs_apart,
+    claim_outputs,
+    prepare_output_dir,
+    run_cli,
+    torch_load,
+    user_error_in,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -147,9 +157,12 @@ def load_scan(path: str) -> tuple[MetaTensor, Any]:
         raise UserError(f"{path} is not a 3D volume (shape {tuple(ref.shape)})")
     if min(ref.shape) < 1:
         raise UserError(f"{path} is empty (shape {tuple(ref.shape)})")
-    try:
-        image = LoadImage(reader="NibabelReader", image_only=True, ensure_channel_first=True, dtype=np.float32)(path)
+    try:  # read in full, the gzip checksum checked: a flipped bit is refused, not segmented
+        image = load_nifti_image(image_only=True, ensure_channel_first=True, dtype=np.float32)(path)
     except Exception as e:
+        found = user_error_in(e)
+        if found is not None:
+            raise found from None
         raise UserError(f"corrupt or truncated {path}: {_first_line(e)}") from None
     if not bool(torch.isfinite(image).all()):
         raise UserError(f"{path} has {int((~torch.isfinite(image)).sum())} NaN or infinite voxels")
@@ -628,6 +641,12 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     predictor = Predictor.from_checkpoint(
         args.chkpt_path, device, args.use_amp, args.amp_dtype, args.sw_batch_size, args.sw_overlap
     )
+    # the outputs, before any scan is read: apart from the inputs, writable, and no file there that this
+    # project did not write (a raw data set's labels are never taken for finished cases)
+    check_outputs_apart({"-o": args.output_dir}, {"-i": args.input, "--chkpt_path": args.chkpt_path})
+    prepare_output_dir(args.output_dir, "-o")
+    outputs = [it.output for it in items] + ([it.probabilities for it in items] if args.save_probabilities else [])
+    claim_outputs(outputs, args.overwrite, "-o")
     rec = predictor.preprocessing
     logger.info(
         "%s: %dD model, %d classes, crop %d; preprocessing: %s, %s mm, HU [%g, %g], pad to %d%s (from %s)",

@@ -84,7 +84,6 @@ import sys
 import time
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 from filelock import FileLock, Timeout
 
@@ -96,7 +95,7 @@ import preprocess_flare_unlabelled
 import report
 import runqueue
 import slurm
-from data import DEFAULT_SPLIT_PATH, load_split, read_manifest
+from data import DEFAULT_SPLIT_PATH, load_nifti, load_split, read_manifest
 from engine import run_paths
 from iou_crops import IOU_SAMPLERS
 from report import PAPER_ROW_KEYS
@@ -918,8 +917,8 @@ def native_inputs(labelled_dir: str, split: dict[str, list[str]]) -> dict[str, t
 
 def _read_ids(path: str) -> tuple[np.ndarray, tuple[float, ...]]:
     """Label ids and voxel size (mm) of a NIfTI label volume."""
+    img = load_nifti(path)  # read in full, the gzip checksum checked
     try:
-        img = nib.load(path)
         return np.asarray(img.dataobj).round().astype(np.int64), tuple(float(z) for z in img.header.get_zooms()[:3])
     except Exception as e:  # nibabel raises many types for a bad file
         raise UserError(f"cannot read label volume {path}: {type(e).__name__}: {e}") from None

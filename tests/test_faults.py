@@ -47,10 +47,11 @@ import main_simsiam
 import make_phantoms
 import metrics
 import models
+import predict
 import preprocess_flare_labelled
 import preprocess_flare_unlabelled
 import utils
-from transforms import LoadSliceAndLabel2d
+from transforms import LoadSliceAndLabel2d, preprocessing_record
 from utils import TrainingError, UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -172,10 +173,12 @@ def _cfg():
 
 
 def _finetuned_model(path: Path) -> Path:
-    """A fine-tuned model file (untrained weights) for ``--eval_only``."""
+    """A fine-tuned model file (untrained weights) for ``--eval_only`` and ``predict.py``."""
     torch.manual_seed(0)
     model = models.build_segmenter(_cfg(), 14)
-    torch.save(finetune.finetuned_checkpoint(model, _cfg(), 14, {"crop_size": 64}, 1, 0.0), path)
+    rec = preprocessing_record(2, -500.0, 500.0, (1.0, 1.0, 2.5), 96, 8, "test")
+    args = {"crop_size": 64, "spatial_dims": 2}
+    torch.save(finetune.finetuned_checkpoint(model, _cfg(), 14, args, 1, 0.0, rec), path)
     return path
 
 
@@ -252,6 +255,14 @@ def test_inputs_are_never_written(ph, tmp_path, capsys, monkeypatch):
     assert mine.read_bytes() == b"my own notes"
     code, errors = _cli(main_finetune, [*evaluate, "--save_predictions", preds, "--overwrite"], capsys, monkeypatch)
     assert code == 0 and mine.read_bytes() != b"my own notes"
+
+    # predict.py with -o at the raw data set's labels/: refused; its labels are neither overwritten nor
+    # taken for finished predictions
+    before = _checksums(raw)
+    argv = ["-i", raw / "images", "-o", raw / "labels", "--chkpt_path", model, "--device", "cpu", "--no-progress"]
+    code, errors = _cli(predict, argv, capsys, monkeypatch)
+    assert code == 2 and len(errors) == 1 and "--overwrite" in errors[0] and str(raw / "labels") in errors[0], errors
+    assert _checksums(raw) == before
 
     # the labelled preprocessing into (or inside) its own raw folder: refused, nothing written
     for out in (raw, raw / "labels" / "slices"):
