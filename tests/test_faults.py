@@ -634,6 +634,7 @@ SCRIPTS = [
     "visualize_crops",
     "metrics",
     "reproduce_table",
+    "predict",
 ]
 
 
