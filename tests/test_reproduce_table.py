@@ -10,6 +10,7 @@ import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -707,8 +708,13 @@ def test_grid_end_to_end_killed_resumed_rerun_recollected(tmp_path, caplog, caps
             pred, lab = nib.load(pred_dir / f"{case}.nii.gz"), nib.load(labels / f"{case}.nii.gz")
             assert pred.shape == lab.shape and np.array_equal(pred.affine, lab.affine)
         mine = json.loads((pred_dir / "native_scores.json").read_text())["summary"]
+        # metrics.py scores every case of its --label_dir: give it the validation cases' labels
+        val_labels = tmp_path / "val_labels"
+        val_labels.mkdir(exist_ok=True)
+        for case in split["val"]:
+            shutil.copy(labels / f"{case}.nii.gz", val_labels / f"{case}.nii.gz")
         route = metrics.main(
-            metrics.get_args_parser().parse_args(["--pred_dir", str(pred_dir), "--label_dir", str(labels)])
+            metrics.get_args_parser().parse_args(["--pred_dir", str(pred_dir), "--label_dir", str(val_labels)])
         )
         assert route["dice_mean"] == pytest.approx(mine["dice_mean"]) and route["nsd_mean"] == pytest.approx(
             mine["nsd_mean"]
