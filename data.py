@@ -42,6 +42,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import struct
@@ -594,14 +595,18 @@ class SliceCache:
 # --------------------------------------------------------------------------------------
 
 
-def load_split(path: str | os.PathLike = DEFAULT_SPLIT_PATH) -> dict[str, list[str]]:
-    """Read a split file ``{"train": [case ids], "val": [case ids]}``.
+def load_split(path: str | os.PathLike = DEFAULT_SPLIT_PATH, fold: int | None = None) -> dict[str, list[str]]:
+    """Read a split file ``{"train": [case ids], "val": [case ids]}``, or fold ``fold`` of
+    nnU-Net's ``splits_final.json`` (a list of such objects, one per fold).
 
-    Other keys (e.g. ``"test"``) are allowed and ignored.
+    Other keys (e.g. ``"test"``, ``"made_by"``) are allowed and ignored. The order of
+    ``"train"`` is kept: ``--n_train_cases N`` takes its first N cases.
 
     Raises:
         UserError: the file is missing or not JSON, a key is missing, an entry is not a
-            non-empty string, a case is listed twice, or a case is in both train and val.
+            non-empty string, a case is listed twice, or a case is in both train and val;
+            a list of folds without ``fold``, a fold that is not there, or ``fold`` given
+            for a file that is not a list of folds.
     """
     path = os.fspath(path)
     try:
@@ -611,6 +616,17 @@ def load_split(path: str | os.PathLike = DEFAULT_SPLIT_PATH) -> dict[str, list[s
         raise UserError(f"split file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read split file {path}: {e}") from None
+    if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj):  # nnU-Net's splits_final.json
+        if fold is None:
+            raise UserError(
+                f"split file {path} lists {len(obj)} folds (nnU-Net's splits_final.json); pick one with --fold k"
+            )
+        if not 0 <= fold < len(obj):
+            raise UserError(f"--fold {fold}: split file {path} has folds 0..{len(obj) - 1}")
+        obj = obj[fold]
+        path = f"{path} (fold {fold})"
+    elif fold is not None:
+        raise UserError(f"--fold {fold} picks a fold of nnU-Net's splits_final.json; split file {path} has no folds")
     if not isinstance(obj, dict):
         raise UserError(f"split file {path} must hold a JSON object with keys 'train' and 'val'")
     out: dict[str, list[str]] = {}
@@ -737,6 +753,512 @@ def find_unlabelled_cases(data_dir: str | os.PathLike) -> dict[str, str]:
     if not cases:
         raise UserError(f"--data_dir {data_dir} holds no .nii.gz / .nii files")
     return dict(sorted(cases.items()))
+
+
+# --------------------------------------------------------------------------------------
+# Labelled data sets of any layout: FLARE 2022, nnU-Net v2 raw, Medical Segmentation Decathlon
+# --------------------------------------------------------------------------------------
+
+#: Layouts of a labelled data set (``--layout``); :func:`detect_layout` recognises them from their files.
+LAYOUTS: tuple[str, ...] = ("flare", "nnunet", "decathlon")
+#: The data set description of the nnU-Net v2 raw and Decathlon layouts.
+DATASET_JSON = "dataset.json"
+#: nnU-Net's list of cross-validation folds (``[{"train": [...], "val": [...]}, ...]``).
+NNUNET_SPLITS = "splits_final.json"
+#: The split a labelled preprocessing made (or took from nnU-Net's folds), in its output folder;
+#: fine-tuning on that folder reads it by default.
+SPLIT_NAME = "split.json"
+#: ``--val_fraction`` of an automatic split when none is given.
+DEFAULT_VAL_FRACTION = 0.2
+#: The keys of an nnU-Net v2 ``dataset.json`` that this project reads.
+NNUNET_KEYS = ("channel_names", "labels", "numTraining", "file_ending")
+#: Folders of the nnU-Net v2 raw layout.
+NNUNET_IMAGE_DIR, NNUNET_LABEL_DIR, NNUNET_TEST_DIR = "imagesTr", "labelsTr", "imagesTs"
+
+
+@dataclass(frozen=True)
+class LabelSet:
+    """The classes of a data set: ``names[i]`` names label id ``i`` (0: background).
+
+    Ids run from 0 to ``n_classes - 1`` without gaps (one network output per id).
+    ``source`` says where the names come from (a ``dataset.json``, a ``manifest.json``,
+    or FLARE 2022 when the data set declares none); it is not compared.
+    """
+
+    names: tuple[str, ...]
+    source: str = field(default="FLARE 2022", compare=False)
+
+    @property
+    def n_classes(self) -> int:
+        """Classes including background."""
+        return len(self.names)
+
+    @property
+    def is_flare(self) -> bool:
+        """The 13 FLARE 2022 organs under their ids: FLARE's per-organ NSD tolerances and its
+        slice-range rule for aorta, IVC and esophagus apply (:mod:`metrics`)."""
+        return tuple(self.names) == LABEL_NAMES
+
+    def to_json(self) -> dict[str, str]:
+        """``{"0": "background", "1": ...}``, as recorded in a ``manifest.json`` and a checkpoint."""
+        return {str(i): n for i, n in enumerate(self.names)}
+
+    def describe(self) -> str:
+        """``"0 background, 1 liver, ..."`` for messages."""
+        return ", ".join(f"{i} {n}" for i, n in enumerate(self.names))
+
+
+#: FLARE 2022's 13 organs: the label set of the FLARE layout and of any data set that declares none.
+FLARE_LABELS = LabelSet(LABEL_NAMES, "FLARE 2022 (no label set declared)")
+
+
+def parse_label_set(obj: Any, where: str) -> LabelSet:
+    """Label ids and names from a ``"labels"`` object.
+
+    Accepts nnU-Net v2's ``{"background": 0, "liver": 1}`` (name -> id) and the Decathlon's
+    (and our manifests') ``{"0": "background", "1": "liver"}`` (id -> name).
+
+    Raises:
+        UserError: not such an object, nnU-Net region labels (lists of ids) or an ``ignore``
+            label, ids that are not ``0..K-1`` without gaps (K >= 2, at most 256: labels are
+            stored as 8-bit PNG), or names that are empty or repeated (``where`` named).
+    """
+    if not isinstance(obj, dict) or not obj:
+        raise UserError(f"{where}: 'labels' must be a non-empty object of label ids and names, got {obj!r}")
+    values = list(obj.values())
+    by_id: dict[int, str] = {}
+    if all(isinstance(v, (int, list)) and not isinstance(v, bool) for v in values):  # nnU-Net: name -> id
+        for name, v in obj.items():
+            if isinstance(v, list):
+                raise UserError(
+                    f"{where}: label {name!r} is a region ({v}: nnU-Net region-based training); "
+                    "this project trains one class per label id"
+                )
+            if name == "ignore":
+                raise UserError(
+                    f"{where}: an 'ignore' label (id {v}, nnU-Net's sparse annotations) is not supported; "
+                    "every voxel must carry a class"
+                )
+            if v in by_id:
+                raise UserError(f"{where}: labels {by_id[v]!r} and {name!r} both have id {v}")
+            by_id[int(v)] = str(name)
+    elif all(isinstance(v, str) for v in values):  # Decathlon: id -> name
+        for k, name in obj.items():
+            try:
+                i = int(k)
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: label key {k!r} is not an integer id (expected {{'0': 'background', ...}})")
+            if i in by_id:
+                raise UserError(f"{where}: label id {i} is listed twice")
+            by_id[i] = name
+    else:
+        raise UserError(
+            f"{where}: 'labels' mixes ids and names ({obj!r}); expected nnU-Net's {{'background': 0, 'liver': 1}} "
+            "or the Decathlon's {'0': 'background', '1': 'liver'}"
+        )
+    ids = sorted(by_id)
+    if ids != list(range(len(ids))):
+        gap = next(i for i in range(len(ids) + 1) if i not in by_id)
+        raise UserError(f"{where}: label ids must run from 0 without gaps; id {gap} is missing (ids {ids})")
+    if len(ids) < 2 or len(ids) > 256:
+        raise UserError(f"{where}: {len(ids)} label id(s); need background and at least one class, at most 256 in all")
+    names = tuple(by_id[i] for i in ids)
+    for i, n in enumerate(names):
+        if not isinstance(n, str) or not n.strip():
+            raise UserError(f"{where}: label id {i} has no name")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise UserError(f"{where}: the name {dup[0]!r} is given to two label ids")
+    return LabelSet(names, where)
+
+
+def read_dataset_json(path: str) -> dict[str, Any]:
+    """A ``dataset.json``, read.
+
+    Raises:
+        UserError: missing, unreadable, not JSON or not an object (names the file).
+    """
+    try:
+        with open(path) as f:
+            obj = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} must hold a JSON object (a data set description), got {type(obj).__name__}")
+    return obj
+
+
+def detect_layout(data_dir: str | os.PathLike) -> str:
+    """The layout of a labelled data set, recognised from its files.
+
+    * ``dataset.json`` with a ``"training"`` list: the Medical Segmentation Decathlon (also
+      nnU-Net v1's raw layout, whose images carry a ``_0000`` suffix);
+    * ``dataset.json`` with ``channel_names`` / ``file_ending``: nnU-Net v2 raw;
+    * no ``dataset.json``, an ``images/`` (or ``imgs/``) or a ``labels/`` folder: FLARE 2022
+      (its reader names the folder that is missing).
+
+    Raises:
+        UserError: a ``dataset.json`` that is neither, or none of these (the folder named).
+    """
+    data_dir = _require_dir(data_dir, "--data_dir")
+    dj = os.path.join(data_dir, DATASET_JSON)
+    if os.path.isfile(dj):
+        obj = read_dataset_json(dj)
+        if isinstance(obj.get("training"), list):
+            return "decathlon"
+        if "channel_names" in obj or "file_ending" in obj:
+            return "nnunet"
+        raise UserError(
+            f"{dj} is neither an nnU-Net v2 dataset.json ({', '.join(NNUNET_KEYS)}) nor a Decathlon one "
+            "(labels and a 'training' list of {image, label}); fix it or pass --layout"
+        )
+    if any(os.path.isdir(os.path.join(data_dir, d)) for d in (*RAW_IMAGE_DIRS, RAW_LABEL_DIR)):
+        return "flare"
+    raise UserError(
+        f"--data_dir {data_dir}: unknown layout; expected a dataset.json (nnU-Net v2 raw: imagesTr/, labelsTr/; "
+        "Medical Segmentation Decathlon: a 'training' list) or images/ and labels/ folders (FLARE 2022)"
+    )
+
+
+def dataset_labels(data_dir: str | os.PathLike, layout: str = "auto") -> LabelSet:
+    """The label set of a raw labelled data set: its ``dataset.json``'s, FLARE's for the FLARE layout.
+
+    Raises:
+        UserError: as :func:`detect_layout` and :func:`parse_label_set`.
+    """
+    data_dir = _require_dir(data_dir, "--data_dir")
+    layout = detect_layout(data_dir) if layout == "auto" else layout
+    if layout == "flare":
+        return FLARE_LABELS
+    dj = os.path.join(data_dir, DATASET_JSON)
+    obj = read_dataset_json(dj)
+    if "labels" not in obj:
+        raise UserError(f"{dj} has no 'labels' (label ids and names)")
+    return parse_label_set(obj["labels"], dj)
+
+
+@dataclass
+class LabelledDataSet:
+    """A labelled data set as found on disk (:func:`find_labelled_dataset`).
+
+    Attributes:
+        layout: ``"flare"``, ``"nnunet"`` or ``"decathlon"``.
+        root: the data set folder (absolute).
+        labels: its label set.
+        cases: ``{case: {"image": path or None, "label": path or None}}`` of every case with
+            a file or an entry, sorted by case id (absolute paths).
+        missing: ``{case: one line}`` for the cases whose image or label is missing.
+        test_images: images without labels that the data set ships (``imagesTs/``, the
+            Decathlon's ``"test"`` list): ``{case: path}``.
+        channel: the image channel read (nnU-Net), None for one-channel layouts.
+        dataset_json: the description file, None for FLARE.
+    """
+
+    layout: str
+    root: str
+    labels: LabelSet
+    cases: dict[str, dict[str, str | None]]
+    missing: dict[str, str]
+    test_images: dict[str, str] = field(default_factory=dict)
+    channel: int | None = None
+    dataset_json: str | None = None
+
+    @property
+    def complete_cases(self) -> list[str]:
+        """Cases with both an image and a label, sorted."""
+        return [c for c in self.cases if c not in self.missing]
+
+
+def find_labelled_dataset(
+    data_dir: str | os.PathLike, layout: str = "auto", channel: int | None = None
+) -> LabelledDataSet:
+    """Find the cases, label set and test images of a labelled data set in any layout.
+
+    Args:
+        data_dir: the data set folder.
+        layout: ``"auto"`` (:func:`detect_layout`) or one of :data:`LAYOUTS`.
+        channel: nnU-Net only: which image channel (``<case>_<XXXX>.nii.gz``) to read; needed
+            when ``dataset.json`` declares several (CT is one channel).
+
+    Raises:
+        UserError: an unknown layout; a ``dataset.json`` that is unreadable, incomplete, or
+            disagrees with the files (case count, channels, file names); a multi-channel data
+            set without ``channel``; image and label folders that are missing or hold no NIfTI.
+            Cases whose image or label is missing are not errors: they are in ``missing``.
+    """
+    data_dir = _require_dir(data_dir, "--data_dir")
+    if layout == "auto":
+        layout = detect_layout(data_dir)
+    if layout not in LAYOUTS:
+        raise UserError(f"--layout {layout!r} is not one of auto, {', '.join(LAYOUTS)}")
+    if layout == "flare":
+        if channel is not None:
+            raise UserError("--channel picks a channel file of an nnU-Net data set; FLARE 2022 images have one channel")
+        found = find_labelled_cases(data_dir)
+        img_dir, lab_dir = raw_image_dir(data_dir), os.path.join(data_dir, RAW_LABEL_DIR)
+        missing = {}
+        for c, e in found.items():
+            if e["image"] is None:
+                missing[c] = f"case {c} has label {e['label']} but no image {img_dir}/{c}{MODALITY_SUFFIX}.nii.gz"
+            elif e["label"] is None:
+                missing[c] = f"case {c} has image {e['image']} but no label {lab_dir}/{c}.nii.gz"
+        return LabelledDataSet("flare", data_dir, FLARE_LABELS, found, missing)
+    dj = os.path.join(data_dir, DATASET_JSON)
+    obj = read_dataset_json(dj)
+    if layout == "nnunet":
+        return _nnunet_dataset(data_dir, dj, obj, channel)
+    return _decathlon_dataset(data_dir, dj, obj, channel)
+
+
+def _nnunet_channel_files(folder: str, ending: str, channels: Sequence[int], dj: str) -> dict[str, dict[int, str]]:
+    """``{case: {channel: path}}`` of an nnU-Net image folder (``<case>_<XXXX><ending>``)."""
+    pat = re.compile(rf"^(?P<case>.+)_(?P<ch>\d{{4}}){re.escape(ending)}$")
+    out: dict[str, dict[int, str]] = {}
+    for p in _list_files(folder, (ending,)):
+        m = pat.match(os.path.basename(p))
+        if m is None:
+            raise UserError(f"{p} is not named <case>_<XXXX>{ending} (nnU-Net v2: XXXX is the channel, e.g. _0000)")
+        ch = int(m.group("ch"))
+        if ch not in channels:
+            raise UserError(f"{p} is channel {ch}, but {dj} declares the channels {list(channels)}")
+        out.setdefault(m.group("case"), {})[ch] = p
+    return out
+
+
+def _nnunet_dataset(data_dir: str, dj: str, obj: dict[str, Any], channel: int | None) -> LabelledDataSet:
+    absent = [k for k in NNUNET_KEYS if k not in obj]
+    if absent:
+        raise UserError(f"{dj} has no {absent[0]!r}: an nnU-Net v2 dataset.json holds {', '.join(NNUNET_KEYS)}")
+    if "dataset" in obj:
+        raise UserError(
+            f"{dj} lists its files under 'dataset' (nnU-Net's explicit file lists), which this project does not "
+            "read; put the files in imagesTr/ and labelsTr/"
+        )
+    ending = obj["file_ending"]
+    if ending not in _NIFTI_EXTS:
+        raise UserError(f"{dj}: file_ending {ending!r} is not NIfTI; this project reads .nii.gz and .nii files")
+    names = obj["channel_names"]
+    try:
+        channels = sorted(int(k) for k in names) if isinstance(names, dict) else []
+    except (TypeError, ValueError):
+        channels = []
+    if not channels or channels != list(range(len(channels))):
+        raise UserError(f"{dj}: channel_names must map the channel numbers 0, 1, ... to names, got {names!r}")
+    described = ", ".join(f"{k} {v}" for k, v in names.items())
+    if channel is None:
+        if len(channels) > 1:
+            raise UserError(
+                f"{dj} declares {len(channels)} image channels ({described}); CT is one channel: pick one with "
+                "--channel k"
+            )
+        channel = 0
+    elif channel not in channels:
+        raise UserError(f"--channel {channel}: {dj} declares the channels {described}")
+    if str(names.get(str(channel), "")).strip().lower() != "ct":
+        logger.warning(
+            "channel %d of %s is %r, not CT: the preprocessing's HU window assumes CT", channel, dj, names[str(channel)]
+        )
+    n_train = obj["numTraining"]
+    if not isinstance(n_train, int) or isinstance(n_train, bool) or n_train < 0:
+        raise UserError(f"{dj}: numTraining must be a count of cases, got {n_train!r}")
+    labels = parse_label_set(obj["labels"], dj)
+    img_dir, lab_dir = os.path.join(data_dir, NNUNET_IMAGE_DIR), os.path.join(data_dir, NNUNET_LABEL_DIR)
+    for d in (img_dir, lab_dir):
+        if not os.path.isdir(d):
+            raise UserError(f"{data_dir} has no {os.path.basename(d)}/ folder: expected the nnU-Net v2 raw layout")
+    images = _nnunet_channel_files(img_dir, ending, channels, dj)
+    labs = {os.path.basename(p)[: -len(ending)]: p for p in _list_files(lab_dir, (ending,))}
+    names_all = sorted(set(images) | set(labs))
+    if len(names_all) != n_train:
+        raise UserError(
+            f"{dj} declares numTraining {n_train}, but {img_dir} and {lab_dir} hold {len(names_all)} cases; "
+            "fix numTraining or the files"
+        )
+    cases: dict[str, dict[str, str | None]] = {}
+    missing: dict[str, str] = {}
+    for c in names_all:
+        image, label = images.get(c, {}).get(channel), labs.get(c)
+        cases[c] = {"image": image, "label": label}
+        if image is None:
+            have = f"label {label}" if label else f"channels {sorted(images.get(c, {}))}"
+            missing[c] = f"case {c} has {have} but no image {img_dir}/{c}_{channel:04d}{ending}"
+        elif label is None:
+            missing[c] = f"case {c} has image {image} but no label {lab_dir}/{c}{ending}"
+    test: dict[str, str] = {}
+    ts_dir = os.path.join(data_dir, NNUNET_TEST_DIR)
+    if os.path.isdir(ts_dir):
+        test = {
+            c: ch[channel] for c, ch in _nnunet_channel_files(ts_dir, ending, channels, dj).items() if channel in ch
+        }
+    return LabelledDataSet("nnunet", data_dir, labels, cases, missing, test, channel, dj)
+
+
+def _decathlon_file(root: str, entry: Any, key: str, where: str) -> str:
+    p = entry.get(key) if isinstance(entry, dict) else entry
+    if not isinstance(p, str) or not p:
+        raise UserError(f"{where} is {entry!r}; expected {{'image': path, 'label': path}} relative to the data set")
+    return os.path.normpath(os.path.join(root, p))
+
+
+def _nnunet_v1_image(path: str) -> str:
+    """nnU-Net v1's raw layout lists ``imagesTr/x.nii.gz`` but stores ``imagesTr/x_0000.nii.gz``:
+    that file when only it exists, else ``path``."""
+    if os.path.isfile(path):
+        return path
+    name = os.path.basename(path)
+    for ext in _NIFTI_EXTS:
+        if name.endswith(ext):
+            alt = os.path.join(os.path.dirname(path), name[: -len(ext)] + MODALITY_SUFFIX + ext)
+            if os.path.isfile(alt):
+                return alt
+    return path
+
+
+def _decathlon_dataset(data_dir: str, dj: str, obj: dict[str, Any], channel: int | None) -> LabelledDataSet:
+    if channel is not None:
+        raise UserError(
+            "--channel picks a channel file of an nnU-Net v2 data set; a Decathlon image holds its modalities in one file"
+        )
+    if "labels" not in obj:
+        raise UserError(f"{dj} has no 'labels' (label ids and names)")
+    modality = obj.get("modality")
+    if isinstance(modality, dict) and len(modality) > 1:
+        desc = ", ".join(f"{k} {v}" for k, v in modality.items())
+        raise UserError(
+            f"{dj} declares {len(modality)} modalities ({desc}) stacked in each image; this project reads one-channel "
+            "CT (convert the data set to nnU-Net v2 and pick the channel with --channel)"
+        )
+    training = obj["training"]
+    n = obj.get("numTraining")
+    if n is not None and n != len(training):
+        raise UserError(f"{dj} declares numTraining {n!r} but lists {len(training)} training cases")
+    labels = parse_label_set(obj["labels"], dj)
+    cases: dict[str, dict[str, str | None]] = {}
+    missing: dict[str, str] = {}
+    for k, e in enumerate(training):
+        where = f"{dj}: training entry {k}"
+        image = _nnunet_v1_image(_decathlon_file(data_dir, e, "image", where))
+        label = _decathlon_file(data_dir, e, "label", where)
+        if not is_nifti(image) or not is_nifti(label):
+            raise UserError(f"{where} names {image} and {label}; this project reads .nii.gz and .nii files")
+        case = case_id_from_path(image)
+        if case in cases:
+            raise UserError(f"{where}: case {case!r} is listed twice")
+        has_img, has_lab = os.path.isfile(image), os.path.isfile(label)
+        cases[case] = {"image": image if has_img else None, "label": label if has_lab else None}
+        if not has_img:
+            missing[case] = f"case {case} is listed in {dj} but its image {image} is missing"
+        elif not has_lab:
+            missing[case] = f"case {case} is listed in {dj} but its label {label} is missing"
+    listed = {os.path.normpath(e["image"]) for e in cases.values() if e["image"]}
+    img_dir = os.path.join(data_dir, NNUNET_IMAGE_DIR)
+    if os.path.isdir(img_dir):
+        extra = [p for p in _list_files(img_dir, _NIFTI_EXTS) if os.path.normpath(p) not in listed]
+        if extra:
+            logger.warning("%d image(s) in %s are not in %s's training list and are not used", len(extra), img_dir, dj)
+    test: dict[str, str] = {}
+    for k, e in enumerate(obj.get("test") or []):
+        p = _nnunet_v1_image(_decathlon_file(data_dir, e, "image", f"{dj}: test entry {k}"))
+        if os.path.isfile(p) and is_nifti(p):
+            test[case_id_from_path(p)] = p
+    return LabelledDataSet("decathlon", data_dir, labels, dict(sorted(cases.items())), missing, test, None, dj)
+
+
+def is_labelled_dataset(data_dir: str | os.PathLike) -> bool:
+    """Whether ``data_dir`` looks like a labelled data set: a ``dataset.json``, or ``images/``
+    (or ``imgs/``) beside ``labels/``."""
+    d = os.fspath(data_dir)
+    return os.path.isfile(os.path.join(d, DATASET_JSON)) or (
+        os.path.isdir(os.path.join(d, RAW_LABEL_DIR)) and any(os.path.isdir(os.path.join(d, x)) for x in RAW_IMAGE_DIRS)
+    )
+
+
+def find_images(
+    data_dir: str | os.PathLike, layout: str = "auto", channel: int | None = None
+) -> tuple[dict[str, str], str, int | None]:
+    """The images to pretrain on: ``({case: path}, layout, channel)``.
+
+    ``layout`` ``"tree"``: every NIfTI under ``data_dir`` (:func:`find_unlabelled_cases`).
+    A labelled data set (``"flare"``, ``"nnunet"``, ``"decathlon"``): its images only, training
+    and test (``imagesTs/``), never its label maps; ``channel`` as in :func:`find_labelled_dataset`
+    (the channel read is returned). ``"auto"``: a labelled data set when
+    :func:`is_labelled_dataset`, else a tree.
+
+    Raises:
+        UserError: as :func:`find_unlabelled_cases` / :func:`find_labelled_dataset`; two
+            images with one case id; a data set without images.
+    """
+    data_dir = _require_dir(data_dir, "--data_dir")
+    if layout == "auto":
+        layout = detect_layout(data_dir) if is_labelled_dataset(data_dir) else "tree"
+    if layout == "tree":
+        if channel is not None:
+            raise UserError(
+                "--channel picks a channel file of an nnU-Net data set; give its folder and --layout nnunet"
+            )
+        return find_unlabelled_cases(data_dir), "tree", None
+    ds = find_labelled_dataset(data_dir, layout, channel)
+    out = {c: e["image"] for c, e in ds.cases.items() if e["image"]}
+    for c, p in ds.test_images.items():
+        if c in out:
+            raise UserError(f"{p} and {out[c]} both map to case id {c!r}; keep one")
+        out[c] = p
+    if not out:
+        raise UserError(f"the {ds.layout} data set {data_dir} holds no images")
+    logger.info("%s data set %s: %d images (label maps left out)", ds.layout, data_dir, len(out))
+    return dict(sorted(out.items())), ds.layout, ds.channel
+
+
+# --------------------------------------------------------------------------------------
+# Splits made here: deterministic, reusable
+# --------------------------------------------------------------------------------------
+
+
+def make_split(cases: Iterable[str], val_fraction: float, seed: int) -> dict[str, list[str]]:
+    """A deterministic train / validation split of ``cases``.
+
+    Cases are ordered by the SHA-256 of ``"<seed>:<case>"`` (no random generator whose stream
+    could change between library versions; a case added later does not move the others);
+    the first ``round(val_fraction * n)`` (at least 1, at most ``n - 1``) are validation cases,
+    listed sorted, the others training cases, listed in that order, so the first N training
+    cases (``--n_train_cases N``) are a random subset of them.
+
+    Raises:
+        UserError: ``val_fraction`` not in (0, 1), or fewer than 2 cases.
+    """
+    if not (0.0 < val_fraction < 1.0):
+        raise UserError(f"--val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    names = sorted(set(cases))
+    if len(names) < 2:
+        raise UserError(f"a split needs at least 2 labelled cases, found {len(names)}")
+    order = sorted(names, key=lambda c: hashlib.sha256(f"{int(seed)}:{c}".encode()).hexdigest())
+    n_val = min(max(int(math.floor(val_fraction * len(names) + 0.5)), 1), len(names) - 1)
+    return {"train": order[n_val:], "val": sorted(order[:n_val])}
+
+
+def split_file_record(split: Mapping[str, Sequence[str]], made_by: Mapping[str, Any]) -> dict[str, Any]:
+    """What :data:`SPLIT_NAME` holds: ``{"train", "val", "made_by"}`` (``load_split`` reads it)."""
+    return {"train": list(split["train"]), "val": list(split["val"]), "made_by": dict(made_by)}
+
+
+def same_split_file(path: str, split: Mapping[str, Sequence[str]]) -> bool:
+    """Whether ``path`` exists and holds exactly ``split``'s lists (train order included).
+
+    Raises:
+        UserError: it exists and holds another split (both named), or cannot be read.
+    """
+    if not os.path.exists(path):
+        return False
+    have = load_split(path)
+    if have["train"] != list(split["train"]) or have["val"] != list(split["val"]):
+        raise UserError(
+            f"{path} holds another split ({len(have['train'])} train / {len(have['val'])} val cases) than this "
+            f"command makes ({len(split['train'])} / {len(split['val'])}); pass the flags that made it, "
+            "or --overwrite to replace it"
+        )
+    return True
 
 
 # --------------------------------------------------------------------------------------
@@ -882,6 +1404,14 @@ def _pairs_2d(data_dir: str) -> list[dict[str, Any]]:
 
 
 def _pairs_3d(data_dir: str) -> list[dict[str, Any]]:
+    if os.path.isfile(os.path.join(data_dir, DATASET_JSON)):  # nnU-Net v2 raw or Decathlon
+        ds = find_labelled_dataset(data_dir)
+        for why in ds.missing.values():
+            logger.warning("%s; the case is left out", why)
+        return [
+            {"image": ds.cases[c]["image"], "label": ds.cases[c]["label"], "case": c, "slice": None}
+            for c in ds.complete_cases
+        ]
     if not any(os.path.isdir(os.path.join(data_dir, d)) for d in RAW_IMAGE_DIRS) and os.path.isdir(
         os.path.join(data_dir, SLICE_LABEL_DIR)
     ):
@@ -905,6 +1435,20 @@ def _pairs_3d(data_dir: str) -> list[dict[str, Any]]:
     return [{"image": imgs[c], "label": labs[c], "case": c, "slice": None} for c in sorted(imgs)]
 
 
+def finetune_cases(data_dir: str | os.PathLike, spatial_dims: int) -> list[str]:
+    """The cases of a fine-tuning data folder, sorted: in 2D those with slices, in 3D those with
+    an image and a label (what :func:`make_split` splits for ``main_finetune.py --val_fraction``).
+
+    Raises:
+        UserError: as :func:`list_finetune_pairs`.
+    """
+    if spatial_dims not in (2, 3):
+        raise UserError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    data_dir = _require_dir(data_dir, "fine-tuning data folder")
+    items = _pairs_2d(data_dir) if spatial_dims == 2 else _pairs_3d(data_dir)
+    return sorted({it["case"] for it in items})
+
+
 def list_finetune_pairs(
     data_dir: str | os.PathLike, split: dict[str, list[str]], spatial_dims: int
 ) -> dict[str, list[dict[str, Any]]]:
@@ -912,8 +1456,10 @@ def list_finetune_pairs(
 
     Args:
         data_dir: 2D: a ``preprocess_flare_labelled.py`` output (``imgs/`` and ``labels/``
-            with identical slice names). 3D: the raw labelled FLARE layout (``images/`` or
-            ``imgs/`` with ``<case>_0000.nii.gz``, ``labels/`` with ``<case>.nii.gz``).
+            with identical slice names). 3D: a raw labelled data set: the FLARE layout
+            (``images/`` or ``imgs/`` with ``<case>_0000.nii.gz``, ``labels/`` with
+            ``<case>.nii.gz``), or nnU-Net v2 raw / Decathlon with a ``dataset.json``
+            (:func:`find_labelled_dataset`; cases with a missing file are left out, logged).
         split: ``{"train": [...], "val": [...]}`` as returned by :func:`load_split`.
         spatial_dims: 2 or 3.
 
@@ -1081,6 +1627,19 @@ def read_manifest(data_dir: str) -> dict[str, Any]:
     if not isinstance(manifest, dict) or not isinstance(manifest.get("args"), dict) or "cases" not in manifest:
         raise UserError(f"{path} holds no preprocessing 'args' and 'cases'; rerun the preprocessing script")
     return manifest
+
+
+def manifest_labels(manifest: Mapping[str, Any], where: str) -> LabelSet:
+    """The label set a preprocessing recorded in its ``manifest.json`` (``args["labels"]``);
+    FLARE 2022's 13 organs for a manifest that records none (FLARE data, older versions).
+
+    Raises:
+        UserError: a recorded label set that is not valid (``where`` named).
+    """
+    rec = (manifest.get("args") or {}).get("labels")
+    if rec is None:
+        return FLARE_LABELS
+    return LabelSet(parse_label_set(rec, f"{where} ('labels' of its preprocessing arguments)").names, where)
 
 
 def group_cases_2d(

@@ -521,7 +521,7 @@ COMMON_RESUME_KEYS = (
     "batch_augment",
 )
 #: values of resume keys that states saved before the key existed had implicitly
-RESUME_KEY_DEFAULTS = {"batch_augment": False, "iou_sampler": "exact"}
+RESUME_KEY_DEFAULTS = {"batch_augment": False, "iou_sampler": "exact", "n_train_cases": 0}
 
 _COMMON_HELP = {
     "data_dir": "Folder of preprocessed data. Required.",

@@ -218,11 +218,7 @@ def model_card(
             "of output classes",
             "built_with": {"monai": monai.__version__, "torch": torch.__version__, "python": platform.python_version()},
         },
-        "labels": {
-            str(i): data.LABEL_NAMES[i] if n_classes == data.N_CLASSES else f"class {i}" for i in range(n_classes)
-        }
-        if finetuned
-        else None,
+        "labels": finetune.checkpoint_labels(ckpt, path).to_json() if finetuned else None,
     }
     if finetuned:
         pre = finetune.checkpoint_preprocessing(ckpt, path)

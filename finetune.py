@@ -99,6 +99,7 @@ METHOD = "finetune"  # the "method" of fine-tuning's training states
 #: flags that must be equal to resume a run (anything that changes the model, data or schedule)
 RESUME_KEYS = engine.COMMON_RESUME_KEYS + (
     "split_path",
+    "n_train_cases",
     "n_classes",
     "n_crops_per_ct",
     "wd",
@@ -364,6 +365,7 @@ def evaluate(
     info: engine.DistInfo,
     full: bool = False,
     tolerance_mm: float | Mapping[int, float] = metrics.FLARE22_TOLERANCE_MM,
+    z_axis: int | None = -1,
     n_vis: int = 0,
     save_dir: str | None = None,
     progress: bool = True,
@@ -377,6 +379,8 @@ def evaluate(
         load_case: ``CaseRef -> (image (X, Y, Z) float32, label (X, Y, Z) uint8, affine 4x4)``.
         full: also compute the challenge-grade per-organ scores and the figure's slices.
         tolerance_mm: NSD tolerance (one value, or per organ id).
+        z_axis: FLARE 2022's slice-range rule for aorta, IVC and esophagus along this axis; None
+            for any other label set (:func:`metrics.scoring_rules`).
         n_vis: slices for the figure (cases spread evenly over ``cases``; the slice with most organ voxels).
         save_dir: write :func:`prediction_files` there (prediction, reference label and image
             of each case, with the preprocessed geometry).
@@ -413,7 +417,7 @@ def evaluate(
             image = data.stored_to_float(image)
         if full:
             rec["scores"] = metrics.organ_scores(
-                pred, label, ref.spacing, n_classes=n_classes, tolerance_mm=tolerance_mm, z_axis=-1
+                pred, label, ref.spacing, n_classes=n_classes, tolerance_mm=tolerance_mm, z_axis=z_axis
             )
         if i in vis_idx:
             z = vis_slice(image, label, pred)
@@ -454,12 +458,15 @@ def finetuned_checkpoint(
     epoch: int,
     dice_paper: float,
     preprocessing: Mapping[str, Any],
+    labels: data.LabelSet = data.FLARE_LABELS,
 ) -> dict[str, Any]:
     """The self-describing best-model file ``<run>.pt`` (format ``ioupos-finetune-v1``).
 
     ``preprocessing``: how the training data was preprocessed
     (:func:`transforms.preprocessing_record`, from :func:`data_preprocessing`); ``predict.py``
     applies exactly that to new CT, and ``export_model.py`` writes it into the model card.
+    ``labels``: the label set it was trained on (``"labels": {"0": "background", ...}``;
+    ``predict.py`` and the model card name the classes with it).
     """
     return {
         "format": FINETUNE_FORMAT,
@@ -470,6 +477,7 @@ def finetuned_checkpoint(
         "epoch": int(epoch),
         "dice_paper": float(dice_paper),
         "preprocessing": dict(preprocessing),
+        "labels": labels.to_json(),
     }
 
 
@@ -552,6 +560,27 @@ def checkpoint_preprocessing(ckpt: Mapping[str, Any], path: str) -> dict[str, An
     )
 
 
+def checkpoint_labels(ckpt: Mapping[str, Any], path: str) -> data.LabelSet:
+    """The label set a fine-tuned model was trained on: its ``"labels"`` record; a checkpoint
+    written before the record existed predicts FLARE 2022's organs when it has 14 classes
+    (the only label set fine-tuning took then), else classes named ``class <id>`` (logged).
+
+    Raises:
+        UserError: a record that is not a label set, or one that disagrees with ``n_classes``.
+    """
+    n_classes = int(ckpt["n_classes"])
+    rec = ckpt.get("labels")
+    if rec is None:
+        if n_classes == data.N_CLASSES:
+            return data.FLARE_LABELS
+        logger.warning("%s records no label names (an older version); its classes are named 'class <id>'", path)
+        return data.LabelSet(("background", *(f"class {i}" for i in range(1, n_classes))), path)
+    labels = data.parse_label_set(rec, f"{path} ('labels')")
+    if labels.n_classes != n_classes:
+        raise UserError(f"{path} predicts {n_classes} classes but records {labels.n_classes} label names")
+    return data.LabelSet(labels.names, path)
+
+
 def load_finetuned(path: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Rebuild the segmenter stored in a fine-tuned file; returns (model, model config, file).
 
@@ -590,7 +619,18 @@ def check_args(args: argparse.Namespace) -> None:
         need(bool(args.data_dir), "--data_dir is required (a folder of preprocessed data)")
     else:
         engine.check_training_args(args, min_crop_windows=2)
-    need(args.n_classes >= 2, f"--n_classes must be at least 2, got {args.n_classes}")
+    need(args.n_classes is None or args.n_classes >= 2, f"--n_classes must be at least 2, got {args.n_classes}")
+    need(args.n_train_cases >= 0, f"--n_train_cases must be 0 (all) or positive, got {args.n_train_cases}")
+    need(
+        args.split_path is None or args.val_fraction is None,
+        "--split_path names the split; --val_fraction makes one: give one of them",
+    )
+    need(
+        args.fold is None or args.val_fraction is None,
+        "--fold picks a fold of nnU-Net's splits_final.json; --val_fraction makes a split: give one of them",
+    )
+    if args.val_fraction is not None:
+        need(0 < args.val_fraction < 1, f"--val_fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
     need(args.n_crops_per_ct >= 1, f"--n_crops_per_ct must be at least 1, got {args.n_crops_per_ct}")
     need(args.wd >= 0, f"--wd must not be negative, got {args.wd}")
     need(args.patience >= 1, f"--patience must be at least 1, got {args.patience}")
@@ -600,10 +640,6 @@ def check_args(args: argparse.Namespace) -> None:
     need(args.sw_batch_size >= 1, f"--sw_batch_size must be at least 1, got {args.sw_batch_size}")
     need(0 <= args.sw_overlap < 1, f"--sw_overlap must be in [0, 1), got {args.sw_overlap}")
     need(args.n_vis >= 0, f"--n_vis must be 0 or positive, got {args.n_vis}")
-    need(
-        args.nsd_tolerance_mm is None or args.nsd_tolerance_mm >= 0,
-        f"--nsd_tolerance_mm must not be negative, got {args.nsd_tolerance_mm}",
-    )
     if args.eval_only:
         need(args.chkpt_path is not None, "--eval_only needs --chkpt_path, the fine-tuned model to evaluate")
         need(args.resume is None, "--eval_only and --resume cannot be used together")
@@ -645,10 +681,29 @@ class FinetuneData:
     once into MONAI's PersistentDataset cache (``--cache_dir``), labels checked likewise.
     """
 
-    def __init__(self, args: argparse.Namespace, info: engine.DistInfo, need_train: bool):
-        split = data.load_split(args.split_path)
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        info: engine.DistInfo,
+        need_train: bool,
+        labels: data.LabelSet | None = None,
+        rules: metrics.ScoringRules | None = None,
+    ):
+        #: the label set of the data (its manifest's; FLARE 2022's when it declares none)
+        self.labels = labels if labels is not None else data_labels(args)
+        #: how the challenge-grade scores are computed (tolerances, FLARE's slice-range rule)
+        self.rules = rules if rules is not None else run_scoring_rules(args, self.labels)
+        split = run_split(args, info)
         if not split["val"]:
             raise UserError(f"the split {args.split_path} has no validation cases ('val' is empty)")
+        if args.n_train_cases:  # the label budget: the first N training cases of the split, in its order
+            if args.n_train_cases > len(split["train"]):
+                raise UserError(
+                    f"--n_train_cases {args.n_train_cases}, but the split {args.split_path} has "
+                    f"{len(split['train'])} training cases"
+                )
+            split = {**split, "train": split["train"][: args.n_train_cases]}
+            logger.info("--n_train_cases %d: training on %s", args.n_train_cases, ", ".join(split["train"]))
         pairs = data.list_finetune_pairs(args.data_dir, split, args.spatial_dims)
         n = args.max_images
         train_items = pairs["train"][:n] if n else pairs["train"]
@@ -756,7 +811,6 @@ def evaluate_cases(
     save_dir: str | None = None,
 ) -> EvalResult:
     """:func:`evaluate` with the run's flags (tolerances, sliding window, figure slices)."""
-    tol = metrics.FLARE22_TOLERANCE_MM if args.nsd_tolerance_mm is None else float(args.nsd_tolerance_mm)
     n_cached = len(dat.case_cache.cases) if dat.case_cache is not None else 0
     res = evaluate(
         model,
@@ -771,7 +825,8 @@ def evaluate_cases(
         autocast=amp.autocast,
         info=info,
         full=full,
-        tolerance_mm=tol,
+        tolerance_mm=dat.rules.tolerance_mm,
+        z_axis=dat.rules.z_axis,
         n_vis=args.n_vis if desc == "val" else 0,
         save_dir=save_dir,
         progress=args.progress,
@@ -803,8 +858,97 @@ def prediction_files(save_dir: str, case: str) -> dict[str, str]:
 
 
 def run_inputs(args: argparse.Namespace) -> dict[str, str | None]:
-    """``{flag: path}`` of what a fine-tuning run reads (no output may overlap them)."""
-    return {"--data_dir": args.data_dir, "--split_path": args.split_path, "--chkpt_path": args.chkpt_path}
+    """``{flag: path}`` of what a fine-tuning run reads (no output may overlap them); a split made
+    with ``--val_fraction`` is the run's own file, not an input."""
+    split = None if getattr(args, "val_fraction", None) is not None else args.split_path
+    return {"--data_dir": args.data_dir, "--split_path": split, "--chkpt_path": args.chkpt_path}
+
+
+def data_labels(args: argparse.Namespace) -> data.LabelSet:
+    """The label set of ``--data_dir``: in 2D the one its ``manifest.json`` records (FLARE 2022's
+    when it records none, or when there is no manifest: reading the data then says what is
+    wrong); in 3D the ``dataset.json`` of a raw nnU-Net / Decathlon data set, else FLARE's.
+
+    Raises:
+        UserError: a recorded label set that cannot be read.
+    """
+    if args.spatial_dims == 2:
+        if os.path.isfile(os.path.join(args.data_dir, data.MANIFEST_NAME)):
+            manifest = data.read_manifest(args.data_dir)
+            return data.manifest_labels(manifest, os.path.join(args.data_dir, data.MANIFEST_NAME))
+        return data.FLARE_LABELS
+    if os.path.isfile(os.path.join(args.data_dir, data.DATASET_JSON)):
+        return data.dataset_labels(args.data_dir)
+    return data.FLARE_LABELS
+
+
+def run_scoring_rules(args: argparse.Namespace, labels: data.LabelSet) -> metrics.ScoringRules:
+    """:func:`metrics.scoring_rules` for ``--nsd_tolerance_mm`` and the data's label set."""
+    return metrics.scoring_rules(labels, metrics.parse_tolerance_mm(args.nsd_tolerance_mm), "--nsd_tolerance_mm")
+
+
+def _is_flare_data(args: argparse.Namespace) -> bool:
+    """Data of the FLARE layout (its preprocessing recorded no other layout; 3D: no dataset.json)."""
+    if args.spatial_dims == 3:
+        return not os.path.isfile(os.path.join(args.data_dir, data.DATASET_JSON))
+    path = os.path.join(args.data_dir, data.MANIFEST_NAME)
+    return not os.path.isfile(path) or data.read_manifest(args.data_dir)["args"].get("layout") is None
+
+
+def resolve_split_path(args: argparse.Namespace) -> str:
+    """The split file of the run: ``--split_path``; with ``--val_fraction`` the file the run
+    writes (``<run>_files/split.json``); else ``<data_dir>/split.json`` written by the
+    preprocessing; a 3D nnU-Net data set's ``splits_final.json`` (fold ``--fold``, default 0);
+    FLARE data: the paper's split. Sets ``args.fold`` to 0 for ``splits_final.json`` without one.
+
+    Raises:
+        UserError: data of another layout with no split to read (what to pass is said).
+    """
+    if args.split_path:
+        return args.split_path
+    if args.val_fraction is not None:
+        return os.path.join(engine.run_paths(args.chkpt_dir, args.run_name)["dir"], data.SPLIT_NAME)
+    own = os.path.join(args.data_dir, data.SPLIT_NAME)
+    if os.path.isfile(own):
+        return own
+    nn = os.path.join(args.data_dir, data.NNUNET_SPLITS)
+    if args.spatial_dims == 3 and os.path.isfile(nn):
+        args.fold = 0 if args.fold is None else args.fold
+        return nn
+    if _is_flare_data(args):
+        return data.DEFAULT_SPLIT_PATH
+    raise UserError(
+        f"--data_dir {args.data_dir} holds no {data.SPLIT_NAME}: pass --split_path, or --val_fraction F to split its "
+        "cases here (preprocess_labelled.py writes one unless it was given a split file)"
+    )
+
+
+def run_split(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, list[str]]:
+    """The split of the run: read from ``args.split_path`` (``--fold`` for nnU-Net's folds), or
+    with ``--val_fraction`` made over the cases of ``--data_dir`` (the same on every rank) and
+    written by rank 0 to ``args.split_path`` in the run's folder.
+
+    Raises:
+        UserError: an unreadable split, or too few cases to split.
+    """
+    if args.val_fraction is None:
+        return data.load_split(args.split_path, args.fold)
+    cases = data.finetune_cases(args.data_dir, args.spatial_dims)
+    split = data.make_split(cases, args.val_fraction, args.split_seed)
+    if info.is_main:
+        made_by = {"val_fraction": args.val_fraction, "split_seed": args.split_seed, "n_cases": len(cases)}
+        os.makedirs(os.path.dirname(args.split_path), exist_ok=True)
+        atomic_write_json(args.split_path, data.split_file_record(split, made_by))
+    logger.info(
+        "split of %d cases (--val_fraction %g --split_seed %d): %d train / %d val -> %s",
+        len(cases),
+        args.val_fraction,
+        args.split_seed,
+        len(split["train"]),
+        len(split["val"]),
+        args.split_path,
+    )
+    return split
 
 
 def check_predictions_dir(args: argparse.Namespace, cases: Sequence[str], info: engine.DistInfo) -> None:
@@ -855,17 +999,25 @@ def final_outputs(
         res = evaluate_cases(
             model, dat.val_cases, dat, args, info, amp, full=True, desc="val", save_dir=args.save_predictions
         )
-    out: dict[str, Any] = {"dice_paper": res.dice_paper, "n_val_items": res.n_items}
-    summary = metrics.summarize_case_scores(res.per_case)
+    names = dat.labels.names
+    scoring = dat.rules.record()
+    out: dict[str, Any] = {"dice_paper": res.dice_paper, "n_val_items": res.n_items, "scoring": scoring}
+    summary = metrics.summarize_case_scores(res.per_case, names)
     out["summary"] = {k: v for k, v in summary.items() if k != "per_case"}
     out["summary"]["dice_paper"] = res.dice_paper
     if info.is_main:
-        files = metrics.write_scores(res.per_case, paths["dir"], prefix="val")
+        files = metrics.write_scores(res.per_case, paths["dir"], prefix="val", label_names=names, scoring=scoring)
         out["scores"], out["scores_csv"] = files["json"], files["csv"]
         if res.vis:
             img, lab, prd, titles = zip(*res.vis)
             out["figure"] = metrics.plot_predictions(
-                img, lab, prd, os.path.join(paths["dir"], "predictions.png"), titles=titles, n_classes=args.n_classes
+                img,
+                lab,
+                prd,
+                os.path.join(paths["dir"], "predictions.png"),
+                titles=titles,
+                n_classes=args.n_classes,
+                label_names=names,
             )
         # the scores are the command's result: stdout (progress and messages go to the log on stderr)
         print(
@@ -878,9 +1030,12 @@ def final_outputs(
     if args.eval_train and dat.train_cases:
         tr = evaluate_cases(model, dat.train_cases, dat, args, info, amp, full=True, desc="train")
         out["train_dice_paper"] = tr.dice_paper
-        out["train_summary"] = {k: v for k, v in metrics.summarize_case_scores(tr.per_case).items() if k != "per_case"}
+        train_summary = metrics.summarize_case_scores(tr.per_case, names)
+        out["train_summary"] = {k: v for k, v in train_summary.items() if k != "per_case"}
         if info.is_main:
-            out["train_scores"] = metrics.write_scores(tr.per_case, paths["dir"], prefix="train")["json"]
+            out["train_scores"] = metrics.write_scores(
+                tr.per_case, paths["dir"], prefix="train", label_names=names, scoring=scoring
+            )["json"]
     if args.save_predictions:
         out["predictions_dir"] = os.path.abspath(args.save_predictions)
     return out
@@ -997,14 +1152,29 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, Any]:
         args.cache_dir = os.path.join(args.chkpt_dir, "cache")
     if args.run_name is None:
         args.run_name = default_run_name(args)
+    # the label set, the scoring and the split, fixed before the run's arguments are recorded
+    labels = data_labels(args)
+    if args.n_classes is None:
+        args.n_classes = labels.n_classes
+    elif args.n_classes != labels.n_classes:
+        raise UserError(
+            f"--n_classes {args.n_classes}, but the label set of --data_dir ({labels.source}) has "
+            f"{labels.n_classes} classes: {labels.describe()}"
+        )
+    rules = run_scoring_rules(args, labels)
+    args.split_path = resolve_split_path(args)
     with warnings.catch_warnings():
         if args.ignore_user_warning:
             warnings.simplefilter("ignore", UserWarning)
         with engine.distributed(args.device) as info:
-            return _evaluate_only(args, info) if args.eval_only else _train(args, info)
+            if args.eval_only:
+                return _evaluate_only(args, info, labels, rules)
+            return _train(args, info, labels, rules)
 
 
-def _evaluate_only(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
+def _evaluate_only(
+    args: argparse.Namespace, info: engine.DistInfo, labels: data.LabelSet, rules: metrics.ScoringRules
+) -> dict[str, Any]:
     """``--eval_only``: the fine-tuned model of ``--chkpt_path`` on the validation cases."""
     paths = engine.run_paths(args.chkpt_dir, args.run_name)
     logger.info("evaluating %s; outputs in %s", args.chkpt_path, paths["dir"])
@@ -1015,7 +1185,14 @@ def _evaluate_only(args: argparse.Namespace, info: engine.DistInfo) -> dict[str,
         )
     if int(ckpt["n_classes"]) != args.n_classes:
         raise UserError(
-            f"--chkpt_path {args.chkpt_path!r} predicts {ckpt['n_classes']} classes but --n_classes is {args.n_classes}"
+            f"--chkpt_path {args.chkpt_path!r} predicts {ckpt['n_classes']} classes but --n_classes is "
+            f"{args.n_classes} (the label set of --data_dir: {labels.describe()})"
+        )
+    trained_on = checkpoint_labels(ckpt, args.chkpt_path)
+    if trained_on != labels:
+        raise UserError(
+            f"--chkpt_path {args.chkpt_path!r} was trained on the classes {trained_on.describe()}; "
+            f"--data_dir holds {labels.describe()}"
         )
     saved_crop = int(ckpt.get("args", {}).get("crop_size", args.crop_size))
     if saved_crop != args.crop_size:
@@ -1030,7 +1207,7 @@ def _evaluate_only(args: argparse.Namespace, info: engine.DistInfo) -> dict[str,
         prepare_output_dir(paths["dir"], "--chkpt_dir")
     model.to(info.device)
     amp = engine.Amp(info.device, args.use_amp, args.amp_dtype)
-    dat = FinetuneData(args, info, need_train=False)
+    dat = FinetuneData(args, info, need_train=False, labels=labels, rules=rules)
     check_predictions_dir(args, [c.case for c in dat.val_cases], info)
     out = final_outputs(model, dat, args, info, amp, paths)
     result = {
@@ -1081,7 +1258,9 @@ def _build_model(
     return model.to(info.device), n_loaded
 
 
-def _train(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
+def _train(
+    args: argparse.Namespace, info: engine.DistInfo, labels: data.LabelSet, rules: metrics.ScoringRules
+) -> dict[str, Any]:
     """The run in its steps: files and resume, model, data, then epochs of training with
     evaluations and early stopping, then the best model's final scores."""
     run = engine.RunFiles(args.chkpt_dir, args.run_name, METHOD, info)
@@ -1093,7 +1272,7 @@ def _train(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
     state = run.open(args.resume, args_d, RESUME_KEYS, inputs=inputs)
     cfg = models.encoder_config_from_args(args)
     model, n_loaded = _build_model(args, cfg, state, info)
-    dat = FinetuneData(args, info, need_train=True)
+    dat = FinetuneData(args, info, need_train=True, labels=labels, rules=rules)
     run.pin_inputs(state, input_fingerprints(args, dat))
     check_predictions_dir(args, [c.case for c in dat.val_cases], info)
     per_step = args.batch_size * info.world_size * args.accum_iters
@@ -1169,6 +1348,8 @@ def _train(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, Any]:
             "best_dice_paper": best.dice_paper,
             "best_epoch": best.epoch,
             "stopped_early": bool(best.stopped),
+            "train_cases": list(dat.split["train"]),
+            "split": args.split_path,
             "pretrained": args.chkpt_path,
             "pretrained_tensors": n_loaded,
             **out,
@@ -1252,7 +1433,14 @@ def _evaluate_epoch(
     if improved and info.is_main:
         atomic_torch_save(
             finetuned_checkpoint(
-                seg.model, cfg, args.n_classes, engine.args_dict(args), epoch, res.dice_paper, dat.preprocessing
+                seg.model,
+                cfg,
+                args.n_classes,
+                engine.args_dict(args),
+                epoch,
+                res.dice_paper,
+                dat.preprocessing,
+                dat.labels,
             ),
             paths["weights"],
         )

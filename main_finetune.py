@@ -1,4 +1,4 @@
-"""Fine-tune a Swin-UNETR (or UNETR) for 13-organ segmentation on FLARE 2022, and evaluate it.
+"""Fine-tune a Swin-UNETR (or UNETR) for organ segmentation (FLARE 2022's 13 organs, or any label set), and evaluate it.
 
 The paper's recipe: DiceCE loss, AdamW lr 1e-3 after 10 warm-up epochs, cosine to 5e-5,
 weight decay 1e-5 (not on biases and norms), 32 slices x 2 crops of 96 x 96 per batch
@@ -33,6 +33,10 @@ weight decay 1e-5 (not on biases and norms), 32 slices x 2 crops of 96 x 96 per 
     python main_finetune.py --data_dir phantoms_2d/labelled --split_path phantoms/split.json \\
         --low_resource_mode --crop_size 64 --batch_size 2 --n_epochs 2 --warmup_epochs 0 --max_images 8 --num_workers 0
 
+    # your own data (preprocess_labelled.py output of an nnU-Net / Decathlon data set): classes, names and the
+    # split come from the folder; NSD tolerance 2 mm; the label budget: only the first 5 training cases
+    python main_finetune.py --data_dir liver_2d --embedding_size 48 --nsd_tolerance_mm 2 --n_train_cases 5
+
     # continue an interrupted run: the same command plus --resume (changed model / data flags are refused)
     python main_finetune.py --data_dir flare_2d/labelled --embedding_size 48 --use_amp --run_name scratch --resume
 
@@ -50,12 +54,14 @@ from typing import Any
 
 import data
 import engine
+import metrics
 from finetune import run_finetuning
 from utils import run_cli
 
 _HELP = {
-    "data_dir": "2D: output of preprocess_flare_labelled.py (imgs/, labels/, manifest.json). 3D: the raw labelled FLARE "
-    "folder (images/ or imgs/, labels/). Required.",
+    "data_dir": "2D: output of preprocess_flare_labelled.py / preprocess_labelled.py (imgs/, labels/, manifest.json). "
+    "3D: a raw labelled data set (FLARE 2022 images/ and labels/, nnU-Net v2 raw or Decathlon with a dataset.json). "
+    "Required.",
     "max_images": "Use only the first N slices (2D) / volumes (3D) of the train list and of the val list; 0 = all. For "
     "demos and tests.",
     "batch_augment": "Apply the fine-tuning augmentations on the training device as batched tensor operations "
@@ -105,14 +111,43 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--split_path",
         type=str,
-        default=data.DEFAULT_SPLIT_PATH,
-        help="JSON {'train': [...], 'val': [...]} of case ids; the default is the paper's 15 / 35 split. Change for another data set (e.g. phantoms/split.json).",
+        default=None,
+        help="JSON {'train': [...], 'val': [...]} of case ids, or nnU-Net's splits_final.json with --fold. Default: "
+        f"<data_dir>/{data.SPLIT_NAME} when the preprocessing wrote one (nnU-Net / Decathlon data, or --val_fraction); "
+        "else for FLARE data the paper's 15 / 35 split (data/split.json); 3D nnU-Net data: its splits_final.json.",
+    )
+    g.add_argument(
+        "--fold",
+        type=int,
+        default=None,
+        help="The fold of an nnU-Net splits_final.json (--split_path, or the 3D data set's own; default 0 there).",
+    )
+    g.add_argument(
+        "--val_fraction",
+        type=float,
+        default=None,
+        help="Instead of a split file: split the cases of --data_dir here, deterministically, with this fraction of "
+        f"validation cases (written to <run>_files/{data.SPLIT_NAME}); --split_seed chooses the split.",
+    )
+    g.add_argument(
+        "--split_seed",
+        type=int,
+        default=0,
+        help="Seed of the --val_fraction split (the same seed and cases give the same split everywhere).",
+    )
+    g.add_argument(
+        "--n_train_cases",
+        type=int,
+        default=0,
+        help="Train on the first N training cases of the split only (its order: the label-budget axis of "
+        "reproduce_table.py); 0 = all. The validation cases stay the same.",
     )
     g.add_argument(
         "--n_classes",
         type=int,
-        default=14,
-        help="Output classes including background (14 for FLARE 2022); change only for another label set.",
+        default=None,
+        help="Output classes including background. Default: the label set of --data_dir (recorded in its manifest.json "
+        "by the preprocessing; 3D: its dataset.json; FLARE 2022: 14); a different value is refused.",
     )
     g.add_argument(
         "--cache_dir",
@@ -207,9 +242,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--nsd_tolerance_mm",
-        type=float,
+        type=metrics.number_or_json,
         default=None,
-        help="One NSD tolerance in mm for every organ (1.0 = FLARE 2021). Default: the per-organ tolerances of the official FLARE 2022 evaluation.",
+        help="NSD tolerance in mm: one number for every class (1.0 = FLARE 2021), or a JSON object (or .json file) of "
+        "label id -> mm. Default for FLARE 2022's organs: the per-organ tolerances of the official evaluation; "
+        "required for any other label set. Recorded with the scores.",
     )
     g.add_argument(
         "--n_vis",

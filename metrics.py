@@ -47,9 +47,11 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import functools
 import io
 import itertools
+import json
 import logging
 import math
 import os
@@ -69,7 +71,8 @@ from scipy import ndimage
 from scipy.spatial import cKDTree
 from tqdm import tqdm
 
-from data import LABEL_NAMES, load_nifti
+import data
+from data import FLARE_LABELS, LABEL_NAMES, LabelSet, load_nifti
 from utils import (
     UserError,
     atomic_write,
@@ -96,6 +99,138 @@ FLARE22_Z_RESTRICTED: frozenset[int] = frozenset({5, 6, 10})
 
 #: The official script sets NSD to 0 without computing it when the organ's Dice is below this.
 FLARE22_NSD_MIN_DICE = 0.2
+
+
+def number_or_json(text: str) -> float | str:
+    """``type=`` of the tolerance flags: a number becomes a float (so the command line's check of
+    non-finite numbers refuses ``nan`` / ``inf`` before anything runs), anything else stays text
+    for :func:`parse_tolerance_mm` (a JSON object, or a file holding one)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def parse_tolerance_mm(value: str | float | None, flag: str = "--nsd_tolerance_mm") -> float | dict[int, float] | None:
+    """An NSD tolerance flag: ``None``, one number of mm (``"2"``), or a JSON object of label
+    id -> mm (``'{"1": 5, "2": 3}'``, or the path of a ``.json`` file holding one).
+
+    Raises:
+        UserError: not a number or such an object, an id that is not an integer, or a
+            tolerance that is negative, NaN or infinite (``flag`` named).
+    """
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        obj: object = float(value)
+    else:
+        text = str(value).strip()
+        try:
+            obj = float(text)
+        except ValueError:
+            if text.endswith(".json") and os.path.isfile(text):
+                try:
+                    with open(text) as f:
+                        text = f.read()
+                except OSError as e:
+                    raise UserError(f"{flag} {value}: cannot read it ({e.strerror or e})") from None
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError:
+                raise UserError(
+                    f"{flag} {value!r} is neither a number of mm nor a JSON object of label id -> mm "
+                    '(e.g. \'{"1": 5, "2": 3}\')'
+                ) from None
+    if isinstance(obj, (int, float)) and not isinstance(obj, bool):
+        tol: float | dict[int, float] = float(obj)
+        values = [tol]
+    elif isinstance(obj, dict) and obj:
+        tol = {}
+        for k, v in obj.items():
+            try:
+                i = int(k)
+            except (TypeError, ValueError):
+                raise UserError(f"{flag}: key {k!r} is not a label id") from None
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise UserError(f"{flag}: the tolerance of label id {i} is {v!r}, not a number of mm")
+            tol[i] = float(v)
+        values = list(tol.values())
+    else:
+        raise UserError(f"{flag} {value!r} is neither a number of mm nor a JSON object of label id -> mm")
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise UserError(f"{flag} {value}: NSD tolerances must be finite, non-negative numbers of mm")
+    return tol
+
+
+@dataclasses.dataclass(frozen=True)
+class ScoringRules:
+    """How the challenge-grade scores of a label set are computed (:func:`scoring_rules`).
+
+    Attributes:
+        labels: the label set (names in score files, tables and figures).
+        tolerance_mm: NSD tolerance, one number or per label id.
+        z_axis: the slice axis of FLARE 2022's slice-range rule for aorta, IVC and esophagus
+            (-1), or None (any other label set: every class on the whole volume).
+        tolerance_source: where the tolerance comes from, for the record.
+    """
+
+    labels: LabelSet
+    tolerance_mm: float | Mapping[int, float]
+    z_axis: int | None
+    tolerance_source: str
+
+    def tolerance_of(self, i: int) -> float:
+        t = self.tolerance_mm
+        return float(t[i] if isinstance(t, Mapping) else t)
+
+    def record(self) -> dict:
+        """What the score files record about their scoring: classes, tolerance per class, rules."""
+        return {
+            "labels": self.labels.to_json(),
+            "label_source": self.labels.source,
+            "nsd_tolerance_mm": {str(i): self.tolerance_of(i) for i in range(1, self.labels.n_classes)},
+            "nsd_tolerance_source": self.tolerance_source,
+            "slice_range_rule": sorted(FLARE22_Z_RESTRICTED) if self.z_axis is not None else [],
+            "conventions": "FLARE 2022 (official evaluation)"
+            if self.labels.is_flare and self.z_axis is not None
+            else "FLARE 2022's Dice and surfel NSD, every class scored on the whole volume",
+        }
+
+
+def scoring_rules(
+    labels: LabelSet = FLARE_LABELS,
+    tolerance_mm: float | Mapping[int, float] | None = None,
+    flag: str = "--nsd_tolerance_mm",
+    z_restriction: bool = True,
+) -> ScoringRules:
+    """The scoring of a label set: FLARE 2022's 13 organs keep the official per-organ NSD
+    tolerances (``tolerance_mm`` replaces them when given) and its slice-range rule; any other
+    label set needs ``tolerance_mm`` (one value, or one per class id) and scores every class on
+    the whole volume (the rule is FLARE's, for its organ ids).
+
+    Raises:
+        UserError: no tolerance for a label set that is not FLARE's, or a per-class mapping
+            that misses a class or names an id outside the set (``flag`` named).
+    """
+    if tolerance_mm is None:
+        if not labels.is_flare:
+            raise UserError(
+                f"the label set of {labels.source} ({labels.describe()}) is not FLARE 2022's: give the NSD "
+                f"tolerance with {flag} (one number of mm, or a JSON object of label id -> mm)"
+            )
+        tolerance_mm, source = FLARE22_TOLERANCE_MM, "FLARE 2022 per-organ tolerances (official evaluation)"
+    else:
+        source = f"{flag} {json.dumps(tolerance_mm) if isinstance(tolerance_mm, Mapping) else f'{tolerance_mm:g}'}"
+    if isinstance(tolerance_mm, Mapping):
+        want = set(range(1, labels.n_classes))
+        have = {int(k) for k in tolerance_mm}
+        if have != want:
+            miss, extra = sorted(want - have), sorted(have - want)
+            what = f"has no tolerance for label ids {miss}" if miss else f"names label ids {extra} outside the set"
+            raise UserError(f"{flag} {what} (classes: {labels.describe()})")
+        tolerance_mm = {int(k): float(v) for k, v in tolerance_mm.items()}
+    z_axis = -1 if (labels.is_flare and z_restriction) else None
+    return ScoringRules(labels, tolerance_mm, z_axis, source)
 
 
 def _label_names(label_names: Sequence[str] | None) -> Sequence[str]:
@@ -640,6 +775,7 @@ def write_scores(
     out_dir: str | os.PathLike,
     prefix: str = "val",
     label_names: Sequence[str] | None = None,
+    scoring: Mapping | None = None,
 ) -> dict[str, str]:
     """Write per-case, per-organ scores as CSV and JSON, atomically.
 
@@ -647,7 +783,9 @@ def write_scores(
     ``case, organ_id, organ, dice, nsd, tolerance_mm, label_voxels, pred_voxels``
     (label / prediction voxel counts: 0 and 0 marks an organ absent from both, scored 1 by convention).
     ``<out_dir>/<prefix>_scores.json``: ``{"summary": summarize_case_scores(...),
-    "per_case": {case: {organ_name: {organ_id, dice, nsd, ...}}}}``.
+    "per_case": {case: {organ_name: {organ_id, dice, nsd, ...}}}}``, and with ``scoring``
+    (:meth:`ScoringRules.record`: the label set, the NSD tolerance per class and the rules)
+    under ``"scoring"``.
 
     Returns:
         ``{"csv": path, "json": path}``.
@@ -682,7 +820,10 @@ def write_scores(
     csv_path = out_dir / f"{prefix}_scores.csv"
     json_path = out_dir / f"{prefix}_scores.json"
     atomic_write_text(csv_path, buf.getvalue())
-    atomic_write_json(json_path, {"summary": summary, "per_case": detail})
+    record = {"summary": summary, "per_case": detail}
+    if scoring is not None:
+        record["scoring"] = dict(scoring)
+    atomic_write_json(json_path, record)
     return {"csv": str(csv_path), "json": str(json_path)}
 
 
@@ -699,7 +840,9 @@ def format_summary(summary: Mapping, label_names: Sequence[str] | None = None) -
         out.append(f"{name:<{width}}  {d:6.4f}  {n:6.4f}  {'' if tol is None else f'{tol:g}'}")
     out.append("-" * (width + 24))
     out.append(f"{'mean (per case)':<{width}}  {summary['dice_mean']:6.4f}  {summary['nsd_mean']:6.4f}")
-    out.append(f"{summary['n_cases']} case(s); Dice and NSD per organ are means over cases (FLARE 2022 conventions)")
+    out.append(
+        f"{summary['n_cases']} case(s); Dice and NSD per organ are means over cases (as FLARE 2022 computes them)"
+    )
     return "\n".join(out)
 
 
@@ -854,16 +997,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g = parser.add_argument_group("scoring")
     g.add_argument(
+        "--labels",
+        type=str,
+        default=None,
+        help="The label set (ids and names) of another data set: its dataset.json (nnU-Net v2, Decathlon), or a "
+        "preprocessed folder / its manifest.json. Default: FLARE 2022's 13 organs. Names the classes in the output; "
+        "FLARE's slice-range rule for aorta, IVC and esophagus applies to FLARE's organs only.",
+    )
+    g.add_argument(
         "--n_classes",
         type=int,
-        default=14,
-        help="Classes including background (14 for FLARE 2022); change only for another label set.",
+        default=None,
+        help="Classes including background; default: those of --labels (14 for FLARE 2022). Without --labels another "
+        "value scores classes named 'class <id>'.",
     )
     g.add_argument(
         "--tolerance_mm",
-        type=float,
+        type=number_or_json,
         default=None,
-        help="One NSD tolerance in mm for every organ (1.0 reproduces FLARE 2021). Default: FLARE 2022's per-organ tolerances.",
+        help="NSD tolerance in mm: one number for every class (1.0 reproduces FLARE 2021), or a JSON object (or .json "
+        "file) of label id -> mm. Default: FLARE 2022's per-organ tolerances; required for any other label set.",
     )
     g.add_argument(
         "--no_z_restriction",
@@ -927,6 +1080,40 @@ def missing_prediction_scores(label: np.ndarray, n_classes: int, tolerance_mm: f
     return out
 
 
+def cli_label_set(path: str | None, n_classes: int | None) -> LabelSet:
+    """The label set of ``--labels`` (a ``dataset.json``, a preprocessed folder or its
+    ``manifest.json``), checked against ``--n_classes``; without it FLARE 2022's, or for
+    another ``--n_classes`` classes named ``class <id>``.
+
+    Raises:
+        UserError: the file cannot be read or holds no label set, or ``--n_classes`` differs.
+    """
+    if path is None:
+        if n_classes is None or n_classes == FLARE_LABELS.n_classes:
+            return FLARE_LABELS
+        if n_classes < 2:
+            raise UserError(f"--n_classes must be at least 2, got {n_classes}")
+        return LabelSet(("background", *(f"class {i}" for i in range(1, n_classes))), f"--n_classes {n_classes}")
+    p = os.path.abspath(path)
+    if os.path.isdir(p):
+        cands = [
+            os.path.join(p, n) for n in (data.MANIFEST_NAME, data.DATASET_JSON) if os.path.isfile(os.path.join(p, n))
+        ]
+        if not cands:
+            raise UserError(f"--labels {p} holds neither a manifest.json nor a dataset.json")
+        p = cands[0]
+    if os.path.basename(p) == data.MANIFEST_NAME:
+        labels = data.manifest_labels(data.read_manifest(os.path.dirname(p)), p)
+    else:
+        obj = data.read_dataset_json(p)
+        if "labels" not in obj:
+            raise UserError(f"--labels {p} has no 'labels' (label ids and names)")
+        labels = data.parse_label_set(obj["labels"], p)
+    if n_classes is not None and n_classes != labels.n_classes:
+        raise UserError(f"--n_classes {n_classes}, but --labels {p} declares {labels.n_classes} ({labels.describe()})")
+    return labels
+
+
 def main(args: argparse.Namespace) -> dict:
     """Score the given predictions; returns the summary dict (see :func:`summarize_case_scores`).
 
@@ -978,12 +1165,16 @@ def main(args: argparse.Namespace) -> dict:
         if missing:
             logger.warning("%d case(s) have no prediction and score 0: %s", len(missing), ", ".join(missing))
         pairs = [(c, preds.get(c), labels[c]) for c in labels]
-    tol = FLARE22_TOLERANCE_MM if args.tolerance_mm is None else args.tolerance_mm
+    labels = cli_label_set(args.labels, args.n_classes)
+    rules = scoring_rules(
+        labels, parse_tolerance_mm(args.tolerance_mm, "--tolerance_mm"), "--tolerance_mm", not args.no_z_restriction
+    )
+    n_classes, tol = labels.n_classes, rules.tolerance_mm
     per_case = {}
     for case, pred_path, label_path in tqdm(pairs, desc="scoring", disable=len(pairs) < 2):
         label, spacing = _load_ids(label_path)
         if pred_path is None:
-            per_case[case] = missing_prediction_scores(label, args.n_classes, tol)
+            per_case[case] = missing_prediction_scores(label, n_classes, tol)
             continue
         pred, _ = _load_ids(pred_path)
         if pred.shape != label.shape:
@@ -993,15 +1184,17 @@ def main(args: argparse.Namespace) -> dict:
                 pred,
                 label,
                 spacing,
-                n_classes=args.n_classes,
+                n_classes=n_classes,
                 tolerance_mm=tol,
-                z_axis=None if args.no_z_restriction else -1,
+                z_axis=rules.z_axis,
             )
         except UserError as e:
             raise UserError(f"{pred_path} against {label_path}: {e}") from e
-    summary = summarize_case_scores(per_case)
+    summary = summarize_case_scores(per_case, labels.names)
     if args.out_dir is not None:
-        paths = write_scores(per_case, args.out_dir, prefix=args.prefix)
+        paths = write_scores(
+            per_case, args.out_dir, prefix=args.prefix, label_names=labels.names, scoring=rules.record()
+        )
         logger.info("wrote %s and %s", paths["csv"], paths["json"])
     print(format_summary(summary))
     return summary

@@ -17,8 +17,9 @@ has the input's shape, affine, qform and sform, so it overlays the scan in any v
     # also the per-class probabilities (float16), and a loader with 4 processes
     python predict.py -i scans/ -o preds/ --chkpt_path runs/<run>.pt --save_probabilities --num_workers 4
 
-Output (``-o OUT``): ``OUT/<case>.nii.gz``, uint8 label ids of the model (FLARE 2022: 0
-background, 1 liver, ..., 13 left kidney), the input's header (geometry, qform / sform
+Output (``-o OUT``): ``OUT/<case>.nii.gz``, uint8 label ids of the model (those of the label
+set it was trained on, recorded in the checkpoint; FLARE 2022: 0 background, 1 liver, ..., 13
+left kidney), the input's header (geometry, qform / sform
 codes) with the data type set to uint8; with ``--save_probabilities``
 ``OUT/<case>_probabilities.npz`` holding ``probabilities`` (float16, (C, X, Y, Z) in the
 input's voxel order, resampled back with the preprocessing's bilinear interpolation),
@@ -287,7 +288,7 @@ class Predictor:
         if not isinstance(crop, int) or crop < 1:
             raise UserError(f"{path} records no training crop size (args.crop_size), which sets the sliding window")
         n_classes = int(ckpt["n_classes"])
-        names = list(data.LABEL_NAMES) if n_classes == data.N_CLASSES else [f"class {i}" for i in range(n_classes)]
+        names = list(finetune.checkpoint_labels(ckpt, path).names)  # the label set it was trained on
         if sw_batch_size is None:
             sw_batch_size = 512 if cfg["spatial_dims"] == 2 else 64
         model.to(device).eval()

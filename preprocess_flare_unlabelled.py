@@ -1,7 +1,11 @@
-"""Preprocess unlabelled FLARE 2022 CT into 2D PNG slices (or 3D volumes) for pretraining.
+"""Preprocess unlabelled CT (FLARE 2022, any folder of NIfTI, the images of a labelled data set) into 2D PNG
+slices (or 3D volumes) for pretraining.
 
 Reads every ``*.nii.gz`` / ``*.nii`` under ``--data_dir`` (recursively; case id = file
-name without extension and ``_0000``), and writes ``<output_dir>/<case>_<zzzz>.png``
+name without extension and ``_0000``), or, when ``--data_dir`` is a labelled data set
+(FLARE 2022 ``images/`` + ``labels/``, nnU-Net v2 raw or Decathlon with a ``dataset.json``;
+see ``preprocess_flare_labelled.py``), its images only (training and test, never the label
+maps; ``--channel k`` for a multi-channel nnU-Net data set), and writes ``<output_dir>/<case>_<zzzz>.png``
 per z slice (``--spatial_dims 2``, the paper) or ``<output_dir>/<case>.nii.gz``, a
 float32 volume in [0, 1] with its 1 x 1 x 2.5 mm spacing in the header
 (``--spatial_dims 3``). Same steps as the labelled script: orient RAS, resample to
@@ -20,6 +24,9 @@ foreground box, pad x and y to at least 96 (237,449 slices from the 2,000 cases)
 
     # the synthetic data set of make_phantoms.py
     python preprocess_flare_unlabelled.py --data_dir phantoms/unlabelled --output_dir phantoms_2d/unlabelled
+
+    # the images (imagesTr/ and imagesTs/) of an nnU-Net v2 raw data set, for pretraining
+    python preprocess_flare_unlabelled.py --data_dir nnUNet_raw/Dataset003_Liver --output_dir liver_2d_unlabelled
 
 A rerun skips finished cases and redoes interrupted ones (and, after a sharded run,
 completes manifest.json). Cases with bad files are reported one line each, the others
@@ -57,13 +64,32 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=(2, 3),
         help="2: one PNG per z slice (the paper's 2D pretraining); 3: one float32 .nii.gz per case for 3D pretraining",
     )
+    groups["io"].add_argument(
+        "--layout",
+        default="auto",
+        choices=("auto", "tree", *data.LAYOUTS),
+        help="'tree': every NIfTI under --data_dir; flare / nnunet / decathlon: the images of that labelled data "
+        "set (label maps left out); 'auto': a labelled data set when --data_dir has a dataset.json or images/ "
+        "beside labels/, else a tree",
+    )
+    groups["io"].add_argument(
+        "--channel",
+        type=int,
+        default=None,
+        help="nnU-Net v2 data sets with several image channels: which one to read (0-based); CT is one channel",
+    )
     return parser
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the unlabelled preprocessing; returns the summary (see preprocessing.run_preprocessing)."""
-    config = config_from_args(args, kind="unlabelled", spatial_dims=args.spatial_dims)
-    cases = data.find_unlabelled_cases(args.data_dir)  # --output_dir is checked against it before any write
+    cases, layout, channel = data.find_images(args.data_dir, args.layout, args.channel)  # checked before any write
+    if layout == "tree":  # the layout is recorded only for a labelled data set's images: a tree's record is unchanged
+        config = config_from_args(args, kind="unlabelled", spatial_dims=args.spatial_dims)
+    else:
+        config = config_from_args(
+            args, kind="unlabelled", spatial_dims=args.spatial_dims, layout=layout, channel=channel
+        )
     tasks = [CaseTask(case=c, image=p) for c, p in cases.items()]
     return run_from_args(tasks, args, config)
 

@@ -1,9 +1,9 @@
 """The preprocessing engine shared by ``preprocess_flare_labelled.py`` and ``preprocess_flare_unlabelled.py``.
 
 One case at a time: check the NIfTI files (readable, 3D, image and label on the same
-grid, finite voxels, label ids 0..13), run :func:`transforms.preprocessing_transforms`,
-write the z slices as PNG (or the volume as NIfTI) atomically, and record the case in
-``<output_dir>/.manifest/<case>.json``. Cases run in a process pool
+grid, finite voxels, label ids within the data set's label set: 0..13 for FLARE), run
+:func:`transforms.preprocessing_transforms`, write the z slices as PNG (or the volume as
+NIfTI) atomically, and record the case in ``<output_dir>/.manifest/<case>.json``. Cases run in a process pool
 (``--num_workers``), may be split over machines (``--shard_index`` / ``--num_shards``),
 and a rerun skips every case whose per-case manifest exists.
 
@@ -99,6 +99,12 @@ class PreprocessConfig:
         pixdim: output voxel size (x, y, z) in mm.
         min_xy: x and y padded to at least this size.
         png_bits: 8 or 16 bits per image PNG pixel.
+        labels: the label names by id of a data set that declares them (nnU-Net, Decathlon);
+            None: FLARE 2022's 13 organs. Label ids outside them make a case fail.
+        layout: the layout read when it is not FLARE's (``"nnunet"``, ``"decathlon"``), else None.
+        channel: the nnU-Net image channel read, None for one-channel layouts.
+
+    The last three are recorded only when set, so FLARE output is the same as before they existed.
     """
 
     kind: str
@@ -108,6 +114,9 @@ class PreprocessConfig:
     pixdim: tuple[float, float, float] = (1.0, 1.0, 2.5)
     min_xy: int = 96
     png_bits: int = 8
+    labels: tuple[str, ...] | None = None
+    layout: str | None = None
+    channel: int | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in ("labelled", "unlabelled"):
@@ -124,9 +133,21 @@ class PreprocessConfig:
             raise UserError(f"min_xy must be positive, got {self.min_xy}")
         if self.png_bits not in (8, 16):
             raise UserError(f"--png_bits must be 8 or 16, got {self.png_bits}")
+        if self.labels is not None and (self.kind != "labelled" or len(self.labels) < 2):
+            raise UserError(f"a label set ({self.labels}) needs labelled data and at least two classes")
+
+    @property
+    def n_classes(self) -> int:
+        """Label ids a case may hold: ``0..n_classes-1``."""
+        return len(self.labels) if self.labels is not None else data.N_CLASSES
 
     def to_json(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        for key in ("labels", "layout", "channel"):  # recorded only when set: FLARE's record is unchanged
+            if d[key] is None:
+                del d[key]
+        if self.labels is not None:
+            d["labels"] = {str(i): n for i, n in enumerate(self.labels)}
         d["pixdim"] = [float(p) for p in self.pixdim]
         d["a_min"], d["a_max"] = float(self.a_min), float(self.a_max)
         d["format_version"] = MANIFEST_FORMAT_VERSION
@@ -209,8 +230,16 @@ def add_common_args(parser: argparse.ArgumentParser, output_help: str) -> dict[s
     return {"io": io_g, "preprocessing": pre, "run": run}
 
 
-def config_from_args(args: argparse.Namespace, kind: str, spatial_dims: int = 2) -> PreprocessConfig:
-    """Build a :class:`PreprocessConfig` from parsed command-line arguments."""
+def config_from_args(
+    args: argparse.Namespace,
+    kind: str,
+    spatial_dims: int = 2,
+    labels: Sequence[str] | None = None,
+    layout: str | None = None,
+    channel: int | None = None,
+) -> PreprocessConfig:
+    """Build a :class:`PreprocessConfig` from parsed command-line arguments (and, for a data
+    set that is not FLARE's, its label names, layout and channel)."""
     return PreprocessConfig(
         kind=kind,
         spatial_dims=spatial_dims,
@@ -218,6 +247,9 @@ def config_from_args(args: argparse.Namespace, kind: str, spatial_dims: int = 2)
         a_max=float(args.a_max),
         pixdim=(float(args.size_x), float(args.size_y), float(args.size_z)),
         png_bits=int(args.png_bits),
+        labels=None if labels is None else tuple(labels),
+        layout=layout,
+        channel=channel,
     )
 
 
@@ -305,13 +337,35 @@ def prepare_output_dir(
             have = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {apath}: {e}") from None
-    diff = [f"{k}={have.get(k)!r} (now {want[k]!r})" for k in want if have.get(k) != want[k]]
+    diff = [f"{k}={have.get(k)!r} (now {want.get(k)!r})" for k in {**want, **have} if have.get(k) != want.get(k)]
     if diff:
         raise UserError(
             f"--output_dir {output_dir} holds output preprocessed with other arguments: {', '.join(diff)}; "
             "use another --output_dir or the same arguments"
         )
     return output_dir
+
+
+def record_split(output_dir: str, split: dict[str, list[str]], made_by: dict[str, Any], overwrite: bool = False) -> str:
+    """Write the split a labelled preprocessing made (or took from nnU-Net's folds) beside its
+    output, ``<output_dir>/split.json``, for fine-tuning to read; call after
+    :func:`prepare_output_dir`. A file with the same lists is kept as it is.
+
+    Raises:
+        UserError: the file holds another split (without ``overwrite``), or cannot be read.
+    """
+    path = os.path.join(output_dir, data.SPLIT_NAME)
+    with _folder_lock(output_dir):
+        _remove_temporaries(output_dir, data.SPLIT_NAME)
+        try:
+            same = data.same_split_file(path, split)
+        except UserError:
+            if not overwrite:
+                raise
+            same = False
+        if not same:
+            _write_json(path, data.split_file_record(split, made_by))
+    return path
 
 
 def _remove_temporaries(folder: str, name: str) -> None:
@@ -450,7 +504,7 @@ def process_case(task: CaseTask, config: PreprocessConfig, output_dir: str, wait
 
     Raises:
         CaseError: bad input (missing, unreadable, corrupt, not 3D, image / label mismatch,
-            non-finite voxels, label ids outside 0..13, nothing above ``a_min``).
+            non-finite voxels, label ids outside the label set (FLARE: 0..13), nothing above ``a_min``).
         OutputError: the output cannot be written (full disk, read-only folder); the case's
             partial files are removed.
     """
@@ -511,7 +565,8 @@ def _prepare_case(task: CaseTask, config: PreprocessConfig) -> tuple[dict[str, A
     if config.kind == "labelled":
         label = _load(task.label, "label")
         lab = label.as_tensor()
-        ok = bool(torch.isfinite(lab).all()) and float(lab.min()) >= 0 and float(lab.max()) <= data.N_CLASSES - 1
+        top = config.n_classes - 1  # FLARE: 13; a data set's own label set: its highest id
+        ok = bool(torch.isfinite(lab).all()) and float(lab.min()) >= 0 and float(lab.max()) <= top
         if ok:
             ok = bool((lab == torch.round(lab)).all())
         if not ok:
@@ -519,9 +574,9 @@ def _prepare_case(task: CaseTask, config: PreprocessConfig) -> tuple[dict[str, A
             bad = [
                 int(v) if float(v).is_integer() else v
                 for v in vals.tolist()
-                if not (v == v and 0 <= v <= data.N_CLASSES - 1 and float(v).is_integer())
+                if not (v == v and 0 <= v <= top and float(v).is_integer())
             ]
-            raise CaseError(f"label {task.label} has values outside the ids 0..{data.N_CLASSES - 1}: {bad[:10]}")
+            raise CaseError(f"label {task.label} has values outside the ids 0..{top}: {bad[:10]}")
         # the affines agree within _AFFINE_ATOL_MM (checked above); give both exactly the image's,
         # so float noise in the label header cannot put the label on a grid one voxel off
         label.affine = image.affine.clone()

@@ -72,15 +72,20 @@ def _scores_file(recorded: str, chkpt_dir: str, name: str) -> str:
     raise UserError(f"run {name}: its scores file {recorded!r} does not exist")
 
 
-def collect(plan: Sequence[Run], rows: Sequence[Row], chkpt_dir: str) -> dict[str, dict[str, Any]]:
+def collect(
+    plan: Sequence[Run], rows: Sequence[Row], chkpt_dir: str, budget: int | None = None
+) -> dict[str, dict[str, Any]]:
     """Read every finished fine-tuning's ``result.json`` (and per-organ scores) per row.
+
+    ``budget``: only the fine-tunings of that label budget (``--n_train_cases``; None: the
+    fine-tunings on every training case, the grid without a budget axis).
 
     Returns ``{row_key: {"label", "runs": [run names in DSC order], "dsc": [float or None],
     "summary": [summary dict or None], "organs": [per_organ dict or None]}}``.
     """
     out: dict[str, dict[str, Any]] = {}
     for row in rows:
-        runs = [r for r in plan if r.kind == "finetune" and r.row == row.key]
+        runs = [r for r in plan if r.kind == "finetune" and r.row == row.key and r.budget == budget]
         entry = {"label": row.label, "runs": [r.name for r in runs], "dsc": [], "summary": [], "organs": []}
         for r in runs:
             if not is_finished(chkpt_dir, r.name):
@@ -155,10 +160,20 @@ def table_rows(rows: Sequence[Row], collected: dict[str, dict[str, Any]]) -> lis
 
 
 def render_table(
-    rows: Sequence[Row], collected: dict[str, dict[str, Any]], out_dir: str, title: str = ""
+    rows: Sequence[Row],
+    collected: dict[str, dict[str, Any]],
+    out_dir: str,
+    title: str = "",
+    stem: str = "table",
+    paper: bool = True,
 ) -> dict[str, str]:
-    """Write ``table.md`` and ``table.csv`` (rows in the given order); return paths and the Markdown."""
+    """Write ``<stem>.md`` and ``<stem>.csv`` (default ``table.*``; rows in the given order); return
+    paths and the Markdown. ``paper``: the paper's numbers beside ours (left empty when False, e.g.
+    for a label budget the paper did not run)."""
     trs = table_rows(rows, collected)
+    if not paper:
+        for t in trs:
+            t["paper_mean"] = t["paper_std"] = None
     n = max(t["n_runs"] for t in trs)
     head = (
         ["IoU interval", "Mean DSC ± std"]
@@ -190,7 +205,7 @@ def render_table(
             + [""] * (n - len(t["dsc"]))
             + [_csv(t["paper_mean"]), _csv(t["paper_std"]), t["n_finished"], t["n_runs"]]
         )
-    md_path, csv_path = os.path.join(out_dir, "table.md"), os.path.join(out_dir, "table.csv")
+    md_path, csv_path = os.path.join(out_dir, f"{stem}.md"), os.path.join(out_dir, f"{stem}.csv")
     atomic_write_text(md_path, text)
     atomic_write_text(csv_path, buf.getvalue())
     return {"md": md_path, "csv": csv_path, "text": text}
@@ -237,8 +252,9 @@ def render_organs(
     out_dir: str,
     stem: str = "organs",
     title: str = "Challenge-grade scores per organ",
-    intro: str = "Per-organ Dice and normalised surface Dice (NSD) on the validation cases (FLARE 2022 conventions), "
-    "each the mean over cases, then averaged over the row's finished fine-tunings.",
+    intro: str = "Per-organ Dice and normalised surface Dice (NSD) on the validation cases (as FLARE 2022 computes "
+    "them; the NSD tolerances are recorded in each run's val_scores.json), each the mean over cases, then averaged "
+    "over the row's finished fine-tunings.",
 ) -> dict[str, str]:
     """Write ``<stem>.md`` (a Dice table and an NSD table: organs x intervals) and ``<stem>.csv``
     (default ``organs.*``; ``collected[row]["organs"]`` lists per-organ summaries, one per run)."""
@@ -280,9 +296,141 @@ def render_organs(
     return {"md": md_path, "csv": csv_path}
 
 
+def budget_rows(rows: Sequence[Row], per_budget: dict[int, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """The label-budget axis as rows: one dict per (IoU interval, budget) with the mean and the
+    population std over the finished fine-tunings of ``dice_paper`` (the table's Dice) and of the
+    challenge-grade Dice (mean over organs), and the runs finished.
+
+    Args:
+        per_budget: ``{n_train_cases: collect(..., budget=n_train_cases)}``.
+    """
+    out = []
+    for row in rows:
+        for n in sorted(per_budget):
+            c = per_budget[n][row.key]
+            got = [d for d in c["dsc"] if d is not None]
+            organs = [s["dice_mean"] for s in c["organs"] if s]
+            mean, std = mean_std(got) if got else (None, None)
+            o_mean, o_std = mean_std(organs) if organs else (None, None)
+            out.append(
+                {
+                    "key": row.key,
+                    "interval": row.label,
+                    "n_train_cases": int(n),
+                    "mean": mean,
+                    "std": std,
+                    "organ_dice_mean": o_mean,
+                    "organ_dice_std": o_std,
+                    "n_finished": len(got),
+                    "n_runs": len(c["dsc"]),
+                }
+            )
+    return out
+
+
+def render_budget(
+    rows: Sequence[Row], per_budget: dict[int, dict[str, dict[str, Any]]], out_dir: str, title: str = ""
+) -> dict[str, str]:
+    """``budget.md`` (Dice per IoU interval and number of labelled training cases: one column per
+    budget) and ``budget.csv`` (one line per interval and budget); returns the paths and the Markdown."""
+    brs = budget_rows(rows, per_budget)
+    budgets = sorted(per_budget)
+    md = [f"# {title}", ""] if title else []
+    md += [
+        "Dice (dice_paper, the table's score) against the number of labelled training cases: the first N cases "
+        "of the split's training list, the same for every row; mean ± std over the row's finished fine-tunings "
+        "(runs finished in brackets).",
+        "",
+        "| IoU interval | " + " | ".join(f"N = {n}" for n in budgets) + " |",
+        "|" + "|".join(["---"] * (len(budgets) + 1)) + "|",
+    ]
+    for row in rows:
+        cells = []
+        for n in budgets:
+            b = next(x for x in brs if x["key"] == row.key and x["n_train_cases"] == n)
+            v = "—" if b["mean"] is None else f"{b['mean']:.3f} ± {b['std']:.3f}"
+            cells.append(f"{v} ({b['n_finished']}/{b['n_runs']})")
+        md.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    md += ["", STD_NOTE, ""]
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(
+        [
+            "interval",
+            "n_train_cases",
+            "mean_dsc",
+            "std_dsc",
+            "organ_dice_mean",
+            "organ_dice_std",
+            "n_finished",
+            "n_runs",
+        ]
+    )
+    for b in brs:
+        w.writerow(
+            [
+                b["interval"],
+                b["n_train_cases"],
+                _csv(b["mean"]),
+                _csv(b["std"]),
+                _csv(b["organ_dice_mean"]),
+                _csv(b["organ_dice_std"]),
+                b["n_finished"],
+                b["n_runs"],
+            ]
+        )
+    md_path, csv_path = os.path.join(out_dir, "budget.md"), os.path.join(out_dir, "budget.csv")
+    text = "\n".join(md)
+    atomic_write_text(md_path, text)
+    atomic_write_text(csv_path, buf.getvalue())
+    return {"md": md_path, "csv": csv_path, "text": text}
+
+
 # ---------------------------------------------------------------------------------------
 # Figures
 # ---------------------------------------------------------------------------------------
+
+
+def plot_label_budget(rows: Sequence[Row], per_budget: dict[int, dict[str, dict[str, Any]]], path: str) -> str | None:
+    """``label_budget.png``: Dice against the number of labelled training cases, one line per IoU
+    interval (mean ± std over its finished fine-tunings as error bars); left ``dice_paper`` (the
+    table's Dice), right the challenge-grade Dice (mean over organs)."""
+    brs = budget_rows(rows, per_budget)
+    if not any(b["mean"] is not None for b in brs):
+        return None
+    fig = Figure(figsize=(10.0, 4.2), layout="constrained")
+    axes = fig.subplots(1, 2)
+    for ax, (key, err, ylabel) in zip(
+        axes,
+        (
+            ("mean", "std", "Dice (dice_paper, the table's score)"),
+            ("organ_dice_mean", "organ_dice_std", "challenge-grade Dice (mean over organs)"),
+        ),
+    ):
+        for k, row in enumerate(rows):
+            pts = [b for b in brs if b["key"] == row.key and b[key] is not None]
+            if not pts:
+                continue
+            x = [b["n_train_cases"] * (1.0 + 0.015 * (k - (len(rows) - 1) / 2)) for b in pts]  # dodge the bars
+            ax.errorbar(
+                x,
+                [b[key] for b in pts],
+                yerr=[b[err] for b in pts],
+                marker="o",
+                capsize=3,
+                label=row.label,
+            )
+        budgets = sorted(per_budget)
+        ax.set_xscale("log")
+        ax.set_xticks(budgets, [str(n) for n in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("labelled training cases (first N of the split)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8, title="IoU interval", title_fontsize=8)
+    fig.suptitle("Fine-tuning Dice against the label budget, per IoU interval (mean ± std over runs)", fontsize=10)
+    _save_fig(fig, path)
+    return path
 
 
 def _save_fig(fig: Figure, path: str) -> None:

@@ -95,7 +95,7 @@ import preprocess_flare_unlabelled
 import report
 import runqueue
 import slurm
-from data import DEFAULT_SPLIT_PATH, load_nifti, load_split, read_manifest
+from data import DEFAULT_SPLIT_PATH, SPLIT_NAME, LabelSet, load_nifti, load_split, manifest_labels, read_manifest
 from engine import run_paths
 from iou_crops import IOU_SAMPLERS
 from report import PAPER_ROW_KEYS
@@ -238,6 +238,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         choices=("simsiam", "dino"),
         help="pretraining method; the paper's table is SimSiam",
     )
+    g.add_argument(
+        "--n_train_cases",
+        default="",
+        help="the label-budget axis, e.g. '1,2,5,15': every pretraining (and the no-pretraining row) is fine-tuned "
+        "with the first N training cases of the split for each N, the same cases for every row; one table per "
+        "budget (table_n<N>.md), budget.md and figures/label_budget.png (Dice against N per IoU interval). "
+        "Default: no axis, every training case",
+    )
 
     g = p.add_argument_group("data (paper preset; the demo makes its own)")
     g.add_argument(
@@ -257,8 +265,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--split",
-        help="fine-tuning split JSON {'train': [...], 'val': [...]}; default the paper's data/split.json "
+        help="fine-tuning split JSON {'train': [...], 'val': [...]}; default the split.json the preprocessing wrote "
+        "into --labelled_dir (nnU-Net / Decathlon data, or an automatic split), else the paper's data/split.json "
         "(the demo uses its phantoms' split)",
+    )
+    g.add_argument(
+        "--nsd_tolerance_mm",
+        help="NSD tolerance of the challenge-grade scores for a data set that is not FLARE 2022 (required there): one "
+        "number of mm, or a JSON object of label id -> mm; passed to every fine-tuning and to the native table. "
+        "FLARE data: its per-organ tolerances by default",
     )
     g.add_argument(
         "--preprocess_workers",
@@ -505,8 +520,15 @@ def data_paths(args: argparse.Namespace, out: str) -> dict[str, str]:
                 f"--{key} is required with --preset {args.preset} (the preprocessed slices, or where --raw_{key} goes)"
             )
         res[key] = os.path.abspath(os.path.expanduser(v))
-    res["split"] = os.path.abspath(args.split or DEFAULT_SPLIT_PATH)
+    res["split"] = os.path.abspath(os.path.expanduser(args.split)) if args.split else default_split(res["labelled_dir"])
     return res
+
+
+def default_split(labelled_dir: str) -> str:
+    """The fine-tuning split of a preprocessed folder: the ``split.json`` its preprocessing wrote
+    (nnU-Net / Decathlon data, an automatic split), else the paper's FLARE split."""
+    own = os.path.join(labelled_dir, SPLIT_NAME)
+    return own if os.path.isfile(own) else DEFAULT_SPLIT_PATH
 
 
 def prepare_data(args: argparse.Namespace, settings: dict[str, Any], out: str) -> dict[str, str]:
@@ -546,9 +568,10 @@ def prepare_data(args: argparse.Namespace, settings: dict[str, Any], out: str) -
             "labelled",
             _require_dir(args.raw_labelled_dir, "--raw_labelled_dir"),
             paths["labelled_dir"],
-            paths["split"],
+            paths["split"] if args.split else None,  # else the preprocessing's own (FLARE: the paper's)
             args.preprocess_workers,
         )
+        paths["split"] = data_paths(args, out)["split"]  # the split.json it may have written
     if args.raw_unlabelled_dir:
         _preprocess(
             "unlabelled",
@@ -566,7 +589,19 @@ def prepare_data(args: argparse.Namespace, settings: dict[str, Any], out: str) -
 
 def grid_outputs(out: str) -> dict[str, str]:
     """``{description: path}`` of what the grid writes in ``out`` (its data, in the demo, is made there too)."""
-    names = ("runs", "state", "slurm", "figures", "grid.json", "table.md", "table.csv", "organs.md", "organs.csv")
+    names = (
+        "runs",
+        "state",
+        "slurm",
+        "figures",
+        "grid.json",
+        "table.md",
+        "table.csv",
+        "organs.md",
+        "organs.csv",
+        "budget.md",
+        "budget.csv",
+    )
     return {f"--output_dir's {n}": os.path.join(out, n) for n in names}
 
 
@@ -736,6 +771,7 @@ def build_plan(
             name,
             "--chkpt_dir",
             chkpt_dir,
+            *(["--nsd_tolerance_mm", args.nsd_tolerance_mm] if args.nsd_tolerance_mm else []),
             *ft_extra,
         ]
 
@@ -750,8 +786,36 @@ def build_plan(
     }
     script = "main_simsiam" if args.method == "simsiam" else "main_dino"
     return runqueue.plan_grid(
-        rows, pre_seeds, ft_seeds, chkpt_dir, pre_argv, ft_argv, encoder_config=enc, pretrain_script=script
+        rows,
+        pre_seeds,
+        ft_seeds,
+        chkpt_dir,
+        pre_argv,
+        ft_argv,
+        encoder_config=enc,
+        pretrain_script=script,
+        budgets=parse_budgets(args.n_train_cases) or (None,),
     )
+
+
+def parse_budgets(spec: str | None) -> list[int] | None:
+    """``--n_train_cases '1,2,5,15'`` -> ``[1, 2, 5, 15]`` (sorted); empty: None (no budget axis).
+
+    Raises:
+        UserError: not positive integers, or a number given twice.
+    """
+    items = [x.strip() for x in (spec or "").split(",") if x.strip()]
+    if not items:
+        return None
+    try:
+        budgets = [int(x) for x in items]
+    except ValueError:
+        raise UserError(f"--n_train_cases {spec!r} must be comma-separated numbers of cases, e.g. '1,2,5,15'") from None
+    if any(n < 1 for n in budgets):
+        raise UserError(f"--n_train_cases {spec!r}: every number of labelled cases must be at least 1")
+    if len(set(budgets)) != len(budgets):
+        raise UserError(f"--n_train_cases {spec!r} lists a number twice")
+    return sorted(budgets)
 
 
 def _per_rank(total: int, ranks: int, key: str) -> int:
@@ -801,6 +865,9 @@ def grid_meta(
         },
         "pretrain_args": args.pretrain_args,
         "finetune_args": args.finetune_args,
+        # recorded since the label-budget axis and other data sets (None in folders made before: the same grid)
+        "n_train_cases": parse_budgets(args.n_train_cases),
+        "nsd_tolerance_mm": args.nsd_tolerance_mm or None,
     }
 
 
@@ -968,23 +1035,31 @@ def native_table(
                 f"{', '.join(res['failed'])} (reasons logged above)"
             )
         per_case = {}
-        tol = metrics.FLARE22_TOLERANCE_MM
+        labels = LabelSet(tuple(predictor.label_names), predictor.path)
+        rules = metrics.scoring_rules(labels, metrics.parse_tolerance_mm(args.nsd_tolerance_mm))
         for it in todo:
             pred, _ = _read_ids(it.output)
             label, spacing = _read_ids(items[it.case][1])
             if pred.shape != label.shape:
                 raise UserError(f"{it.output} has shape {pred.shape}, its label {items[it.case][1]} has {label.shape}")
             per_case[it.case] = metrics.organ_scores(
-                pred, label, spacing, n_classes=predictor.n_classes, tolerance_mm=tol, z_axis=-1
+                pred,
+                label,
+                spacing,
+                n_classes=predictor.n_classes,
+                tolerance_mm=rules.tolerance_mm,
+                z_axis=rules.z_axis,
             )
-        metrics.write_scores(per_case, pred_dir, prefix="native")
-        native[row.key] = {"organs": [metrics.summarize_case_scores(per_case)]}
+        metrics.write_scores(per_case, pred_dir, prefix="native", label_names=labels.names, scoring=rules.record())
+        native[row.key] = {"organs": [metrics.summarize_case_scores(per_case, labels.names)]}
         chosen.append(f"{row.label}: {name} (validation dice_paper {dsc:.4f})")
     intro = (
         "Per-organ Dice and NSD of each row's best fine-tuning (highest validation dice_paper) on the raw "
         "validation scans, predicted in their own geometry with predict.py (the training preprocessing and its "
         "inverse) and scored against the raw labels at their native voxel size (FLARE 2022 conventions and "
-        "tolerances); mean over cases. Models: " + "; ".join(chosen) + "."
+        "tolerances for its organs, --nsd_tolerance_mm for another label set); mean over cases. Models: "
+        + "; ".join(chosen)
+        + "."
     )
     return report.render_organs(
         rows, native, out, stem="native", title="Scores per organ at native resolution", intro=intro
@@ -1027,6 +1102,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     """
     t_start = time.time()
     s = resolve_settings(args)
+    budgets = parse_budgets(args.n_train_cases)
+    metrics.parse_tolerance_mm(args.nsd_tolerance_mm)  # a bad value is refused before anything runs
     rows = runqueue.parse_rows(args.rows)
     pre_seeds = runqueue.parse_seeds(args.pretrain_seeds, "--pretrain_seeds")
     ft_seeds = runqueue.parse_seeds(args.finetune_seeds, "--finetune_seeds")
@@ -1081,6 +1158,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     else:
         data = prepare_data_once(args, s, out)
     split = load_split(data["split"])
+    if budgets and budgets[-1] > len(split["train"]):
+        raise UserError(
+            f"--n_train_cases {budgets[-1]}: the split {data['split']} has {len(split['train'])} training cases"
+        )
     check_grid_file(out, meta, split)
     os.makedirs(out, exist_ok=True)
     atomic_write_json(
@@ -1109,9 +1190,11 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         logger.info("wrote %d shell files to %s (all.sh runs them in order)", len(written) - 1, args.write_scripts)
         return {"scripts": written}
 
-    native_items = (
-        native_inputs(data["labelled_dir"], split) if s["native_table"] else None
-    )  # refused before the grid runs
+    native_items = None
+    if s["native_table"]:  # refused before the grid runs
+        native_items = native_inputs(data["labelled_dir"], split)
+        labels = manifest_labels(read_manifest(data["labelled_dir"]), data["labelled_dir"])
+        metrics.scoring_rules(labels, metrics.parse_tolerance_mm(args.nsd_tolerance_mm))
 
     failed: list[str] = []
     failed_how = ""
@@ -1177,11 +1260,36 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         failed_how = f"failed (see {os.path.join(state_dir, 'failed')} and logs/)"
 
     check_runs_split(plan, chkpt_dir, split)
-    collected = report.collect(plan, rows, chkpt_dir)
     sampler_note = "" if s["iou_sampler"] == "exact" else f", {s['iou_sampler']} sampler"
     title = f"IoU-based positives: Dice per IoU interval ({args.preset} preset, {args.method}{sampler_note})"
-    table = report.render_table(rows, collected, out, title=title)
-    organs = report.render_organs(rows, collected, out)
+    budget_files: dict[str, Any] = {}
+    if budgets is None:
+        collected = report.collect(plan, rows, chkpt_dir)
+        table = report.render_table(rows, collected, out, title=title)
+        organs = report.render_organs(rows, collected, out)
+        texts = [table["text"]]
+        table_rows = report.table_rows(rows, collected)
+    else:  # one table per label budget, the budget table and its figure
+        per_budget = {n: report.collect(plan, rows, chkpt_dir, budget=n) for n in budgets}
+        tables = {}
+        for n in budgets:
+            t = report.render_table(
+                rows,
+                per_budget[n],
+                out,
+                title=f"{title}, {n} labelled training case{'s' if n > 1 else ''}",
+                stem=f"table_n{n}",
+                paper=n == len(split["train"]),  # the paper fine-tuned on every training case
+            )
+            o = report.render_organs(rows, per_budget[n], out, stem=f"organs_n{n}")
+            tables[n] = {"table": t["md"], "table_csv": t["csv"], "organs": o["md"], "organs_csv": o["csv"]}
+        budget = report.render_budget(rows, per_budget, out, title=f"{title}: the label budget")
+        budget_files = {"budget": budget["md"], "budget_csv": budget["csv"], "tables": tables}
+        collected = per_budget[budgets[-1]]  # the native table: the models of the largest budget
+        table = {"md": tables[budgets[-1]]["table"], "csv": tables[budgets[-1]]["table_csv"]}
+        organs = {"md": tables[budgets[-1]]["organs"], "csv": tables[budgets[-1]]["organs_csv"]}
+        texts = [budget["text"]]
+        table_rows = report.budget_rows(rows, per_budget)
     native_files = None
     if native_items is not None:
         native_files = native_table(rows, collected, chkpt_dir, native_items, out, s, args)
@@ -1199,16 +1307,21 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             n_pairs=args.figure_pairs,
             iou_sampler=s["iou_sampler"],
         )
-    print(table["text"], flush=True)
+        if budgets is not None:
+            p = report.plot_label_budget(rows, per_budget, os.path.join(out, "figures", "label_budget.png"))
+            if p:
+                figures["label_budget"] = p
+    print("\n\n".join(texts), flush=True)
     result = {
         "output_dir": out,
         "table": table["md"],
         "table_csv": table["csv"],
         "organs": organs["md"],
         "organs_csv": organs["csv"],
+        **budget_files,
         "native": native_files,
         "figures": figures,
-        "rows": report.table_rows(rows, collected),
+        "rows": table_rows,
         "n_runs": len(plan),
         "n_finished": sum(runqueue.is_finished(chkpt_dir, r.name) for r in plan),
         "seconds": round(time.time() - t_start, 1),

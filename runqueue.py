@@ -191,6 +191,7 @@ class Run:
     pretrain_seed: int | None = None  # for "none": the initialisation seed
     finetune_seed: int | None = None
     init: dict[str, Any] | None = None  # "none" rows: {"path", "seed", "config"} of the random encoder to write first
+    budget: int | None = None  # fine-tunings of the label-budget axis: --n_train_cases (None: every training case)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data (for a spawned worker, or JSON)."""
@@ -207,11 +208,13 @@ def pretrain_name(row: Row, seed: int) -> str:
     return f"pre_{row.tag}_s{seed}"
 
 
-def finetune_name(row: Row, pre_seed: int, ft_seed: int) -> str:
-    """``ft_<row tag>_s<pretraining seed>_ft<seed>``; "no pretraining": ``ft_none_init<seed>_ft<seed>``."""
+def finetune_name(row: Row, pre_seed: int, ft_seed: int, budget: int | None = None) -> str:
+    """``ft_<row tag>_s<pretraining seed>_ft<seed>``; "no pretraining": ``ft_none_init<seed>_ft<seed>``;
+    on the label-budget axis ``_n<budget>`` is appended (``--n_train_cases``)."""
+    tail = "" if budget is None else f"_n{budget}"
     if not row.pretrained:
-        return f"ft_none_init{pre_seed}_ft{ft_seed}"
-    return f"ft_{row.tag}_s{pre_seed}_ft{ft_seed}"
+        return f"ft_none_init{pre_seed}_ft{ft_seed}{tail}"
+    return f"ft_{row.tag}_s{pre_seed}_ft{ft_seed}{tail}"
 
 
 def init_weights_path(chkpt_dir: str, seed: int) -> str:
@@ -229,6 +232,7 @@ def plan_grid(
     encoder_config: dict[str, Any] | None = None,
     pretrain_script: str = "main_simsiam",
     finetune_script: str = "main_finetune",
+    budgets: Sequence[int | None] = (None,),
 ) -> list[Run]:
     """Every run of the grid, in the order workers claim them.
 
@@ -242,6 +246,9 @@ def plan_grid(
             random encoder :func:`init_weights_path` that :func:`execute_run` writes first.
         encoder_config: keyword arguments of ``models.encoder_config`` for the random
             encoders of the "none" row (must match the fine-tuning's model).
+        budgets: the label-budget axis: each pretraining is fine-tuned once per budget N with
+            ``--n_train_cases N`` added to its argv (the first N training cases of the split,
+            the same for every row); ``(None,)``: every training case, no axis.
     """
     pre: list[Run] = []
     ft_none: list[Run] = []
@@ -260,19 +267,13 @@ def plan_grid(
                 weights = init_weights_path(chkpt_dir, ps)
                 init = {"path": weights, "seed": int(ps), "config": dict(encoder_config)}
             for fs in finetune_seeds:
-                name = finetune_name(row, ps, fs)
-                run = Run(
-                    name,
-                    "finetune",
-                    row.key,
-                    finetune_script,
-                    finetune_argv(row, ps, fs, name, weights),
-                    dep,
-                    ps,
-                    fs,
-                    init,
-                )
-                (ft if row.pretrained else ft_none).append(run)
+                for budget in budgets:
+                    name = finetune_name(row, ps, fs, budget)
+                    argv = finetune_argv(row, ps, fs, name, weights)
+                    if budget is not None:
+                        argv = [*argv, "--n_train_cases", str(int(budget))]
+                    run = Run(name, "finetune", row.key, finetune_script, argv, dep, ps, fs, init, budget)
+                    (ft if row.pretrained else ft_none).append(run)
     return pre + ft_none + ft
 
 

@@ -643,7 +643,8 @@ def test_non_finite_flag_values_are_refused_by_every_script(script, capsys, monk
     mod = importlib.import_module(script)
     parser = mod.get_args_parser()
     required = [a for a in parser._actions if a.required]
-    floats = [a for a in parser._actions if a.type is float and a.option_strings]
+    # number_or_json: the NSD tolerance flags (a number, or a JSON object of label id -> mm)
+    floats = [a for a in parser._actions if a.type in (float, metrics.number_or_json) and a.option_strings]
     assert floats, f"{script} has no float flag"
     monkeypatch.setattr(utils, "setup_logging", lambda **kw: None)
     called = []

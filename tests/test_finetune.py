@@ -603,8 +603,16 @@ def test_bad_input_is_one_clear_error(phantom, tmp_path):
     fails(r"val case 'FLARE22_Tr_0099' has no slices", "--split_path", str(tmp_path / "s_missing.json"))
     (tmp_path / "s_empty.json").write_text(json.dumps({"train": split["train"], "val": []}))
     fails(r"has no validation cases", "--split_path", str(tmp_path / "s_empty.json"))
-    # a label id above n_classes - 1 names the label file
-    fails(r"label .*labels/FLARE22_Tr_000\d_\d{4}\.png holds class id \d+, outside 0\.\.2", "--n_classes", "3")
+    # --n_classes is checked against the folder's label set (FLARE 2022's 14 classes: its manifest records none)
+    fails(r"--n_classes 3, but the label set of --data_dir \(FLARE 2022.*\) has 14 classes", "--n_classes", "3")
+    # a label id outside the label set names the label file
+    ids = tmp_path / "d2ids"
+    shutil.copytree(phantom["d2"], ids)
+    victim = sorted((ids / "labels").glob("*.png"))[0]
+    lab = data.read_label_2d(victim)
+    lab[0, 0] = 14
+    victim.write_bytes(data.encode_png_2d(lab, is_label=True))
+    fails(rf"label .*labels/{victim.name} holds class id 14, outside 0\.\.13", ph={**phantom, "d2": str(ids)})
     # image and label slice lists that disagree
     copy = tmp_path / "d2copy"
     shutil.copytree(phantom["d2"], copy)
@@ -637,7 +645,7 @@ def test_cli_exit_code_2_on_bad_input(phantom, tmp_path, capsys):
         root.setLevel(level)
     assert e.value.code == 2
     errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and "outside 0..2" in errors[0] and "labels/FLARE22_Tr_000" in errors[0]
+    assert len(errors) == 1 and "--n_classes 3" in errors[0] and "has 14 classes" in errors[0]
     assert not [p for p in tmp_path.rglob("*") if p.suffix in (".pt", ".jsonl")]
 
 
