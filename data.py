@@ -1,4 +1,5 @@
-"""FLARE 2022 data access: label names, case ids, the split, PNG slices, slice cache, file listings, evaluation cases.
+"""Data access: layouts (FLARE 2022, nnU-Net v2 raw, Decathlon), label sets, case ids, splits, PNG slices, slice
+cache, file listings, evaluation cases.
 
 Everything that knows how the data lies on disk lives here, so that the
 preprocessing scripts, pretraining (``main_simsiam.py`` / ``main_dino.py``) and
@@ -9,6 +10,8 @@ this module imports neither MONAI nor torch (nor any module above it)::
     raw FLARE (labelled)            <data_dir>/images/FLARE22_Tr_0001_0000.nii.gz   (or imgs/)
                                     <data_dir>/labels/FLARE22_Tr_0001.nii.gz
     raw FLARE (unlabelled)          <data_dir>/**/Case_00001_0000.nii.gz
+    nnU-Net v2 raw                  <data_dir>/dataset.json, imagesTr/<case>_0000.nii.gz, labelsTr/<case>.nii.gz
+    Decathlon                       <data_dir>/dataset.json ("training": [{"image", "label"}], "labels")
     preprocess_flare_labelled.py    <out>/imgs/FLARE22_Tr_0001_0000.png, <out>/labels/FLARE22_Tr_0001_0000.png, ...
     preprocess_flare_unlabelled.py  <out>/Case_00001_0000.png, ...   (2D)   or   <out>/Case_00001.nii.gz (3D)
 
@@ -25,7 +28,8 @@ patient's right on the left of the picture): the PNG's rows are y reversed and i
 columns x reversed. :func:`write_png_2d` applies that once and :func:`read_image_2d`
 / :func:`read_label_2d` undo it, so a slice round-trips exactly as (X, Y).
 Intensities: 8-bit PNG = round(value * 255), 16-bit PNG = round(value * 65535),
-for values in [0, 1]; labels are 8-bit PNGs holding the FLARE ids 0..13.
+for values in [0, 1]; labels are 8-bit PNGs holding the label ids (FLARE: 0..13; another data
+set: those of its ``dataset.json``, recorded as a :class:`LabelSet` in ``manifest.json``).
 
 Example (Python)::
 

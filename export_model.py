@@ -160,16 +160,20 @@ def _validation(path: str, ckpt: dict[str, Any]) -> dict[str, Any]:
     if os.path.isfile(result):
         try:
             with open(result) as f:
-                summary = json.load(f).get("summary")
+                res = json.load(f)
+            summary, scoring = res.get("summary"), res.get("scoring")
         except (OSError, json.JSONDecodeError) as e:
             raise UserError(f"cannot read {result}: {e}") from None
         if summary:
             out["challenge_grade"] = {
                 "source": result,
                 "note": "per organ (background excluded) volumetric Dice and NSD, FLARE 2022 conventions and "
-                "tolerances, on the preprocessed validation volumes; mean over organs, then cases",
+                "tolerances (for another label set: the NSD tolerances under 'scoring'), on the preprocessed "
+                "validation volumes; mean over organs, then cases",
                 **summary,
             }
+            if scoring:
+                out["challenge_grade"]["scoring"] = scoring
     else:
         out["challenge_grade"] = None
         out["challenge_grade_note"] = f"{result} not found (the run's folder was moved or deleted)"
@@ -273,6 +277,17 @@ def model_card(
         card["validation"] = None
     card["intended_use"] = INTENDED_USE
     card["limitations"] = LIMITATIONS
+    if finetuned:
+        labels = finetune.checkpoint_labels(ckpt, path)
+        if not labels.is_flare:  # a model of another data set's label set (preprocess_labelled.py)
+            card["intended_use"] = (
+                f"Research: segmentation of {', '.join(labels.names[1:])} in CT (the label set of the training data, "
+                f"{labels.source}), and as a starting point for fine-tuning on other CT segmentation tasks. "
+                "Not for clinical use."
+            )
+            card["limitations"] = [
+                x.replace("Trained on FLARE 2022 abdominal CT (or", "Trained on the data") for x in LIMITATIONS
+            ]
     card["exported_by"] = "export_model.py (IoU-based positives)"
     return card
 

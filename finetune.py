@@ -919,7 +919,7 @@ def resolve_split_path(args: argparse.Namespace) -> str:
         return data.DEFAULT_SPLIT_PATH
     raise UserError(
         f"--data_dir {args.data_dir} holds no {data.SPLIT_NAME}: pass --split_path, or --val_fraction F to split its "
-        "cases here (preprocess_labelled.py writes one unless it was given a split file)"
+        "cases here (preprocess_labelled.py writes one for nnU-Net and Decathlon data)"
     )
 
 

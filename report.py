@@ -11,6 +11,9 @@ thesis' Dice) and the path of its challenge-grade per-organ scores (Dice and NSD
     organ_sharing.png   the fraction of positive pairs whose crops share an organ, pairs of two
                         background-only crops left out (the labelled slices; numbers in organ_sharing.json)
     crop_pairs.png      example crop pairs of each interval on one labelled slice
+    label_budget.png    with a label-budget axis (reproduce_table.py --n_train_cases): Dice against the
+                        number of labelled training cases per interval (:func:`plot_label_budget`;
+                        the numbers in budget.md / budget.csv, :func:`render_budget`)
 
 Nothing here runs a training; an unfinished run is a gap in the table.
 """

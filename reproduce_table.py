@@ -18,6 +18,9 @@ Output folder::
     <output_dir>/grid.json                 format version, rows, seeds, preset, settings, split
     <output_dir>/table.md, table.csv       the table (ours beside the paper's), printed at the end
     <output_dir>/organs.md, organs.csv     challenge-grade per-organ Dice and NSD per row
+    <output_dir>/table_n<N>.*, organs_n<N>.*  with --n_train_cases: the same per label budget N
+    <output_dir>/budget.md, budget.csv     with --n_train_cases: Dice per interval and budget
+                                           (figures/label_budget.png: Dice against N per interval)
     <output_dir>/native.md, native.csv     the same at native resolution: the raw validation scans
                                            predicted by each row's best model (predict.py), scored
                                            against the raw labels (--native_table; paper preset)
@@ -65,6 +68,11 @@ Usage::
 
     # the same table with the original's trial-and-error sampler (Algorithm 1), in its own folder
     python reproduce_table.py --preset paper --output_dir table_flare_original --iou_sampler original ...
+
+    # your own data (preprocess_labelled.py output: label set and split.json inside), with the label-budget
+    # axis: every pretraining fine-tuned on the first 1, 2, 5 and 15 training cases of the split
+    python reproduce_table.py --preset paper --output_dir table_liver --unlabelled_dir liver_2d_unlabelled \
+        --labelled_dir liver_2d --nsd_tolerance_mm 2 --n_train_cases 1,2,5,15
 
 Bad input (missing data folders, an unknown preset, a results folder written by another
 version of this script or for another grid, runs that disagree on the fine-tuning split,

@@ -10,7 +10,10 @@ leaves a run that cannot continue. One test per mechanism:
    system, two grids or two preprocessings started on one fresh folder);
 7. outputs are checked before the work;
 8. one line for every failure a user can cause (non-finite flags in every script, OSError,
-   also from data-loader workers).
+   also from data-loader workers);
+9. data sets of other layouts: a ``dataset.json`` that is cut or disagrees with its files, labels
+   outside the declared set, a missing fold, a hand-edited split beside the output, a label set
+   changed under a run.
 
 The full-disk and read-only cases mount a tiny tmpfs; where that is impossible (no root, a
 container that refuses ``mount``) they skip with the reason.
@@ -35,6 +38,7 @@ import time
 import zlib
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -662,6 +666,90 @@ def test_non_finite_flag_values_are_refused_by_every_script(script, capsys, monk
             assert exc.value.code == 2 and len(err) == 1, (action.dest, value, err)
             assert err[0].startswith(f"error: --{action.dest} {float(value)}"), err
     assert not called  # main never ran
+
+
+# ---------------------------------------------------------------------------------------
+# 9. Data sets of other layouts: dataset.json, the label set, the splits (issue 15)
+# ---------------------------------------------------------------------------------------
+
+
+def _nnunet_copy(ph, root: Path) -> Path:
+    """The three labelled phantoms as an nnU-Net v2 raw data set (FLARE's ids 1..13 folded into
+    3 classes: liver 1, kidneys 2, the other organs 0)."""
+    for i in range(1, 4):
+        src = f"FLARE22_Tr_{i:04d}"
+        (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+        (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+        shutil.copy(ph["raw_lab"] / "images" / f"{src}_0000.nii.gz", root / "imagesTr" / f"c_{i}_0000.nii.gz")
+        img = data.load_nifti(ph["raw_lab"] / "labels" / f"{src}.nii.gz")
+        lab = np.asarray(img.dataobj)
+        out = np.where(lab == 1, 1, np.where(np.isin(lab, (2, 13)), 2, 0)).astype(np.uint8)
+        nib.save(nib.Nifti1Image(out, img.affine), str(root / "labelsTr" / f"c_{i}.nii.gz"))
+    desc = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "kidney": 2}, "numTraining": 3}
+    (root / "dataset.json").write_text(json.dumps({**desc, "file_ending": ".nii.gz"}))
+    return root
+
+
+def test_data_set_descriptions_labels_and_splits(ph, tmp_path, capsys, monkeypatch):
+    raw = _nnunet_copy(ph, tmp_path / "nn")
+    dj = raw / "dataset.json"
+    good = dj.read_text()
+    out = tmp_path / "out"
+
+    def prep(*extra, data_dir=raw, output=out):
+        return _cli(
+            preprocess_flare_labelled, ["--data_dir", data_dir, "--output_dir", output, *extra], capsys, monkeypatch
+        )
+
+    # a dataset.json that is cut, disagrees with its folders, or declares regions: one line naming it, nothing written
+    for text, needle in (
+        (good[: len(good) // 2], f"cannot read {dj}"),
+        (good.replace('"numTraining": 3', '"numTraining": 4'), "declares numTraining 4, but"),
+        (good.replace('"kidney": 2', '"kidney": [1, 2]'), "is a region"),
+    ):
+        dj.write_text(text)
+        code, errors = prep()
+        assert code == 2 and len(errors) == 1 and needle in errors[0] and str(dj) in errors[0], errors
+        assert not out.exists()
+    dj.write_text(good)
+    (tmp_path / "nothing").mkdir()
+    code, errors = prep(data_dir=tmp_path / "nothing")
+    assert code == 2 and "unknown layout" in errors[0]
+    # nnU-Net's folds: a fold that is not there
+    folds = tmp_path / "splits_final.json"
+    folds.write_text(json.dumps([{"train": ["c_1"], "val": ["c_2", "c_3"]}]))
+    code, errors = prep("--split_path", folds, "--fold", "3")
+    assert code == 2 and "--fold 3" in errors[0] and not out.exists()
+
+    # labels outside the declared set: the case is named and skipped (exit 1), the others are written
+    lab = data.load_nifti(raw / "labelsTr" / "c_2.nii.gz")
+    arr = np.asarray(lab.dataobj).copy()
+    arr[1, 1, 1] = 3
+    nib.save(nib.Nifti1Image(arr, lab.affine), str(raw / "labelsTr" / "c_2.nii.gz"))
+    code, errors = prep("--split_path", folds, "--fold", "0")
+    assert code == 1 and "1 of 3 cases failed: c_2" in errors[0]
+    assert {data.case_id_from_path(p, is_slice=True) for p in os.listdir(out / "imgs")} == {"c_1", "c_3"}
+    assert data.load_split(out / "split.json") == {"train": ["c_1"], "val": ["c_2", "c_3"]}  # fold 0, kept beside
+    # the split beside the output, edited by hand, is not replaced silently
+    split_file = out / "split.json"
+    split_file.write_text(json.dumps({"train": ["c_2"], "val": ["c_1", "c_3"]}))
+    code, errors = prep("--split_path", folds, "--fold", "0")
+    assert code == 2 and "holds another split" in errors[0]
+    assert data.load_split(split_file)["train"] == ["c_2"]
+    nib.save(nib.Nifti1Image(np.minimum(arr, 2), lab.affine), str(raw / "labelsTr" / "c_2.nii.gz"))
+    code, errors = prep("--split_path", folds, "--fold", "0", "--overwrite")
+    assert code == 0 and data.load_split(split_file)["train"] == ["c_1"]
+
+    # a fine-tuning run pins the label set: its manifest changed since the run started -> no resume
+    ft = ["--data_dir", out, "--chkpt_dir", tmp_path / "ft", "--low_resource_mode", "--crop_size", "64",
+          "--batch_size", "2", "--warmup_epochs", "0", "--num_workers", "0", "--n_vis", "0", "--no-progress",
+          "--device", "cpu", "--run_name", "f", "--n_epochs", "1", "--max_images", "4", "--nsd_tolerance_mm", "2"]  # fmt: skip
+    assert _run(main_finetune, ft)["epochs_done"] == 1
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["args"]["labels"]["2"] = "kidneys"
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(UserError, match=r"cannot resume .*the manifest\.json of --data_dir changed"):
+        _run(main_finetune, [*ft, "--resume"])
 
 
 class _FullDiskDataset(torch.utils.data.Dataset):

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 
 import data
+import export_model
 import finetune
 import main_finetune
 import main_simsiam
@@ -255,6 +256,21 @@ def test_layouts_are_recognised_and_the_decathlon_list_equals_monais(tmp_path):
     assert data.find_images(dec, "auto")[1] == "decathlon"
     # a plain tree stays a tree: every NIfTI under it
     assert data.find_images(nn / "imagesTr")[1] == "tree"
+
+    # 3D fine-tuning reads the raw data set: its pairs, its label set, nnU-Net's folds as the default split
+    pairs = data.list_finetune_pairs(nn, {"train": ["x_002"], "val": ["x_001"]}, 3)
+    assert pairs["train"] == [
+        {"image": str(nn / "imagesTr" / "x_002_0000.nii.gz"), "label": str(nn / "labelsTr" / "x_002.nii.gz"),
+         "case": "x_002", "slice": None}
+    ]  # fmt: skip
+    ns = main_finetune.get_args_parser().parse_args(["--data_dir", str(nn), "--spatial_dims", "3"])
+    ns.chkpt_dir, ns.run_name = str(tmp_path), "r"
+    assert finetune.data_labels(ns).names == ("background", "a")
+    with pytest.raises(UserError, match="holds no split.json: pass --split_path, or --val_fraction"):
+        finetune.resolve_split_path(ns)
+    (nn / "splits_final.json").write_text(json.dumps([{"train": ["x_001"], "val": ["x_002"]}] * 2))
+    assert finetune.resolve_split_path(ns) == str(nn / "splits_final.json") and ns.fold == 0
+    assert data.finetune_cases(dec, 3) == ["s_1", "s_10", "s_2"]
 
 
 def test_dataset_json_that_disagrees_with_its_files_is_named(tmp_path):
@@ -586,6 +602,11 @@ def test_nnunet_five_classes_end_to_end(phantoms, tmp_path, capsys):
     assert {r["tolerance_mm"] for r in rows if r["organ"] == "kidney"} == {"3"}
     ckpt = torch.load(ft["weights"], weights_only=True)
     assert ckpt["n_classes"] == 5 and ckpt["labels"]["2"] == "kidney"
+    _run(export_model, ["--chkpt_path", ft["weights"], "--format", "swinunetr", "-o", tmp_path / "m.pt"])
+    card = json.loads((tmp_path / "m.pt.json").read_text())
+    assert card["labels"] == {"0": "background", "1": "liver", "2": "kidney", "3": "spleen", "4": "stomach"}
+    assert "liver, kidney, spleen, stomach" in card["intended_use"]
+    assert card["validation"]["challenge_grade"]["scoring"]["nsd_tolerance_mm"]["2"] == 3.0
     # --n_classes is checked against the folder's label set; another label set needs a tolerance
     with pytest.raises(UserError, match=r"--n_classes 14, but the label set of --data_dir .* has 5 classes"):
         _run(main_finetune, _finetune_argv(lab2d, tmp_path / "ft2", "--n_classes", "14", "--nsd_tolerance_mm", "2"))
@@ -743,6 +764,12 @@ def test_flare_path_gives_the_same_files(phantoms, tmp_path):
     """The FLARE layout, asked for by default, with --layout flare, or through the alias, writes the
     same bytes, records no label set, layout or split (its manifest's arguments are the keys they
     were before data sets of other layouts existed), and its unlabelled tree the same."""
+    flare = tmp_path / "flare"  # two of the phantoms, in the FLARE layout
+    for i in (1, 2):
+        for sub, name in (("images", f"FLARE22_Tr_{i:04d}_0000.nii.gz"), ("labels", f"FLARE22_Tr_{i:04d}.nii.gz")):
+            (flare / sub).mkdir(parents=True, exist_ok=True)
+            shutil.copy(phantoms["flare"] / sub / name, flare / sub / name)
+    split = _write(tmp_path / "split.json", {"train": ["FLARE22_Tr_0002"], "val": ["FLARE22_Tr_0001"]})
     runs = {
         "default": [],
         "layout": ["--layout", "flare"],
@@ -750,15 +777,10 @@ def test_flare_path_gives_the_same_files(phantoms, tmp_path):
     hashes = {}
     for name, extra in runs.items():
         out = tmp_path / name
-        _run(
-            preprocess_flare_labelled,
-            ["--data_dir", phantoms["flare"], "--output_dir", out, "--split_path", phantoms["split"], *extra],
-        )
+        _run(preprocess_flare_labelled, ["--data_dir", flare, "--output_dir", out, "--split_path", split, *extra])
         hashes[name] = _tree_hashes(out)
     alias = tmp_path / "alias"
-    _run(
-        preprocess_labelled, ["--data_dir", phantoms["flare"], "--output_dir", alias, "--split_path", phantoms["split"]]
-    )
+    _run(preprocess_labelled, ["--data_dir", flare, "--output_dir", alias, "--split_path", split])
     hashes["alias"] = _tree_hashes(alias)
     # the absolute paths in manifest.json name each output's own folder; everything else is byte for byte equal
     for name in ("layout", "alias"):
@@ -773,12 +795,12 @@ def test_flare_path_gives_the_same_files(phantoms, tmp_path):
     tree = tmp_path / "tree"
     unl = tmp_path / "unl"
     tree.mkdir()
-    shutil.copy(phantoms["flare"] / "images" / "FLARE22_Tr_0001_0000.nii.gz", tree / "Case_00001_0000.nii.gz")
+    shutil.copy(flare / "images" / "FLARE22_Tr_0001_0000.nii.gz", tree / "Case_00001_0000.nii.gz")
     _run(preprocess_flare_unlabelled, ["--data_dir", tree, "--output_dir", unl])
     assert set(json.loads((unl / "manifest.json").read_text())["args"]) == set(args)
     # a FLARE folder given whole to the unlabelled script: its images only (it used to stop on image + label pairs)
-    res = _run(preprocess_flare_unlabelled, ["--data_dir", phantoms["flare"], "--output_dir", tmp_path / "imgs_only"])
-    assert res["n_cases"] == 6
+    res = _run(preprocess_flare_unlabelled, ["--data_dir", flare, "--output_dir", tmp_path / "imgs_only"])
+    assert res["n_cases"] == 2
     assert json.loads((tmp_path / "imgs_only" / "manifest.json").read_text())["args"]["layout"] == "flare"
     # the fine-tuning's default split of a FLARE folder is still the paper's
     ns = main_finetune.get_args_parser().parse_args(["--data_dir", str(tmp_path / "default")])
