@@ -172,7 +172,9 @@ class CaseTask:
 def add_common_args(parser: argparse.ArgumentParser, output_help: str) -> dict[str, argparse._ArgumentGroup]:
     """Add the flags both preprocessing scripts share; returns the argument groups by name."""
     io_g = parser.add_argument_group("input and output")
-    io_g.add_argument("--data_dir", required=True, help="FLARE folder to read (see the layout above). Required.")
+    io_g.add_argument(
+        "--data_dir", required=True, help="the data set folder to read (see the layouts above). Required."
+    )
     io_g.add_argument("--output_dir", required=True, help=output_help)
     io_g.add_argument(
         "--overwrite",

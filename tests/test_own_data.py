@@ -802,6 +802,11 @@ def test_flare_path_gives_the_same_files(phantoms, tmp_path):
     res = _run(preprocess_flare_unlabelled, ["--data_dir", flare, "--output_dir", tmp_path / "imgs_only"])
     assert res["n_cases"] == 2
     assert json.loads((tmp_path / "imgs_only" / "manifest.json").read_text())["args"]["layout"] == "flare"
+    # FLARE with a split of its own: written beside the output, the rest as FLARE's
+    own = tmp_path / "own_split"
+    _run(preprocess_flare_labelled, ["--data_dir", flare, "--output_dir", own, "--val_fraction", "0.5"])
+    assert data.load_split(own / "split.json") == data.make_split(["FLARE22_Tr_0001", "FLARE22_Tr_0002"], 0.5, 0)
+    assert set(json.loads((own / "manifest.json").read_text())["args"]) == set(args)
     # the fine-tuning's default split of a FLARE folder is still the paper's
     ns = main_finetune.get_args_parser().parse_args(["--data_dir", str(tmp_path / "default")])
     ns.chkpt_dir, ns.run_name = str(tmp_path), "x"
