@@ -6,10 +6,14 @@ and writes every z slice of image and label with the same file name:
 ``<output_dir>/imgs/<case>_<zzzz>.png`` and ``<output_dir>/labels/<case>_<zzzz>.png``.
 The paper's steps: orient RAS, resample to 1 x 1 x 2.5 mm (bilinear image, nearest
 label), clip HU to [-500, 500] and scale to [0, 1], crop to the foreground box, pad x
-and y to at least 96, save as 8-bit PNG (5,050 slices from the 50 FLARE cases).
+and y to at least 96, save as 8-bit PNG, v * 255 truncated as the original
+(``--png_quantization round`` rounds) (5,050 slices from the 50 FLARE cases).
 
     # the paper's preprocessing of FLARE 2022 (50 labelled cases, data/split.json)
     python preprocess_flare_labelled.py --data_dir FLARE22Train --output_dir flare_2d/labelled
+
+    # as the original: ./data/finetune -> ./data/finetune_preprocessed_2d (relative to the working directory)
+    python preprocess_flare_labelled.py
 
     # faster: 8 processes; lossless 16-bit slices
     python preprocess_flare_labelled.py --data_dir FLARE22Train --output_dir flare_2d/labelled --num_workers 8
@@ -31,10 +35,14 @@ import os
 from typing import Any
 
 import data
-from preprocessing import CaseTask, add_common_args, config_from_args, run_from_args
+from preprocessing import CaseTask, add_common_args, check_data_dir, config_from_args, run_from_args
 from utils import run_cli
 
 logger = logging.getLogger(__name__)
+
+#: The original script's default folders (relative to the working directory, as there).
+DEFAULT_DATA_DIR = "./data/finetune"
+DEFAULT_OUTPUT_DIR = "./data/finetune_preprocessed_2d"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,7 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     groups = add_common_args(
         parser,
         output_help="folder for imgs/, labels/ and manifest.json; created if missing; must not be, lie inside or "
-        "contain --data_dir. Required.",
+        "contain --data_dir. The default is the original's, relative to the working directory",
+        data_default=DEFAULT_DATA_DIR,
+        output_default=DEFAULT_OUTPUT_DIR,
     )
     groups["io"].add_argument(
         "--split_path",
@@ -89,6 +99,7 @@ def build_tasks(data_dir: str, split: dict[str, list[str]], split_path: str) -> 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the labelled preprocessing; returns the summary (see preprocessing.run_preprocessing)."""
     config = config_from_args(args, kind="labelled", spatial_dims=2)
+    check_data_dir(args, DEFAULT_DATA_DIR)
     split = data.load_split(args.split_path)
     tasks = build_tasks(args.data_dir, split, os.path.abspath(args.split_path))
     return run_from_args(tasks, args, config)
