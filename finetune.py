@@ -1,7 +1,9 @@
 """Fine-tuning pieces used by ``main_finetune.py``: data, crops, sliding-window evaluation, scores.
 
 Data (2D, the paper's setting): the output of ``preprocess_flare_labelled.py``
-(``imgs/<case>_<zzzz>.png``, ``labels/<case>_<zzzz>.png``, ``manifest.json``). Training
+(``imgs/<case>_<zzzz>.png``, ``labels/<case>_<zzzz>.png``, ``manifest.json``), or of the
+original code's script (``imgs/<case>_0000_<i>.png``, ``labels/<case>_<i>.png``, no manifest:
+the voxel size comes from ``--size_x/y/z``; ``data.SLICE_LAYOUTS``). Training
 items are single slices; each gives ``n_crops_per_ct`` crops from MONAI's
 ``RandCropByPosNegLabeld`` (centred on an organ voxel with p 0.5, on a background voxel
 otherwise), then the paper's fine-tuning augmentations. For evaluation the slices of a

@@ -54,8 +54,9 @@ from finetune import run_finetuning
 from utils import run_cli
 
 _HELP = {
-    "data_dir": "2D: output of preprocess_flare_labelled.py (imgs/, labels/, manifest.json). 3D: the raw labelled FLARE "
-    "folder (images/ or imgs/, labels/). Required.",
+    "data_dir": "2D: output of preprocess_flare_labelled.py (imgs/, labels/, manifest.json), or of the original code's "
+    "script (imgs/<stem>_<i>.png, labels/<stem>_<i>.png, no manifest: --size_x/y/z give the voxel size of the scores). "
+    "3D: the raw labelled FLARE folder (images/ or imgs/, labels/). Required.",
     "max_images": "Use only the first N slices (2D) / volumes (3D) of the train list and of the val list; 0 = all. For "
     "demos and tests.",
     "batch_augment": "Apply the fine-tuning augmentations on the training device as batched tensor operations "

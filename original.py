@@ -262,7 +262,7 @@ class DebugDefault:
         script: the script (ours has the same name).
         name: the flag's ``dest`` in our parser.
         original: the original script's default.
-        ours: our default (None: computed at run time, see ``why``).
+        ours: our default (None: none, or computed at run time; see ``why``).
         why: where the paper's value comes from, or why ours differs.
     """
 
@@ -289,6 +289,32 @@ DEBUG_DEFAULTS: tuple[DebugDefault, ...] = (
         "512 windows in 2D (a full batch for a GPU; the README command's 64 gives the same scores), 64 in 3D",
     ),
     DebugDefault("main_finetune.py", "num_workers", 10, 4, "a count most machines have; -1 measures the best"),
+    DebugDefault(
+        "main_simsiam.py",
+        "data_dir",
+        "./data/ssl_preprocessed_2d",
+        None,
+        "required (also main_dino.py; main_finetune.py's ./data/finetune_preprocessed_2d): a run never reads a "
+        "folder it was not pointed at; the preprocessing scripts keep the original's default folders",
+    ),
+    DebugDefault(
+        "main_simsiam.py",
+        "chkpt_dir",
+        "./chkpts",
+        None,
+        "the project's runs/ folder (all three training scripts): nothing lands in the working directory by accident",
+    ),
+    DebugDefault(
+        "main_simsiam.py",
+        "run_name",
+        "test_ssl",
+        None,
+        "named after the method, dimensions and interval (main_finetune.py: after the checkpoint and seed; the "
+        "original's test_finetune), so two runs never share files",
+    ),
+    DebugDefault(
+        "main_finetune.py", "cache_dir", "./cache", None, "3D cache in cache/ of --chkpt_dir, beside the run's files"
+    ),
 )
 
 
