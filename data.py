@@ -25,11 +25,20 @@ Array convention: after ``LoadImage`` MONAI arrays are (C, X, Y, Z) in RAS
 orientation; a 2D slice is the (X, Y) array at one z. On disk a slice PNG is
 drawn the way a radiologist looks at an axial CT slice (anterior at the top, the
 patient's right on the left of the picture): the PNG's rows are y reversed and its
-columns x reversed. :func:`write_png_2d` applies that once and :func:`read_image_2d`
+columns x reversed. :func:`encode_png_2d` applies that once and :func:`read_image_2d`
 / :func:`read_label_2d` undo it, so a slice round-trips exactly as (X, Y).
-Intensities: 8-bit PNG = round(value * 255), 16-bit PNG = round(value * 65535),
-for values in [0, 1]; labels are 8-bit PNGs holding the label ids (FLARE: 0..13; another data
-set: those of its ``dataset.json``, recorded as a :class:`LabelSet` in ``manifest.json``).
+
+Folders written by the original code's preprocessing scripts (``dittohed/exploring-ssl-for-ct``)
+are read as they are (slice layout ``"original"``, recognised from the names by
+:func:`detect_slice_layout`): ``imgs/<image stem>_<i>.png`` with ``labels/<label stem>_<i>.png``
+(``FLARE22_Tr_0001_0000_0.png`` and ``FLARE22_Tr_0001_0.png``), unlabelled a flat folder of
+``<stem>_<i>.png``, ``i`` not zero-padded, no manifest. There each PNG holds the raw (X, Y)
+array of the slice (rows = x, columns = y; the original reads it back with
+``LoadImage(reverse_indexing=False)``), so the readers take it without the radiological flip.
+Intensities: 8-bit PNG = value * 255, 16-bit PNG = value * 65535, for values in [0, 1],
+truncated to an integer as the original's ``(v * 255).astype(uint8)`` (or rounded:
+``--png_quantization round``); labels are 8-bit PNGs holding the label ids (FLARE: 0..13; another
+data set: those of its ``dataset.json``, recorded as a :class:`LabelSet` in ``manifest.json``).
 
 Example (Python)::
 
@@ -53,6 +62,7 @@ import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -193,21 +203,36 @@ def _from_display(pic: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(pic[::-1, ::-1].T)
 
 
-def encode_png_2d(arr: np.ndarray, bits: int = 8, is_label: bool = False) -> bytes:
+#: How the PNG slices of a preprocessed folder lie on disk: "ioupos" (this project's
+#: preprocessing: ``<case>_<zzzz>.png`` in the radiological view, ``manifest.json``) or
+#: "original" (the original code's scripts: ``<stem>_<i>.png`` holding the raw (X, Y) array).
+SLICE_LAYOUTS: tuple[str, ...] = ("ioupos", "original")
+
+
+def _picture_to_xy(pic: np.ndarray, layout: str) -> np.ndarray:
+    """A PNG's pixel array (rows, columns) -> the (X, Y) slice, for a folder of ``layout``."""
+    if layout == "ioupos":
+        return _from_display(pic)
+    if layout == "original":
+        return np.ascontiguousarray(pic)
+    raise ValueError(f"slice layout must be one of {SLICE_LAYOUTS}, got {layout!r}")
+
+
+def encode_png_2d(arr: np.ndarray, bits: int = 8, is_label: bool = False, quantization: str = "round") -> bytes:
     """Encode one (X, Y) slice as PNG bytes, in the orientation :func:`read_image_2d` undoes.
 
     Args:
         arr: an image slice with values in [0, 1], or a label slice of integer ids 0..255.
-        bits: 8 (``round(value * 255)``) or 16 (``round(value * 65535)``); images only,
-            labels are always 8-bit.
+        bits: 8 (``value * 255``) or 16 (``value * 65535``); images only, labels are always 8-bit.
         is_label: ``arr`` holds label ids.
+        quantization: ``"round"`` or ``"truncate"`` to an integer (:func:`float_to_stored`).
 
     Raises:
-        ValueError: ``arr`` is not 2D, or ``bits`` is not 8 or 16.
+        ValueError: ``arr`` is not 2D, ``bits`` is not 8 or 16, or an unknown ``quantization``.
     """
     if arr.ndim != 2:
         raise ValueError(f"a slice must be 2D (X, Y), got shape {arr.shape}")
-    pic = arr.astype(np.uint8) if is_label else float_to_stored(arr, bits)
+    pic = arr.astype(np.uint8) if is_label else float_to_stored(arr, bits, quantization)
     buf = io.BytesIO()
     # compress_level 1: 3x faster than the default 6 for ~15% larger files; pixels are identical
     Image.fromarray(_to_display(pic)).save(buf, format="PNG", compress_level=1)
@@ -301,14 +326,15 @@ def _open_png(path: str | os.PathLike) -> np.ndarray:
     return pic.astype(np.uint16)
 
 
-def png_size(path: str | os.PathLike) -> tuple[int, int]:
-    """(X, Y) of a PNG slice as :func:`read_image_2d` returns it (= (width, height)), from
-    the header alone.
+def png_size(path: str | os.PathLike, layout: str = "ioupos") -> tuple[int, int]:
+    """(X, Y) of a PNG slice as :func:`read_image_2d` returns it, from the header alone:
+    (width, height), or (height, width) for the original's layout.
 
     Raises:
         UserError: the file is missing or cannot be read as a PNG (names the file).
     """
-    return _read_png(path, pixels=False)[1]
+    w, h = _read_png(path, pixels=False)[1]
+    return (h, w) if layout == "original" else (w, h)
 
 
 def stored_nbytes_2d(path: str | os.PathLike) -> int:
@@ -322,8 +348,9 @@ def stored_nbytes_2d(path: str | os.PathLike) -> int:
     return w * h * _stored_dtype(path, mode).itemsize
 
 
-def read_image_2d(path: str | os.PathLike) -> np.ndarray:
-    """Read an image slice written by the preprocessing scripts.
+def read_image_2d(path: str | os.PathLike, layout: str = "ioupos") -> np.ndarray:
+    """Read an image slice written by the preprocessing scripts (``layout``: this project's,
+    or ``"original"`` for the original code's, see :data:`SLICE_LAYOUTS`).
 
     Returns:
         float32 array of shape (X, Y) with values in [0, 1] (8-bit PNG / 255, 16-bit PNG / 65535).
@@ -331,17 +358,17 @@ def read_image_2d(path: str | os.PathLike) -> np.ndarray:
     Raises:
         UserError: the file is missing, corrupt, or not a grayscale 8/16-bit PNG.
     """
-    return stored_to_float(read_image_2d_stored(path))
+    return stored_to_float(read_image_2d_stored(path, layout))
 
 
-def read_image_2d_stored(path: str | os.PathLike) -> np.ndarray:
+def read_image_2d_stored(path: str | os.PathLike, layout: str = "ioupos") -> np.ndarray:
     """Read an image slice as stored: uint8 or uint16 array (X, Y) of PNG values
     (:func:`stored_to_float` gives what :func:`read_image_2d` returns).
 
     Raises:
         UserError: as :func:`read_image_2d`.
     """
-    return _from_display(_open_png(path))
+    return _picture_to_xy(_open_png(path), layout)
 
 
 def stored_scale(dtype: Any) -> float | None:
@@ -350,18 +377,31 @@ def stored_scale(dtype: Any) -> float | None:
     return {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}.get(np.dtype(dtype))
 
 
-def float_to_stored(arr: np.ndarray, bits: int = 8) -> np.ndarray:
-    """Image values in [0, 1] -> what an image PNG of ``bits`` bits stores: ``round(value * 255)``
-    as uint8 or ``round(value * 65535)`` as uint16 (values outside [0, 1] are clipped first).
-    Works on slices and volumes; :func:`stored_to_float` maps back.
+#: How image values become PNG integers: ``truncate`` (the original's ``(v * 255).astype(uint8)``) or ``round``.
+PNG_QUANTIZATIONS: tuple[str, ...] = ("truncate", "round")
+
+
+def float_to_stored(arr: np.ndarray, bits: int = 8, quantization: str = "round") -> np.ndarray:
+    """Image values in [0, 1] -> what an image PNG of ``bits`` bits stores: ``value * 255`` as
+    uint8 or ``value * 65535`` as uint16 (values outside [0, 1] are clipped first), rounded, or
+    truncated towards zero as the original's ``(v * 255).astype('uint8')`` (8 bits: the product
+    in float32, as there, so the integers are the original's bit for bit). Works on slices and
+    volumes; :func:`stored_to_float` maps back.
+
+    Example: 0.5 -> 128 (round) or 127 (truncate: 127.5 -> 127).
 
     Raises:
-        ValueError: ``bits`` is not 8 or 16.
+        ValueError: ``bits`` is not 8 or 16, or ``quantization`` is not one of :data:`PNG_QUANTIZATIONS`.
     """
+    if quantization not in PNG_QUANTIZATIONS:
+        raise ValueError(f"png quantization must be one of {PNG_QUANTIZATIONS}, got {quantization!r}")
     if bits == 8:
+        if quantization == "truncate":
+            return (np.clip(arr, 0.0, 1.0).astype(np.float32, copy=False) * np.float32(255.0)).astype(np.uint8)
         return np.round(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
     if bits == 16:
-        return np.round(np.clip(arr, 0.0, 1.0).astype(np.float64) * 65535.0).astype(np.uint16)
+        scaled = np.clip(arr, 0.0, 1.0).astype(np.float64) * 65535.0
+        return (scaled if quantization == "truncate" else np.round(scaled)).astype(np.uint16)
     raise ValueError(f"png bits must be 8 or 16, got {bits}")
 
 
@@ -375,13 +415,13 @@ def stored_to_float(stored: np.ndarray) -> np.ndarray:
     return stored.astype(np.float32) / np.float32(scale)
 
 
-def read_label_2d(path: str | os.PathLike) -> np.ndarray:
-    """Read a label slice: uint8 array (X, Y) of FLARE ids.
+def read_label_2d(path: str | os.PathLike, layout: str = "ioupos") -> np.ndarray:
+    """Read a label slice: uint8 array (X, Y) of FLARE ids (``layout``: see :func:`read_image_2d`).
 
     Raises:
         UserError: the file is missing, corrupt, not grayscale, or holds ids above 255.
     """
-    return label_from_stored(read_image_2d_stored(path), path)
+    return label_from_stored(read_image_2d_stored(path, layout), path)
 
 
 def label_from_stored(stored: np.ndarray, path: str | os.PathLike) -> np.ndarray:
@@ -480,6 +520,7 @@ class SliceCache:
         paths: the PNG slices to decode.
         progress: show a tqdm bar while decoding.
         threads: decoding threads (PIL releases the GIL while decoding); 0 = up to 8.
+        layout: the slices' layout (:data:`SLICE_LAYOUTS`).
 
     Raises:
         UserError: a file cannot be read as an 8- or 16-bit grayscale PNG (names the file).
@@ -487,7 +528,7 @@ class SliceCache:
 
     CHUNK = 4096  # slices per buffer
 
-    def __init__(self, paths: Sequence[str], progress: bool = True, threads: int = 0):
+    def __init__(self, paths: Sequence[str], progress: bool = True, threads: int = 0, layout: str = "ioupos"):
         paths = [str(p) for p in paths]
         self.index = {p: i for i, p in enumerate(paths)}
         n = len(paths)
@@ -509,7 +550,8 @@ class SliceCache:
                 off += part.size
             pending[dt], members[dt] = [], []
 
-        for i, pic in enumerate(_threaded_map(read_image_2d_stored, paths, threads, "decoding slices", progress)):
+        read = partial(read_image_2d_stored, layout=layout)
+        for i, pic in enumerate(_threaded_map(read, paths, threads, "decoding slices", progress)):
             self.shapes[i] = pic.shape
             pending[pic.dtype].append(pic.ravel())
             members[pic.dtype].append(i)
@@ -534,7 +576,15 @@ class SliceCache:
         )
 
     @classmethod
-    def build(cls, paths: Sequence[str], what: str, flag: str, copies: int = 1, progress: bool = True) -> "SliceCache":
+    def build(
+        cls,
+        paths: Sequence[str],
+        what: str,
+        flag: str,
+        copies: int = 1,
+        progress: bool = True,
+        layout: str = "ioupos",
+    ) -> "SliceCache":
         """Check that the decoded ``paths`` fit in memory, decode them and log the size.
 
         The scripts' ``--cache_images`` goes through here: a cache that would not fit is
@@ -546,6 +596,7 @@ class SliceCache:
             flag: the option that asked for the cache, named in the error.
             copies: processes on this machine that each build the same cache (one per GPU
                 under torchrun); the check counts them all.
+            layout: the slices' layout (:data:`SLICE_LAYOUTS`).
 
         Raises:
             UserError: a file cannot be read, or the cache does not fit.
@@ -553,7 +604,7 @@ class SliceCache:
         need = cls.planned_nbytes(paths, progress=progress) * max(int(copies), 1)
         per = f" in each of {copies} processes" if copies > 1 else ""
         check_fits_in_memory(need, f"{flag}: {what}{per}", f"run without {flag}")
-        cache = cls(paths, progress=progress)
+        cache = cls(paths, progress=progress, layout=layout)
         logger.info("%s: %s decoded, %s in memory%s", flag, what, format_bytes(cache.nbytes), per)
         return cache
 
@@ -1407,6 +1458,133 @@ def _pairs_2d(data_dir: str) -> list[dict[str, Any]]:
     return items
 
 
+# --------------------------------------------------------------------------------------
+# Folders written by the original code's preprocessing scripts
+# --------------------------------------------------------------------------------------
+
+#: ``<stem>_<i>.png`` with ``i`` not zero-padded: a slice of the original's preprocessing scripts.
+_ORIGINAL_SLICE_RE = re.compile(r"^(?P<stem>.+)_(?P<i>0|[1-9]\d*)\.png$")
+_INDEX_RE = re.compile(r"_(\d+)\.png$")
+
+
+def _name_layout(name: str) -> str | None:
+    """Which preprocessing wrote a slice named ``name``: "original" (an index of fewer than 4
+    digits, e.g. ``_0.png``), "ioupos" (a zero-padded index, e.g. ``_0000.png``), or None (either)."""
+    m = _INDEX_RE.search(name)
+    if m is None:
+        return None
+    i = m.group(1)
+    if len(i) < SLICE_DIGITS:
+        return "original"
+    return "ioupos" if i[0] == "0" else None
+
+
+def detect_slice_layout(
+    data_dir: str | os.PathLike, names: Iterable[str], requested: str = "auto", flag: str = "--slice_layout"
+) -> str:
+    """The slice layout (:data:`SLICE_LAYOUTS`) of a preprocessed 2D folder.
+
+    ``requested`` "auto": "original" when the slice names are the original scripts' (every
+    case has a slice ``<stem>_0.png``, an index this project never writes: it pads to 4
+    digits) and the folder has no ``manifest.json`` / ``.manifest/``; "ioupos" otherwise.
+
+    Args:
+        names: the folder's PNG slice names (or paths).
+        requested: "auto" or a layout given by ``flag``, returned as it is.
+
+    Raises:
+        UserError: an unknown layout, or a folder mixing both kinds of names (both named).
+    """
+    if requested != "auto":
+        if requested not in SLICE_LAYOUTS:
+            raise UserError(f"{flag} must be auto or one of {', '.join(SLICE_LAYOUTS)}, got {requested!r}")
+        return requested
+    data_dir = os.path.abspath(os.fspath(data_dir))
+    first: dict[str, str | None] = {"original": None, "ioupos": None}
+    for n in names:
+        kind = _name_layout(os.path.basename(os.fspath(n)))
+        if kind is not None and first[kind] is None:
+            first[kind] = os.fspath(n)
+    if first["original"] is None:
+        return "ioupos"
+    ours = first["ioupos"]
+    for marker in (MANIFEST_NAME, MANIFEST_DIR):
+        if ours is None and os.path.exists(os.path.join(data_dir, marker)):
+            ours = os.path.join(data_dir, marker)
+    if ours is not None:
+        raise UserError(
+            f"{data_dir} mixes this project's preprocessing ({ours}) with slices named as the original code's "
+            f"scripts name them ({first['original']}); keep one kind in a folder, or pass {flag}"
+        )
+    return "original"
+
+
+def labelled_slice_layout(data_dir: str | os.PathLike, requested: str = "auto") -> str:
+    """:func:`detect_slice_layout` of a labelled 2D folder (its ``imgs/`` and ``labels/`` names)."""
+    names: list[str] = []
+    for sub in (SLICE_IMAGE_DIR, SLICE_LABEL_DIR):
+        folder = os.path.join(os.fspath(data_dir), sub)
+        if os.path.isdir(folder):
+            names += [os.path.basename(p) for p in _list_files(folder, (".png",))]
+    return detect_slice_layout(data_dir, names, requested)
+
+
+def _original_slices(folder: str, is_label: bool) -> dict[tuple[str, int], str]:
+    """``{(case, i): path}`` of an original-layout slice folder: images ``<case>_0000_<i>.png``
+    (the raw image's stem), labels ``<case>_<i>.png``.
+
+    Raises:
+        UserError: a PNG not named ``<stem>_<i>.png``, or two files of one slice (both named).
+    """
+    out: dict[tuple[str, int], str] = {}
+    for p in _list_files(folder, (".png",)):
+        m = _ORIGINAL_SLICE_RE.match(os.path.basename(p))
+        if m is None:
+            raise UserError(
+                f"{p} is not named <stem>_<i>.png as the original code's preprocessing names its slices "
+                f"(or pass --slice_layout ioupos for this project's layout)"
+            )
+        stem = m.group("stem")
+        case = stem if is_label else case_id_from_path(stem)
+        key = (case, int(m.group("i")))
+        if key in out:
+            raise UserError(f"{p} and {out[key]} are both slice {key[1]} of case {case!r}; keep one")
+        out[key] = p
+    return out
+
+
+def _pairs_2d_original(data_dir: str) -> list[dict[str, Any]]:
+    """(image, label) slice pairs of a folder written by the original's ``preprocess_flare_labelled.py``."""
+    img_dir = os.path.join(data_dir, SLICE_IMAGE_DIR)
+    lab_dir = os.path.join(data_dir, SLICE_LABEL_DIR)
+    for d in (img_dir, lab_dir):
+        if not os.path.isdir(d):
+            raise UserError(f"{data_dir} has no {os.path.basename(d)}/ folder of slices")
+    imgs, labs = _original_slices(img_dir, False), _original_slices(lab_dir, True)
+    if not imgs and not labs:
+        raise UserError(f"{img_dir} and {lab_dir} hold no .png slices")
+    if set(imgs) != set(labs):
+        only_img = sorted(set(imgs) - set(labs))
+        only_lab = sorted(set(labs) - set(imgs))
+        if only_img and (not only_lab or only_img[0] <= only_lab[0]):
+            c, i = only_img[0]
+            raise UserError(f"image slice {imgs[only_img[0]]} has no label {os.path.join(lab_dir, f'{c}_{i}.png')}")
+        raise UserError(
+            f"label slice {labs[only_lab[0]]} has no image slice {only_lab[0][1]} of case {only_lab[0][0]!r} in {img_dir}"
+        )
+    by_case: dict[str, list[int]] = {}
+    for c, i in imgs:
+        by_case.setdefault(c, []).append(i)
+    for c, idx in sorted(by_case.items()):
+        gap = sorted(set(range(max(idx) + 1)) - set(idx))
+        if gap:
+            raise UserError(
+                f"case {c!r} in {img_dir} lacks slice {gap[0]} of 0..{max(idx)} (an interrupted preprocessing?); "
+                "preprocess it again"
+            )
+    return [{"image": imgs[k], "label": labs[k], "case": k[0], "slice": k[1]} for k in sorted(imgs)]
+
+
 def _pairs_3d(data_dir: str) -> list[dict[str, Any]]:
     if os.path.isfile(os.path.join(data_dir, DATASET_JSON)):  # nnU-Net v2 raw or Decathlon
         ds = find_labelled_dataset(data_dir)
@@ -1454,18 +1632,21 @@ def finetune_cases(data_dir: str | os.PathLike, spatial_dims: int) -> list[str]:
 
 
 def list_finetune_pairs(
-    data_dir: str | os.PathLike, split: dict[str, list[str]], spatial_dims: int
+    data_dir: str | os.PathLike, split: dict[str, list[str]], spatial_dims: int, layout: str = "ioupos"
 ) -> dict[str, list[dict[str, Any]]]:
     """Fine-tuning (image, label) pairs of each split part.
 
     Args:
         data_dir: 2D: a ``preprocess_flare_labelled.py`` output (``imgs/`` and ``labels/``
-            with identical slice names). 3D: a raw labelled data set: the FLARE layout
-            (``images/`` or ``imgs/`` with ``<case>_0000.nii.gz``, ``labels/`` with
-            ``<case>.nii.gz``), or nnU-Net v2 raw / Decathlon with a ``dataset.json``
-            (:func:`find_labelled_dataset`; cases with a missing file are left out, logged).
+            with identical slice names), or with ``layout`` "original" the output of the
+            original code's script (``imgs/<case>_0000_<i>.png``, ``labels/<case>_<i>.png``).
+            3D: a raw labelled data set: the FLARE layout (``images/`` or ``imgs/`` with
+            ``<case>_0000.nii.gz``, ``labels/`` with ``<case>.nii.gz``), or nnU-Net v2 raw /
+            Decathlon with a ``dataset.json`` (:func:`find_labelled_dataset`; cases with a missing
+            file are left out, logged).
         split: ``{"train": [...], "val": [...]}`` as returned by :func:`load_split`.
         spatial_dims: 2 or 3.
+        layout: 2D: the slices' layout (:data:`SLICE_LAYOUTS`; :func:`labelled_slice_layout` finds it).
 
     Returns:
         ``{"train": [...], "val": [...]}``; each item is ``{"image": path, "label": path,
@@ -1480,7 +1661,10 @@ def list_finetune_pairs(
     if spatial_dims not in (2, 3):
         raise UserError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     data_dir = _require_dir(data_dir, "fine-tuning data folder")
-    items = _pairs_2d(data_dir) if spatial_dims == 2 else _pairs_3d(data_dir)
+    if spatial_dims == 3:
+        items = _pairs_3d(data_dir)
+    else:
+        items = _pairs_2d_original(data_dir) if layout == "original" else _pairs_2d(data_dir)
     by_case: dict[str, list[dict[str, Any]]] = {}
     for it in items:
         by_case.setdefault(it["case"], []).append(it)
@@ -1589,6 +1773,7 @@ class CaseRef:
     spacing: tuple[float, float, float]
     slices: list[dict[str, Any]] = field(default_factory=list)
     index: int = -1
+    layout: str = "ioupos"
 
 
 def read_manifest_spacing(data_dir: str) -> dict[str, tuple[float, float, float]]:
@@ -1647,9 +1832,9 @@ def manifest_labels(manifest: Mapping[str, Any], where: str) -> LabelSet:
 
 
 def group_cases_2d(
-    items: Sequence[dict[str, Any]], spacing: Mapping[str, Sequence[float]], where: str
+    items: Sequence[dict[str, Any]], spacing: Mapping[str, Sequence[float]], where: str, layout: str = "ioupos"
 ) -> list[CaseRef]:
-    """Group slice items by case (order kept) into :class:`CaseRef` objects.
+    """Group slice items by case (order kept) into :class:`CaseRef` objects (their slices of ``layout``).
 
     Raises:
         UserError: a case has no voxel size in the manifest at ``where``.
@@ -1662,12 +1847,14 @@ def group_cases_2d(
                 raise UserError(
                     f"case {c!r} is not in {os.path.join(where, MANIFEST_NAME)}; rerun preprocess_flare_labelled.py"
                 )
-            out[c] = CaseRef(case=c, spacing=tuple(float(s) for s in spacing[c]))  # type: ignore[arg-type]
+            out[c] = CaseRef(case=c, spacing=tuple(float(s) for s in spacing[c]), layout=layout)  # type: ignore[arg-type]
         out[c].slices.append(it)
     return list(out.values())
 
 
-def check_label_slices(items: Sequence[dict[str, Any]], n_classes: int, progress: bool = True) -> None:
+def check_label_slices(
+    items: Sequence[dict[str, Any]], n_classes: int, progress: bool = True, layout: str = "ioupos"
+) -> None:
     """Read every label slice once and refuse ids above ``n_classes - 1``, or a label whose
     shape differs from its image's (read from the image's header); the file is named.
 
@@ -1675,9 +1862,9 @@ def check_label_slices(items: Sequence[dict[str, Any]], n_classes: int, progress
         UserError: a label file cannot be read, holds an id out of range, or does not match its image.
     """
     for it in tqdm(items, desc="checking labels", disable=not progress or len(items) < 200, leave=False):
-        label = read_label_2d(it["label"])
+        label = read_label_2d(it["label"], layout)
         check_label_ids(label, n_classes, it["label"])
-        size = png_size(it["image"])
+        size = png_size(it["image"], layout)
         if tuple(label.shape) != tuple(size):
             raise UserError(
                 f"image slice {it['image']} has shape {tuple(size)}, its label {it['label']} has {label.shape}"
@@ -1696,8 +1883,8 @@ def load_case_2d(ref: CaseRef, n_classes: int, stored: bool = False) -> tuple[np
     """
     imgs, labs = [], []
     for it in ref.slices:
-        img = read_image_2d_stored(it["image"])
-        lab = read_label_2d(it["label"])
+        img = read_image_2d_stored(it["image"], ref.layout)
+        lab = read_label_2d(it["label"], ref.layout)
         if img.shape != lab.shape:
             raise UserError(f"image slice {it['image']} has shape {img.shape}, its label {it['label']} has {lab.shape}")
         if imgs and img.shape != imgs[0].shape:

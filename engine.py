@@ -40,6 +40,7 @@ from monai.data import DataLoader
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from data import SLICE_LAYOUTS
 from models import ARCHS
 from utils import (
     TrainingError,
@@ -521,7 +522,15 @@ COMMON_RESUME_KEYS = (
     "batch_augment",
 )
 #: values of resume keys that states saved before the key existed had implicitly
-RESUME_KEY_DEFAULTS = {"batch_augment": False, "iou_sampler": "exact", "n_train_cases": 0}
+RESUME_KEY_DEFAULTS = {
+    "batch_augment": False,
+    "iou_sampler": "exact",
+    "n_train_cases": 0,
+    "drop_last": True,
+    "slice_layout": "auto",
+    "teacher_style": "dino",
+    **{k: None for k in ("a_min", "a_max", "size_x", "size_y", "size_z")},
+}
 
 _COMMON_HELP = {
     "data_dir": "Folder of preprocessed data. Required.",
@@ -565,7 +574,65 @@ _COMMON_HELP = {
     "num_workers": "Data-loading processes per GPU; -1 times a few batches with 0, 2, 4, ... workers and keeps the "
     "fastest. The crops depend on it (each worker has its own random stream): keep it fixed to "
     "reproduce or resume a run exactly.",
+    "slice_layout": "How the 2D slices of --data_dir lie on disk: ioupos (this project's preprocess_flare_*.py: "
+    "<case>_<zzzz>.png, manifest.json) or original (the original code's scripts: <stem>_<i>.png, each PNG the raw "
+    "(X, Y) array); auto recognises the original's names (<stem>_0.png ...). Pass it only if auto guesses wrong.",
+    "preprocessing_flags": "The data are preprocessed already (preprocess_flare_*.py): a value given here must equal "
+    "the one recorded in --data_dir's manifest.json (a mismatch is refused); for a folder without one (the "
+    "original's preprocessing) it states how the data were made (voxel size of the scores, the model's "
+    "preprocessing record); only 3D fine-tuning, which preprocesses raw NIfTI on the fly, applies it. Default: "
+    "the recorded value, else the paper's.",
 }
+
+#: The original's preprocessing flags on the training scripts and what each sets.
+PREPROCESSING_FLAG_HELP = {
+    "a_min": "Lower end of the HU window (mapped to 0; the paper's -500).",
+    "a_max": "Upper end of the HU window (mapped to 1; the paper's 500).",
+    "size_x": "Voxel size along x in mm (the paper's 1.0).",
+    "size_y": "Voxel size along y in mm (the paper's 1.0).",
+    "size_z": "Slice spacing along z in mm (the paper's 2.5).",
+}
+#: The paper's preprocessing, in the flags' names.
+PAPER_PREPROCESSING = {"a_min": -500.0, "a_max": 500.0, "size_x": 1.0, "size_y": 1.0, "size_z": 2.5}
+
+
+def preprocessing_from_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """``{"a_min", "a_max", "pixdim": [x, y, z]}`` from ``--a_min ... --size_z``, the paper's
+    value for each flag not given.
+
+    Raises:
+        UserError: ``--a_max`` not above ``--a_min``, or a voxel size that is not positive.
+    """
+    v = {
+        k: float(getattr(args, k)) if getattr(args, k, None) is not None else d for k, d in PAPER_PREPROCESSING.items()
+    }
+    if not v["a_max"] > v["a_min"]:
+        raise UserError(f"--a_max ({v['a_max']:g}) must be greater than --a_min ({v['a_min']:g})")
+    for k in ("size_x", "size_y", "size_z"):
+        if not v[k] > 0:
+            raise UserError(f"--{k} must be a positive voxel size in mm, got {v[k]:g}")
+    return {"a_min": v["a_min"], "a_max": v["a_max"], "pixdim": [v["size_x"], v["size_y"], v["size_z"]]}
+
+
+def check_preprocessing_flags(args: argparse.Namespace, recorded: dict[str, Any], where: str) -> None:
+    """Refuse a given ``--a_min ... --size_z`` that differs from the preprocessing ``recorded``
+    for the data (a ``manifest.json``'s ``args``: ``a_min``, ``a_max``, ``pixdim`` [x, y, z]).
+
+    Raises:
+        UserError: one line naming the flag, both values and ``where``.
+    """
+    pix = list(recorded.get("pixdim") or [None, None, None])
+    have = {"a_min": recorded.get("a_min"), "a_max": recorded.get("a_max"), "size_x": pix[0], "size_y": pix[1]}
+    have["size_z"] = pix[2]
+    for k in PAPER_PREPROCESSING:
+        given = getattr(args, k, None)
+        if given is None or have[k] is None:
+            continue
+        if not math.isclose(float(given), float(have[k]), rel_tol=1e-9, abs_tol=1e-9):
+            raise UserError(
+                f"--{k} {float(given):g} differs from the {float(have[k]):g} that {where} records: the data were "
+                f"preprocessed with {k} {float(have[k]):g}; omit --{k}, or preprocess the data again with it"
+            )
 
 
 def add_training_args(
@@ -597,6 +664,15 @@ def add_training_args(
     g_data.add_argument("--max_images", type=int, default=0, help=text["max_images"])
     g_data.add_argument("--batch_augment", action="store_true", help=text["batch_augment"])
     g_data.add_argument("--cache_images", action="store_true", help=text["cache_images"])
+    g_data.add_argument(
+        "--slice_layout", type=str, default="auto", choices=("auto", *SLICE_LAYOUTS), help=text["slice_layout"]
+    )
+    g_pre = parser.add_argument_group(
+        "preprocessing (the original's flags: checked against the data's manifest.json, or, where nothing "
+        "records it, taken as how the data were preprocessed)"
+    )
+    for flag, what in PREPROCESSING_FLAG_HELP.items():
+        g_pre.add_argument(f"--{flag}", type=float, default=None, help=f"{what} {text['preprocessing_flags']}")
 
     g_model = parser.add_argument_group("model")
     g_model.add_argument("--arch", type=str, default="swin", choices=ARCHS, help=text["arch"])
@@ -673,6 +749,7 @@ def check_training_args(args: argparse.Namespace, min_crop_windows: int = 1) -> 
         raise UserError("--use_gradient_checkpointing is only available with --arch swin")
     if args.cache_images and args.spatial_dims != 2:
         raise UserError("--cache_images keeps decoded 2D slices in memory; it is not available with --spatial_dims 3")
+    preprocessing_from_flags(args)  # refuses an empty HU window or a voxel size that is not positive
     check_speed_args(args)
 
 
@@ -693,7 +770,8 @@ def maybe_compile(module: nn.Module, args: argparse.Namespace) -> nn.Module:
 
     Only the training forward pass goes through the compiled wrapper; state dicts are read
     from the original module, so checkpoints do not change (no ``_orig_mod.`` prefix).
-    Shapes are static (the training loaders drop the last incomplete batch).
+    Shapes are static: pretraining drops the last incomplete batch; fine-tuning keeps it (as
+    the original), so a second graph is compiled once for its smaller batch and both are kept.
     """
     if not getattr(args, "compile", False):
         return module
@@ -933,13 +1011,18 @@ def train_one_epoch(
     info: DistInfo = DistInfo(),
     progress: bool = True,
     check_every: int = 1,
+    n_batches: int | None = None,
 ) -> dict[str, float]:
     """Train for one epoch of ``iters_per_epoch`` optimizer steps; return the averages.
 
     ``loss_fn(batch)`` runs the forward pass (inside autocast) and returns the loss and a
-    dict of scalars to average. Each optimizer step accumulates ``accum_iters`` batches;
-    batches that would not complete a step at the end of the epoch are skipped, like the
-    last incomplete batch. Learning rate and weight decay follow the per-iteration
+    dict of scalars to average. Each optimizer step accumulates ``accum_iters`` batches.
+    ``n_batches`` (default ``iters_per_epoch * accum_iters``): the batches of the epoch to
+    train on; batches after them are skipped (pretraining: those that would not complete a
+    step, like the last incomplete batch). Fine-tuning passes every batch of its loader,
+    the last incomplete one included (``iters_per_epoch = ceil(n_batches / accum_iters)``):
+    a last step of fewer than ``accum_iters`` batches averages the ones it has. Learning
+    rate and weight decay follow the per-iteration
     schedules (index ``epoch * iters_per_epoch + step``). ``clip_grad`` > 0 clips the
     gradients before each step (``clip_mode``: see :func:`clip_gradients`). A non-finite loss stops the run
     (TrainingError, exit code 1); the losses and the logs returned as tensors are read on the
@@ -947,7 +1030,10 @@ def train_one_epoch(
     """
     model.train()
     check = LossCheck(check_every, info, epoch)
-    n_batches = iters_per_epoch * accum_iters
+    if n_batches is None:
+        n_batches = iters_per_epoch * accum_iters
+    if math.ceil(n_batches / accum_iters) != iters_per_epoch:
+        raise ValueError(f"{n_batches} batches in steps of {accum_iters} are not {iters_per_epoch} steps")
     it0 = epoch * iters_per_epoch
     bar = tqdm(
         total=iters_per_epoch,
@@ -962,11 +1048,12 @@ def train_one_epoch(
             if b >= n_batches:
                 break
             step, micro = divmod(b, accum_iters)
+            in_step = min(accum_iters, n_batches - step * accum_iters)  # fewer in a last partial step
             it = it0 + step
             if micro == 0:
                 wd = float(wd_schedule[it]) if wd_schedule is not None else None
                 apply_schedules(optimizer, float(lr_schedule[it]), wd, base_lr)
-            last_micro = micro == accum_iters - 1
+            last_micro = micro == in_step - 1
             sync = contextlib.nullcontext()
             if info.distributed and not last_micro and hasattr(model, "no_sync"):
                 sync = model.no_sync()
@@ -974,7 +1061,7 @@ def train_one_epoch(
                 with amp.autocast():
                     loss, logs = loss_fn(batch)
                 read = check.add(it, loss, logs)  # with check_every=1: read (and maybe stop) before the backward pass
-                amp.backward(loss / accum_iters)
+                amp.backward(loss / in_step)
             if not last_micro:
                 continue
             if clip_grad > 0:

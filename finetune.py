@@ -1,7 +1,9 @@
 """Fine-tuning pieces used by ``main_finetune.py``: data, crops, sliding-window evaluation, scores.
 
 Data (2D, the paper's setting): the output of ``preprocess_flare_labelled.py``
-(``imgs/<case>_<zzzz>.png``, ``labels/<case>_<zzzz>.png``, ``manifest.json``). Training
+(``imgs/<case>_<zzzz>.png``, ``labels/<case>_<zzzz>.png``, ``manifest.json``), or of the
+original code's script (``imgs/<case>_0000_<i>.png``, ``labels/<case>_<i>.png``, no manifest:
+the voxel size comes from ``--size_x/y/z``; ``data.SLICE_LAYOUTS``). Training
 items are single slices; each gives ``n_crops_per_ct`` crops from MONAI's
 ``RandCropByPosNegLabeld`` (centred on an organ voxel with p 0.5, on a background voxel
 otherwise), then the paper's fine-tuning augmentations. For evaluation the slices of a
@@ -108,6 +110,13 @@ RESUME_KEYS = engine.COMMON_RESUME_KEYS + (
     "eval_every",
     "eval_every_from",
     "patience",
+    "drop_last",
+    "slice_layout",
+    "a_min",
+    "a_max",
+    "size_x",
+    "size_y",
+    "size_z",
 )
 
 
@@ -145,11 +154,12 @@ def train_dataset_2d(
     n_crops: int,
     augment: bool = True,
     cache: data.SliceCache | None = None,
+    layout: str = "ioupos",
 ) -> Dataset:
-    """The 2D training set: one item per labelled slice, ``n_crops`` crops each (``augment``
-    and ``cache``: see :func:`transforms.random_crop_transforms` and
+    """The 2D training set: one item per labelled slice, ``n_crops`` crops each (``augment``,
+    ``cache`` and ``layout``: see :func:`transforms.random_crop_transforms` and
     :class:`transforms.LoadSliceAndLabel2d`)."""
-    steps = [LoadSliceAndLabel2d(cache), *random_crop_transforms(2, crop_size, n_crops, augment)]
+    steps = [LoadSliceAndLabel2d(cache, layout), *random_crop_transforms(2, crop_size, n_crops, augment)]
     return Dataset(list(items), transform=Compose(steps))
 
 
@@ -495,24 +505,44 @@ def _record_from_manifest(data_dir: str) -> dict[str, Any]:
             f"{where} describes {a.get('kind')} {a.get('spatial_dims')}D data, not the labelled 2D slices of fine-tuning"
         )
     try:
-        return preprocessing_record(2, a["a_min"], a["a_max"], a["pixdim"], a["min_xy"], a["png_bits"], where)
+        q = a.get("png_quantization", "round")  # folders written before the flag existed: rounded
+        return preprocessing_record(2, a["a_min"], a["a_max"], a["pixdim"], a["min_xy"], a["png_bits"], where, q)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{where}: the preprocessing arguments are incomplete ({type(e).__name__}: {e})") from None
 
 
-def data_preprocessing(data_dir: str, spatial_dims: int) -> dict[str, Any]:
-    """How the fine-tuning data of ``data_dir`` is preprocessed (:func:`transforms.preprocessing_record`).
+def data_preprocessing(args: argparse.Namespace, layout: str = "ioupos") -> dict[str, Any]:
+    """How the fine-tuning data of ``--data_dir`` is preprocessed (:func:`transforms.preprocessing_record`).
 
     2D: the arguments recorded in the folder's ``manifest.json`` by ``preprocess_flare_labelled.py``
-    (HU window, voxel size, padding, PNG bits). 3D: the raw NIfTI go through
-    :func:`preprocess_config_3d`'s chain on the fly.
+    (HU window, voxel size, padding, PNG bits and quantization); a given ``--a_min ... --size_z``
+    must agree with them. A folder of the original code's preprocessing (``layout`` "original")
+    records nothing: the flags (default the paper's values, the original's defaults) state it,
+    with the original's 96-pixel padding and truncated 8-bit PNGs. 3D: the raw NIfTI go through
+    :func:`preprocess_config_3d`'s chain on the fly, with the flags' window and voxel size.
 
     Raises:
-        UserError: 2D and the manifest is missing or incomplete.
+        UserError: 2D and the manifest is missing or incomplete, or a flag differs from it.
     """
-    if spatial_dims == 2:
-        return _record_from_manifest(data_dir)
-    c = preprocess_config_3d()
+    flags = engine.preprocessing_from_flags(args)
+    if args.spatial_dims == 2 and layout == "original":
+        return preprocessing_record(
+            2,
+            flags["a_min"],
+            flags["a_max"],
+            flags["pixdim"],
+            96,
+            8,
+            f"{args.data_dir}: slices of the original code's preprocess_flare_labelled.py (no manifest.json); "
+            "HU window and voxel size from --a_min --a_max --size_x --size_y --size_z",
+            "truncate",
+        )
+    if args.spatial_dims == 2:
+        record = _record_from_manifest(args.data_dir)
+        where = os.path.join(args.data_dir, data.MANIFEST_NAME)
+        engine.check_preprocessing_flags(args, record, where)
+        return record
+    c = preprocess_config_3d(flags["a_min"], flags["a_max"], flags["pixdim"])
     return preprocessing_record(
         3,
         c["a_min"],
@@ -520,7 +550,8 @@ def data_preprocessing(data_dir: str, spatial_dims: int) -> dict[str, Any]:
         c["pixdim"],
         c["min_xy"],
         None,
-        "main_finetune.py --spatial_dims 3: raw NIfTI preprocessed on the fly (finetune.preprocess_config_3d)",
+        "main_finetune.py --spatial_dims 3: raw NIfTI preprocessed on the fly (finetune.preprocess_config_3d, "
+        "--a_min --a_max --size_x --size_y --size_z)",
     )
 
 
@@ -633,7 +664,11 @@ def check_args(args: argparse.Namespace) -> None:
         need(0 < args.val_fraction < 1, f"--val_fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
     need(args.n_crops_per_ct >= 1, f"--n_crops_per_ct must be at least 1, got {args.n_crops_per_ct}")
     need(args.wd >= 0, f"--wd must not be negative, got {args.wd}")
-    need(args.patience >= 1, f"--patience must be at least 1, got {args.patience}")
+    need(
+        float(args.patience).is_integer() and args.patience >= 1,
+        f"--patience must be a whole number of evaluations, at least 1, got {args.patience:g}",
+    )
+    args.patience = int(args.patience)
     need(args.eval_every >= 1, f"--eval_every must be at least 1, got {args.eval_every}")
     if args.sw_batch_size is None:
         args.sw_batch_size = 512 if args.spatial_dims == 2 else 64
@@ -704,7 +739,13 @@ class FinetuneData:
                 )
             split = {**split, "train": split["train"][: args.n_train_cases]}
             logger.info("--n_train_cases %d: training on %s", args.n_train_cases, ", ".join(split["train"]))
-        pairs = data.list_finetune_pairs(args.data_dir, split, args.spatial_dims)
+        #: how the 2D slices lie on disk: this project's preprocessing or the original code's
+        self.layout = (
+            data.labelled_slice_layout(args.data_dir, args.slice_layout) if args.spatial_dims == 2 else "ioupos"
+        )
+        if self.layout == "original":
+            logger.info("%s: slices written by the original code's preprocessing (imgs/<stem>_<i>.png)", args.data_dir)
+        pairs = data.list_finetune_pairs(args.data_dir, split, args.spatial_dims, self.layout)
         n = args.max_images
         train_items = pairs["train"][:n] if n else pairs["train"]
         val_items = pairs["val"][:n] if n else pairs["val"]
@@ -715,7 +756,7 @@ class FinetuneData:
         self.spatial_dims = args.spatial_dims
         self.n_classes = args.n_classes
         #: how the data was preprocessed; stored in the fine-tuned checkpoint for predict.py
-        self.preprocessing = data_preprocessing(args.data_dir, args.spatial_dims)
+        self.preprocessing = data_preprocessing(args, self.layout)
         self.split = split
         self.val_items = val_items
         self.train_items = train_items if need_train else []
@@ -728,11 +769,16 @@ class FinetuneData:
             self._init_3d(args, train_items, val_items, need_train, progress)
 
     def _init_2d(self, args, info, train_items, val_items, need_train: bool, progress: bool) -> None:
-        spacing = read_manifest_spacing(args.data_dir)
+        lay = self.layout
+        if lay == "original":  # no manifest: every case has the voxel size of the preprocessing flags
+            pixdim = tuple(self.preprocessing["pixdim"])
+            spacing = {it["case"]: pixdim for it in list(train_items) + list(val_items)}
+        else:
+            spacing = read_manifest_spacing(args.data_dir)
         checked = list(val_items) + (train_items if need_train or args.eval_train else [])
-        check_label_slices(checked, args.n_classes, progress=progress)
-        self.val_cases = group_cases_2d(val_items, spacing, args.data_dir)
-        self.train_cases = group_cases_2d(train_items, spacing, args.data_dir) if args.eval_train else []
+        check_label_slices(checked, args.n_classes, progress=progress, layout=lay)
+        self.val_cases = group_cases_2d(val_items, spacing, args.data_dir, lay)
+        self.train_cases = group_cases_2d(train_items, spacing, args.data_dir, lay) if args.eval_train else []
         if need_train:
             cache = None
             if args.cache_images:
@@ -743,9 +789,15 @@ class FinetuneData:
                     "--cache_images",
                     copies=info.local_world_size,
                     progress=progress,
+                    layout=lay,
                 )
             self.train_ds = train_dataset_2d(
-                self.train_items, args.crop_size, args.n_crops_per_ct, augment=not args.batch_augment, cache=cache
+                self.train_items,
+                args.crop_size,
+                args.n_crops_per_ct,
+                augment=not args.batch_augment,
+                cache=cache,
+                layout=lay,
             )
         if args.cache_eval:  # filled at the first evaluation; refused now if it cannot fit
             self.case_cache = CaseCache(lambda ref: load_case_2d(ref, args.n_classes, stored=True))
@@ -760,7 +812,8 @@ class FinetuneData:
             )
 
     def _init_3d(self, args, train_items, val_items, need_train: bool, progress: bool) -> None:
-        config = preprocess_config_3d()
+        rec = self.preprocessing
+        config = preprocess_config_3d(rec["a_min"], rec["a_max"], rec["pixdim"], rec["min_xy"])
         folder = prepare_cache_3d(args.cache_dir, config)
         logger.info("3D preprocessing cache: %s", folder)
         eval_train_items = train_items if args.eval_train else []
@@ -1275,11 +1328,13 @@ def _train(
     dat = FinetuneData(args, info, need_train=True, labels=labels, rules=rules)
     run.pin_inputs(state, input_fingerprints(args, dat))
     check_predictions_dir(args, [c.case for c in dat.val_cases], info)
-    per_step = args.batch_size * info.world_size * args.accum_iters
-    iters_per_epoch = len(dat.train_ds) // per_step
+    n_batches, iters_per_epoch = epoch_steps(
+        len(dat.train_ds), args.batch_size, info.world_size, args.accum_iters, args.drop_last
+    )
     if iters_per_epoch == 0:
+        per_step = args.batch_size * info.world_size * args.accum_iters
         raise UserError(
-            f"{len(dat.train_ds)} training slices are fewer than one optimizer step needs "
+            f"{len(dat.train_ds)} training slices are fewer than one optimizer step needs with --drop_last "
             f"({per_step} = batch_size x processes x accum_iters)"
         )
     n_workers = engine.resolve_num_workers(args.num_workers, state, dat.train_ds, args.batch_size)
@@ -1315,7 +1370,7 @@ def _train(
         epoch = start_epoch
         while epoch < args.n_epochs and not best.stopped:
             t0 = time.time()
-            stats = _train_epoch(args, seg, dat, n_workers, epoch, info, iters_per_epoch)
+            stats = _train_epoch(args, seg, dat, n_workers, epoch, info, iters_per_epoch, n_batches)
             epoch += 1
             record: dict[str, Any] = {"epoch": epoch, "train_loss": stats["loss"], "lr": stats["lr"]}
             if should_evaluate(epoch, args):
@@ -1368,11 +1423,19 @@ def _train_epoch(
     epoch: int,
     info: engine.DistInfo,
     iters_per_epoch: int,
+    n_batches: int,
 ) -> dict[str, float]:
     """One epoch of training on a fresh loader seeded from (seed, epoch, rank)."""
     seg.start_epoch(epoch)
     loader = engine.build_loader(
-        dat.train_ds, args.batch_size, n_workers, args.seed, epoch, info, pin_memory=info.device.type == "cuda"
+        dat.train_ds,
+        args.batch_size,
+        n_workers,
+        args.seed,
+        epoch,
+        info,
+        drop_last=args.drop_last,
+        pin_memory=info.device.type == "cuda",
     )
     try:
         return engine.train_one_epoch(
@@ -1391,9 +1454,28 @@ def _train_epoch(
             info=info,
             progress=args.progress,
             check_every=args.check_every,
+            n_batches=n_batches,
         )
     finally:
         del loader
+
+
+def epoch_steps(n_items: int, batch_size: int, world_size: int, accum_iters: int, drop_last: bool) -> tuple[int, int]:
+    """``(batches per process, optimizer steps)`` of a fine-tuning epoch over ``n_items`` slices.
+
+    As the original (``drop_last`` False): every slice is used, the last batch may be smaller
+    (``DistributedSampler`` gives every process ``ceil(n_items / world_size)`` items), and a
+    last step may hold fewer than ``accum_iters`` batches: ``ceil(n_items / (batch_size x
+    processes))`` batches, ``ceil(batches / accum_iters)`` steps. ``drop_last``: only full
+    batches and full steps (``n_items // (batch_size x processes x accum_iters)`` steps).
+
+    Example: 1,515 slices, batch 32, one process: 48 steps (the last of 11 slices); 47 with ``drop_last``.
+    """
+    if drop_last:
+        steps = n_items // world_size // batch_size // accum_iters
+        return steps * accum_iters, steps
+    batches = math.ceil(math.ceil(n_items / world_size) / batch_size)
+    return batches, math.ceil(batches / accum_iters)
 
 
 def _evaluate_epoch(

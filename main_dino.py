@@ -44,6 +44,8 @@ from pretrain import PretrainMethod, add_common_args, run_pretraining
 from utils import UserError, run_cli
 
 LOW_RESOURCE_HEAD = {"hidden_dim": 256, "bottleneck_dim": 64, "out_dim": 256}
+#: How the teacher runs: "original" (the student's drop path, train mode) or "dino" (none, eval mode).
+TEACHER_STYLES = ("original", "dino")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -137,13 +139,22 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--center_momentum", type=float, default=0.9, help="EMA momentum of the centre of the teacher outputs."
     )
+    g.add_argument(
+        "--teacher_style",
+        choices=TEACHER_STYLES,
+        default="original",
+        help="original: the teacher is built like the student (drop path --drop_path_rate) and runs in train mode, "
+        "as the original code's main_dino.py; dino: no drop path and eval mode, a deterministic teacher as in "
+        "the DINO paper's recipe.",
+    )
     return parser
 
 
 class DINOMethod(PretrainMethod):
     """DINO: AdamW with lr warm-up and cosine decay, cosine weight decay, EMA teacher with a
     cosine momentum schedule, centring and temperature warm-up, last layer frozen for the
-    first epochs, per-parameter gradient clipping."""
+    first epochs, per-parameter gradient clipping. The teacher keeps the student's drop path
+    and train mode, as the original code (``--teacher_style dino``: neither)."""
 
     name = "dino"
     resume_keys = (
@@ -160,6 +171,7 @@ class DINOMethod(PretrainMethod):
         "warmup_teacher_temp",
         "warmup_teacher_temp_epochs",
         "center_momentum",
+        "teacher_style",
     )
     clip_mode = "per_param"
 
@@ -188,11 +200,14 @@ class DINOMethod(PretrainMethod):
 
         dev = info.device
         self.student = DINOModel(build_encoder(cfg), head()).to(dev)
-        # the teacher never drops paths; drop path has no parameters, so the weights match
-        self.teacher = DINOModel(build_encoder({**cfg, "drop_path_rate": 0.0}), head()).to(dev)
+        # "original": the student's drop path, train mode (the original code); "dino": no drop path, eval
+        # mode. Drop path has no parameters, so the weights match either way.
+        paper_teacher = args.teacher_style == "dino"
+        self.teacher = DINOModel(build_encoder({**cfg, "drop_path_rate": 0.0} if paper_teacher else cfg), head())
+        self.teacher.to(dev)
         self.teacher.load_state_dict(self.student.state_dict())
         self.teacher.requires_grad_(False)
-        self.teacher.eval()
+        self.teacher.train(not paper_teacher)
         self.encoder = self.teacher.encoder
         self.teacher_forward: torch.nn.Module = self.teacher  # compiled with --compile
         self.train_module = engine.wrap_ddp(self.student, info)

@@ -59,9 +59,10 @@ from finetune import run_finetuning
 from utils import run_cli
 
 _HELP = {
-    "data_dir": "2D: output of preprocess_flare_labelled.py / preprocess_labelled.py (imgs/, labels/, manifest.json). "
-    "3D: a raw labelled data set (FLARE 2022 images/ and labels/, nnU-Net v2 raw or Decathlon with a dataset.json). "
-    "Required.",
+    "data_dir": "2D: output of preprocess_flare_labelled.py / preprocess_labelled.py (imgs/, labels/, manifest.json), "
+    "or of the original code's script (imgs/<stem>_<i>.png, labels/<stem>_<i>.png, no manifest: --size_x/y/z give the "
+    "voxel size of the scores). 3D: a raw labelled data set (FLARE 2022 images/ and labels/, nnU-Net v2 raw or "
+    "Decathlon with a dataset.json). Required.",
     "max_images": "Use only the first N slices (2D) / volumes (3D) of the train list and of the val list; 0 = all. For "
     "demos and tests.",
     "batch_augment": "Apply the fine-tuning augmentations on the training device as batched tensor operations "
@@ -74,8 +75,8 @@ _HELP = {
     "memory. Same numbers.",
     "crop_size": "Side of the training crops and sliding windows (Swin: multiple of 32, at least 64; UNETR: multiple of "
     "16, at least 32).",
-    "embedding_size": "Swin feature size (multiple of 12). The original's fine-tuning default is 24, pretraining 48: pass "
-    "48 with the paper's pretrained checkpoints (a mismatch is refused).",
+    "embedding_size": "Swin feature size (multiple of 12); 48 in the paper (the original's default, 24, was a debugging "
+    "value its README command overrides). Must match the pretrained checkpoint (a mismatch is refused).",
     "low_resource_mode": "A tiny network (embedding 12, Swin heads 3) for CPU demos and tests.",
     "drop_path_rate": "Stochastic depth rate in the Swin encoder.",
     "batch_size": "Slices (volumes) per batch and process; the batch holds batch_size x n_crops_per_ct crops.",
@@ -96,7 +97,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         p,
         {
             "num_workers": 4,
-            "embedding_size": 24,
+            "embedding_size": 48,
             "drop_path_rate": 0.0,
             "batch_size": 32,
             "n_epochs": 225,
@@ -180,6 +181,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     groups["optim"].add_argument(
         "--wd", type=float, default=1e-5, help="AdamW weight decay (not applied to biases and norm parameters)."
     )
+    groups["optim"].add_argument(
+        "--drop_last",
+        action="store_true",
+        help="Skip the last incomplete batch of every epoch (and a last incomplete --accum_iters step). By default "
+        "it is trained on, as the original: ceil(slices / (batch_size x processes)) steps per epoch, the learning-rate "
+        "schedule counting them.",
+    )
 
     g = p.add_argument_group("evaluation and early stopping")
     g.add_argument(
@@ -193,9 +201,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--patience",
-        type=int,
+        type=float,
         default=20,
-        help="Stop after this many evaluations without a better validation dice_paper.",
+        help="Stop after this many evaluations without a better validation dice_paper (20 in the paper). A whole "
+        "number; written as a float too (20.0), as the original's flag is a float.",
     )
     g.add_argument(
         "--sw_batch_size",

@@ -22,6 +22,7 @@ Example (2D, the paper's encoder)::
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -35,6 +36,8 @@ from monai.networks.nets.vit import ViT
 from monai.utils import ensure_tuple_rep
 
 from utils import UserError, torch_load
+
+logger = logging.getLogger(__name__)
 
 ENCODER_FORMAT = "ioupos-encoder-v1"
 ARCHS = ("swin", "unetr")
@@ -595,6 +598,10 @@ def encoder_checkpoint(
 
 
 _PREFIXES = ("module.", "backbone.", "swinViT.", "vit.", "encoder.")
+#: The original code's SimSiam checkpoint (``model.state_dict()`` of its ``src/models.py`` SimSiam):
+#: ``backbone.model.<SwinTransformer keys>`` and the two heads of lightly.
+ORIGINAL_SIMSIAM_ENCODER = "backbone.model."
+ORIGINAL_SIMSIAM_HEADS = ("projection_head.", "prediction_head.")
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -617,9 +624,13 @@ def extract_encoder_state(
     """Find the encoder's state dict in any checkpoint layout we accept.
 
     Accepted: our pretrained files (SimSiam; DINO with ``checkpoint_key`` "teacher" or
-    "student"), our fine-tuned files (the segmenter's encoder), a bare encoder state dict,
-    and MONAI's Swin-UNETR layouts (``swinViT.*`` keys, optionally under ``state_dict``
-    and with ``module.`` prefixes). Returns (state dict with bare keys, model config or None).
+    "student"), our fine-tuned files (the segmenter's encoder), a bare encoder state dict
+    (also the original code's DINO checkpoints: its student's ``SwinTransformer`` state
+    dict), the original code's SimSiam checkpoints (``model.state_dict()`` of its SimSiam
+    module: the encoder under ``backbone.model.``, the heads under ``projection_head.`` and
+    ``prediction_head.``, which are left out), and MONAI's Swin-UNETR layouts (``swinViT.*``
+    keys, optionally under ``state_dict`` and with ``module.`` prefixes). Returns (state
+    dict with bare keys, model config or None); what was found is logged.
     """
     if not isinstance(ckpt, dict):
         raise UserError(f"{path!r} holds a {type(ckpt).__name__}, not a checkpoint dictionary")
@@ -647,8 +658,26 @@ def extract_encoder_state(
     tensors = {k: v for k, v in ckpt.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise UserError(f"{path!r} holds no tensors that could be encoder weights")
+    enc_keys = [k for k in tensors if k.startswith(ORIGINAL_SIMSIAM_ENCODER)]
+    if enc_keys and all(k.startswith((ORIGINAL_SIMSIAM_ENCODER, *ORIGINAL_SIMSIAM_HEADS)) for k in tensors):
+        logger.info(
+            "%s: the original code's SimSiam checkpoint: %d encoder tensors (%s*); its %d projection / prediction "
+            "head tensors are not used",
+            path,
+            len(enc_keys),
+            ORIGINAL_SIMSIAM_ENCODER,
+            len(tensors) - len(enc_keys),
+        )
+        return {k[len(ORIGINAL_SIMSIAM_ENCODER) :]: tensors[k] for k in enc_keys}, None
     # a full MONAI SwinUNETR / UNETR state dict: keep the encoder part only
     enc = {k: v for k, v in tensors.items() if k.replace("module.", "", 1).startswith(("swinViT.", "vit."))}
+    if not enc:
+        logger.info(
+            "%s: a bare encoder state dict of %d tensors (e.g. the original code's DINO checkpoint: its student's "
+            "SwinTransformer)",
+            path,
+            len(tensors),
+        )
     return _strip_prefixes(enc if enc else tensors), cfg
 
 

@@ -313,11 +313,13 @@ class Predictor:
 
     def model_input(self, pre: torch.Tensor) -> np.ndarray:
         """The preprocessed image (1, X', Y', Z') as the model saw its training data: in 2D
-        the values the slice PNGs stored (``round(v * 255)`` for 8 bits, converted to [0, 1]
-        on the device), in 3D float32."""
+        the values the slice PNGs stored (``v * 255`` truncated or rounded as the record says,
+        for 8 bits; converted to [0, 1] on the device), in 3D float32."""
         arr = (pre.as_tensor() if isinstance(pre, MetaTensor) else torch.as_tensor(pre)).numpy()[0]
         bits = self.preprocessing["png_bits"]
-        return data.float_to_stored(arr, bits) if bits else np.ascontiguousarray(arr, dtype=np.float32)
+        if not bits:
+            return np.ascontiguousarray(arr, dtype=np.float32)
+        return data.float_to_stored(arr, bits, self.preprocessing["png_quantization"])
 
     @torch.no_grad()
     def segment(self, pre: torch.Tensor, probabilities: bool = False) -> tuple[np.ndarray, torch.Tensor | None]:
@@ -660,7 +662,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         rec["a_min"],
         rec["a_max"],
         rec["min_xy"],
-        f", {rec['png_bits']}-bit slices" if rec["png_bits"] else "",
+        f", {rec['png_bits']}-bit slices ({rec['png_quantization']})" if rec["png_bits"] else "",
         rec["source"],
     )
     logger.info("%d scan(s) -> %s on %s", len(items), os.path.abspath(args.output_dir), device)

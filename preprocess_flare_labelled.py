@@ -32,10 +32,14 @@ Every z slice of image and label is written with the same file name:
 ``<output_dir>/imgs/<case>_<zzzz>.png`` and ``<output_dir>/labels/<case>_<zzzz>.png``.
 The paper's steps: orient RAS, resample to 1 x 1 x 2.5 mm (bilinear image, nearest
 label), clip HU to [-500, 500] and scale to [0, 1], crop to the foreground box, pad x
-and y to at least 96, save as 8-bit PNG (5,050 slices from the 50 FLARE cases).
+and y to at least 96, save as 8-bit PNG, v * 255 truncated as the original
+(``--png_quantization round`` rounds) (5,050 slices from the 50 FLARE cases).
 
     # the paper's preprocessing of FLARE 2022 (50 labelled cases, data/split.json)
     python preprocess_flare_labelled.py --data_dir FLARE22Train --output_dir flare_2d/labelled
+
+    # as the original: ./data/finetune -> ./data/finetune_preprocessed_2d (relative to the working directory)
+    python preprocess_flare_labelled.py
 
     # faster: 8 processes; lossless 16-bit slices
     python preprocess_flare_labelled.py --data_dir FLARE22Train --output_dir flare_2d/labelled --num_workers 8
@@ -66,6 +70,7 @@ import data
 from preprocessing import (
     CaseTask,
     add_common_args,
+    check_data_dir,
     config_from_args,
     prepare_output_dir,
     record_split,
@@ -74,6 +79,10 @@ from preprocessing import (
 from utils import UserError, run_cli
 
 logger = logging.getLogger(__name__)
+
+#: The original script's default folders (relative to the working directory, as there).
+DEFAULT_DATA_DIR = "./data/finetune"
+DEFAULT_OUTPUT_DIR = "./data/finetune_preprocessed_2d"
 
 
 def get_args_parser(prog: str = "preprocess_flare_labelled") -> argparse.ArgumentParser:
@@ -86,7 +95,10 @@ def get_args_parser(prog: str = "preprocess_flare_labelled") -> argparse.Argumen
     groups = add_common_args(
         parser,
         output_help="folder for imgs/, labels/, manifest.json (and split.json when the split is made here); created "
-        "if missing; must not be, lie inside or contain --data_dir. Required.",
+        "if missing; must not be, lie inside or contain --data_dir. The default is the original's, relative to the "
+        "working directory",
+        data_default=DEFAULT_DATA_DIR,
+        output_default=DEFAULT_OUTPUT_DIR,
     )
     io_g = groups["io"]
     io_g.add_argument(
@@ -224,6 +236,7 @@ def resolve_split(
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the labelled preprocessing; returns the summary (see preprocessing.run_preprocessing)."""
+    check_data_dir(args, DEFAULT_DATA_DIR)
     ds = data.find_labelled_dataset(args.data_dir, args.layout, args.channel)
     if ds.layout == "flare":
         config = config_from_args(args, kind="labelled", spatial_dims=2)

@@ -10,10 +10,14 @@ per z slice (``--spatial_dims 2``, the paper) or ``<output_dir>/<case>.nii.gz``,
 float32 volume in [0, 1] with its 1 x 1 x 2.5 mm spacing in the header
 (``--spatial_dims 3``). Same steps as the labelled script: orient RAS, resample to
 1 x 1 x 2.5 mm (bilinear), clip HU to [-500, 500] and scale to [0, 1], crop to the
-foreground box, pad x and y to at least 96 (237,449 slices from the 2,000 cases).
+foreground box, pad x and y to at least 96, 8-bit PNG of v * 255 truncated as the original
+(237,449 slices from the 2,000 cases).
 
     # the paper's preprocessing of the 2,000 unlabelled FLARE 2022 cases
     python preprocess_flare_unlabelled.py --data_dir FLARE22_Unlabelled --output_dir flare_2d/unlabelled --num_workers 8
+
+    # as the original: ./data/ssl -> ./data/ssl_preprocessed_2d (relative to the working directory)
+    python preprocess_flare_unlabelled.py
 
     # 3D volumes for 3D pretraining
     python preprocess_flare_unlabelled.py --data_dir FLARE22_Unlabelled --output_dir flare_3d/unlabelled --spatial_dims 3
@@ -40,10 +44,14 @@ import logging
 from typing import Any
 
 import data
-from preprocessing import CaseTask, add_common_args, config_from_args, run_from_args
+from preprocessing import CaseTask, add_common_args, check_data_dir, config_from_args, run_from_args
 from utils import run_cli
 
 logger = logging.getLogger(__name__)
+
+#: The original script's default folders (relative to the working directory, as there).
+DEFAULT_DATA_DIR = "./data/ssl"
+DEFAULT_OUTPUT_DIR = "./data/ssl_preprocessed_2d"
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -54,8 +62,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     groups = add_common_args(
         parser,
-        output_help="folder for the slices (or volumes) and manifest.json; created if missing; "
-        "must not be, lie inside or contain --data_dir. Required.",
+        output_help="folder for the slices (or volumes) and manifest.json; created if missing; must not be, lie "
+        "inside or contain --data_dir. The default is the original's, relative to the working directory (also "
+        "for --spatial_dims 3, as there)",
+        data_default=DEFAULT_DATA_DIR,
+        output_default=DEFAULT_OUTPUT_DIR,
     )
     groups["io"].add_argument(
         "--spatial_dims",
@@ -83,6 +94,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Run the unlabelled preprocessing; returns the summary (see preprocessing.run_preprocessing)."""
+    check_data_dir(args, DEFAULT_DATA_DIR)
     cases, layout, channel = data.find_images(args.data_dir, args.layout, args.channel)  # checked before any write
     if layout == "tree":  # the layout is recorded only for a labelled data set's images: a tree's record is unchanged
         config = config_from_args(args, kind="unlabelled", spatial_dims=args.spatial_dims)

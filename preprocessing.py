@@ -68,6 +68,8 @@ from utils import (
 logger = logging.getLogger(__name__)
 
 MANIFEST_FORMAT_VERSION = 1
+#: values of preprocessing arguments that folders written before the argument existed had implicitly
+LEGACY_ARGS = {"png_quantization": "round"}
 MANIFEST_NAME = "manifest.json"
 ARGS_NAME = "args.json"
 _AFFINE_ATOL_MM = 1e-3  # image and label affines may differ by float noise, not by more
@@ -99,6 +101,7 @@ class PreprocessConfig:
         pixdim: output voxel size (x, y, z) in mm.
         min_xy: x and y padded to at least this size.
         png_bits: 8 or 16 bits per image PNG pixel.
+        png_quantization: "truncate" (the original's ``(v * 255).astype(uint8)``) or "round".
         labels: the label names by id of a data set that declares them (nnU-Net, Decathlon);
             None: FLARE 2022's 13 organs. Label ids outside them make a case fail.
         layout: the layout read when it is not FLARE's (``"nnunet"``, ``"decathlon"``), else None.
@@ -114,6 +117,7 @@ class PreprocessConfig:
     pixdim: tuple[float, float, float] = (1.0, 1.0, 2.5)
     min_xy: int = 96
     png_bits: int = 8
+    png_quantization: str = "truncate"
     labels: tuple[str, ...] | None = None
     layout: str | None = None
     channel: int | None = None
@@ -135,6 +139,10 @@ class PreprocessConfig:
             raise UserError(f"--png_bits must be 8 or 16, got {self.png_bits}")
         if self.labels is not None and (self.kind != "labelled" or len(self.labels) < 2):
             raise UserError(f"a label set ({self.labels}) needs labelled data and at least two classes")
+        if self.png_quantization not in data.PNG_QUANTIZATIONS:
+            raise UserError(
+                f"--png_quantization must be one of {', '.join(data.PNG_QUANTIZATIONS)}, got {self.png_quantization!r}"
+            )
 
     @property
     def n_classes(self) -> int:
@@ -169,13 +177,22 @@ class CaseTask:
 # --------------------------------------------------------------------------------------
 
 
-def add_common_args(parser: argparse.ArgumentParser, output_help: str) -> dict[str, argparse._ArgumentGroup]:
-    """Add the flags both preprocessing scripts share; returns the argument groups by name."""
+def add_common_args(
+    parser: argparse.ArgumentParser, output_help: str, data_default: str, output_default: str
+) -> dict[str, argparse._ArgumentGroup]:
+    """Add the flags both preprocessing scripts share; returns the argument groups by name.
+
+    ``data_default`` / ``output_default``: the original scripts' default folders (relative to
+    the working directory, as there), so that their command lines run as they are.
+    """
     io_g = parser.add_argument_group("input and output")
     io_g.add_argument(
-        "--data_dir", required=True, help="the data set folder to read (see the layouts above). Required."
+        "--data_dir",
+        default=data_default,
+        help="the data set folder to read (see the layouts above); the default is the original's, relative to the "
+        "working directory",
     )
-    io_g.add_argument("--output_dir", required=True, help=output_help)
+    io_g.add_argument("--output_dir", default=output_default, help=output_help)
     io_g.add_argument(
         "--overwrite",
         action="store_true",
@@ -208,6 +225,14 @@ def add_common_args(parser: argparse.ArgumentParser, output_help: str) -> dict[s
         choices=(8, 16),
         help="bits per image PNG pixel: 8 as in the paper, 16 for (nearly) lossless slices; the loaders read either",
     )
+    pre.add_argument(
+        "--png_quantization",
+        default="truncate",
+        choices=data.PNG_QUANTIZATIONS,
+        help="how an image value v in [0, 1] becomes a PNG integer: truncate v * 255 (the original's "
+        "(v * 255).astype(uint8), so the paper's slices) or round it (half a grey level less error on average); "
+        "recorded in manifest.json, and predict.py applies the same to new scans",
+    )
 
     run = parser.add_argument_group("speed and distribution")
     run.add_argument(
@@ -232,6 +257,23 @@ def add_common_args(parser: argparse.ArgumentParser, output_help: str) -> dict[s
     return {"io": io_g, "preprocessing": pre, "run": run}
 
 
+def check_data_dir(args: argparse.Namespace, default: str) -> None:
+    """Refuse a missing ``--data_dir`` with one line naming it (and, for the default, where it was looked for).
+
+    Raises:
+        UserError: ``--data_dir`` is not a folder.
+    """
+    path = os.path.abspath(args.data_dir)
+    if os.path.isdir(path):
+        return
+    if args.data_dir == default:
+        raise UserError(
+            f"--data_dir {path} does not exist: the default {default} (the original's) is taken relative to the "
+            f"working directory {os.getcwd()}; pass --data_dir with the data set folder"
+        )
+    raise UserError(f"--data_dir {path} does not exist or is not a folder")
+
+
 def config_from_args(
     args: argparse.Namespace,
     kind: str,
@@ -249,6 +291,7 @@ def config_from_args(
         a_max=float(args.a_max),
         pixdim=(float(args.size_x), float(args.size_y), float(args.size_z)),
         png_bits=int(args.png_bits),
+        png_quantization=str(args.png_quantization),
         labels=None if labels is None else tuple(labels),
         layout=layout,
         channel=channel,
@@ -339,6 +382,7 @@ def prepare_output_dir(
             have = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise UserError(f"cannot read {apath}: {e}") from None
+    have = {**LEGACY_ARGS, **have}
     diff = [f"{k}={have.get(k)!r} (now {want.get(k)!r})" for k in {**want, **have} if have.get(k) != want.get(k)]
     if diff:
         raise UserError(
@@ -636,18 +680,21 @@ def _write_case(
     with open(marker, "w"):
         pass
 
+    q = config.png_quantization
     if config.spatial_dims == 3:
         _write_nifti(os.path.join(output_dir, task.case + ".nii.gz"), arr, affine)
     elif config.kind == "labelled":
         img_dir, lab_dir = _case_output_dirs(output_dir, config)
         for z in range(n_slices):
             name = data.slice_file_name(task.case, z, n_slices)
-            write_bytes(os.path.join(img_dir, name), data.encode_png_2d(arr[:, :, z], bits=config.png_bits))
+            write_bytes(os.path.join(img_dir, name), data.encode_png_2d(arr[:, :, z], config.png_bits, quantization=q))
             write_bytes(os.path.join(lab_dir, name), data.encode_png_2d(lab_arr[:, :, z], is_label=True))
     else:
         for z in range(n_slices):
             name = data.slice_file_name(task.case, z, n_slices)
-            write_bytes(os.path.join(output_dir, name), data.encode_png_2d(arr[:, :, z], bits=config.png_bits))
+            write_bytes(
+                os.path.join(output_dir, name), data.encode_png_2d(arr[:, :, z], config.png_bits, quantization=q)
+            )
 
     _write_json(os.path.join(mdir, task.case + ".json"), entry)
     os.unlink(marker)

@@ -48,7 +48,15 @@ from tqdm import tqdm
 
 import engine
 from batch_augment import BatchViewAugment
-from data import SliceCache, data_fingerprints, list_pretrain_images, png_size
+from data import (
+    MANIFEST_NAME,
+    SliceCache,
+    data_fingerprints,
+    detect_slice_layout,
+    list_pretrain_images,
+    png_size,
+    read_manifest,
+)
 from iou_crops import IOU_SAMPLERS, IoUCropSampler
 from models import encoder_checkpoint, encoder_config_from_args
 from transforms import pretrain_transforms
@@ -60,7 +68,14 @@ WANDB_PROJECT = "exploring-ssl-for-ct-pre"
 AUDIT_BINS = 10
 
 #: flags whose value must not change when a run is resumed (plus each method's own)
-RESUME_KEYS = engine.COMMON_RESUME_KEYS + ("min_iou", "max_iou", "strict_iou", "iou_sampler", "no_augment")
+RESUME_KEYS = engine.COMMON_RESUME_KEYS + (
+    "min_iou",
+    "max_iou",
+    "strict_iou",
+    "iou_sampler",
+    "no_augment",
+    "slice_layout",
+)
 
 _HELP = {
     "data_dir": "Folder of preprocessed pretraining data, searched recursively: PNG slices (--spatial_dims 2, from "
@@ -202,14 +217,15 @@ def model_config(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------
 
 
-def image_shape(path: str, spatial_dims: int) -> tuple[int, ...]:
-    """Spatial size of an image from its header only: (X, Y) of a PNG, (X, Y, Z) of a NIfTI.
+def image_shape(path: str, spatial_dims: int, layout: str = "ioupos") -> tuple[int, ...]:
+    """Spatial size of an image from its header only: (X, Y) of a PNG (of slice ``layout``),
+    (X, Y, Z) of a NIfTI.
 
     Raises:
         UserError: the file cannot be read as an image of that kind.
     """
     if spatial_dims == 2:
-        return png_size(path)
+        return png_size(path, layout)
     try:
         shape = tuple(int(s) for s in nib.load(path).shape)
     except Exception as e:
@@ -227,8 +243,9 @@ def check_interval(
     max_iou: float,
     strict: bool,
     progress: bool = True,
+    layout: str = "ioupos",
 ) -> dict[str, Any]:
-    """Check which images admit a crop pair with IoU in [min_iou, max_iou].
+    """Check which images admit a crop pair with IoU in [min_iou, max_iou] (2D slices of ``layout``).
 
     Sizes come from the file headers; images smaller than the crop count as padded to it
     (as the pipeline pads them). Returns ``{"n_images", "n_infeasible", "infeasible_frac",
@@ -241,7 +258,7 @@ def check_interval(
     sampler = IoUCropSampler(crop_size, min_iou, max_iou, strict=False)
     shapes: dict[tuple[int, ...], int] = {}
     for p in tqdm(paths, desc="reading image sizes", disable=not progress or len(paths) < 1000, leave=False):
-        s = tuple(max(int(v), crop_size) for v in image_shape(p, spatial_dims))
+        s = tuple(max(int(v), crop_size) for v in image_shape(p, spatial_dims, layout))
         shapes[s] = shapes.get(s, 0) + 1
     feasible = {s: sampler.is_feasible(s) for s in shapes}
     n_bad = sum(n for s, n in shapes.items() if not feasible[s])
@@ -286,12 +303,23 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
     if info.is_main:
         try:
             paths = list_pretrain_images(args.data_dir, args.spatial_dims)
+            layout = "ioupos"
+            if args.spatial_dims == 2:
+                layout = detect_slice_layout(args.data_dir, paths, args.slice_layout)
+            check_recorded_preprocessing(args)
             if args.max_images:
                 paths = paths[: args.max_images]
             check = check_interval(
-                paths, args.spatial_dims, args.crop_size, args.min_iou, args.max_iou, args.strict_iou, args.progress
+                paths,
+                args.spatial_dims,
+                args.crop_size,
+                args.min_iou,
+                args.max_iou,
+                args.strict_iou,
+                args.progress,
+                layout,
             )
-            payload = ("ok", (paths, check))
+            payload = ("ok", (paths, check, layout))
         except UserError as e:
             payload = ("error", str(e))
     else:
@@ -302,8 +330,14 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
         payload = box[0]
     if payload[0] == "error":
         raise UserError(payload[1])
-    paths, check = payload[1]
-    logger.info("%d images in %s (%dD)", len(paths), args.data_dir, args.spatial_dims)
+    paths, check, layout = payload[1]
+    logger.info(
+        "%d images in %s (%dD%s)",
+        len(paths),
+        args.data_dir,
+        args.spatial_dims,
+        ", slices written by the original code's preprocessing" if layout == "original" else "",
+    )
     cache = None
     if args.cache_images:
         cache = SliceCache.build(
@@ -312,6 +346,7 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
             "--cache_images",
             copies=info.local_world_size,
             progress=args.progress and info.is_main,
+            layout=layout,
         )
     # with --batch_augment the workers stop after the IoU crops; the views are augmented in the training step
     augment = not args.no_augment and not args.batch_augment
@@ -324,8 +359,26 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
         augment=augment,
         cache=cache,
         sampler=args.iou_sampler,
+        layout=layout,
     )
     return Dataset([{"image": p} for p in paths], transform=tf), check
+
+
+def check_recorded_preprocessing(args: argparse.Namespace) -> None:
+    """``--a_min ... --size_z`` against the preprocessing recorded in ``--data_dir``'s
+    ``manifest.json``: pretraining reads preprocessed data, so the flags can only confirm it.
+    A folder without a manifest (the original's preprocessing) records nothing to check.
+
+    Raises:
+        UserError: a given flag differs from the recorded value, or the manifest is unreadable.
+    """
+    where = os.path.join(args.data_dir, MANIFEST_NAME)
+    if os.path.isfile(where):
+        engine.check_preprocessing_flags(args, read_manifest(args.data_dir)["args"], where)
+    elif any(getattr(args, k, None) is not None for k in engine.PAPER_PREPROCESSING):
+        logger.info(
+            "%s records no preprocessing (not this project's output): --a_min ... --size_z not checked", args.data_dir
+        )
 
 
 def make_batch_augment(args: argparse.Namespace, epoch: int, info: engine.DistInfo):

@@ -32,7 +32,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from data import list_finetune_pairs, read_image_2d, read_label_2d
+from data import labelled_slice_layout, list_finetune_pairs, read_image_2d, read_label_2d
 from engine import run_paths
 from iou_crops import crop_iou, make_sampler
 from runqueue import Row, Run, is_finished, read_result, result_path
@@ -516,9 +516,10 @@ def organ_sharing(
     seed: int = 0,
     strict: bool = False,
     iou_sampler: str = "exact",
+    layout: str = "ioupos",
 ) -> dict[str, dict[str, Any]]:
     """Per interval: the fraction of positive pairs whose two crops share at least one organ
-    (the thesis' Figure 3.2).
+    (the thesis' Figure 3.2). ``layout``: the label slices' ``data.SLICE_LAYOUTS``.
 
     ``n_pairs`` pairs are drawn per interval on the labelled 2D slices that contain at least
     one organ and are at least ``crop_size`` on both axes: a slice uniformly at random, then
@@ -538,7 +539,7 @@ def organ_sharing(
     """
     labels = []
     for p in label_paths:
-        lab = read_label_2d(p)
+        lab = read_label_2d(p, layout)
         if lab.max() > 0 and min(lab.shape) >= crop_size:
             labels.append(lab)
     if not labels:
@@ -621,9 +622,10 @@ def plot_crop_pairs(
     seed: int = 0,
     strict: bool = False,
     iou_sampler: str = "exact",
+    layout: str = "ioupos",
 ) -> str | None:
     """``crop_pairs.png``: example crop pairs of each interval on one labelled slice (drawn with
-    ``iou_sampler``, as the pretraining).
+    ``iou_sampler``, as the pretraining; ``layout``: the slices' ``data.SLICE_LAYOUTS``).
 
     One row of panels per interval: the slice (organ outlines when a label is given) with
     the two crops of a pair as a red and a blue square and their IoU in the title.
@@ -631,8 +633,8 @@ def plot_crop_pairs(
     present = [r for r in rows if r.pretrained]
     if not present:
         return None
-    img = read_image_2d(image_path)
-    lab = read_label_2d(label_path) if label_path else None
+    img = read_image_2d(image_path, layout)
+    lab = read_label_2d(label_path, layout) if label_path else None
     if min(img.shape) < crop_size:
         raise UserError(f"slice {image_path} ({img.shape}) is smaller than the crop size {crop_size}")
     fig = Figure(figsize=(2.2 * n_examples + 0.4, 2.3 * len(present) + 0.4), layout="constrained")
@@ -703,10 +705,11 @@ def make_figures(
     if spatial_dims != 2:
         logger.info("organ_sharing.png and crop_pairs.png are drawn for 2D slices only")
         return made
-    pairs = list_finetune_pairs(labelled_dir, split, 2)
+    layout = labelled_slice_layout(labelled_dir)
+    pairs = list_finetune_pairs(labelled_dir, split, 2, layout)
     items = pairs["train"] + pairs["val"]
     frac = organ_sharing(
-        [it["label"] for it in items], rows, crop_size, n_pairs=n_pairs, seed=0, iou_sampler=iou_sampler
+        [it["label"] for it in items], rows, crop_size, n_pairs=n_pairs, seed=0, iou_sampler=iou_sampler, layout=layout
     )
     p = plot_organ_sharing(frac, rows, os.path.join(fig_dir, "organ_sharing.png"), crop_size)
     if p:
@@ -715,7 +718,7 @@ def make_figures(
     # the example slice: the one with the most organs (first such slice of the validation cases)
     best, best_n = None, -1
     for it in pairs["val"] or pairs["train"]:
-        n = len(set(read_label_2d(it["label"]).ravel().tolist()) - {0})
+        n = len(set(read_label_2d(it["label"], layout).ravel().tolist()) - {0})
         if n > best_n:
             best, best_n = it, n
     if best is not None:
@@ -726,6 +729,7 @@ def make_figures(
             os.path.join(fig_dir, "crop_pairs.png"),
             crop_size,
             iou_sampler=iou_sampler,
+            layout=layout,
         )
         if p:
             made["crop_pairs"] = p

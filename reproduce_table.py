@@ -129,7 +129,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "low_resource_mode": False,
         "crop_size": 96,
         "finetune_crop_size": 96,
-        "drop_path_rate": 0.1,
+        # the original passes drop path 0.1 to its pretraining and none (MONAI's 0.0) to its fine-tuning
+        "pretrain_drop_path_rate": 0.1,
+        "finetune_drop_path_rate": 0.0,
         "iou_sampler": "exact",
         "use_amp": True,
         "n_pretrain_epochs": 100,
@@ -164,7 +166,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "low_resource_mode": True,
         "crop_size": 32,
         "finetune_crop_size": 64,
-        "drop_path_rate": 0.1,
+        "pretrain_drop_path_rate": 0.1,
+        "finetune_drop_path_rate": 0.0,
         "iou_sampler": "exact",
         "use_amp": False,
         "n_pretrain_epochs": 2,
@@ -315,7 +318,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         type=int,
         help="crop and sliding-window size of fine-tuning (Swin-UNETR: a multiple of 32, >= 64; paper 96)",
     )
-    g.add_argument("--drop_path_rate", type=float, help="stochastic depth of the encoder (paper 0.1)")
+    g.add_argument(
+        "--pretrain_drop_path_rate",
+        type=float,
+        help="stochastic depth of the encoder in pretraining (paper 0.1, as the original's main_simsiam.py)",
+    )
+    g.add_argument(
+        "--finetune_drop_path_rate",
+        type=float,
+        help="stochastic depth of the Swin-UNETR encoder in fine-tuning (paper 0.0: the original's main_finetune.py "
+        "builds SwinUNETR without it)",
+    )
     g.add_argument(
         "--iou_sampler",
         choices=IOU_SAMPLERS,
@@ -644,15 +657,19 @@ def prepare_data_once(args: argparse.Namespace, settings: dict[str, Any], out: s
         lock.release()
 
 
+def preprocess_argv(raw: str, out: str, split: str | None, workers: int) -> list[str]:
+    """The flags of the grid's ``preprocess_flare_*.py`` runs: the folders and workers only,
+    every preprocessing setting at the script's default (the paper's)."""
+    argv = ["--data_dir", raw, "--output_dir", out, "--num_workers", str(max(1, workers))]
+    return argv + (["--split_path", split] if split else [])
+
+
 def _preprocess(kind: str, raw: str, out: str, split: str | None, workers: int) -> None:
     """Run ``preprocess_flare_<kind>.py`` on ``raw`` into ``out`` (its summary goes to stderr)."""
     mod = preprocess_flare_labelled if kind == "labelled" else preprocess_flare_unlabelled
-    argv = ["--data_dir", raw, "--output_dir", out, "--num_workers", str(max(1, workers))]
-    if split:
-        argv += ["--split_path", split]
     logger.info("preprocessing %s: %s -> %s", kind, raw, out)
     with contextlib.redirect_stdout(sys.stderr):  # its summary table; stdout is for our table
-        mod.main(mod.get_args_parser().parse_args(argv))
+        mod.main(mod.get_args_parser().parse_args(preprocess_argv(raw, out, split, workers)))
 
 
 # ---------------------------------------------------------------------------------------
@@ -668,8 +685,6 @@ def _common_argv(s: dict[str, Any]) -> list[str]:
         s["arch"],
         "--embedding_size",
         str(s["embedding_size"]),
-        "--drop_path_rate",
-        f"{s['drop_path_rate']:g}",
     ]
     if s["low_resource_mode"]:
         argv.append("--low_resource_mode")
@@ -709,6 +724,8 @@ def build_plan(
             *common,
             "--crop_size",
             str(s["crop_size"]),
+            "--drop_path_rate",
+            f"{s['pretrain_drop_path_rate']:g}",
             "--min_iou",
             f"{row.min_iou:g}",
             "--max_iou",
@@ -747,6 +764,8 @@ def build_plan(
             *common,
             "--crop_size",
             str(s["finetune_crop_size"]),
+            "--drop_path_rate",
+            f"{s['finetune_drop_path_rate']:g}",
             "--chkpt_path",
             weights,
             "--batch_size",
@@ -789,7 +808,7 @@ def build_plan(
         "spatial_dims": s["spatial_dims"],
         "embedding_size": s["embedding_size"],
         "low_resource_mode": bool(s["low_resource_mode"]),
-        "drop_path_rate": float(s["drop_path_rate"]),
+        "drop_path_rate": float(s["finetune_drop_path_rate"]),
         "crop_size": s["finetune_crop_size"],
     }
     script = "main_simsiam" if args.method == "simsiam" else "main_dino"
@@ -970,6 +989,11 @@ def native_inputs(labelled_dir: str, split: dict[str, list[str]]) -> dict[str, t
     Raises:
         UserError: the manifest is missing, a validation case is not in it, or its raw files are gone.
     """
+    if not os.path.isfile(os.path.join(labelled_dir, "manifest.json")):
+        raise UserError(
+            f"{labelled_dir} has no manifest.json naming the raw scans of its cases (e.g. the original code's "
+            "preprocessing writes none); the native-resolution table needs them: pass --no-native_table to skip it"
+        )
     cases = read_manifest(labelled_dir)["cases"]
     out = {}
     for case in split["val"]:

@@ -74,7 +74,7 @@ from monai.transforms.utils import is_positive
 from monai.utils import TraceKeys, ensure_tuple
 
 from augment_params import AUGMENT
-from data import SliceCache, label_from_stored, load_nifti, read_image_2d, read_label_2d
+from data import PNG_QUANTIZATIONS, SliceCache, label_from_stored, load_nifti, read_image_2d, read_label_2d
 from iou_crops import IoUCropd
 from utils import UserError, user_error_in
 
@@ -207,6 +207,7 @@ def preprocessing_record(
     min_xy: int,
     png_bits: int | None,
     source: str,
+    png_quantization: str | None = "round",
 ) -> dict[str, Any]:
     """How a model's input was preprocessed, as stored in its fine-tuned checkpoint
     (``"preprocessing"``) and in an exported model card.
@@ -214,9 +215,11 @@ def preprocessing_record(
     Args:
         spatial_dims: 2 (the model saw axial (X, Y) slices) or 3 (volumes).
         a_min, a_max, pixdim, min_xy: :func:`preprocessing_transforms`'s arguments.
-        png_bits: 2D: the image PNGs' bits (8 or 16): the model saw ``round(v * 255) / 255``
+        png_bits: 2D: the image PNGs' bits (8 or 16): the model saw ``q(v * 255) / 255``
             (or 65535); None: float32 values as the chain gives them (3D).
         source: where the settings were read (a ``manifest.json``, or the 3D chain).
+        png_quantization: with ``png_bits``: ``q``, "truncate" or "round" (records written
+            before it existed hold none: "round"); None without ``png_bits``.
 
     Raises:
         ValueError: a value out of range (names it).
@@ -225,6 +228,10 @@ def preprocessing_record(
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     if png_bits not in (None, 8, 16):
         raise ValueError(f"png_bits must be None, 8 or 16, got {png_bits!r}")
+    if png_bits is None:
+        png_quantization = None
+    elif png_quantization not in PNG_QUANTIZATIONS:
+        raise ValueError(f"png_quantization must be one of {PNG_QUANTIZATIONS}, got {png_quantization!r}")
     if not float(a_max) > float(a_min):
         raise ValueError(f"a_max ({a_max}) must be greater than a_min ({a_min})")
     pix = [float(p) for p in pixdim]
@@ -244,6 +251,7 @@ def preprocessing_record(
         "crop_foreground": "box of the voxels with image > 0 (HU > a_min)",
         "min_xy": int(min_xy),
         "png_bits": None if png_bits is None else int(png_bits),
+        "png_quantization": png_quantization,
         "source": str(source),
     }
 
@@ -274,6 +282,7 @@ def check_preprocessing_record(record: Any, where: str) -> dict[str, Any]:
             record["min_xy"],
             record["png_bits"],
             record["source"],
+            record.get("png_quantization", "round"),  # records written before it existed: rounded
         )
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{where}: bad preprocessing record ({type(e).__name__}: {e})") from None
@@ -404,41 +413,44 @@ def preprocess_steps_3d(config: Mapping[str, Any]) -> list:
 class LoadSlice2Dd(MapTransform):
     """Replace the path under each key by the PNG slice it names, as a (1, X, Y) float32 array.
 
-    Reading goes through :func:`data.read_image_2d` (8- or 16-bit PNG -> [0, 1]), or through
-    ``cache`` (a :class:`SliceCache` holding every path; same values); a corrupt or
-    unreadable file raises ``UserError`` naming the file.
+    Reading goes through :func:`data.read_image_2d` (8- or 16-bit PNG -> [0, 1]; ``layout``:
+    this project's slices or the original code's, see ``data.SLICE_LAYOUTS``), or through
+    ``cache`` (a :class:`SliceCache` holding every path, built with the same layout; same
+    values); a corrupt or unreadable file raises ``UserError`` naming the file.
     """
 
-    def __init__(self, keys: Sequence[str], cache: SliceCache | None = None):
+    def __init__(self, keys: Sequence[str], cache: SliceCache | None = None, layout: str = "ioupos"):
         super().__init__(keys)
         self.cache = cache
+        self.layout = layout
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = (self.cache.read(d[key]) if self.cache is not None else read_image_2d(d[key]))[None]
+            d[key] = (self.cache.read(d[key]) if self.cache is not None else read_image_2d(d[key], self.layout))[None]
         return d
 
 
 class LoadSliceAndLabel2d(MapTransform):
     """Read an (image, label) PNG pair into (1, X, Y) float32 tensors under ``image`` and
     ``label`` (:func:`data.read_image_2d`, :func:`data.read_label_2d`), or take them from
-    ``cache`` (a :class:`data.SliceCache` of both; same values); the image's path is kept
-    under ``image_path``.
+    ``cache`` (a :class:`data.SliceCache` of both, built with the same layout; same values);
+    the image's path is kept under ``image_path``. ``layout``: see :class:`LoadSlice2Dd`.
 
     Raises:
         UserError: a file is missing or cannot be read, or image and label differ in shape
             (names the files).
     """
 
-    def __init__(self, cache: SliceCache | None = None):
+    def __init__(self, cache: SliceCache | None = None, layout: str = "ioupos"):
         super().__init__(keys=["image", "label"])
         self.cache = cache
+        self.layout = layout
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         if self.cache is None:
-            image, label = read_image_2d(data["image"]), read_label_2d(data["label"])
+            image, label = read_image_2d(data["image"], self.layout), read_label_2d(data["label"], self.layout)
         else:
             image = self.cache.read(data["image"])
             label = label_from_stored(self.cache.read_stored(data["label"]), data["label"])
@@ -595,6 +607,7 @@ def pretrain_transforms(
     augment: bool = True,
     cache: SliceCache | None = None,
     sampler: str = "exact",
+    layout: str = "ioupos",
 ) -> Compose:
     """The pretraining pipeline: image path in, two augmented IoU crops out.
 
@@ -610,7 +623,8 @@ def pretrain_transforms(
     training device (``batch_augment.BatchViewAugment``). ``cache`` (2D only): read the
     slices from a :class:`SliceCache` instead of decoding the PNGs (same values).
     ``sampler``: ``"exact"`` (this project's crop-pair sampler) or ``"original"`` (the
-    thesis' Algorithm 1, see ``iou_crops.OriginalIoUSampler``).
+    thesis' Algorithm 1, see ``iou_crops.OriginalIoUSampler``). ``layout`` (2D): how the
+    slices lie on disk (``data.SLICE_LAYOUTS``: this project's or the original code's).
 
     Raises:
         ValueError: bad ``spatial_dims``, crop size or interval (from ``IoUCropd``), or a
@@ -622,7 +636,7 @@ def pretrain_transforms(
         raise ValueError("an image cache holds 2D slices; it cannot serve spatial_dims 3")
     k = ["image"]
     if spatial_dims == 2:
-        load: list = [LoadSlice2Dd(k, cache=cache)]
+        load: list = [LoadSlice2Dd(k, cache=cache, layout=layout)]
     else:
         load = [LoadVolume3Dd(k)]
     chain = [

@@ -335,6 +335,54 @@ def test_every_byte_read_is_verified(ph, tmp_path, capsys, monkeypatch, caplog):
         LoadSliceAndLabel2d()({"image": str(img), "label": str(short)})
 
 
+def _as_original_folder(lab: Path, out: Path) -> Path:
+    """Our labelled slices rewritten as the original code's script writes them: ``imgs/<case>_0000_<i>.png``
+    and ``labels/<case>_<i>.png``, each PNG the raw (X, Y) array."""
+    for sub in ("imgs", "labels"):
+        (out / sub).mkdir(parents=True)
+    for p in sorted((lab / "imgs").glob("*.png")):
+        case, z = data.parse_slice_name(p)
+        Image.fromarray(data.read_image_2d_stored(p)).save(out / "imgs" / f"{case}_0000_{z}.png")
+        Image.fromarray(data.read_label_2d(lab / "labels" / p.name)).save(out / "labels" / f"{case}_{z}.png")
+    return out
+
+
+def test_the_originals_artifacts_fail_in_one_line(ph, tmp_path, capsys, monkeypatch):
+    """Inputs of issue 13 (folders and checkpoints of the original code, its flags and default
+    folders): every fault is one line naming the file or value, exit code 2, nothing written."""
+    olab = _as_original_folder(ph["lab"], tmp_path / "olab")
+    label = olab / "labels" / "FLARE22_Tr_0002_3.png"
+    blob = bytearray(label.read_bytes())
+    blob[blob.index(b"IDAT") + 12] ^= 0x01  # a flipped bit in an original-layout label
+    label.write_bytes(bytes(blob))
+    argv = _ft_argv(ph, tmp_path / "runs", "--n_epochs", "1")
+    argv[argv.index("--data_dir") + 1] = olab
+    code, errors = _cli(main_finetune, argv, capsys, monkeypatch)
+    assert code == 2 and errors == [f"error: cannot read PNG {label}: " + errors[0].split(": ", 2)[2]], errors
+    assert "CRC" in errors[0]
+    assert not (tmp_path / "runs" / "f_last.pt").exists()
+    # a truncated checkpoint in the original's SimSiam layout
+    torch.manual_seed(0)
+    swin = models.build_encoder(_cfg()).backbone.state_dict()
+    ck = tmp_path / "simsiam.pt"
+    torch.save({"backbone.model." + k: v for k, v in swin.items()}, ck)
+    ck.write_bytes(ck.read_bytes()[:-100])
+    argv = _ft_argv(ph, tmp_path / "runs2", "--n_epochs", "1", "--chkpt_path", ck)
+    code, errors = _cli(main_finetune, argv, capsys, monkeypatch)
+    assert code == 2 and len(errors) == 1 and str(ck) in errors[0], errors
+    # the original's preprocessing flags against the data's manifest.json
+    argv = _ft_argv(ph, tmp_path / "runs3", "--n_epochs", "1", "--size_z", "3")
+    code, errors = _cli(main_finetune, argv, capsys, monkeypatch)
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: --size_z 3 differs from the 2.5"), errors
+    code, errors = _cli(main_simsiam, _pt_argv(ph["unl"], tmp_path / "runs4", "--a_max", "400"), capsys, monkeypatch)
+    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: --a_max 400 differs from the 500"), errors
+    # the preprocessing scripts' default folders, missing: one line, nothing created
+    monkeypatch.chdir(tmp_path)
+    code, errors = _cli(preprocess_flare_unlabelled, [], capsys, monkeypatch)
+    assert code == 2 and len(errors) == 1 and f"--data_dir {tmp_path / 'data' / 'ssl'} does not exist" in errors[0]
+    assert not (tmp_path / "data").exists()
+
+
 # ---------------------------------------------------------------------------------------
 # 3. What a run is made of is pinned
 # ---------------------------------------------------------------------------------------

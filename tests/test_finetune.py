@@ -652,7 +652,11 @@ def test_cli_exit_code_2_on_bad_input(phantom, tmp_path, capsys):
 @pytest.mark.slow
 def test_speed_flags_keep_the_fine_tuning_numbers(phantom, tmp_path):
     """--fused_optimizer, --check_every and --compile (eager backend: tracing only, inductor
-    compiles for minutes on this CPU) change the training numbers at most by rounding."""
+    compiles for minutes on this CPU) change the training numbers at most by rounding.
+
+    The fused AdamW rounds differently from the per-tensor one, and Adam's first steps turn a
+    rounding difference of a gradient near 0 into up to a whole step (``lr``) of that weight:
+    it is compared on its own, within one step per weight for a few of them."""
     common = ("--n_epochs", "2", "--eval_every", "1", "--eval_every_from", "1", "--drop_path_rate", "0")
     main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "plain", "--check_every", "1"))
     torch._dynamo.reset()
@@ -666,7 +670,6 @@ def test_speed_flags_keep_the_fine_tuning_numbers(phantom, tmp_path):
             "fast",
             "--check_every",
             "3",
-            "--fused_optimizer",
             "--compile",
             "--compile_backend",
             "eager",
@@ -674,15 +677,26 @@ def test_speed_flags_keep_the_fine_tuning_numbers(phantom, tmp_path):
     )
     assert counters["stats"]["unique_graphs"] >= 1
     torch._dynamo.reset()
-    la, lb = _log(tmp_path / "plain_log.jsonl"), _log(tmp_path / "fast_log.jsonl")
-    assert len(la) == len(lb) == 2
-    np.testing.assert_allclose([r["train_loss"] for r in la], [r["train_loss"] for r in lb], rtol=1e-4)
-    np.testing.assert_allclose([r["val_dice_paper"] for r in la], [r["val_dice_paper"] for r in lb], atol=1e-3)
+    main_finetune.main(_args(phantom, tmp_path, *common, "--run_name", "fused", "--fused_optimizer"))
+    la = _log(tmp_path / "plain_log.jsonl")
     sa = torch.load(tmp_path / "plain_last.pt", weights_only=True)["model"]
-    sb = torch.load(tmp_path / "fast_last.pt", weights_only=True)["model"]
-    assert set(sa) == set(sb) and not any("_orig_mod" in k for k in sb)
-    for k in sa:
-        torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-5, msg=k)
+    for name in ("fast", "fused"):
+        lb = _log(tmp_path / f"{name}_log.jsonl")
+        assert len(la) == len(lb) == 2
+        np.testing.assert_allclose([r["train_loss"] for r in la], [r["train_loss"] for r in lb], rtol=1e-4)
+        np.testing.assert_allclose([r["val_dice_paper"] for r in la], [r["val_dice_paper"] for r in lb], atol=1e-3)
+        sb = torch.load(tmp_path / f"{name}_last.pt", weights_only=True)["model"]
+        assert set(sa) == set(sb) and not any("_orig_mod" in k for k in sb)
+        far, n = 0, 0
+        for k in sa:
+            if name == "fast":
+                torch.testing.assert_close(sa[k], sb[k], rtol=1e-3, atol=1e-5, msg=k)
+            elif sa[k].is_floating_point():
+                diff = (sa[k] - sb[k]).abs()
+                assert float(diff.max()) <= 2e-3, k  # two AdamW steps of lr 1e-3 at most
+                far += int((diff > 1e-5 + 1e-3 * sa[k].abs()).sum())
+                n += sa[k].numel()
+        assert far <= 0.02 * n  # all but a few weights within rounding
 
 
 # ---------------------------------------------------------------------------------------
