@@ -754,7 +754,8 @@ class FinetuneData:
         if need_train and not train_items:
             raise UserError(f"no training slices in {args.data_dir} for the split {args.split_path} ('train' is empty)")
         self.spatial_dims = args.spatial_dims
-        self.n_classes = args.n_classes
+        #: output classes including background (``--n_classes``, else the label set's)
+        self.n_classes = run_n_classes(args, self.labels)
         #: how the data was preprocessed; stored in the fine-tuned checkpoint for predict.py
         self.preprocessing = data_preprocessing(args, self.layout)
         self.split = split
@@ -776,7 +777,7 @@ class FinetuneData:
         else:
             spacing = read_manifest_spacing(args.data_dir)
         checked = list(val_items) + (train_items if need_train or args.eval_train else [])
-        check_label_slices(checked, args.n_classes, progress=progress, layout=lay)
+        check_label_slices(checked, self.n_classes, progress=progress, layout=lay)
         self.val_cases = group_cases_2d(val_items, spacing, args.data_dir, lay)
         self.train_cases = group_cases_2d(train_items, spacing, args.data_dir, lay) if args.eval_train else []
         if need_train:
@@ -800,7 +801,7 @@ class FinetuneData:
                 layout=lay,
             )
         if args.cache_eval:  # filled at the first evaluation; refused now if it cannot fit
-            self.case_cache = CaseCache(lambda ref: load_case_2d(ref, args.n_classes, stored=True))
+            self.case_cache = CaseCache(lambda ref: load_case_2d(ref, self.n_classes, stored=True))
             evaluated = list(val_items) + (list(train_items) if args.eval_train else [])
             need = SliceCache.planned_nbytes(
                 [p for it in evaluated for p in (it["image"], it["label"])], progress=progress
@@ -823,7 +824,7 @@ class FinetuneData:
         self.pre_ds = preprocessed_dataset_3d(all_items, folder, config)
         index = {it["case"]: i for i, it in enumerate(all_items)}
         for i, it in enumerate(tqdm(all_items, desc="preprocessing (cached)", disable=not progress, leave=False)):
-            load_preprocessed_3d(self.pre_ds, i, it, args.n_classes)  # fills the cache, checks labels
+            load_preprocessed_3d(self.pre_ds, i, it, self.n_classes)  # fills the cache, checks labels
         pixdim = tuple(config["pixdim"])
         self._items = all_items
         self.val_cases = [CaseRef(case=it["case"], spacing=pixdim, index=index[it["case"]]) for it in val_items]
@@ -870,7 +871,7 @@ def evaluate_cases(
         cases,
         dat.load_case,
         spatial_dims=args.spatial_dims,
-        n_classes=args.n_classes,
+        n_classes=dat.n_classes,
         crop_size=args.crop_size,
         sw_batch_size=args.sw_batch_size,
         sw_overlap=args.sw_overlap,
@@ -933,6 +934,22 @@ def data_labels(args: argparse.Namespace) -> data.LabelSet:
     if os.path.isfile(os.path.join(args.data_dir, data.DATASET_JSON)):
         return data.dataset_labels(args.data_dir)
     return data.FLARE_LABELS
+
+
+def run_n_classes(args: argparse.Namespace, labels: data.LabelSet) -> int:
+    """The number of output classes: ``--n_classes``, or the label set's when it is not given.
+
+    Raises:
+        UserError: ``--n_classes`` differs from the label set of ``--data_dir``.
+    """
+    if args.n_classes is None:
+        return labels.n_classes
+    if args.n_classes != labels.n_classes:
+        raise UserError(
+            f"--n_classes {args.n_classes}, but the label set of --data_dir ({labels.source}) has "
+            f"{labels.n_classes} classes: {labels.describe()}"
+        )
+    return args.n_classes
 
 
 def run_scoring_rules(args: argparse.Namespace, labels: data.LabelSet) -> metrics.ScoringRules:
@@ -1207,13 +1224,7 @@ def run_finetuning(args: argparse.Namespace) -> dict[str, Any]:
         args.run_name = default_run_name(args)
     # the label set, the scoring and the split, fixed before the run's arguments are recorded
     labels = data_labels(args)
-    if args.n_classes is None:
-        args.n_classes = labels.n_classes
-    elif args.n_classes != labels.n_classes:
-        raise UserError(
-            f"--n_classes {args.n_classes}, but the label set of --data_dir ({labels.source}) has "
-            f"{labels.n_classes} classes: {labels.describe()}"
-        )
+    args.n_classes = run_n_classes(args, labels)
     rules = run_scoring_rules(args, labels)
     args.split_path = resolve_split_path(args)
     with warnings.catch_warnings():

@@ -164,6 +164,8 @@ class _OriginalSimSiam(nn.Module):
 def _resolve(name: str, args: argparse.Namespace):
     """Our value of a setting of ``original.PAPER_RUN``: a flag's parsed value, or the default
     of a parameter of our code (``module.Object:parameter``)."""
+    if name == "n_classes":  # ours defaults to the data's label set: FLARE 2022's for the paper's data
+        return finetune.run_n_classes(args, data.FLARE_LABELS)
     if ":" not in name:
         return getattr(args, name)
     where, param = name.split(":")

@@ -789,7 +789,17 @@ def test_flare_path_gives_the_same_files(phantoms, tmp_path):
         }
         assert (tmp_path / name / "manifest.json").read_text() == (tmp_path / "default" / "manifest.json").read_text()
     args = json.loads((tmp_path / "default" / "manifest.json").read_text())["args"]
-    assert set(args) == {"kind", "spatial_dims", "a_min", "a_max", "pixdim", "min_xy", "png_bits", "format_version"}
+    assert set(args) == {
+        "kind",
+        "spatial_dims",
+        "a_min",
+        "a_max",
+        "pixdim",
+        "min_xy",
+        "png_bits",
+        "png_quantization",
+        "format_version",
+    }
     assert not (tmp_path / "default" / "split.json").exists()
     assert data.manifest_labels(data.read_manifest(str(tmp_path / "default")), "m") == data.FLARE_LABELS
     tree = tmp_path / "tree"
