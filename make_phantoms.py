@@ -392,13 +392,13 @@ class _Body:
     """The body's nested layers over the whole grid (see :func:`_draw_body_wall`).
 
     ``rho`` is the normalised radius of the body outline (< 1 inside the body), to be
-    compared with the per-voxel edges ``fat_edge`` (inner edge of the subcutaneous fat)
-    and ``inner`` (inner edge of the muscle wall); ``cavity`` is inside the muscle wall.
+    compared with the per-voxel edge ``fat_edge`` (inner edge of the subcutaneous fat;
+    the muscle wall's inner edge is ``fat_edge - muscle_width``); ``cavity`` is inside the
+    muscle wall.
     """
 
     rho: np.ndarray
     fat_edge: np.ndarray
-    inner: np.ndarray
     cavity: np.ndarray
     half_width: float  #: half the body's width at mid level
     back_depth: float  #: from the body's centre to the back
@@ -585,15 +585,14 @@ def _draw_body_wall(case: _Case) -> None:
     musc_w = rng.uniform(0.04, 0.06)
     # subcutaneous fat a little thicker at the flanks, thinner in front
     fat_edge = (1 - fat_w) - np.float32(0.5 * fat_w) * xa2 + np.where(y > 0, np.float32(0.25 * fat_w), np.float32(0))
-    inner = fat_edge - musc_w
     in_body = rho_body < 1
-    cavity = rho_body < inner
+    cavity = rho_body < fat_edge - musc_w
     wall = rho_body < fat_edge
     # the layers are nested: count how many of them a voxel is inside
     layer = in_body.view(np.uint8) + wall.view(np.uint8) + cavity.view(np.uint8)
     layer[in_body & (rho_body > 0.985)] = 2  # skin: a thin rim of soft tissue
     case.canvas.tissue = np.array([T["air"], T["fat"], T["muscle"], T["visceral_fat"]], dtype=np.uint8)[layer]
-    case.body = _Body(rho_body, fat_edge, inner, cavity, half_width=a0, back_depth=b_post0, muscle_width=musc_w)
+    case.body = _Body(rho_body, fat_edge, cavity, half_width=a0, back_depth=b_post0, muscle_width=musc_w)
 
 
 def _draw_rectus_abdominis(case: _Case) -> None:
@@ -604,7 +603,7 @@ def _draw_rectus_abdominis(case: _Case) -> None:
         return
     xx, yy, _ = grid.coords(rb)
     r_rho = body.rho[rb]
-    rect = (np.abs(xx) < 0.22) & (r_rho < body.fat_edge[rb]) & (r_rho > body.inner[rb] - 0.035)
+    rect = (np.abs(xx) < 0.22) & (r_rho < body.fat_edge[rb]) & (r_rho > body.fat_edge[rb] - body.muscle_width - 0.035)
     case.canvas.paint(rb, rect, T["muscle"])
     body.cavity[rb] &= ~rect
 
