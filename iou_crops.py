@@ -123,6 +123,27 @@ def _crop_size_tuple(crop_size: SizeLike, ndim: int) -> tuple[int, ...]:
     return size
 
 
+def _is_random_state(rng: RNG) -> bool:
+    """True for a ``numpy.random.RandomState``, False for a ``Generator``.
+
+    Raises:
+        TypeError: ``rng`` is neither.
+    """
+    if isinstance(rng, np.random.RandomState):
+        return True
+    if isinstance(rng, np.random.Generator):
+        return False
+    raise TypeError(f"rng must be a numpy.random.Generator or RandomState, got {type(rng).__name__}")
+
+
+def _no_pair_error(shape: Sequence[int], size: tuple[int, ...], min_iou: float, max_iou: float) -> ValueError:
+    """The ``strict=True`` refusal of an image that admits no pair in the interval."""
+    return ValueError(
+        f"image of shape {tuple(int(s) for s in shape)} admits no pair of {size} crops with IoU in "
+        f"[{min_iou}, {max_iou}]"
+    )
+
+
 def crop_iou(start_a: Sequence[int], start_b: Sequence[int], crop_size: SizeLike) -> float:
     """IoU of two axis-aligned crops of the same size, from their start corners.
 
@@ -409,7 +430,30 @@ def _place_partner(
 # --------------------------------------------------------------------------- the sampler
 
 
-class IoUCropSampler:
+class _PairSampler:
+    """What both samplers share: :meth:`sample` on top of their ``sample_pair``."""
+
+    def sample_pair(self, image_shape: Sequence[int], rng: RNG) -> CropPair:
+        raise NotImplementedError
+
+    def sample(self, image_shape: Sequence[int], rng: RNG) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Draw one pair of crop start corners for an image of spatial shape ``image_shape``.
+
+        Args:
+            image_shape: spatial shape (2 or 3 ints, no channel axis).
+            rng: a ``numpy.random.Generator`` or ``numpy.random.RandomState``; all randomness comes from it.
+
+        Returns:
+            ``(start_a, start_b)``, tuples of Python ints; both crops lie inside the image.
+
+        Raises:
+            ValueError: bad shape, or (``strict=True``) an image that admits no pair in the interval.
+        """
+        pair = self.sample_pair(image_shape, rng)
+        return pair.start_a, pair.start_b
+
+
+class IoUCropSampler(_PairSampler):
     """Exact sampler of crop pairs with ``min_iou <= IoU <= max_iou``.
 
     Args:
@@ -512,23 +556,7 @@ class IoUCropSampler:
         """
         return self._plan(tuple(image_shape)).feasible
 
-    # ---- sampling
-
-    def sample(self, image_shape: Sequence[int], rng: RNG) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Draw one pair of crop start corners for an image of spatial shape ``image_shape``.
-
-        Args:
-            image_shape: spatial shape (2 or 3 ints, no channel axis).
-            rng: a ``numpy.random.Generator`` or ``numpy.random.RandomState``; all randomness comes from it.
-
-        Returns:
-            ``(start_a, start_b)``, tuples of Python ints; both crops lie inside the image.
-
-        Raises:
-            ValueError: bad shape, or (``strict=True``) an image that admits no pair in the interval.
-        """
-        pair = self.sample_pair(image_shape, rng)
-        return pair.start_a, pair.start_b
+    # ---- sampling (``sample``: see :class:`_PairSampler`)
 
     def sample_pair(self, image_shape: Sequence[int], rng: RNG) -> CropPair:
         """Like :meth:`sample`, but also returns the pair's IoU and whether it is in the interval.
@@ -557,17 +585,11 @@ class IoUCropSampler:
         if plan is None:
             plan = self._plan(shape)
         if not plan.feasible and self.strict:
-            size = self.crop_size_for(len(shape))
-            raise ValueError(
-                f"image of shape {tuple(int(s) for s in shape)} admits no pair of {size} crops with IoU in "
-                f"[{self.min_iou}, {self.max_iou}]"
-            )
-        if isinstance(rng, np.random.Generator):
-            draws = rng.random(3 * len(shape)).tolist()
-        elif isinstance(rng, np.random.RandomState):
+            raise _no_pair_error(shape, self.crop_size_for(len(shape)), self.min_iou, self.max_iou)
+        if _is_random_state(rng):
             draws = rng.random_sample(3 * len(shape)).tolist()
         else:
-            raise TypeError(f"rng must be a numpy.random.Generator or RandomState, got {type(rng).__name__}")
+            draws = rng.random(3 * len(shape)).tolist()
         table = self._tables[len(shape)]
         ndim = len(shape)
         start_a = _draw_first_start(plan, draws[: ndim + 1])
@@ -663,14 +685,10 @@ IOU_SAMPLERS: tuple[str, ...] = ("exact", "original")
 def _randint(rng: RNG, low: int, high: int) -> int:
     """One integer uniform on ``[low, high)``: ``RandomState.randint`` (as the original's
     ``self.R.randint``) or ``Generator.integers``."""
-    if isinstance(rng, np.random.RandomState):
-        return int(rng.randint(low, high))
-    if isinstance(rng, np.random.Generator):
-        return int(rng.integers(low, high))
-    raise TypeError(f"rng must be a numpy.random.Generator or RandomState, got {type(rng).__name__}")
+    return int(rng.randint(low, high) if _is_random_state(rng) else rng.integers(low, high))
 
 
-class OriginalIoUSampler:
+class OriginalIoUSampler(_PairSampler):
     """The original work's trial-and-error sampler: Algorithm 1 of the thesis, for comparison.
 
     Algorithm 1 with ``r1 = 30`` and ``r2 = 4`` (the thesis' values): up to ``r2`` times,
@@ -752,11 +770,6 @@ class OriginalIoUSampler:
         """As :meth:`IoUCropSampler.is_feasible` (whether any pair of this image is in the interval)."""
         return self._exact.is_feasible(image_shape)
 
-    def sample(self, image_shape: Sequence[int], rng: RNG) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        """Draw one pair of crop start corners (see :meth:`sample_pair`)."""
-        pair = self.sample_pair(image_shape, rng)
-        return pair.start_a, pair.start_b
-
     def sample_pair(self, image_shape: Sequence[int], rng: RNG) -> CropPair:
         """Algorithm 1 for an image of spatial shape ``image_shape``.
 
@@ -774,10 +787,7 @@ class OriginalIoUSampler:
         feasible = self._exact.is_feasible(shape)  # also checks the shape against the crop size
         size = self._exact.crop_size_for(len(shape))
         if not feasible and self.strict:
-            raise ValueError(
-                f"image of shape {tuple(int(s) for s in shape)} admits no pair of {size} crops with IoU in "
-                f"[{self.min_iou}, {self.max_iou}]"
-            )
+            raise _no_pair_error(shape, size, self.min_iou, self.max_iou)
         n_starts = [int(s) - c + 1 for s, c in zip(shape, size)]
         order = (1, 0) + tuple(range(2, len(shape)))  # the original draws x (array axis 1) first
         start_a = start_b = [0] * len(shape)
