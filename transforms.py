@@ -99,18 +99,22 @@ class VerifiedNibabelReader(NibabelReader):
         return imgs if len(filenames) > 1 else imgs[0]
 
 
+def _only_verified(loader: LoadImage) -> LoadImage:
+    """Drop every reader of ``loader`` but :class:`VerifiedNibabelReader` (in place; returns it)."""
+    loader.readers = [r for r in loader.readers if isinstance(r, VerifiedNibabelReader)]
+    return loader
+
+
 def load_nifti_image(**kwargs: Any) -> LoadImage:
     """MONAI's ``LoadImage`` with :class:`VerifiedNibabelReader` as its only reader (MONAI would
     otherwise retry a file that fails the check with its other readers, which load it)."""
-    loader = LoadImage(reader=VerifiedNibabelReader(), **kwargs)
-    loader.readers = [r for r in loader.readers if isinstance(r, VerifiedNibabelReader)]
-    return loader
+    return _only_verified(LoadImage(reader=VerifiedNibabelReader(), **kwargs))
 
 
 def load_nifti_imaged(keys: Sequence[str], **kwargs: Any) -> LoadImaged:
     """``LoadImaged`` whose only reader is :class:`VerifiedNibabelReader` (see :func:`load_nifti_image`)."""
     t = LoadImaged(keys, reader=VerifiedNibabelReader(), **kwargs)
-    t._loader.readers = [r for r in t._loader.readers if isinstance(r, VerifiedNibabelReader)]
+    _only_verified(t._loader)
     return t
 
 
