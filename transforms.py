@@ -292,16 +292,19 @@ def check_preprocessing_record(record: Any, where: str) -> dict[str, Any]:
         raise UserError(f"{where}: bad preprocessing record ({type(e).__name__}: {e})") from None
 
 
-def preprocessing_from_record(record: Mapping[str, Any], keys: Sequence[str] = ("image",)) -> Compose:
-    """:func:`preprocessing_transforms` (``load=False``) with the settings of a
-    :func:`preprocessing_record`: the chain the model's training data went through."""
+def preprocessing_from_record(
+    record: Mapping[str, Any], keys: Sequence[str] = ("image",), load: bool = False
+) -> Compose:
+    """:func:`preprocessing_transforms` with the ``a_min``, ``a_max``, ``pixdim`` and ``min_xy``
+    of ``record``: a :func:`preprocessing_record` (then, ``load=False``, the chain the model's
+    training data went through) or ``finetune.preprocess_config_3d``'s settings."""
     return preprocessing_transforms(
         keys=keys,
         a_min=record["a_min"],
         a_max=record["a_max"],
         pixdim=record["pixdim"],
         min_xy=record["min_xy"],
-        load=False,
+        load=load,
     )
 
 
@@ -394,18 +397,13 @@ class KeepAffined(MapTransform):
 def preprocess_steps_3d(config: Mapping[str, Any]) -> list:
     """The 3D fine-tuning preprocessing of (image, label) paths, as a flat list of steps:
     :func:`preprocessing_transforms` with ``config``'s ``a_min``, ``a_max``, ``pixdim`` and
-    ``min_xy`` (``finetune.preprocess_config_3d``), then :class:`KeepAffined`.
+    ``min_xy`` (``finetune.preprocess_config_3d``; :func:`preprocessing_from_record`), then
+    :class:`KeepAffined`.
 
     Flat, not one nested ``Compose``: MONAI's ``PersistentDataset`` caches the transforms
     before the first random one, and it treats a nested ``Compose`` as random.
     """
-    pre = preprocessing_transforms(
-        keys=("image", "label"),
-        a_min=config["a_min"],
-        a_max=config["a_max"],
-        pixdim=config["pixdim"],
-        min_xy=config["min_xy"],
-    )
+    pre = preprocessing_from_record(config, keys=("image", "label"), load=True)
     return [*pre.flatten().transforms, KeepAffined()]
 
 
