@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import weakref
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -350,20 +351,36 @@ def _traced_by(image: MetaTensor, pipeline: Compose) -> list:
     MONAI matches each recorded operation to the transform object that made it by ``id``;
     the image may come from a copy of the chain (a data-loader worker, or a chain rebuilt
     from the same settings), so the ids are replaced by MONAI's "skip the id check" marker
-    after comparing the operation names with those the chain records on a small volume.
+    after comparing the operation names with those the chain records on a small volume
+    (:func:`_chain_operations`).
 
     Raises:
         ValueError: the operations differ from the chain's.
     """
-    # a small volume above any HU window: every step records its operation (nothing is cropped away)
-    probe = MetaTensor(torch.full((1, 4, 4, 4), 1e4), affine=torch.eye(4, dtype=torch.float64))
-    want = [op[TraceKeys.CLASS_NAME] for op in pipeline({"image": probe})["image"].applied_operations]
+    want = list(_chain_operations(pipeline))
     got = [op.get(TraceKeys.CLASS_NAME) for op in image.applied_operations]
     if got != want:
         raise ValueError(f"the image was made by the operations {got}, not by this chain's {want}")
     ops = copy.deepcopy(list(image.applied_operations))
     _skip_id_checks(ops)
     return ops
+
+
+#: :func:`_chain_operations`' answers, by chain object (dropped with the chain).
+_CHAIN_OPERATIONS: weakref.WeakKeyDictionary[Compose, tuple[str, ...]] = weakref.WeakKeyDictionary()
+
+
+def _chain_operations(pipeline: Compose) -> tuple[str, ...]:
+    """The names of the operations ``pipeline`` records, in order, from one run on a small
+    probe volume; run once per chain object (a chain is not changed once built: predict
+    inverts every case, and every class of it, with the same one)."""
+    want = _CHAIN_OPERATIONS.get(pipeline)
+    if want is None:
+        # a small volume above any HU window: every step records its operation (nothing is cropped away)
+        probe = MetaTensor(torch.full((1, 4, 4, 4), 1e4), affine=torch.eye(4, dtype=torch.float64))
+        want = tuple(op[TraceKeys.CLASS_NAME] for op in pipeline({"image": probe})["image"].applied_operations)
+        _CHAIN_OPERATIONS[pipeline] = want
+    return want
 
 
 def _skip_id_checks(obj: Any) -> None:
