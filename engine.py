@@ -1401,11 +1401,14 @@ class RunFiles:
                     f"(was {before}, now {now}); restore it or start a new --run_name"
                 )
 
-    def restore_log(self, state: dict[str, Any]) -> None:
-        """After loading ``state``: make the log hold exactly the records of its epochs (rank 0)."""
+    def restore_log(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """After loading ``state``: make the log hold exactly the records of its epochs (rank 0).
+        Returns the state's record of its last epoch (None if it has none), on every rank."""
+        # "last_record": the name in states of older versions
+        record = state.get("record", state.get("last_record"))
         if self.info.is_main:
-            # "last_record": the name in states of older versions
-            repair_log(self.paths["log"], int(state["epoch"]), state.get("record", state.get("last_record")))
+            repair_log(self.paths["log"], int(state["epoch"]), record)
+        return record
 
     def end_epoch(self, state: dict[str, Any], record: dict[str, Any], epoch_logger: "EpochLogger") -> None:
         """Save the full state (with ``record`` and the inputs' fingerprints in it), then log ``record``."""

@@ -584,8 +584,7 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
         engine.set_rng_state(state["rng"])
         start_epoch = int(state["epoch"])
         wandb_id = state.get("wandb_id")
-        last_record = state.get("record", state.get("last_record"))
-        run.restore_log(state)
+        last_record = run.restore_log(state)
         logger.info("resumed %s after epoch %d of %d", run.resume_path, start_epoch, args.n_epochs)
 
     engine.write_args(
