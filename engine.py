@@ -1266,19 +1266,21 @@ class EpochLogger:
             self.wandb_run.finish()
 
 
-def truncate_log(path: str, n_epochs_done: int) -> None:
-    """After a resume, drop log lines of epochs that will be redone.
+def truncate_log(path: str, n_epochs_done: int) -> list[dict[str, Any]]:
+    """After a resume, drop log lines of epochs that will be redone; returns the records kept
+    (``[]`` when the file does not exist).
 
     Records carry ``"epoch"``: the 1-based number of the epoch they describe; lines with
     ``epoch > n_epochs_done`` were written after the checkpoint being resumed.
     """
     if not os.path.exists(path):
-        return
+        return []
     with open(path) as f:
         lines = [ln for ln in f if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= n_epochs_done]
+    keep = [(ln, rec) for ln in lines if (rec := json.loads(ln)).get("epoch", 0) <= n_epochs_done]
     if len(keep) != len(lines):
-        atomic_write_text(path, "".join(keep))
+        atomic_write_text(path, "".join(ln for ln, _ in keep))
+    return [rec for _, rec in keep]
 
 
 def write_args(paths: dict[str, str], args_d: dict[str, Any], info: DistInfo) -> None:
@@ -1373,7 +1375,7 @@ class RunFiles:
                         removed.append(os.path.join(self.paths["dir"], n))
         if removed:
             logger.info("removed %d temporary file(s) of interrupted writes: %s", len(removed), ", ".join(removed))
-        if not started and read_log(self.paths["log"]):
+        if not started:
             truncate_log(self.paths["log"], 0)
 
     def pin_inputs(self, state: dict[str, Any] | None, fingerprints: dict[str, str | None]) -> None:
@@ -1426,15 +1428,6 @@ def repair_log(path: str, epochs_done: int, record: dict[str, Any] | None) -> No
     """Make the log of a resumed run hold the records of its ``epochs_done`` epochs: lines of
     later epochs dropped; ``record`` (the last saved epoch's, from the state) appended
     when the kill came between saving the state and writing its line."""
-    truncate_log(path, epochs_done)
-    logged = [r.get("epoch", 0) for r in read_log(path)]
+    logged = [r.get("epoch", 0) for r in truncate_log(path, epochs_done)]
     if record is not None and int(record.get("epoch", 0)) == epochs_done and epochs_done not in logged:
         append_jsonl_atomic(path, record)
-
-
-def read_log(path: str) -> list[dict[str, Any]]:
-    """The records of a JSON-lines log (``[]`` when the file does not exist)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]
