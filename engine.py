@@ -1239,7 +1239,6 @@ class EpochLogger:
                 import wandb  # noqa: PLC0415
             except ImportError:  # pragma: no cover - wandb is in requirements.txt
                 raise UserError("--use_wandb needs the wandb package (pip install wandb)") from None
-            os.makedirs(paths["chkpt_dir"], exist_ok=True)
             self.wandb_run = wandb.init(
                 project=wandb_project,
                 name=os.path.basename(paths["weights"])[:-3],
