@@ -532,31 +532,36 @@ RESUME_KEY_DEFAULTS = {
     **{k: None for k in ("a_min", "a_max", "size_x", "size_y", "size_z")},
 }
 
+#: help texts of :func:`add_training_args`, in the pretraining scripts' words; main_finetune.py gives its own
+#: for the flags that mean something else in fine-tuning (data_dir, crop_size, batch_size, ...)
 _COMMON_HELP = {
-    "data_dir": "Folder of preprocessed data. Required.",
+    "data_dir": "Folder of preprocessed pretraining data, searched recursively: PNG slices (--spatial_dims 2, from "
+    "preprocess_flare_unlabelled.py) or NIfTI volumes (3). Required.",
     "spatial_dims": "2: train on 2D slices (the paper); 3: on 3D volumes with cubic crops. Must match --data_dir.",
-    "crop_size": "Side of each training crop (and sliding window) in pixels (96 in the paper). Swin needs a multiple of "
-    "32, UNETR a multiple of 16. Images smaller than this are zero-padded to it.",
+    "crop_size": "Side of each crop in pixels (96 in the paper). Swin needs a multiple of 32, UNETR a multiple of 16. "
+    "Images smaller than this are zero-padded to it.",
     "max_images": "Use only the first N images of the sorted list (demos, tests); 0 = all.",
-    "batch_augment": "Run the augmentations on the training device as batched tensor operations (batch_augment.py, same "
-    "distributions as the MONAI chain) instead of per sample in the data workers. Use it on a GPU when "
-    "the data workers cannot keep up (GPU idle between steps); on the CPU it brings little. It changes "
-    "the random stream, so a run cannot be resumed with a different value.",
-    "cache_images": "Decode every 2D training slice once at start-up and keep it in memory as stored (uint8, or uint16 "
-    "for 16-bit PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice "
-    "that for 16-bit PNGs; on every rank); the size is read from the PNG headers first and a cache that "
-    "would not fit in the available memory is refused before decoding. Use it when PNG decoding limits "
-    "the workers; the numbers do not change. 2D only.",
+    "batch_augment": "Run the view augmentations on the training device as batched tensor operations "
+    "(batch_augment.BatchViewAugment, same distributions as the MONAI chain) instead of per sample in "
+    "the data workers. Use it on a GPU when the data workers cannot keep up (GPU idle between steps); "
+    "on the CPU it brings little. It changes the random stream, so a run cannot be resumed with a "
+    "different value.",
+    "cache_images": "Decode every 2D slice once at start-up and keep it in memory as stored (uint8, or uint16 for 16-bit "
+    "PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice that for "
+    "16-bit PNGs; on every rank): 8.75 GB per 100k slices of 350 x 250 pixels; the size is read from the "
+    "PNG headers first and a cache that would not fit in the available memory is refused before "
+    "decoding. Use it when PNG decoding limits the workers; the numbers do not change. 2D only.",
     "arch": "Encoder: 'swin' = Swin-UNETR's SwinTransformer (the paper); 'unetr' = UNETR's ViT.",
     "embedding_size": "Swin embedding size C (48 in the paper; the representation has 16*C values). Must be a "
     "multiple of 12. For UNETR the ViT hidden size is 16*C.",
-    "drop_path_rate": "Stochastic depth rate of the Swin encoder.",
+    "drop_path_rate": "Stochastic depth rate of the Swin encoder (0.1 in the paper's pretraining).",
     "use_gradient_checkpointing": "Recompute Swin activations in the backward pass: less GPU memory, about 30%% slower "
     "(large 3D crops). Swin only.",
-    "low_resource_mode": "Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3).",
-    "batch_size": "Images per process and per backward pass (the effective batch is batch_size x accum_iters x "
-    "number of processes).",
-    "n_epochs": "Epochs of training.",
+    "low_resource_mode": "Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3), batch size at "
+    "most 4, and smaller projection heads (see the method's flags).",
+    "batch_size": "Images per process and per backward pass (the effective batch is batch_size x accum_iters x number "
+    "of processes). 128 in the paper.",
+    "n_epochs": "Epochs of pretraining (100 in the paper).",
     "base_lr": "Peak learning rate, used as given (no scaling with the batch size).",
     "end_lr": "Learning rate at the end of the cosine schedule.",
     "warmup_epochs": "Epochs of linear learning-rate warm-up from 0 before the cosine decay.",

@@ -78,27 +78,7 @@ RESUME_KEYS = engine.COMMON_RESUME_KEYS + (
 )
 
 _HELP = {
-    "data_dir": "Folder of preprocessed pretraining data, searched recursively: PNG slices (--spatial_dims 2, from "
-    "preprocess_flare_unlabelled.py) or NIfTI volumes (3). Required.",
     "spatial_dims": "2: train on 2D slices (the paper); 3: on 3D volumes with cubic crops.",
-    "crop_size": "Side of each crop in pixels (96 in the paper). Swin needs a multiple of 32, UNETR a multiple of 16. "
-    "Images smaller than this are zero-padded to it.",
-    "batch_augment": "Run the view augmentations on the training device as batched tensor operations "
-    "(batch_augment.BatchViewAugment, same distributions as the MONAI chain) instead of per sample in "
-    "the data workers. Use it on a GPU when the data workers cannot keep up (GPU idle between steps); "
-    "on the CPU it brings little. It changes the random stream, so a run cannot be resumed with a "
-    "different value.",
-    "cache_images": "Decode every 2D slice once at start-up and keep it in memory as stored (uint8, or uint16 for 16-bit "
-    "PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice that for "
-    "16-bit PNGs; on every rank): 8.75 GB per 100k slices of 350 x 250 pixels; the size is read from the "
-    "PNG headers first and a cache that would not fit in the available memory is refused before "
-    "decoding. Use it when PNG decoding limits the workers; the numbers do not change. 2D only.",
-    "drop_path_rate": "Stochastic depth rate of the Swin encoder (0.1 in the paper's pretraining).",
-    "low_resource_mode": "Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3), batch size at "
-    "most 4, and smaller projection heads (see the method's flags).",
-    "batch_size": "Images per process and per backward pass (the effective batch is batch_size x accum_iters x number "
-    "of processes). 128 in the paper.",
-    "n_epochs": "Epochs of pretraining (100 in the paper).",
     "num_workers": "Data-loading processes per GPU; -1 times a few batches with 0, 2, 4, ... workers and keeps the "
     "fastest. Results depend on this value (each worker has its own random stream).",
 }
