@@ -37,7 +37,7 @@ import argparse
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
@@ -273,11 +273,15 @@ def check_interval(
     return {"n_images": len(paths), "n_infeasible": n_bad, "infeasible_frac": n_bad / len(paths), "shapes": shapes}
 
 
-def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any, dict[str, Any]]:
+def build_dataset(
+    args: argparse.Namespace, info: engine.DistInfo, on_listed: Callable[[list[str]], None] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """The pretraining data set (``monai.data.Dataset`` of ``{"image": path}`` through
     :func:`transforms.pretrain_transforms`) and the interval check's summary.
 
     The image listing and header check run on rank 0 and are shared with the other ranks.
+    ``on_listed(paths)``, when given, runs on every rank once the listing is known and before
+    ``--cache_images`` decodes the slices (a resume refused for changed data stops before that).
     """
     payload: tuple[str, Any]
     if info.is_main:
@@ -318,6 +322,8 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
         args.spatial_dims,
         ", slices written by the original code's preprocessing" if layout == "original" else "",
     )
+    if on_listed is not None:
+        on_listed(paths)
     cache = None
     if args.cache_images:
         cache = SliceCache.build(
@@ -540,8 +546,9 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
             f"{state.get('world_size')} (the data partition would change)"
         )
 
-    dataset, check = build_dataset(args, info)
-    run.pin_inputs(state, data_fingerprints(args.data_dir, [d["image"] for d in dataset.data]))
+    dataset, check = build_dataset(
+        args, info, on_listed=lambda paths: run.pin_inputs(state, data_fingerprints(args.data_dir, paths))
+    )
     per_rank = len(dataset) // info.world_size
     iters_per_epoch = per_rank // args.batch_size // args.accum_iters
     if iters_per_epoch == 0:
