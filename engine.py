@@ -532,31 +532,36 @@ RESUME_KEY_DEFAULTS = {
     **{k: None for k in ("a_min", "a_max", "size_x", "size_y", "size_z")},
 }
 
+#: help texts of :func:`add_training_args`, in the pretraining scripts' words; main_finetune.py gives its own
+#: for the flags that mean something else in fine-tuning (data_dir, crop_size, batch_size, ...)
 _COMMON_HELP = {
-    "data_dir": "Folder of preprocessed data. Required.",
+    "data_dir": "Folder of preprocessed pretraining data, searched recursively: PNG slices (--spatial_dims 2, from "
+    "preprocess_flare_unlabelled.py) or NIfTI volumes (3). Required.",
     "spatial_dims": "2: train on 2D slices (the paper); 3: on 3D volumes with cubic crops. Must match --data_dir.",
-    "crop_size": "Side of each training crop (and sliding window) in pixels (96 in the paper). Swin needs a multiple of "
-    "32, UNETR a multiple of 16. Images smaller than this are zero-padded to it.",
+    "crop_size": "Side of each crop in pixels (96 in the paper). Swin needs a multiple of 32, UNETR a multiple of 16. "
+    "Images smaller than this are zero-padded to it.",
     "max_images": "Use only the first N images of the sorted list (demos, tests); 0 = all.",
-    "batch_augment": "Run the augmentations on the training device as batched tensor operations (batch_augment.py, same "
-    "distributions as the MONAI chain) instead of per sample in the data workers. Use it on a GPU when "
-    "the data workers cannot keep up (GPU idle between steps); on the CPU it brings little. It changes "
-    "the random stream, so a run cannot be resumed with a different value.",
-    "cache_images": "Decode every 2D training slice once at start-up and keep it in memory as stored (uint8, or uint16 "
-    "for 16-bit PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice "
-    "that for 16-bit PNGs; on every rank); the size is read from the PNG headers first and a cache that "
-    "would not fit in the available memory is refused before decoding. Use it when PNG decoding limits "
-    "the workers; the numbers do not change. 2D only.",
+    "batch_augment": "Run the view augmentations on the training device as batched tensor operations "
+    "(batch_augment.BatchViewAugment, same distributions as the MONAI chain) instead of per sample in "
+    "the data workers. Use it on a GPU when the data workers cannot keep up (GPU idle between steps); "
+    "on the CPU it brings little. It changes the random stream, so a run cannot be resumed with a "
+    "different value.",
+    "cache_images": "Decode every 2D slice once at start-up and keep it in memory as stored (uint8, or uint16 for 16-bit "
+    "PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice that for "
+    "16-bit PNGs; on every rank): 8.75 GB per 100k slices of 350 x 250 pixels; the size is read from the "
+    "PNG headers first and a cache that would not fit in the available memory is refused before "
+    "decoding. Use it when PNG decoding limits the workers; the numbers do not change. 2D only.",
     "arch": "Encoder: 'swin' = Swin-UNETR's SwinTransformer (the paper); 'unetr' = UNETR's ViT.",
     "embedding_size": "Swin embedding size C (48 in the paper; the representation has 16*C values). Must be a "
     "multiple of 12. For UNETR the ViT hidden size is 16*C.",
-    "drop_path_rate": "Stochastic depth rate of the Swin encoder.",
+    "drop_path_rate": "Stochastic depth rate of the Swin encoder (0.1 in the paper's pretraining).",
     "use_gradient_checkpointing": "Recompute Swin activations in the backward pass: less GPU memory, about 30%% slower "
     "(large 3D crops). Swin only.",
-    "low_resource_mode": "Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3).",
-    "batch_size": "Images per process and per backward pass (the effective batch is batch_size x accum_iters x "
-    "number of processes).",
-    "n_epochs": "Epochs of training.",
+    "low_resource_mode": "Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3), batch size at "
+    "most 4, and smaller projection heads (see the method's flags).",
+    "batch_size": "Images per process and per backward pass (the effective batch is batch_size x accum_iters x number "
+    "of processes). 128 in the paper.",
+    "n_epochs": "Epochs of pretraining (100 in the paper).",
     "base_lr": "Peak learning rate, used as given (no scaling with the batch size).",
     "end_lr": "Learning rate at the end of the cosine schedule.",
     "warmup_epochs": "Epochs of linear learning-rate warm-up from 0 before the cosine decay.",
@@ -1239,7 +1244,6 @@ class EpochLogger:
                 import wandb  # noqa: PLC0415
             except ImportError:  # pragma: no cover - wandb is in requirements.txt
                 raise UserError("--use_wandb needs the wandb package (pip install wandb)") from None
-            os.makedirs(paths["chkpt_dir"], exist_ok=True)
             self.wandb_run = wandb.init(
                 project=wandb_project,
                 name=os.path.basename(paths["weights"])[:-3],
@@ -1266,19 +1270,21 @@ class EpochLogger:
             self.wandb_run.finish()
 
 
-def truncate_log(path: str, n_epochs_done: int) -> None:
-    """After a resume, drop log lines of epochs that will be redone.
+def truncate_log(path: str, n_epochs_done: int) -> list[dict[str, Any]]:
+    """After a resume, drop log lines of epochs that will be redone; returns the records kept
+    (``[]`` when the file does not exist).
 
     Records carry ``"epoch"``: the 1-based number of the epoch they describe; lines with
     ``epoch > n_epochs_done`` were written after the checkpoint being resumed.
     """
     if not os.path.exists(path):
-        return
+        return []
     with open(path) as f:
         lines = [ln for ln in f if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln).get("epoch", 0) <= n_epochs_done]
+    keep = [(ln, rec) for ln in lines if (rec := json.loads(ln)).get("epoch", 0) <= n_epochs_done]
     if len(keep) != len(lines):
-        atomic_write_text(path, "".join(keep))
+        atomic_write_text(path, "".join(ln for ln, _ in keep))
+    return [rec for _, rec in keep]
 
 
 def write_args(paths: dict[str, str], args_d: dict[str, Any], info: DistInfo) -> None:
@@ -1373,7 +1379,7 @@ class RunFiles:
                         removed.append(os.path.join(self.paths["dir"], n))
         if removed:
             logger.info("removed %d temporary file(s) of interrupted writes: %s", len(removed), ", ".join(removed))
-        if not started and read_log(self.paths["log"]):
+        if not started:
             truncate_log(self.paths["log"], 0)
 
     def pin_inputs(self, state: dict[str, Any] | None, fingerprints: dict[str, str | None]) -> None:
@@ -1401,11 +1407,14 @@ class RunFiles:
                     f"(was {before}, now {now}); restore it or start a new --run_name"
                 )
 
-    def restore_log(self, state: dict[str, Any]) -> None:
-        """After loading ``state``: make the log hold exactly the records of its epochs (rank 0)."""
+    def restore_log(self, state: dict[str, Any]) -> dict[str, Any] | None:
+        """After loading ``state``: make the log hold exactly the records of its epochs (rank 0).
+        Returns the state's record of its last epoch (None if it has none), on every rank."""
+        # "last_record": the name in states of older versions
+        record = state.get("record", state.get("last_record"))
         if self.info.is_main:
-            # "last_record": the name in states of older versions
-            repair_log(self.paths["log"], int(state["epoch"]), state.get("record", state.get("last_record")))
+            repair_log(self.paths["log"], int(state["epoch"]), record)
+        return record
 
     def end_epoch(self, state: dict[str, Any], record: dict[str, Any], epoch_logger: "EpochLogger") -> None:
         """Save the full state (with ``record`` and the inputs' fingerprints in it), then log ``record``."""
@@ -1423,15 +1432,6 @@ def repair_log(path: str, epochs_done: int, record: dict[str, Any] | None) -> No
     """Make the log of a resumed run hold the records of its ``epochs_done`` epochs: lines of
     later epochs dropped; ``record`` (the last saved epoch's, from the state) appended
     when the kill came between saving the state and writing its line."""
-    truncate_log(path, epochs_done)
-    logged = [r.get("epoch", 0) for r in read_log(path)]
+    logged = [r.get("epoch", 0) for r in truncate_log(path, epochs_done)]
     if record is not None and int(record.get("epoch", 0)) == epochs_done and epochs_done not in logged:
         append_jsonl_atomic(path, record)
-
-
-def read_log(path: str) -> list[dict[str, Any]]:
-    """The records of a JSON-lines log (``[]`` when the file does not exist)."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(ln) for ln in f if ln.strip()]

@@ -37,7 +37,7 @@ import argparse
 import logging
 import os
 import time
-from typing import Any
+from typing import Any, Callable
 
 import nibabel as nib
 import numpy as np
@@ -78,27 +78,7 @@ RESUME_KEYS = engine.COMMON_RESUME_KEYS + (
 )
 
 _HELP = {
-    "data_dir": "Folder of preprocessed pretraining data, searched recursively: PNG slices (--spatial_dims 2, from "
-    "preprocess_flare_unlabelled.py) or NIfTI volumes (3). Required.",
     "spatial_dims": "2: train on 2D slices (the paper); 3: on 3D volumes with cubic crops.",
-    "crop_size": "Side of each crop in pixels (96 in the paper). Swin needs a multiple of 32, UNETR a multiple of 16. "
-    "Images smaller than this are zero-padded to it.",
-    "batch_augment": "Run the view augmentations on the training device as batched tensor operations "
-    "(batch_augment.BatchViewAugment, same distributions as the MONAI chain) instead of per sample in "
-    "the data workers. Use it on a GPU when the data workers cannot keep up (GPU idle between steps); "
-    "on the CPU it brings little. It changes the random stream, so a run cannot be resumed with a "
-    "different value.",
-    "cache_images": "Decode every 2D slice once at start-up and keep it in memory as stored (uint8, or uint16 for 16-bit "
-    "PNGs); the workers then skip PNG decoding. Needs X*Y bytes per slice and process (twice that for "
-    "16-bit PNGs; on every rank): 8.75 GB per 100k slices of 350 x 250 pixels; the size is read from the "
-    "PNG headers first and a cache that would not fit in the available memory is refused before "
-    "decoding. Use it when PNG decoding limits the workers; the numbers do not change. 2D only.",
-    "drop_path_rate": "Stochastic depth rate of the Swin encoder (0.1 in the paper's pretraining).",
-    "low_resource_mode": "Tiny model for tests and CPU demos: embedding 12, Swin heads (3, 3, 3, 3), batch size at "
-    "most 4, and smaller projection heads (see the method's flags).",
-    "batch_size": "Images per process and per backward pass (the effective batch is batch_size x accum_iters x number "
-    "of processes). 128 in the paper.",
-    "n_epochs": "Epochs of pretraining (100 in the paper).",
     "num_workers": "Data-loading processes per GPU; -1 times a few batches with 0, 2, 4, ... workers and keeps the "
     "fastest. Results depend on this value (each worker has its own random stream).",
 }
@@ -293,11 +273,15 @@ def check_interval(
     return {"n_images": len(paths), "n_infeasible": n_bad, "infeasible_frac": n_bad / len(paths), "shapes": shapes}
 
 
-def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any, dict[str, Any]]:
+def build_dataset(
+    args: argparse.Namespace, info: engine.DistInfo, on_listed: Callable[[list[str]], None] | None = None
+) -> tuple[Any, dict[str, Any]]:
     """The pretraining data set (``monai.data.Dataset`` of ``{"image": path}`` through
     :func:`transforms.pretrain_transforms`) and the interval check's summary.
 
     The image listing and header check run on rank 0 and are shared with the other ranks.
+    ``on_listed(paths)``, when given, runs on every rank once the listing is known and before
+    ``--cache_images`` decodes the slices (a resume refused for changed data stops before that).
     """
     payload: tuple[str, Any]
     if info.is_main:
@@ -338,6 +322,8 @@ def build_dataset(args: argparse.Namespace, info: engine.DistInfo) -> tuple[Any,
         args.spatial_dims,
         ", slices written by the original code's preprocessing" if layout == "original" else "",
     )
+    if on_listed is not None:
+        on_listed(paths)
     cache = None
     if args.cache_images:
         cache = SliceCache.build(
@@ -560,8 +546,9 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
             f"{state.get('world_size')} (the data partition would change)"
         )
 
-    dataset, check = build_dataset(args, info)
-    run.pin_inputs(state, data_fingerprints(args.data_dir, [d["image"] for d in dataset.data]))
+    dataset, check = build_dataset(
+        args, info, on_listed=lambda paths: run.pin_inputs(state, data_fingerprints(args.data_dir, paths))
+    )
     per_rank = len(dataset) // info.world_size
     iters_per_epoch = per_rank // args.batch_size // args.accum_iters
     if iters_per_epoch == 0:
@@ -584,8 +571,7 @@ def _run(args: argparse.Namespace, method_cls: type[PretrainMethod], info: engin
         engine.set_rng_state(state["rng"])
         start_epoch = int(state["epoch"])
         wandb_id = state.get("wandb_id")
-        last_record = state.get("record", state.get("last_record"))
-        run.restore_log(state)
+        last_record = run.restore_log(state)
         logger.info("resumed %s after epoch %d of %d", run.resume_path, start_epoch, args.n_epochs)
 
     engine.write_args(
