@@ -1355,7 +1355,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "figures": figures,
         "rows": table_rows,
         "n_runs": len(plan),
-        "n_finished": sum(runqueue.is_finished(chkpt_dir, r.name) for r in plan),
+        "n_finished": runqueue.n_finished(chkpt_dir, plan),
         "seconds": round(time.time() - t_start, 1),
     }
     if failed:

@@ -384,6 +384,11 @@ def is_finished(chkpt_dir: str, name: str) -> bool:
     return os.path.isfile(result_path(chkpt_dir, name))
 
 
+def n_finished(chkpt_dir: str, plan: Sequence[Run]) -> int:
+    """How many runs of ``plan`` have written their ``result.json``."""
+    return sum(is_finished(chkpt_dir, r.name) for r in plan)
+
+
 def read_result(chkpt_dir: str, name: str) -> dict[str, Any]:
     """The ``result.json`` of a finished run.
 
@@ -784,7 +789,7 @@ def _run_local(
     n_workers = len(gpus) if gpus else n_workers
     if n_workers < 1:
         raise ValueError(f"run_local needs at least one worker, got {n_workers}")
-    n_done0 = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+    n_done0 = n_finished(cfg.chkpt_dir, plan)
     if n_done0:
         logger.info("%d of %d runs are finished already and are skipped", n_done0, len(plan))
     if n_done0 == len(plan):
@@ -799,7 +804,7 @@ def _run_local(
             try:
                 return execute_run(run, *a)
             finally:
-                bar.n = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+                bar.n = n_finished(cfg.chkpt_dir, plan)
                 bar.refresh()
 
         try:
@@ -828,7 +833,7 @@ def _run_local(
     try:
         while any(p.is_alive() for p in procs):
             time.sleep(1.0)
-            n = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+            n = n_finished(cfg.chkpt_dir, plan)
             if n != bar.n:
                 bar.n = n
                 bar.refresh()
@@ -837,7 +842,7 @@ def _run_local(
             p.join(timeout=30)
         raise
     finally:
-        bar.n = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+        bar.n = n_finished(cfg.chkpt_dir, plan)
         bar.close()
     codes = [p.exitcode for p in procs]
     failed_dir = os.path.join(cfg.state_dir, "failed")

@@ -664,7 +664,7 @@ def wait_for_jobs(
     finished runs. Returns ``{run: final state}`` of the jobs (``"gone"`` when SLURM
     forgot them). Ctrl-C stops the waiting, not the jobs."""
     total = len(plan)
-    done = sum(runqueue.is_finished(chkpt_dir, r.name) for r in plan)
+    done = runqueue.n_finished(chkpt_dir, plan)
     bar = tqdm(total=total, initial=done, desc="grid (SLURM)", unit="run", disable=not progress, dynamic_ncols=True)
     final: dict[str, str] = {}
     try:
@@ -673,7 +673,7 @@ def wait_for_jobs(
             dead = [j for j in jobs.values() if j in states and states[j].state == "PENDING" and not states[j].active]
             cancel_jobs(dead)
             active = [r for r, j in jobs.items() if j in states and states[j].active]
-            bar.n = sum(runqueue.is_finished(chkpt_dir, r.name) for r in plan)
+            bar.n = runqueue.n_finished(chkpt_dir, plan)
             bar.set_postfix_str(f"{len(active)} job(s) queued or running", refresh=True)
             if not active:
                 final = {r: (states[j].state if j in states else "gone") for r, j in jobs.items()}
