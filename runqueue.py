@@ -335,12 +335,11 @@ def write_run_scripts(
             + (f" (starts from the random encoder {run.init['path']}, seed {run.init['seed']})" if run.init else ""),
             "set -euo pipefail",
             f"cd {shlex.quote(project_root)}",
-            f"if [ -f {shlex.quote(os.path.join(p['dir'], RESULT_NAME))} ]; then echo 'finished already: {run.name}'; exit 0; fi",
+            f"if [ -f {shlex.quote(result_path(chkpt_dir, run.name))} ]; then echo 'finished already: {run.name}'; exit 0; fi",
         ]
         if run.depends:
-            dep = run_paths(chkpt_dir, run.depends)
             lines.append(
-                f"if [ ! -f {shlex.quote(os.path.join(dep['dir'], RESULT_NAME))} ]; then "
+                f"if [ ! -f {shlex.quote(result_path(chkpt_dir, run.depends))} ]; then "
                 f"echo 'pretraining {run.depends} is not finished' >&2; exit 3; fi"
             )
         lines += [
