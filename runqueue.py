@@ -551,7 +551,6 @@ def execute_run(
         raise UserError(
             f"{run.script}.py refuses the arguments of run {run.name}: {last[-1] if last else 'bad arguments'}"
         ) from None
-    handler = None
     with contextlib.ExitStack() as stack:
         if log_dir is not None:
             # the run's log lines and its printed summary go to <log_dir>/<run>.log
