@@ -1195,7 +1195,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             f"--n_train_cases {budgets[-1]}: the split {data['split']} has {len(split['train'])} training cases"
         )
     check_grid_file(out, meta, split)
-    os.makedirs(out, exist_ok=True)
     atomic_write_json(
         os.path.join(out, "grid.json"),
         {**meta, "split": split, "data": data, "updated": time.strftime("%Y-%m-%d %H:%M:%S")},
