@@ -227,7 +227,12 @@ class JobState(NamedTuple):
     @property
     def active(self) -> bool:
         """Queued or running, and not waiting for a dependency that failed."""
-        return self.state in ACTIVE_STATES and not (self.state == "PENDING" and self.reason == DEAD_DEPENDENCY)
+        return self.state in ACTIVE_STATES and not self.dead_dependency
+
+    @property
+    def dead_dependency(self) -> bool:
+        """Pending for a dependency that can never be satisfied (its pretraining job failed)."""
+        return self.state == "PENDING" and self.reason == DEAD_DEPENDENCY
 
 
 def require_slurm(tools: Sequence[str] = ("sbatch", "squeue", "scancel", "srun")) -> None:
@@ -568,7 +573,7 @@ def _launch(
         if st is not None and st.active:
             sub.active[run.name] = job_id
             continue
-        if st is not None and st.state == "PENDING":  # waits for a pretraining job that failed
+        if st is not None and st.dead_dependency:  # waits for a pretraining job that failed
             dead.append(job_id)
             why = f"job {job_id} waited for a pretraining job that failed"
         elif st is not None:
@@ -670,7 +675,7 @@ def wait_for_jobs(
     try:
         while True:
             states = query_jobs(jobs.values())
-            dead = [j for j in jobs.values() if j in states and states[j].state == "PENDING" and not states[j].active]
+            dead = [j for j in jobs.values() if j in states and states[j].dead_dependency]
             cancel_jobs(dead)
             active = [r for r, j in jobs.items() if j in states and states[j].active]
             bar.n = runqueue.n_finished(chkpt_dir, plan)
