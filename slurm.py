@@ -43,7 +43,6 @@ submission had queued already are cancelled and nothing is recorded as submitted
 from __future__ import annotations
 
 import getpass
-import glob
 import hashlib
 import json
 import logging
@@ -642,15 +641,15 @@ def _launch(
 
 def _remove_new_files(log_dir: str, before: set[str]) -> None:
     """Delete what a failed submission left in ``log_dir`` (job scripts, pickles)."""
-    for path in glob.glob(os.path.join(log_dir, "*")) + glob.glob(os.path.join(log_dir, ".*")):
-        if os.path.basename(path) not in before:
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+    for name in set(os.listdir(log_dir)) - before:
+        path = os.path.join(log_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 # ---------------------------------------------------------------------------------------
