@@ -422,9 +422,8 @@ def active_jobs_of_grid(state_dir: str, plan: Sequence[Run]) -> dict[str, str]:
     """``{run: job id}`` of the grid's recorded jobs that are queued or running (for the local
     launcher, which must not run them a second time). ``{}`` without records; without
     ``squeue`` on this machine the records cannot be checked: a warning, and ``{}``."""
-    names = {r.name for r in plan}
-    records = {k: v for k, v in load_records(state_dir).items() if k in names}
-    if not records:
+    records = load_records(state_dir)
+    if not any(r.name in records for r in plan):
         return {}
     if shutil.which("squeue") is None:
         logger.warning(
@@ -432,13 +431,22 @@ def active_jobs_of_grid(state_dir: str, plan: Sequence[Run]) -> dict[str, str]:
             jobs_path(state_dir),
         )
         return {}
-    states = query_jobs(str(rec["job_id"]) for rec in records.values())
-    active = {}
-    for name, rec in records.items():
-        st = states.get(str(rec["job_id"]))
-        if st is not None and st.active and st.comment == f"ioupos {name}":
-            active[name] = str(rec["job_id"])
-    return active
+    states = _recorded_states(records, plan)
+    return {name: str(records[name]["job_id"]) for name, st in states.items() if st is not None and st.active}
+
+
+def _recorded_states(records: dict[str, dict[str, Any]], plan: Sequence[Run]) -> dict[str, JobState | None]:
+    """``{run: squeue's state of its recorded job}`` for the runs of ``plan`` with a record (in
+    the records' order); ``None`` when squeue no longer knows the job or its id names another
+    job now (the comment differs: the cluster's ids started over)."""
+    names = {r.name for r in plan}
+    recorded = {name: str(rec["job_id"]) for name, rec in records.items() if name in names}
+    states = query_jobs(recorded.values())
+    out: dict[str, JobState | None] = {}
+    for name, job_id in recorded.items():
+        st = states.get(job_id)
+        out[name] = st if st is not None and st.comment == _job_comment(name) else None
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -462,8 +470,8 @@ class Submission:
         return {**self.active, **self.submitted}
 
 
-def _job_comment(run: Run) -> str:
-    return f"ioupos {run.name}"
+def _job_comment(name: str) -> str:
+    return f"ioupos {name}"
 
 
 def _executor(folder: str, cfg: SlurmConfig, project_root: str) -> submitit.SlurmExecutor:
@@ -552,8 +560,7 @@ def _launch(
     trainers: Mapping[str, Trainer] | None,
 ) -> Submission:
     records = load_records(state_dir)
-    names = {r.name for r in plan}
-    states = query_jobs(str(rec["job_id"]) for name, rec in records.items() if name in names)
+    states = _recorded_states(records, plan)
     sub = Submission()
     todo: list[Run] = []
     dead: list[str] = []
@@ -561,14 +568,11 @@ def _launch(
         if runqueue.is_finished(chkpt_dir, run.name):
             sub.finished.append(run.name)
             continue
-        rec = records.get(run.name)
-        if rec is None:
+        if run.name not in states:  # no recorded job
             todo.append(run)
             continue
-        job_id = str(rec["job_id"])
-        st = states.get(job_id)
-        if st is not None and st.comment != _job_comment(run):
-            st = None  # the id now names another job (the cluster's ids started over)
+        job_id = str(records[run.name]["job_id"])
+        st = states[run.name]
         if st is not None and st.active:
             sub.active[run.name] = job_id
             continue
@@ -607,7 +611,7 @@ def _launch(
             if dependency:
                 additional["dependency"] = ",".join(dependency)
                 additional["kill-on-invalid-dep"] = "yes"
-            ex.update_parameters(job_name=name, comment=_job_comment(run), additional_parameters=additional)
+            ex.update_parameters(job_name=name, comment=_job_comment(run.name), additional_parameters=additional)
             fn = SlurmRun(run, chkpt_dir, state_dir, extra_argv, cfg.time_min, trainers)
             try:
                 job = ex.submit(fn)
