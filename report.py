@@ -33,7 +33,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
 from data import labelled_slice_layout, list_finetune_pairs, read_image_2d, read_label_2d
-from engine import run_paths
+from engine import read_log, run_paths
 from iou_crops import crop_iou, make_sampler
 from runqueue import Row, Run, is_finished, read_result, result_path
 from utils import UserError, atomic_write, atomic_write_json, atomic_write_text
@@ -443,18 +443,6 @@ def _save_fig(fig: Figure, path: str) -> None:
     fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
     with atomic_write(path, "wb") as f:
         f.write(buf.getvalue())
-
-
-def read_log(path: str) -> list[dict[str, Any]]:
-    """The JSON lines of a run log (missing file -> empty list)."""
-    if not os.path.isfile(path):
-        return []
-    out = []
-    with open(path) as f:
-        for ln in f:
-            if ln.strip():
-                out.append(json.loads(ln))
-    return out
 
 
 def collapse_curves(

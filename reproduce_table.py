@@ -1195,7 +1195,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             f"--n_train_cases {budgets[-1]}: the split {data['split']} has {len(split['train'])} training cases"
         )
     check_grid_file(out, meta, split)
-    os.makedirs(out, exist_ok=True)
     atomic_write_json(
         os.path.join(out, "grid.json"),
         {**meta, "split": split, "data": data, "updated": time.strftime("%Y-%m-%d %H:%M:%S")},
@@ -1355,7 +1354,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "figures": figures,
         "rows": table_rows,
         "n_runs": len(plan),
-        "n_finished": sum(runqueue.is_finished(chkpt_dir, r.name) for r in plan),
+        "n_finished": runqueue.n_finished(chkpt_dir, plan),
         "seconds": round(time.time() - t_start, 1),
     }
     if failed:

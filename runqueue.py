@@ -335,12 +335,11 @@ def write_run_scripts(
             + (f" (starts from the random encoder {run.init['path']}, seed {run.init['seed']})" if run.init else ""),
             "set -euo pipefail",
             f"cd {shlex.quote(project_root)}",
-            f"if [ -f {shlex.quote(os.path.join(p['dir'], RESULT_NAME))} ]; then echo 'finished already: {run.name}'; exit 0; fi",
+            f"if [ -f {shlex.quote(result_path(chkpt_dir, run.name))} ]; then echo 'finished already: {run.name}'; exit 0; fi",
         ]
         if run.depends:
-            dep = run_paths(chkpt_dir, run.depends)
             lines.append(
-                f"if [ ! -f {shlex.quote(os.path.join(dep['dir'], RESULT_NAME))} ]; then "
+                f"if [ ! -f {shlex.quote(result_path(chkpt_dir, run.depends))} ]; then "
                 f"echo 'pretraining {run.depends} is not finished' >&2; exit 3; fi"
             )
         lines += [
@@ -382,6 +381,11 @@ def result_path(chkpt_dir: str, name: str) -> str:
 def is_finished(chkpt_dir: str, name: str) -> bool:
     """True when run ``name`` has written its ``result.json``."""
     return os.path.isfile(result_path(chkpt_dir, name))
+
+
+def n_finished(chkpt_dir: str, plan: Sequence[Run]) -> int:
+    """How many runs of ``plan`` have written their ``result.json``."""
+    return sum(is_finished(chkpt_dir, r.name) for r in plan)
 
 
 def read_result(chkpt_dir: str, name: str) -> dict[str, Any]:
@@ -547,7 +551,6 @@ def execute_run(
         raise UserError(
             f"{run.script}.py refuses the arguments of run {run.name}: {last[-1] if last else 'bad arguments'}"
         ) from None
-    handler = None
     with contextlib.ExitStack() as stack:
         if log_dir is not None:
             # the run's log lines and its printed summary go to <log_dir>/<run>.log
@@ -784,7 +787,7 @@ def _run_local(
     n_workers = len(gpus) if gpus else n_workers
     if n_workers < 1:
         raise ValueError(f"run_local needs at least one worker, got {n_workers}")
-    n_done0 = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+    n_done0 = n_finished(cfg.chkpt_dir, plan)
     if n_done0:
         logger.info("%d of %d runs are finished already and are skipped", n_done0, len(plan))
     if n_done0 == len(plan):
@@ -799,7 +802,7 @@ def _run_local(
             try:
                 return execute_run(run, *a)
             finally:
-                bar.n = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+                bar.n = n_finished(cfg.chkpt_dir, plan)
                 bar.refresh()
 
         try:
@@ -828,7 +831,7 @@ def _run_local(
     try:
         while any(p.is_alive() for p in procs):
             time.sleep(1.0)
-            n = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+            n = n_finished(cfg.chkpt_dir, plan)
             if n != bar.n:
                 bar.n = n
                 bar.refresh()
@@ -837,7 +840,7 @@ def _run_local(
             p.join(timeout=30)
         raise
     finally:
-        bar.n = sum(is_finished(cfg.chkpt_dir, r.name) for r in plan)
+        bar.n = n_finished(cfg.chkpt_dir, plan)
         bar.close()
     codes = [p.exitcode for p in procs]
     failed_dir = os.path.join(cfg.state_dir, "failed")

@@ -43,7 +43,6 @@ submission had queued already are cancelled and nothing is recorded as submitted
 from __future__ import annotations
 
 import getpass
-import glob
 import hashlib
 import json
 import logging
@@ -227,7 +226,12 @@ class JobState(NamedTuple):
     @property
     def active(self) -> bool:
         """Queued or running, and not waiting for a dependency that failed."""
-        return self.state in ACTIVE_STATES and not (self.state == "PENDING" and self.reason == DEAD_DEPENDENCY)
+        return self.state in ACTIVE_STATES and not self.dead_dependency
+
+    @property
+    def dead_dependency(self) -> bool:
+        """Pending for a dependency that can never be satisfied (its pretraining job failed)."""
+        return self.state == "PENDING" and self.reason == DEAD_DEPENDENCY
 
 
 def require_slurm(tools: Sequence[str] = ("sbatch", "squeue", "scancel", "srun")) -> None:
@@ -418,9 +422,8 @@ def active_jobs_of_grid(state_dir: str, plan: Sequence[Run]) -> dict[str, str]:
     """``{run: job id}`` of the grid's recorded jobs that are queued or running (for the local
     launcher, which must not run them a second time). ``{}`` without records; without
     ``squeue`` on this machine the records cannot be checked: a warning, and ``{}``."""
-    names = {r.name for r in plan}
-    records = {k: v for k, v in load_records(state_dir).items() if k in names}
-    if not records:
+    records = load_records(state_dir)
+    if not any(r.name in records for r in plan):
         return {}
     if shutil.which("squeue") is None:
         logger.warning(
@@ -428,13 +431,22 @@ def active_jobs_of_grid(state_dir: str, plan: Sequence[Run]) -> dict[str, str]:
             jobs_path(state_dir),
         )
         return {}
-    states = query_jobs(str(rec["job_id"]) for rec in records.values())
-    active = {}
-    for name, rec in records.items():
-        st = states.get(str(rec["job_id"]))
-        if st is not None and st.active and st.comment == f"ioupos {name}":
-            active[name] = str(rec["job_id"])
-    return active
+    states = _recorded_states(records, plan)
+    return {name: str(records[name]["job_id"]) for name, st in states.items() if st is not None and st.active}
+
+
+def _recorded_states(records: dict[str, dict[str, Any]], plan: Sequence[Run]) -> dict[str, JobState | None]:
+    """``{run: squeue's state of its recorded job}`` for the runs of ``plan`` with a record (in
+    the records' order); ``None`` when squeue no longer knows the job or its id names another
+    job now (the comment differs: the cluster's ids started over)."""
+    names = {r.name for r in plan}
+    recorded = {name: str(rec["job_id"]) for name, rec in records.items() if name in names}
+    states = query_jobs(recorded.values())
+    out: dict[str, JobState | None] = {}
+    for name, job_id in recorded.items():
+        st = states.get(job_id)
+        out[name] = st if st is not None and st.comment == _job_comment(name) else None
+    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -458,8 +470,8 @@ class Submission:
         return {**self.active, **self.submitted}
 
 
-def _job_comment(run: Run) -> str:
-    return f"ioupos {run.name}"
+def _job_comment(name: str) -> str:
+    return f"ioupos {name}"
 
 
 def _executor(folder: str, cfg: SlurmConfig, project_root: str) -> submitit.SlurmExecutor:
@@ -548,8 +560,7 @@ def _launch(
     trainers: Mapping[str, Trainer] | None,
 ) -> Submission:
     records = load_records(state_dir)
-    names = {r.name for r in plan}
-    states = query_jobs(str(rec["job_id"]) for name, rec in records.items() if name in names)
+    states = _recorded_states(records, plan)
     sub = Submission()
     todo: list[Run] = []
     dead: list[str] = []
@@ -557,18 +568,15 @@ def _launch(
         if runqueue.is_finished(chkpt_dir, run.name):
             sub.finished.append(run.name)
             continue
-        rec = records.get(run.name)
-        if rec is None:
+        if run.name not in states:  # no recorded job
             todo.append(run)
             continue
-        job_id = str(rec["job_id"])
-        st = states.get(job_id)
-        if st is not None and st.comment != _job_comment(run):
-            st = None  # the id now names another job (the cluster's ids started over)
+        job_id = str(records[run.name]["job_id"])
+        st = states[run.name]
         if st is not None and st.active:
             sub.active[run.name] = job_id
             continue
-        if st is not None and st.state == "PENDING":  # waits for a pretraining job that failed
+        if st is not None and st.dead_dependency:  # waits for a pretraining job that failed
             dead.append(job_id)
             why = f"job {job_id} waited for a pretraining job that failed"
         elif st is not None:
@@ -603,7 +611,7 @@ def _launch(
             if dependency:
                 additional["dependency"] = ",".join(dependency)
                 additional["kill-on-invalid-dep"] = "yes"
-            ex.update_parameters(job_name=name, comment=_job_comment(run), additional_parameters=additional)
+            ex.update_parameters(job_name=name, comment=_job_comment(run.name), additional_parameters=additional)
             fn = SlurmRun(run, chkpt_dir, state_dir, extra_argv, cfg.time_min, trainers)
             try:
                 job = ex.submit(fn)
@@ -637,15 +645,15 @@ def _launch(
 
 def _remove_new_files(log_dir: str, before: set[str]) -> None:
     """Delete what a failed submission left in ``log_dir`` (job scripts, pickles)."""
-    for path in glob.glob(os.path.join(log_dir, "*")) + glob.glob(os.path.join(log_dir, ".*")):
-        if os.path.basename(path) not in before:
-            if os.path.isdir(path):
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+    for name in set(os.listdir(log_dir)) - before:
+        path = os.path.join(log_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 # ---------------------------------------------------------------------------------------
@@ -664,16 +672,16 @@ def wait_for_jobs(
     finished runs. Returns ``{run: final state}`` of the jobs (``"gone"`` when SLURM
     forgot them). Ctrl-C stops the waiting, not the jobs."""
     total = len(plan)
-    done = sum(runqueue.is_finished(chkpt_dir, r.name) for r in plan)
+    done = runqueue.n_finished(chkpt_dir, plan)
     bar = tqdm(total=total, initial=done, desc="grid (SLURM)", unit="run", disable=not progress, dynamic_ncols=True)
     final: dict[str, str] = {}
     try:
         while True:
             states = query_jobs(jobs.values())
-            dead = [j for j in jobs.values() if j in states and states[j].state == "PENDING" and not states[j].active]
+            dead = [j for j in jobs.values() if j in states and states[j].dead_dependency]
             cancel_jobs(dead)
             active = [r for r, j in jobs.items() if j in states and states[j].active]
-            bar.n = sum(runqueue.is_finished(chkpt_dir, r.name) for r in plan)
+            bar.n = runqueue.n_finished(chkpt_dir, plan)
             bar.set_postfix_str(f"{len(active)} job(s) queued or running", refresh=True)
             if not active:
                 final = {r: (states[j].state if j in states else "gone") for r, j in jobs.items()}
