@@ -1270,6 +1270,14 @@ class EpochLogger:
             self.wandb_run.finish()
 
 
+def read_log(path: str) -> list[dict[str, Any]]:
+    """The records of a JSON-lines log (``[]`` when the file does not exist)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(ln) for ln in f if ln.strip()]
+
+
 def truncate_log(path: str, n_epochs_done: int) -> list[dict[str, Any]]:
     """After a resume, drop log lines of epochs that will be redone; returns the records kept
     (``[]`` when the file does not exist).
