@@ -62,6 +62,7 @@ from utils import (
     check_outputs_apart,
     os_error_message,
     os_error_reason,
+    remove_stale_temporaries,
     user_error_in,
 )
 
@@ -374,7 +375,7 @@ def prepare_output_dir(
     want = config.to_json()
     apath = os.path.join(mdir, ARGS_NAME)
     with _folder_lock(output_dir):
-        _remove_temporaries(mdir, ARGS_NAME)
+        remove_stale_temporaries(apath)
         if not os.path.exists(apath):
             _write_json(apath, want)
     try:
@@ -402,7 +403,7 @@ def record_split(output_dir: str, split: dict[str, list[str]], made_by: dict[str
     """
     path = os.path.join(output_dir, data.SPLIT_NAME)
     with _folder_lock(output_dir):
-        _remove_temporaries(output_dir, data.SPLIT_NAME)
+        remove_stale_temporaries(path)
         try:
             same = data.same_split_file(path, split)
         except UserError:
@@ -412,15 +413,6 @@ def record_split(output_dir: str, split: dict[str, list[str]], made_by: dict[str
         if not same:
             _write_json(path, data.split_file_record(split, made_by))
     return path
-
-
-def _remove_temporaries(folder: str, name: str) -> None:
-    """Remove the temporary files a killed atomic write of ``folder/name`` left (call under the lock that guards ``name``)."""
-    pat = re.compile(rf"^\.{re.escape(name)}\..*\.tmp$")
-    for n in os.listdir(folder):
-        if pat.match(n):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, n))
 
 
 def read_case_manifest(output_dir: str, case: str) -> dict[str, Any] | None:
@@ -452,7 +444,7 @@ def assemble_manifest(output_dir: str, config: PreprocessConfig) -> dict[str, An
     previous: list[str] | None = None
     manifest: dict[str, Any] = {}
     with _folder_lock(output_dir):
-        _remove_temporaries(output_dir, MANIFEST_NAME)
+        remove_stale_temporaries(os.path.join(output_dir, MANIFEST_NAME))
         for _ in range(5):
             names = sorted(
                 n for n in os.listdir(mdir) if n.endswith(".json") and n != ARGS_NAME and not n.startswith(".")
@@ -501,7 +493,7 @@ def _remove_case_files(output_dir: str, config: PreprocessConfig, case: str) -> 
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(d, n))
                 removed += 1
-    _remove_temporaries(_manifest_dir(output_dir), case + ".json")
+    remove_stale_temporaries(os.path.join(_manifest_dir(output_dir), case + ".json"))
     return removed
 
 
