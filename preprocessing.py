@@ -259,20 +259,19 @@ def add_common_args(
 
 
 def check_data_dir(args: argparse.Namespace, default: str) -> None:
-    """Refuse a missing ``--data_dir`` with one line naming it (and, for the default, where it was looked for).
+    """Refuse the default ``--data_dir`` when it is missing, with one line saying where it was
+    looked for; another missing folder is refused (named) by ``data.find_labelled_dataset`` /
+    ``data.find_images``, which the scripts call next.
 
     Raises:
-        UserError: ``--data_dir`` is not a folder.
+        UserError: ``--data_dir`` is the default and not a folder.
     """
     path = os.path.abspath(args.data_dir)
-    if os.path.isdir(path):
-        return
-    if args.data_dir == default:
+    if args.data_dir == default and not os.path.isdir(path):
         raise UserError(
             f"--data_dir {path} does not exist: the default {default} (the original's) is taken relative to the "
             f"working directory {os.getcwd()}; pass --data_dir with the data set folder"
         )
-    raise UserError(f"--data_dir {path} does not exist or is not a folder")
 
 
 def config_from_args(
