@@ -71,7 +71,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT_VERSION = 1
 #: values of preprocessing arguments that folders written before the argument existed had implicitly
 LEGACY_ARGS = {"png_quantization": "round"}
-MANIFEST_NAME = "manifest.json"
 ARGS_NAME = "args.json"
 _AFFINE_ATOL_MM = 1e-3  # image and label affines may differ by float noise, not by more
 _UMASK = os.umask(0o022)
@@ -156,7 +155,7 @@ class PreprocessConfig:
             if d[key] is None:
                 del d[key]
         if self.labels is not None:
-            d["labels"] = {str(i): n for i, n in enumerate(self.labels)}
+            d["labels"] = data.LabelSet(self.labels).to_json()
         d["pixdim"] = [float(p) for p in self.pixdim]
         d["a_min"], d["a_max"] = float(self.a_min), float(self.a_max)
         d["format_version"] = MANIFEST_FORMAT_VERSION
@@ -443,7 +442,7 @@ def assemble_manifest(output_dir: str, config: PreprocessConfig) -> dict[str, An
     previous: list[str] | None = None
     manifest: dict[str, Any] = {}
     with _folder_lock(output_dir):
-        remove_stale_temporaries(os.path.join(output_dir, MANIFEST_NAME))
+        remove_stale_temporaries(os.path.join(output_dir, data.MANIFEST_NAME))
         for _ in range(5):
             names = sorted(
                 n for n in os.listdir(mdir) if n.endswith(".json") and n != ARGS_NAME and not n.startswith(".")
@@ -462,7 +461,7 @@ def assemble_manifest(output_dir: str, config: PreprocessConfig) -> dict[str, An
                 "n_slices": int(sum(c["n_slices"] for c in cases.values())),
                 "cases": cases,
             }
-            _write_json(os.path.join(output_dir, MANIFEST_NAME), manifest)
+            _write_json(os.path.join(output_dir, data.MANIFEST_NAME), manifest)
             previous = names
     return manifest
 
