@@ -5,7 +5,8 @@ Everything that knows how the data lies on disk lives here, so that the
 preprocessing scripts, pretraining (``main_simsiam.py`` / ``main_dino.py``) and
 fine-tuning (``main_finetune.py``) agree on one layout. Reading only: the MONAI
 chains that turn what is read here into training samples are ``transforms.py``'s, and
-this module imports neither MONAI nor torch (nor any module above it)::
+this module imports neither MONAI nor torch itself (nor any module above it); importing it
+loads torch all the same, through ``utils.py``'s checkpoint helpers::
 
     raw FLARE (labelled)            <data_dir>/images/FLARE22_Tr_0001_0000.nii.gz   (or imgs/)
                                     <data_dir>/labels/FLARE22_Tr_0001.nii.gz
