@@ -5,7 +5,8 @@ Everything that knows how the data lies on disk lives here, so that the
 preprocessing scripts, pretraining (``main_simsiam.py`` / ``main_dino.py``) and
 fine-tuning (``main_finetune.py``) agree on one layout. Reading only: the MONAI
 chains that turn what is read here into training samples are ``transforms.py``'s, and
-this module imports neither MONAI nor torch (nor any module above it)::
+this module imports neither MONAI nor torch itself (nor any module above it); importing it
+loads torch all the same, through ``utils.py``'s checkpoint helpers::
 
     raw FLARE (labelled)            <data_dir>/images/FLARE22_Tr_0001_0000.nii.gz   (or imgs/)
                                     <data_dir>/labels/FLARE22_Tr_0001.nii.gz
@@ -1617,18 +1618,26 @@ def _pairs_3d(data_dir: str) -> list[dict[str, Any]]:
     return [{"image": imgs[c], "label": labs[c], "case": c, "slice": None} for c in sorted(imgs)]
 
 
-def finetune_cases(data_dir: str | os.PathLike, spatial_dims: int) -> list[str]:
+def _finetune_items(data_dir: str | os.PathLike, spatial_dims: int, layout: str) -> tuple[str, list[dict[str, Any]]]:
+    """The checked folder and every (image, label) item in it, read as ``spatial_dims`` and
+    (2D) ``layout`` say: what :func:`finetune_cases` and :func:`list_finetune_pairs` list."""
+    if spatial_dims not in (2, 3):
+        raise UserError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    data_dir = _require_dir(data_dir, "fine-tuning data folder")
+    if spatial_dims == 3:
+        return data_dir, _pairs_3d(data_dir)
+    return data_dir, (_pairs_2d_original(data_dir) if layout == "original" else _pairs_2d(data_dir))
+
+
+def finetune_cases(data_dir: str | os.PathLike, spatial_dims: int, layout: str = "ioupos") -> list[str]:
     """The cases of a fine-tuning data folder, sorted: in 2D those with slices, in 3D those with
     an image and a label (what :func:`make_split` splits for ``main_finetune.py --val_fraction``).
+    ``layout``: 2D: the slices' layout, as for :func:`list_finetune_pairs`.
 
     Raises:
         UserError: as :func:`list_finetune_pairs`.
     """
-    if spatial_dims not in (2, 3):
-        raise UserError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    data_dir = _require_dir(data_dir, "fine-tuning data folder")
-    items = _pairs_2d(data_dir) if spatial_dims == 2 else _pairs_3d(data_dir)
-    return sorted({it["case"] for it in items})
+    return sorted({it["case"] for it in _finetune_items(data_dir, spatial_dims, layout)[1]})
 
 
 def list_finetune_pairs(
@@ -1658,13 +1667,7 @@ def list_finetune_pairs(
             first differing file is named), a split case has no files, or a case was left
             unfinished by an interrupted preprocessing run.
     """
-    if spatial_dims not in (2, 3):
-        raise UserError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    data_dir = _require_dir(data_dir, "fine-tuning data folder")
-    if spatial_dims == 3:
-        items = _pairs_3d(data_dir)
-    else:
-        items = _pairs_2d_original(data_dir) if layout == "original" else _pairs_2d(data_dir)
+    data_dir, items = _finetune_items(data_dir, spatial_dims, layout)
     by_case: dict[str, list[dict[str, Any]]] = {}
     for it in items:
         by_case.setdefault(it["case"], []).append(it)

@@ -728,7 +728,13 @@ class FinetuneData:
         self.labels = labels if labels is not None else data_labels(args)
         #: how the challenge-grade scores are computed (tolerances, FLARE's slice-range rule)
         self.rules = rules if rules is not None else run_scoring_rules(args, self.labels)
-        split = run_split(args, info)
+        #: how the 2D slices lie on disk: this project's preprocessing or the original code's
+        self.layout = (
+            data.labelled_slice_layout(args.data_dir, args.slice_layout) if args.spatial_dims == 2 else "ioupos"
+        )
+        if self.layout == "original":
+            logger.info("%s: slices written by the original code's preprocessing (imgs/<stem>_<i>.png)", args.data_dir)
+        split = run_split(args, info, self.layout)
         if not split["val"]:
             raise UserError(f"the split {args.split_path} has no validation cases ('val' is empty)")
         if args.n_train_cases:  # the label budget: the first N training cases of the split, in its order
@@ -739,12 +745,6 @@ class FinetuneData:
                 )
             split = {**split, "train": split["train"][: args.n_train_cases]}
             logger.info("--n_train_cases %d: training on %s", args.n_train_cases, ", ".join(split["train"]))
-        #: how the 2D slices lie on disk: this project's preprocessing or the original code's
-        self.layout = (
-            data.labelled_slice_layout(args.data_dir, args.slice_layout) if args.spatial_dims == 2 else "ioupos"
-        )
-        if self.layout == "original":
-            logger.info("%s: slices written by the original code's preprocessing (imgs/<stem>_<i>.png)", args.data_dir)
         pairs = data.list_finetune_pairs(args.data_dir, split, args.spatial_dims, self.layout)
         n = args.max_images
         train_items = pairs["train"][:n] if n else pairs["train"]
@@ -993,17 +993,17 @@ def resolve_split_path(args: argparse.Namespace) -> str:
     )
 
 
-def run_split(args: argparse.Namespace, info: engine.DistInfo) -> dict[str, list[str]]:
+def run_split(args: argparse.Namespace, info: engine.DistInfo, layout: str) -> dict[str, list[str]]:
     """The split of the run: read from ``args.split_path`` (``--fold`` for nnU-Net's folds), or
-    with ``--val_fraction`` made over the cases of ``--data_dir`` (the same on every rank) and
-    written by rank 0 to ``args.split_path`` in the run's folder.
+    with ``--val_fraction`` made over the cases of ``--data_dir`` (the same on every rank; 2D
+    slices listed in ``layout``) and written by rank 0 to ``args.split_path`` in the run's folder.
 
     Raises:
         UserError: an unreadable split, or too few cases to split.
     """
     if args.val_fraction is None:
         return data.load_split(args.split_path, args.fold)
-    cases = data.finetune_cases(args.data_dir, args.spatial_dims)
+    cases = data.finetune_cases(args.data_dir, args.spatial_dims, layout)
     split = data.make_split(cases, args.val_fraction, args.split_seed)
     if info.is_main:
         made_by = {"val_fraction": args.val_fraction, "split_seed": args.split_seed, "n_cases": len(cases)}

@@ -147,44 +147,22 @@ def get_args_parser(prog: str = "preprocess_flare_labelled") -> argparse.Argumen
     return parser
 
 
-def build_tasks(data_dir: str, split: dict[str, list[str]], split_path: str) -> list[CaseTask]:
-    """One task per split case; split cases without files become tasks that fail with a clear message."""
-    found = data.find_labelled_cases(data_dir)
-    img_dir = data.raw_image_dir(os.path.abspath(data_dir))
-    lab_dir = os.path.join(os.path.abspath(data_dir), data.RAW_LABEL_DIR)
-    wanted = sorted(set(split["train"]) | set(split["val"]))
-    tasks = []
-    for case in wanted:
-        entry = found.get(case, {"image": None, "label": None})
-        missing = None
-        if entry["image"] is None and entry["label"] is None:
-            missing = f"case {case} of split {split_path} has no files: no {img_dir}/{case}_0000.nii.gz and no {lab_dir}/{case}.nii.gz"
-        elif entry["image"] is None:
-            missing = f"case {case} has label {entry['label']} but no image {img_dir}/{case}_0000.nii.gz"
-        elif entry["label"] is None:
-            missing = f"case {case} has image {entry['image']} but no label {lab_dir}/{case}.nii.gz"
-        tasks.append(CaseTask(case=case, image=entry["image"], label=entry["label"], missing=missing))
-    extra = sorted(set(found) - set(wanted))
-    if extra:
-        logger.warning(
-            "%d case(s) in %s are not in the split %s and are not preprocessed (first: %s)",
-            len(extra),
-            data_dir,
-            split_path,
-            extra[0],
-        )
-    return tasks
-
-
 def dataset_tasks(ds: data.LabelledDataSet, split: dict[str, list[str]], split_desc: str) -> list[CaseTask]:
-    """One task per split case of an nnU-Net or Decathlon data set; a case whose files are missing
-    (or that the data set does not have) becomes a task that fails with its one line."""
+    """One task per split case of the data set; a case whose files are missing (or that the data
+    set does not have) becomes a task that fails with its one line."""
     wanted = sorted(set(split["train"]) | set(split["val"]))
     tasks = []
     for case in wanted:
         entry = ds.cases.get(case, {"image": None, "label": None})
-        missing = ds.missing.get(case)
-        if case not in ds.cases:
+        if case in ds.cases:
+            missing = ds.missing.get(case)
+        elif ds.layout == "flare":  # the files it would have
+            img_dir, lab_dir = data.raw_image_dir(ds.root), os.path.join(ds.root, data.RAW_LABEL_DIR)
+            missing = (
+                f"case {case} of split {split_desc} has no files: no {img_dir}/{case}{data.MODALITY_SUFFIX}.nii.gz "
+                f"and no {lab_dir}/{case}.nii.gz"
+            )
+        else:
             missing = f"case {case} of split {split_desc} is not in the {ds.layout} data set {ds.root}"
         tasks.append(CaseTask(case=case, image=entry["image"], label=entry["label"], missing=missing))
     extra = sorted(set(ds.cases) - set(wanted))
@@ -246,10 +224,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         )
         logger.info("%s data set %s: labels %s (%s)", ds.layout, ds.root, ds.labels.describe(), ds.labels.source)
     split, desc, made_by = resolve_split(args, ds)
-    if ds.layout == "flare":
-        tasks = build_tasks(args.data_dir, split, desc)
-    else:
-        tasks = dataset_tasks(ds, split, desc)
+    tasks = dataset_tasks(ds, split, desc)
     if made_by is not None:  # written beside the output, for fine-tuning to reuse
         inputs = {"--data_dir": args.data_dir, "--split_path": args.split_path}
         out = prepare_output_dir(args.output_dir, config, inputs, args.overwrite)

@@ -62,6 +62,7 @@ from utils import (
     check_outputs_apart,
     os_error_message,
     os_error_reason,
+    remove_stale_temporaries,
     user_error_in,
 )
 
@@ -70,7 +71,6 @@ logger = logging.getLogger(__name__)
 MANIFEST_FORMAT_VERSION = 1
 #: values of preprocessing arguments that folders written before the argument existed had implicitly
 LEGACY_ARGS = {"png_quantization": "round"}
-MANIFEST_NAME = "manifest.json"
 ARGS_NAME = "args.json"
 _AFFINE_ATOL_MM = 1e-3  # image and label affines may differ by float noise, not by more
 _UMASK = os.umask(0o022)
@@ -155,7 +155,7 @@ class PreprocessConfig:
             if d[key] is None:
                 del d[key]
         if self.labels is not None:
-            d["labels"] = {str(i): n for i, n in enumerate(self.labels)}
+            d["labels"] = data.LabelSet(self.labels).to_json()
         d["pixdim"] = [float(p) for p in self.pixdim]
         d["a_min"], d["a_max"] = float(self.a_min), float(self.a_max)
         d["format_version"] = MANIFEST_FORMAT_VERSION
@@ -258,20 +258,19 @@ def add_common_args(
 
 
 def check_data_dir(args: argparse.Namespace, default: str) -> None:
-    """Refuse a missing ``--data_dir`` with one line naming it (and, for the default, where it was looked for).
+    """Refuse the default ``--data_dir`` when it is missing, with one line saying where it was
+    looked for; another missing folder is refused (named) by ``data.find_labelled_dataset`` /
+    ``data.find_images``, which the scripts call next.
 
     Raises:
-        UserError: ``--data_dir`` is not a folder.
+        UserError: ``--data_dir`` is the default and not a folder.
     """
     path = os.path.abspath(args.data_dir)
-    if os.path.isdir(path):
-        return
-    if args.data_dir == default:
+    if args.data_dir == default and not os.path.isdir(path):
         raise UserError(
             f"--data_dir {path} does not exist: the default {default} (the original's) is taken relative to the "
             f"working directory {os.getcwd()}; pass --data_dir with the data set folder"
         )
-    raise UserError(f"--data_dir {path} does not exist or is not a folder")
 
 
 def config_from_args(
@@ -374,7 +373,7 @@ def prepare_output_dir(
     want = config.to_json()
     apath = os.path.join(mdir, ARGS_NAME)
     with _folder_lock(output_dir):
-        _remove_temporaries(mdir, ARGS_NAME)
+        remove_stale_temporaries(apath)
         if not os.path.exists(apath):
             _write_json(apath, want)
     try:
@@ -402,7 +401,7 @@ def record_split(output_dir: str, split: dict[str, list[str]], made_by: dict[str
     """
     path = os.path.join(output_dir, data.SPLIT_NAME)
     with _folder_lock(output_dir):
-        _remove_temporaries(output_dir, data.SPLIT_NAME)
+        remove_stale_temporaries(path)
         try:
             same = data.same_split_file(path, split)
         except UserError:
@@ -412,15 +411,6 @@ def record_split(output_dir: str, split: dict[str, list[str]], made_by: dict[str
         if not same:
             _write_json(path, data.split_file_record(split, made_by))
     return path
-
-
-def _remove_temporaries(folder: str, name: str) -> None:
-    """Remove the temporary files a killed atomic write of ``folder/name`` left (call under the lock that guards ``name``)."""
-    pat = re.compile(rf"^\.{re.escape(name)}\..*\.tmp$")
-    for n in os.listdir(folder):
-        if pat.match(n):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(folder, n))
 
 
 def read_case_manifest(output_dir: str, case: str) -> dict[str, Any] | None:
@@ -452,7 +442,7 @@ def assemble_manifest(output_dir: str, config: PreprocessConfig) -> dict[str, An
     previous: list[str] | None = None
     manifest: dict[str, Any] = {}
     with _folder_lock(output_dir):
-        _remove_temporaries(output_dir, MANIFEST_NAME)
+        remove_stale_temporaries(os.path.join(output_dir, data.MANIFEST_NAME))
         for _ in range(5):
             names = sorted(
                 n for n in os.listdir(mdir) if n.endswith(".json") and n != ARGS_NAME and not n.startswith(".")
@@ -471,7 +461,7 @@ def assemble_manifest(output_dir: str, config: PreprocessConfig) -> dict[str, An
                 "n_slices": int(sum(c["n_slices"] for c in cases.values())),
                 "cases": cases,
             }
-            _write_json(os.path.join(output_dir, MANIFEST_NAME), manifest)
+            _write_json(os.path.join(output_dir, data.MANIFEST_NAME), manifest)
             previous = names
     return manifest
 
@@ -501,7 +491,7 @@ def _remove_case_files(output_dir: str, config: PreprocessConfig, case: str) -> 
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(d, n))
                 removed += 1
-    _remove_temporaries(_manifest_dir(output_dir), case + ".json")
+    remove_stale_temporaries(os.path.join(_manifest_dir(output_dir), case + ".json"))
     return removed
 
 

@@ -41,11 +41,13 @@ import pickle
 import re
 import sys
 import tempfile
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, TypeVar
 
 import torch
 
 logger = logging.getLogger("ioupos")
+
+_E = TypeVar("_E", bound=BaseException)
 
 
 class UserError(Exception):
@@ -66,6 +68,19 @@ class TrainingError(Exception):
     exit_code = 1
 
 
+def _in_chain(exc: BaseException, kind: type[_E], predicate: Callable[[_E], bool]) -> _E | None:
+    """The first ``kind`` exception in ``exc``'s chain of causes (``exc``, then each one's
+    ``__cause__``, else ``__context__``, until a loop) for which ``predicate`` holds, or None."""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kind) and predicate(e):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def user_error_in(exc: BaseException) -> UserError | None:
     """The UserError behind an exception raised while loading data, if there is one.
 
@@ -73,13 +88,9 @@ def user_error_in(exc: BaseException) -> UserError | None:
     workers re-raise them with the worker's traceback as text; both are unwrapped here so
     that a corrupt file stops the run with the one line that names it.
     """
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, UserError) and "Traceback" not in str(e):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
+    found_in_chain = _in_chain(exc, UserError, lambda e: "Traceback" not in str(e))
+    if found_in_chain is not None:
+        return found_in_chain
     found = re.findall(r"^(?:[\w.]*\.)?UserError: (.+)$", str(exc), flags=re.MULTILINE)
     return UserError(found[-1].strip()) if found else None
 
@@ -109,13 +120,9 @@ def os_error_in(exc: BaseException) -> OSError | None:
     """The OSError behind an exception (a full disk, a read-only folder, a vanished file), if
     there is one: in the chain of causes (MONAI's ``applying transform`` wrapper) or, for an
     error re-raised from a DataLoader worker, in its traceback text (errno and path kept)."""
-    seen = set()
-    e: BaseException | None = exc
-    while e is not None and id(e) not in seen:
-        if isinstance(e, OSError) and e.errno is not None:
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
+    found_in_chain = _in_chain(exc, OSError, lambda e: e.errno is not None)
+    if found_in_chain is not None:
+        return found_in_chain
     found = _OS_ERROR_TEXT.findall(str(exc))
     if found:
         _, num, why, path = found[-1]

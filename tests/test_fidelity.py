@@ -683,6 +683,30 @@ def test_finetune_data_of_an_original_folder(both):
         dat(both["lab"], "--size_z", "3")
 
 
+def test_a_val_fraction_split_of_an_original_folder(both, tmp_path):
+    """``--val_fraction`` lists the cases of an original-layout folder in its layout: the same
+    split and slices as of our folder of the same cases."""
+
+    def dat(folder, name):
+        a = main_finetune.get_args_parser().parse_args(
+            ["--data_dir", str(folder), "--val_fraction", "0.34", "--no-progress", "--low_resource_mode"]
+        )
+        finetune.check_args(a)
+        a.chkpt_dir, a.run_name = str(tmp_path), name
+        a.split_path = finetune.resolve_split_path(a)
+        return finetune.FinetuneData(a, engine.DistInfo(), need_train=True)
+
+    assert data.finetune_cases(both["olab"], 2, "original") == data.finetune_cases(both["lab"], 2)
+    a, b = dat(both["lab"], "ours"), dat(both["olab"], "theirs")
+    assert (a.layout, b.layout) == ("ioupos", "original")
+    assert b.split == a.split and len(a.split["val"]) == 1 and len(a.split["train"]) == 2
+    written = [json.loads((tmp_path / f"{n}_files" / data.SPLIT_NAME).read_text()) for n in ("ours", "theirs")]
+    assert written[0] == written[1]
+    for part in ("train_items", "val_items"):
+        ours, theirs = getattr(a, part), getattr(b, part)
+        assert ours and [(i["case"], i["slice"]) for i in ours] == [(i["case"], i["slice"]) for i in theirs]
+
+
 def test_original_checkpoints_load_strictly(tmp_path, caplog):
     cfg = models.encoder_config("swin", 2, 12, low_resource_mode=True)
     torch.manual_seed(3)
