@@ -25,6 +25,16 @@ import pytest
 import torch
 import torch.nn as nn
 from monai.networks.nets.swin_unetr import SwinTransformer
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    LoadImaged,
+    Orientationd,
+    ScaleIntensityRanged,
+    Spacingd,
+    SpatialPadd,
+)
 from monai.utils import ensure_tuple_rep
 from PIL import Image
 from torch._dynamo.utils import counters
@@ -44,7 +54,7 @@ import preprocess_flare_unlabelled
 import preprocessing
 import pretrain
 import reproduce_table
-from transforms import LoadSlice2Dd, LoadSliceAndLabel2d, check_preprocessing_record, preprocessing_transforms
+from transforms import LoadSlice2Dd, LoadSliceAndLabel2d, check_preprocessing_record
 from utils import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,7 +68,8 @@ SCRIPTS = {
 
 
 # ---------------------------------------------------------------------------------------
-# The original's writers (our own code, following the original scripts' names and layout)
+# The original's writers: its preprocessing chain written out with MONAI's own transforms
+# (not ours), its file names and layout
 # ---------------------------------------------------------------------------------------
 
 
@@ -68,11 +79,26 @@ def _stem(path: str | Path) -> str:
 
 
 def _volumes(image: str | Path, label: str | Path | None = None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The preprocessed (X, Y, Z) image and label of a raw case (the paper's chain)."""
-    keys = ("image", "label") if label is not None else ("image",)
-    d = {"image": str(image)} | ({"label": str(label)} if label is not None else {})
-    out = preprocessing_transforms(keys=keys)(d)
-    img = out["image"][0].numpy()
+    """The preprocessed (X, Y, Z) image and label of a raw case, by the original's
+    ``get_preprocess_transforms_2d`` at its default flags, written out with MONAI's
+    transforms: load, channel first, RAS, 1 x 1 x 2.5 mm (bilinear / nearest), HU
+    [-500, 500] -> [0, 1] clipped, crop to the image's foreground (> 0), pad x and y to 96.
+    Orientationd's labels are spelled out: the default of MONAI 1.2.0, the original's pinned
+    version (newer MONAI picks them from a "space" metadata item)."""
+    keys = ["img", "label"] if label is not None else ["img"]
+    chain = Compose(
+        [
+            LoadImaged(keys=keys, image_only=True),
+            EnsureChannelFirstd(keys=keys),
+            Orientationd(keys=keys, axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S"))),
+            Spacingd(keys=keys, pixdim=(1.0, 1.0, 2.5), mode=("bilinear", "nearest")[: len(keys)]),
+            ScaleIntensityRanged(keys=["img"], a_min=-500, a_max=500, b_min=0.0, b_max=1.0, clip=True),
+            CropForegroundd(keys=keys, source_key="img"),
+            SpatialPadd(keys=keys, spatial_size=(96, 96, -1)),
+        ]
+    )
+    out = chain({"img": str(image)} | ({"label": str(label)} if label is not None else {}))
+    img = out["img"][0].numpy()
     return img, (out["label"][0].numpy() if label is not None else None)
 
 
