@@ -1,10 +1,12 @@
 """Shared test set-up: the project root on sys.path, small thread counts, offline wandb,
-the real CT (``real_ct`` fixture) and the phantom writer of the pretraining tests.
+the real CT (``real_ct`` fixture), the phantom writer of the pretraining tests and the helpers
+several test modules use (running a script's command line, hashing a folder).
 
 Markers: ``slow`` (over about 10 s on a 2-core CPU; ``pytest -m "not slow"`` for a quick
 pass, ``make test`` runs everything).
 """
 
+import hashlib
 import os
 import pathlib
 import sys
@@ -25,6 +27,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import utils  # noqa: E402
 from data import encode_png_2d  # noqa: E402
 from make_phantoms import make_case  # noqa: E402
 
@@ -84,3 +87,30 @@ def write_unlabelled_phantoms(root: pathlib.Path, png_cases=(0, 1)) -> dict:
                 (root / "2d" / f"Case_{case:05d}_{z:04d}.png").write_bytes(encode_png_2d(v[:, :, z]))
         nib.save(nib.Nifti1Image(v, affine), str(root / "3d" / f"Case_{case:05d}.nii.gz"))
     return {"2d": root / "2d", "3d": root / "3d"}
+
+
+def run_main(mod, argv):
+    """Run a script's ``main`` on its parsed ``argv`` (items turned to strings) in this process."""
+    return mod.main(mod.get_args_parser().parse_args([str(a) for a in argv]))
+
+
+def cli_errors(mod, argv, capsys, monkeypatch) -> tuple[int, list[str]]:
+    """Run a script's command line in this process: (exit code, its ``error:`` lines)."""
+    monkeypatch.setattr(utils, "setup_logging", lambda **kw: None)  # leave pytest's logging alone
+    capsys.readouterr()
+    code = 0
+    try:
+        utils.run_cli(mod.main, mod.get_args_parser(), [str(a) for a in argv])
+    except SystemExit as e:
+        code = int(e.code)
+    err = capsys.readouterr().err
+    return code, [ln for ln in err.splitlines() if ln.startswith("error:")]
+
+
+def tree_hashes(folder: pathlib.Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder``, keyed by its path relative to ``folder``."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
