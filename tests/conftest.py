@@ -1,7 +1,7 @@
 """Shared test set-up: the project root on sys.path, small thread counts, offline wandb,
 the real CT (``real_ct`` fixture), the phantom writer of the pretraining tests and the helpers
 several test modules use (running a script's command line, hashing a folder, the independent
-FLARE 2022 scores).
+FLARE 2022 scores, a tiny fine-tuned model file).
 
 Markers: ``slow`` (over about 10 s on a 2-core CPU; ``pytest -m "not slow"`` for a quick
 pass, ``make test`` runs everything).
@@ -30,9 +30,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from monai.metrics import compute_surface_dice  # noqa: E402
 
+import finetune  # noqa: E402
+import models  # noqa: E402
 import utils  # noqa: E402
 from data import encode_png_2d  # noqa: E402
 from make_phantoms import make_case  # noqa: E402
+from transforms import preprocessing_record  # noqa: E402
 
 REAL_CT = ROOT.parent / "shared" / "data" / "real_ct"
 
@@ -164,3 +167,24 @@ def flare22_reference(pred, label, spacing, tolerances=OFFICIAL_TOLERANCE, z_res
         dice = 2.0 * np.count_nonzero(g & p) / (np.count_nonzero(g) + np.count_nonzero(p))
         out[organ] = (dice, 0.0 if dice < 0.2 else monai_nsd(g, p, spacing, tol))
     return out
+
+
+def save_model(
+    path: pathlib.Path,
+    spatial_dims: int = 2,
+    pixdim=(1.0, 1.0, 2.5),
+    png_bits: int | None = 8,
+    seed: int = 0,
+    min_xy: int = 96,
+    dice_paper: float = 0.5,
+):
+    """A tiny Swin-UNETR (random weights) saved as a fine-tuned checkpoint with a preprocessing record
+    (``dice_paper``: the validation Dice it records)."""
+    cfg = models.encoder_config("swin", spatial_dims, 12, low_resource_mode=True, crop_size=64)
+    torch.manual_seed(seed)
+    model = models.build_segmenter(cfg, 14)
+    bits = png_bits if spatial_dims == 2 else None
+    rec = preprocessing_record(spatial_dims, -500.0, 500.0, pixdim, min_xy, bits, "test")
+    args = {"crop_size": 64, "spatial_dims": spatial_dims}
+    torch.save(finetune.finetuned_checkpoint(model, cfg, 14, args, 1, dice_paper, rec), path)
+    return path

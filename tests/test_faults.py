@@ -44,7 +44,6 @@ import torch
 from PIL import Image
 
 import data
-import finetune
 import main_finetune
 import main_simsiam
 import make_phantoms
@@ -54,8 +53,8 @@ import predict
 import preprocess_flare_labelled
 import preprocess_flare_unlabelled
 import utils
-from conftest import cli_errors, run_main, tree_hashes
-from transforms import LoadSliceAndLabel2d, preprocessing_record
+from conftest import cli_errors, run_main, save_model, tree_hashes
+from transforms import LoadSliceAndLabel2d
 from utils import TrainingError, UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -151,16 +150,6 @@ def _cfg():
     return models.encoder_config("swin", 2, 12, low_resource_mode=True, crop_size=64)
 
 
-def _finetuned_model(path: Path) -> Path:
-    """A fine-tuned model file (untrained weights) for ``--eval_only`` and ``predict.py``."""
-    torch.manual_seed(0)
-    model = models.build_segmenter(_cfg(), 14)
-    rec = preprocessing_record(2, -500.0, 500.0, (1.0, 1.0, 2.5), 96, 8, "test")
-    args = {"crop_size": 64, "spatial_dims": 2}
-    torch.save(finetune.finetuned_checkpoint(model, _cfg(), 14, args, 1, 0.0, rec), path)
-    return path
-
-
 def _encoder_file(path: Path, seed: int) -> Path:
     """A pretrained-encoder file (random weights drawn with ``seed``) for ``--chkpt_path``."""
     torch.manual_seed(seed)
@@ -209,7 +198,7 @@ def _remount(path: Path, size: str) -> None:
 
 
 def test_inputs_are_never_written(ph, tmp_path, capsys, monkeypatch):
-    model = _finetuned_model(tmp_path / "model.pt")
+    model = save_model(tmp_path / "model.pt", dice_paper=0.0)  # untrained weights
     evaluate = ["--eval_only", "--data_dir", ph["lab"], "--split_path", ph["split"], "--chkpt_path", model]
     evaluate += ["--chkpt_dir", tmp_path / "runs", "--no-progress", "--device", "cpu", "--n_vis", "0"]
 
