@@ -1,7 +1,7 @@
 """Shared test set-up: the project root on sys.path, small thread counts, offline wandb,
 the real CT (``real_ct`` fixture), the phantom writer of the pretraining tests and the helpers
 several test modules use (running a script's command line, hashing a folder, the independent
-FLARE 2022 scores, a tiny fine-tuned model file).
+FLARE 2022 scores, a tiny fine-tuned model file, a free TCP port, waiting for a condition).
 
 Markers: ``slow`` (over about 10 s on a 2-core CPU; ``pytest -m "not slow"`` for a quick
 pass, ``make test`` runs everything).
@@ -10,7 +10,9 @@ pass, ``make test`` runs everything).
 import hashlib
 import os
 import pathlib
+import socket
 import sys
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -188,3 +190,20 @@ def save_model(
     args = {"crop_size": 64, "spatial_dims": spatial_dims}
     torch.save(finetune.finetuned_checkpoint(model, cfg, 14, args, 1, dice_paper, rec), path)
     return path
+
+
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free at the time of the call (for a launcher's ``--master_port``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout: float, what: str, poll: float = 0.05) -> None:
+    """Call ``cond`` every ``poll`` s until it is true; fail the test after ``timeout`` s, naming ``what``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(poll)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")

@@ -33,7 +33,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -53,7 +52,7 @@ import predict
 import preprocess_flare_labelled
 import preprocess_flare_unlabelled
 import utils
-from conftest import cli_errors, run_main, save_model, tree_hashes
+from conftest import cli_errors, run_main, save_model, tree_hashes, wait_for
 from transforms import LoadSliceAndLabel2d
 from utils import TrainingError, UserError
 
@@ -549,14 +548,6 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def _wait_for(cond, timeout=240):
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["reproduce_table", "preprocessing"])
 def test_two_commands_on_one_fresh_folder_cooperate(command, ph, tmp_path):
@@ -581,12 +572,12 @@ def test_two_commands_on_one_fresh_folder_cooperate(command, ph, tmp_path):
         [PY, wrapper, *map(str, argvs[0])], env=env, stderr=logs[0].open("w"), stdout=subprocess.DEVNULL
     )
     try:
-        _wait_for(lambda: paused.exists() or first.poll() is not None)
+        wait_for(lambda: paused.exists() or first.poll() is not None, 240, "the first command to pause")
         assert first.poll() is None, logs[0].read_text()[-3000:]
         second = subprocess.Popen(
             [PY, script, *map(str, argvs[1])], env=env, stderr=logs[1].open("w"), stdout=subprocess.DEVNULL
         )
-        _wait_for(lambda: second.poll() is not None or waiting in logs[1].read_text())
+        wait_for(lambda: second.poll() is not None or waiting in logs[1].read_text(), 240, "the second command to wait")
         go.touch()
         codes = [first.wait(timeout=300), second.wait(timeout=300)]
     finally:
