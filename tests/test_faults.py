@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
-import hashlib
 import importlib
 import json
 import multiprocessing
@@ -34,7 +33,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -45,7 +43,6 @@ import torch
 from PIL import Image
 
 import data
-import finetune
 import main_finetune
 import main_simsiam
 import make_phantoms
@@ -55,7 +52,8 @@ import predict
 import preprocess_flare_labelled
 import preprocess_flare_unlabelled
 import utils
-from transforms import LoadSliceAndLabel2d, preprocessing_record
+from conftest import cli_errors, run_main, save_model, tree_hashes, wait_for
+from transforms import LoadSliceAndLabel2d
 from utils import TrainingError, UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -91,29 +89,8 @@ def ph(tmp_path_factory):
 
 
 def _call(mod, data_dir, out, *extra):
-    argv = ["--data_dir", str(data_dir), "--output_dir", str(out), *map(str, extra)]
-    return mod.main(mod.get_args_parser().parse_args(argv))
-
-
-def _cli(mod, argv, capsys, monkeypatch) -> tuple[int, list[str]]:
-    """Run a script's command line in this process: (exit code, its ``error:`` lines)."""
-    monkeypatch.setattr(utils, "setup_logging", lambda **kw: None)  # leave pytest's logging alone
-    capsys.readouterr()
-    code = 0
-    try:
-        utils.run_cli(mod.main, mod.get_args_parser(), [str(a) for a in argv])
-    except SystemExit as e:
-        code = int(e.code)
-    err = capsys.readouterr().err
-    return code, [ln for ln in err.splitlines() if ln.startswith("error:")]
-
-
-def _checksums(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
+    """A preprocessing script's ``main`` on ``--data_dir data_dir --output_dir out`` and ``extra``."""
+    return run_main(mod, ["--data_dir", data_dir, "--output_dir", out, *extra])
 
 
 def _pt_argv(data_dir, chkpt_dir, *extra):
@@ -168,22 +145,8 @@ def _ft_argv(ph, chkpt_dir, *extra):
     ]
 
 
-def _run(mod, argv):
-    return mod.main(mod.get_args_parser().parse_args([str(a) for a in argv]))
-
-
 def _cfg():
     return models.encoder_config("swin", 2, 12, low_resource_mode=True, crop_size=64)
-
-
-def _finetuned_model(path: Path) -> Path:
-    """A fine-tuned model file (untrained weights) for ``--eval_only`` and ``predict.py``."""
-    torch.manual_seed(0)
-    model = models.build_segmenter(_cfg(), 14)
-    rec = preprocessing_record(2, -500.0, 500.0, (1.0, 1.0, 2.5), 96, 8, "test")
-    args = {"crop_size": 64, "spatial_dims": 2}
-    torch.save(finetune.finetuned_checkpoint(model, _cfg(), 14, args, 1, 0.0, rec), path)
-    return path
 
 
 def _encoder_file(path: Path, seed: int) -> Path:
@@ -234,17 +197,17 @@ def _remount(path: Path, size: str) -> None:
 
 
 def test_inputs_are_never_written(ph, tmp_path, capsys, monkeypatch):
-    model = _finetuned_model(tmp_path / "model.pt")
+    model = save_model(tmp_path / "model.pt", dice_paper=0.0)  # untrained weights
     evaluate = ["--eval_only", "--data_dir", ph["lab"], "--split_path", ph["split"], "--chkpt_path", model]
     evaluate += ["--chkpt_dir", tmp_path / "runs", "--no-progress", "--device", "cpu", "--n_vis", "0"]
 
     # --save_predictions pointed at a raw labelled FLARE folder: every raw file keeps its bytes
     raw = tmp_path / "raw_copy"
     shutil.copytree(ph["raw_lab"], raw)
-    before = _checksums(raw)
-    code, errors = _cli(main_finetune, [*evaluate, "--save_predictions", raw], capsys, monkeypatch)
+    before = tree_hashes(raw)
+    code, errors = cli_errors(main_finetune, [*evaluate, "--save_predictions", raw], capsys, monkeypatch)
     assert code == 0, errors
-    after = _checksums(raw)
+    after = tree_hashes(raw)
     assert {k: after[k] for k in before} == before
     new = sorted(set(after) - set(before))
     assert new and not [n for n in new if n.startswith(("images/", "labels/"))], new  # never the raw layout
@@ -254,32 +217,34 @@ def test_inputs_are_never_written(ph, tmp_path, capsys, monkeypatch):
     preds.mkdir()
     mine = preds / "FLARE22_Tr_0002.nii.gz"
     mine.write_bytes(b"my own notes")
-    code, errors = _cli(main_finetune, [*evaluate, "--save_predictions", preds], capsys, monkeypatch)
+    code, errors = cli_errors(main_finetune, [*evaluate, "--save_predictions", preds], capsys, monkeypatch)
     assert code == 2 and len(errors) == 1 and str(mine) in errors[0] and "--overwrite" in errors[0], errors
     assert mine.read_bytes() == b"my own notes"
-    code, errors = _cli(main_finetune, [*evaluate, "--save_predictions", preds, "--overwrite"], capsys, monkeypatch)
+    code, errors = cli_errors(
+        main_finetune, [*evaluate, "--save_predictions", preds, "--overwrite"], capsys, monkeypatch
+    )
     assert code == 0 and mine.read_bytes() != b"my own notes"
 
     # predict.py with -o at the raw data set's labels/: refused; its labels are neither overwritten nor
     # taken for finished predictions
-    before = _checksums(raw)
+    before = tree_hashes(raw)
     argv = ["-i", raw / "images", "-o", raw / "labels", "--chkpt_path", model, "--device", "cpu", "--no-progress"]
-    code, errors = _cli(predict, argv, capsys, monkeypatch)
+    code, errors = cli_errors(predict, argv, capsys, monkeypatch)
     assert code == 2 and len(errors) == 1 and "--overwrite" in errors[0] and str(raw / "labels") in errors[0], errors
-    assert _checksums(raw) == before
+    assert tree_hashes(raw) == before
 
     # the labelled preprocessing into (or inside) its own raw folder: refused, nothing written
     for out in (raw, raw / "labels" / "slices"):
-        before = _checksums(raw)
+        before = tree_hashes(raw)
         argv = ["--data_dir", raw, "--output_dir", out, "--split_path", ph["split"]]
-        code, errors = _cli(preprocess_flare_labelled, argv, capsys, monkeypatch)
+        code, errors = cli_errors(preprocess_flare_labelled, argv, capsys, monkeypatch)
         assert code == 2 and len(errors) == 1 and "--data_dir" in errors[0], errors
-        assert _checksums(raw) == before and not (raw / "labels" / "slices").exists()
+        assert tree_hashes(raw) == before and not (raw / "labels" / "slices").exists()
 
     # a fine-tuning whose run file would be the checkpoint it starts from: refused, checkpoint kept
     enc = _encoder_file(tmp_path / "f.pt", seed=1)
     enc_bytes = enc.read_bytes()
-    code, errors = _cli(
+    code, errors = cli_errors(
         main_finetune, _ft_argv(ph, tmp_path, "--chkpt_path", enc, "--n_epochs", "1"), capsys, monkeypatch
     )
     assert code == 2 and len(errors) == 1 and "--chkpt_path" in errors[0], errors
@@ -297,7 +262,7 @@ def test_every_byte_read_is_verified(ph, tmp_path, capsys, monkeypatch, caplog):
     shutil.copytree(ph["raw_unl"], raw)
     bad = sorted(raw.glob("*.nii.gz"))[1]
     _crc_flipped_gzip(bad)
-    code, errors = _cli(
+    code, errors = cli_errors(
         preprocess_flare_unlabelled, ["--data_dir", raw, "--output_dir", tmp_path / "o"], capsys, monkeypatch
     )
     case = data.case_id_from_path(bad)
@@ -313,7 +278,7 @@ def test_every_byte_read_is_verified(ph, tmp_path, capsys, monkeypatch, caplog):
     shutil.copy(ph["raw_lab"] / "labels" / "FLARE22_Tr_0002.nii.gz", lab)
     _crc_flipped_gzip(lab)
     with pytest.raises(UserError, match="CRC"):
-        _run(metrics, ["--pred", ph["raw_lab"] / "labels" / "FLARE22_Tr_0002.nii.gz", "--label", lab])
+        run_main(metrics, ["--pred", ph["raw_lab"] / "labels" / "FLARE22_Tr_0002.nii.gz", "--label", lab])
 
     # a PNG slice with its tail cut, or one byte flipped in its pixel data: refused, named
     png = sorted((ph["unl"]).glob("*.png"))[3]
@@ -357,7 +322,7 @@ def test_the_originals_artifacts_fail_in_one_line(ph, tmp_path, capsys, monkeypa
     label.write_bytes(bytes(blob))
     argv = _ft_argv(ph, tmp_path / "runs", "--n_epochs", "1")
     argv[argv.index("--data_dir") + 1] = olab
-    code, errors = _cli(main_finetune, argv, capsys, monkeypatch)
+    code, errors = cli_errors(main_finetune, argv, capsys, monkeypatch)
     assert code == 2 and errors == [f"error: cannot read PNG {label}: " + errors[0].split(": ", 2)[2]], errors
     assert "CRC" in errors[0]
     assert not (tmp_path / "runs" / "f_last.pt").exists()
@@ -368,17 +333,19 @@ def test_the_originals_artifacts_fail_in_one_line(ph, tmp_path, capsys, monkeypa
     torch.save({"backbone.model." + k: v for k, v in swin.items()}, ck)
     ck.write_bytes(ck.read_bytes()[:-100])
     argv = _ft_argv(ph, tmp_path / "runs2", "--n_epochs", "1", "--chkpt_path", ck)
-    code, errors = _cli(main_finetune, argv, capsys, monkeypatch)
+    code, errors = cli_errors(main_finetune, argv, capsys, monkeypatch)
     assert code == 2 and len(errors) == 1 and str(ck) in errors[0], errors
     # the original's preprocessing flags against the data's manifest.json
     argv = _ft_argv(ph, tmp_path / "runs3", "--n_epochs", "1", "--size_z", "3")
-    code, errors = _cli(main_finetune, argv, capsys, monkeypatch)
+    code, errors = cli_errors(main_finetune, argv, capsys, monkeypatch)
     assert code == 2 and len(errors) == 1 and errors[0].startswith("error: --size_z 3 differs from the 2.5"), errors
-    code, errors = _cli(main_simsiam, _pt_argv(ph["unl"], tmp_path / "runs4", "--a_max", "400"), capsys, monkeypatch)
+    code, errors = cli_errors(
+        main_simsiam, _pt_argv(ph["unl"], tmp_path / "runs4", "--a_max", "400"), capsys, monkeypatch
+    )
     assert code == 2 and len(errors) == 1 and errors[0].startswith("error: --a_max 400 differs from the 500"), errors
     # the preprocessing scripts' default folders, missing: one line, nothing created
     monkeypatch.chdir(tmp_path)
-    code, errors = _cli(preprocess_flare_unlabelled, [], capsys, monkeypatch)
+    code, errors = cli_errors(preprocess_flare_unlabelled, [], capsys, monkeypatch)
     assert code == 2 and len(errors) == 1 and f"--data_dir {tmp_path / 'data' / 'ssl'} does not exist" in errors[0]
     assert not (tmp_path / "data").exists()
 
@@ -394,7 +361,7 @@ def test_resume_refuses_changed_inputs(ph, tmp_path):
     d = tmp_path / "unl"
     shutil.copytree(ph["unl"], d)
     out = tmp_path / "pre"
-    _run(main_simsiam, _pt_argv(d, out, "--n_epochs", "1"))
+    run_main(main_simsiam, _pt_argv(d, out, "--n_epochs", "1"))
     shutil.rmtree(d)
     one = tmp_path / "one_case"
     one.mkdir()
@@ -404,7 +371,7 @@ def test_resume_refuses_changed_inputs(ph, tmp_path):
     with pytest.raises(
         UserError, match=r"cannot resume .*the (data folder --data_dir|manifest\.json of --data_dir) changed"
     ):
-        _run(main_simsiam, _pt_argv(d, out, "--n_epochs", "1", "--resume"))
+        run_main(main_simsiam, _pt_argv(d, out, "--n_epochs", "1", "--resume"))
 
     # fine-tuning: the split file's contents, then the starting checkpoint, changed
     split = tmp_path / "split.json"
@@ -412,18 +379,18 @@ def test_resume_refuses_changed_inputs(ph, tmp_path):
     enc = _encoder_file(tmp_path / "enc.pt", seed=1)
     ft = [*_ft_argv(ph, tmp_path / "ft", "--n_epochs", "1", "--chkpt_path", enc)]
     ft[ft.index("--split_path") + 1] = split
-    _run(main_finetune, ft)
+    run_main(main_finetune, ft)
     split.write_text(
         json.dumps({"train": SPLIT_CASES["val"][:1], "val": SPLIT_CASES["train"] + SPLIT_CASES["val"][1:]})
     )
     with pytest.raises(UserError, match=r"the split --split_path changed since the run started"):
-        _run(main_finetune, [*ft, "--resume"])
+        run_main(main_finetune, [*ft, "--resume"])
     split.write_text(json.dumps(SPLIT_CASES, indent=4))  # the same lists, formatted differently: accepted
     _encoder_file(enc, seed=2)
     with pytest.raises(UserError, match=r"the checkpoint --chkpt_path the run started from changed"):
-        _run(main_finetune, [*ft, "--resume"])
+        run_main(main_finetune, [*ft, "--resume"])
     _encoder_file(enc, seed=1)
-    assert _run(main_finetune, [*ft, "--resume"])["epochs_done"] == 1  # everything as recorded: it resumes
+    assert run_main(main_finetune, [*ft, "--resume"])["epochs_done"] == 1  # everything as recorded: it resumes
 
 
 # ---------------------------------------------------------------------------------------
@@ -473,8 +440,8 @@ def test_metrics_scores_every_labelled_case(ph, tmp_path):
     shutil.copy(ph["raw_lab"] / "labels" / "FLARE22_Tr_0001.nii.gz", preds)  # a perfect prediction of one case
     argv = ["--pred_dir", preds, "--label_dir", labels]
     with pytest.raises(UserError, match=f"'FLARE22_Tr_0002' of --label_dir has no prediction {preds}"):
-        _run(metrics, argv)
-    summary = _run(metrics, [*argv, "--missing_as_zero", "--out_dir", tmp_path / "scores"])
+        run_main(metrics, argv)
+    summary = run_main(metrics, [*argv, "--missing_as_zero", "--out_dir", tmp_path / "scores"])
     assert summary["n_cases"] == 2
     assert summary["per_case"]["FLARE22_Tr_0001"]["dice_mean"] == 1.0
     assert summary["per_case"]["FLARE22_Tr_0002"] == {"dice_mean": 0.0, "nsd_mean": 0.0}
@@ -482,7 +449,7 @@ def test_metrics_scores_every_labelled_case(ph, tmp_path):
     # a prediction without a label is an error too
     shutil.copy(ph["raw_lab"] / "labels" / "FLARE22_Tr_0003.nii.gz", preds)
     with pytest.raises(UserError, match="FLARE22_Tr_0003.nii.gz has no label"):
-        _run(metrics, [*argv, "--missing_as_zero"])
+        run_main(metrics, [*argv, "--missing_as_zero"])
 
 
 # ---------------------------------------------------------------------------------------
@@ -505,7 +472,7 @@ def _die_in_first_state_save(argv):
 
     utils.atomic_write = dying
     torch.set_num_threads(1)
-    _run(main_simsiam, argv)
+    run_main(main_simsiam, argv)
 
 
 @pytest.mark.parametrize("again", ["--resume", "plain rerun"])
@@ -519,10 +486,10 @@ def test_kill_inside_the_first_state_save(again, ph, tmp_path):
     assert list(cut.glob(".r_last.pt.*.tmp")) and (cut / "r.pt").exists()
     assert not (cut / "r_last.pt").exists() and not (cut / "r_log.jsonl").exists()
 
-    resumed = _run(main_simsiam, argv + (["--resume"] if again == "--resume" else []))
+    resumed = run_main(main_simsiam, argv + (["--resume"] if again == "--resume" else []))
     assert resumed["epochs_done"] == 1 and not list(cut.glob(".*.tmp"))
     assert [r["epoch"] for r in map(json.loads, (cut / "r_log.jsonl").read_text().splitlines())] == [1]
-    full = _run(main_simsiam, _pt_argv(ph["unl"], tmp_path / "full", "--n_epochs", "1"))
+    full = run_main(main_simsiam, _pt_argv(ph["unl"], tmp_path / "full", "--n_epochs", "1"))
     a, b = torch.load(full["weights"], weights_only=True), torch.load(resumed["weights"], weights_only=True)
     assert all(torch.equal(a["encoder"][k], b["encoder"][k]) for k in a["encoder"])
 
@@ -532,27 +499,26 @@ def test_full_file_system(ph, tmp_path, capsys, monkeypatch):
     # and the same command continues once there is room
     with tmpfs(tmp_path / "mnt", "600k") as mnt:
         argv = _pt_argv(ph["unl"], mnt / "runs", "--n_epochs", "2")
-        code, errors = _cli(main_simsiam, argv, capsys, monkeypatch)
+        code, errors = cli_errors(main_simsiam, argv, capsys, monkeypatch)
         assert code == 1 and len(errors) == 1, errors
         assert "No space left on device (ENOSPC)" in errors[0] and str(mnt / "runs" / "r") in errors[0], errors
         assert not [p for p in mnt.rglob("*") if p.name.endswith(".tmp")]
         _remount(mnt, "50m")
-        code, errors = _cli(main_simsiam, [*argv, "--resume"], capsys, monkeypatch)
+        code, errors = cli_errors(main_simsiam, [*argv, "--resume"], capsys, monkeypatch)
         assert code == 0, errors
         assert json.loads((mnt / "runs" / "r_files" / "result.json").read_text())["epochs_done"] == 2
 
     # the preprocessing: stops at once with one line (not one failure per case), partial case removed
     with tmpfs(tmp_path / "mnt2", "64k") as mnt:
         argv = ["--data_dir", ph["raw_unl"], "--output_dir", mnt / "out"]
-        code, errors = _cli(preprocess_flare_unlabelled, argv, capsys, monkeypatch)
+        code, errors = cli_errors(preprocess_flare_unlabelled, argv, capsys, monkeypatch)
         assert code == 1 and len(errors) == 1 and "No space left on device (ENOSPC)" in errors[0], errors
         assert not [p for p in mnt.rglob("*") if p.name.endswith((".tmp", ".inprogress"))]
         _remount(mnt, "50m")
-        code, errors = _cli(preprocess_flare_unlabelled, argv, capsys, monkeypatch)
+        code, errors = cli_errors(preprocess_flare_unlabelled, argv, capsys, monkeypatch)
         assert code == 0, errors
-        assert _checksums(mnt / "out") == {
-            k: v for k, v in _checksums(ph["unl"]).items() if k in _checksums(mnt / "out")
-        }
+        written = tree_hashes(mnt / "out")
+        assert written == {k: v for k, v in tree_hashes(ph["unl"]).items() if k in written}
         assert json.loads((mnt / "out" / "manifest.json").read_text())["n_cases"] == 2
 
 
@@ -582,14 +548,6 @@ runpy.run_path({script!r}, run_name="__main__")
 """
 
 
-def _wait_for(cond, timeout=240):
-    deadline = time.time() + timeout
-    while not cond():
-        if time.time() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.1)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("command", ["reproduce_table", "preprocessing"])
 def test_two_commands_on_one_fresh_folder_cooperate(command, ph, tmp_path):
@@ -614,12 +572,12 @@ def test_two_commands_on_one_fresh_folder_cooperate(command, ph, tmp_path):
         [PY, wrapper, *map(str, argvs[0])], env=env, stderr=logs[0].open("w"), stdout=subprocess.DEVNULL
     )
     try:
-        _wait_for(lambda: paused.exists() or first.poll() is not None)
+        wait_for(lambda: paused.exists() or first.poll() is not None, 240, "the first command to pause")
         assert first.poll() is None, logs[0].read_text()[-3000:]
         second = subprocess.Popen(
             [PY, script, *map(str, argvs[1])], env=env, stderr=logs[1].open("w"), stdout=subprocess.DEVNULL
         )
-        _wait_for(lambda: second.poll() is not None or waiting in logs[1].read_text())
+        wait_for(lambda: second.poll() is not None or waiting in logs[1].read_text(), 240, "the second command to wait")
         go.touch()
         codes = [first.wait(timeout=300), second.wait(timeout=300)]
     finally:
@@ -630,8 +588,8 @@ def test_two_commands_on_one_fresh_folder_cooperate(command, ph, tmp_path):
     assert not any("Traceback" in t for t in texts)
     manifest = json.loads((out / "lab" / "manifest.json").read_text())
     assert manifest["n_cases"] == 3
-    assert _checksums(out / "lab" / "imgs") == _checksums(ph["lab"] / "imgs")
-    assert _checksums(out / "lab" / "labels") == _checksums(ph["lab"] / "labels")
+    assert tree_hashes(out / "lab" / "imgs") == tree_hashes(ph["lab"] / "imgs")
+    assert tree_hashes(out / "lab" / "labels") == tree_hashes(ph["lab"] / "labels")
 
 
 # ---------------------------------------------------------------------------------------
@@ -644,13 +602,13 @@ def test_outputs_are_checked_before_the_work(ph, tmp_path, capsys, monkeypatch):
     a_file.write_text("x")
     # fine-tuning with --save_predictions on a file: refused before the first epoch
     runs = tmp_path / "runs"
-    code, errors = _cli(
+    code, errors = cli_errors(
         main_finetune, _ft_argv(ph, runs, "--n_epochs", "1", "--save_predictions", a_file), capsys, monkeypatch
     )
     assert code == 2 and len(errors) == 1 and str(a_file) in errors[0], errors
     assert not (runs / "f_log.jsonl").exists() and not (runs / "f.pt").exists()
     # visualize_crops and metrics.py: an output under a file
-    code, errors = _cli(
+    code, errors = cli_errors(
         importlib.import_module("visualize_crops"),
         ["--input_dir", ph["unl"], "--crop_size", "32", "--output", a_file / "crops.png"],
         capsys,
@@ -658,7 +616,7 @@ def test_outputs_are_checked_before_the_work(ph, tmp_path, capsys, monkeypatch):
     )
     assert code == 2 and len(errors) == 1 and str(a_file) in errors[0], errors
     label = ph["raw_lab"] / "labels" / "FLARE22_Tr_0001.nii.gz"
-    code, errors = _cli(metrics, ["--pred", label, "--label", label, "--out_dir", a_file], capsys, monkeypatch)
+    code, errors = cli_errors(metrics, ["--pred", label, "--label", label, "--out_dir", a_file], capsys, monkeypatch)
     assert code == 2 and len(errors) == 1 and "is a file" in errors[0], errors
     # read-only file systems: every command stops at start-up with one line
     with tmpfs(tmp_path / "ro", "1m", read_only=True) as ro:
@@ -668,7 +626,7 @@ def test_outputs_are_checked_before_the_work(ph, tmp_path, capsys, monkeypatch):
             (preprocess_flare_unlabelled, ["--data_dir", ph["raw_unl"], "--output_dir", ro / "out"]),
         ]
         for mod, argv in commands:
-            code, errors = _cli(mod, argv, capsys, monkeypatch)
+            code, errors = cli_errors(mod, argv, capsys, monkeypatch)
             assert code == 2 and len(errors) == 1 and "Read-only file system (EROFS)" in errors[0], (mod, errors)
         assert not (runs / "f_log.jsonl").exists()
 
@@ -745,7 +703,7 @@ def test_data_set_descriptions_labels_and_splits(ph, tmp_path, capsys, monkeypat
     out = tmp_path / "out"
 
     def prep(*extra, data_dir=raw, output=out):
-        return _cli(
+        return cli_errors(
             preprocess_flare_labelled, ["--data_dir", data_dir, "--output_dir", output, *extra], capsys, monkeypatch
         )
 
@@ -792,12 +750,12 @@ def test_data_set_descriptions_labels_and_splits(ph, tmp_path, capsys, monkeypat
     ft = ["--data_dir", out, "--chkpt_dir", tmp_path / "ft", "--low_resource_mode", "--crop_size", "64",
           "--batch_size", "2", "--warmup_epochs", "0", "--num_workers", "0", "--n_vis", "0", "--no-progress",
           "--device", "cpu", "--run_name", "f", "--n_epochs", "1", "--max_images", "4", "--nsd_tolerance_mm", "2"]  # fmt: skip
-    assert _run(main_finetune, ft)["epochs_done"] == 1
+    assert run_main(main_finetune, ft)["epochs_done"] == 1
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["args"]["labels"]["2"] = "kidneys"
     (out / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(UserError, match=r"cannot resume .*the manifest\.json of --data_dir changed"):
-        _run(main_finetune, [*ft, "--resume"])
+        run_main(main_finetune, [*ft, "--resume"])
 
 
 class _FullDiskDataset(torch.utils.data.Dataset):

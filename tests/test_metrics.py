@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import csv
 import json
-import warnings
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.metrics import DiceMetric, compute_surface_dice
+from monai.metrics import DiceMetric
 from monai.metrics.utils import get_code_to_measure_table
 from PIL import Image
 from scipy import ndimage
 
 import metrics
+from conftest import OFFICIAL_TOLERANCE, flare22_reference, monai_nsd
 from data import LABEL_NAMES
 from make_phantoms import make_case
 from metrics import (
@@ -32,12 +32,10 @@ from metrics import (
 from utils import UserError
 
 # ------------------------------------------------------------------------------------------
-# Independent reference computations: set counts for Dice, MONAI's surfel NSD, and the
-# official FLARE 2022 script's rules written out again here
+# Independent reference computations: set counts for Dice; MONAI's surfel NSD and the
+# official FLARE 2022 script's rules written out again are conftest's monai_nsd and
+# flare22_reference
 # ------------------------------------------------------------------------------------------
-
-#: NSD tolerances (mm) of FLARE22_DSC_NSD_Eval.py, written out from the script (not imported)
-OFFICIAL_TOLERANCE = {1: 5, 2: 3, 3: 3, 4: 5, 5: 2, 6: 2, 7: 2, 8: 2, 9: 2, 10: 3, 11: 5, 12: 7, 13: 3}
 
 
 def ref_dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -45,49 +43,6 @@ def ref_dice(a: np.ndarray, b: np.ndarray) -> float:
     sa = set(map(tuple, np.argwhere(a)))
     sb = set(map(tuple, np.argwhere(b)))
     return 2 * len(sa & sb) / (len(sa) + len(sb))
-
-
-def monai_nsd(label_mask: np.ndarray, pred_mask: np.ndarray, spacing, tol: float) -> float:
-    """MONAI's ``compute_surface_dice(use_subvoxels=True)``: DeepMind's surfels weighted by area (2D: length)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # MONAI warns about empty masks and its own deprecations
-        nsd = compute_surface_dice(
-            torch.from_numpy(np.ascontiguousarray(pred_mask))[None, None],
-            torch.from_numpy(np.ascontiguousarray(label_mask))[None, None],
-            class_thresholds=[float(tol)],
-            include_background=True,
-            spacing=[float(s) for s in spacing],
-            use_subvoxels=True,
-        )
-    return float(nsd[0, 0])
-
-
-def flare22_reference(pred, label, spacing, tolerances=OFFICIAL_TOLERANCE, z_restricted=(5, 6, 10)):
-    """Per organ (Dice, NSD) by the rules of the official FLARE22_DSC_NSD_Eval.py, with MONAI's NSD:
-
-    organ absent from both volumes: 1 / 1; absent from one: 0 / 0; aorta, IVC and esophagus
-    on ``[..., z_lower:z_upper]``, z_lower / z_upper the first / last slice of the organ in
-    the label (so the last labelled slice is left out; an organ on one slice only, where the
-    script fails, is scored on that slice); Dice below 0.2: NSD 0 without computing it.
-    """
-    out = {}
-    for organ, tol in tolerances.items():
-        g_all, p_all = label == organ, pred == organ
-        if not g_all.any() and not p_all.any():
-            out[organ] = (1.0, 1.0)
-            continue
-        if not g_all.any() or not p_all.any():
-            out[organ] = (0.0, 0.0)
-            continue
-        g, p = g_all, p_all
-        if organ in z_restricted:
-            zs = np.flatnonzero(g_all.any(axis=tuple(range(g_all.ndim - 1))))
-            lo, hi = int(zs.min()), int(zs.max())
-            hi = hi if hi > lo else lo + 1
-            g, p = g_all[..., lo:hi], p_all[..., lo:hi]
-        dice = 2.0 * np.count_nonzero(g & p) / (np.count_nonzero(g) + np.count_nonzero(p))
-        out[organ] = (dice, 0.0 if dice < 0.2 else monai_nsd(g, p, spacing, tol))
-    return out
 
 
 def perturbed(label: np.ndarray, k: int) -> np.ndarray:

@@ -42,7 +42,8 @@ import preprocess_labelled
 import report
 import reproduce_table as rt
 import runqueue
-from utils import UserError, run_cli
+from conftest import cli_errors, run_main, tree_hashes
+from utils import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -131,33 +132,6 @@ def phantoms(tmp_path_factory):
         root / "flare", n_labelled=6, n_unlabelled=0, seed=5, size_xy=64, n_slices=12, n_train=3
     )
     return {"root": root, "flare": Path(made["labelled_dir"]), "split": made["split_path"]}
-
-
-def _run(mod, argv):
-    return mod.main(mod.get_args_parser().parse_args([str(a) for a in argv]))
-
-
-def _cli(mod, argv, capsys, monkeypatch) -> tuple[int, list[str]]:
-    """A script's command line in this process: (exit code, its ``error:`` lines)."""
-    import utils  # noqa: PLC0415  (the module object whose setup_logging is patched for this call only)
-
-    monkeypatch.setattr(utils, "setup_logging", lambda **kw: None)
-    capsys.readouterr()
-    code = 0
-    try:
-        run_cli(mod.main, mod.get_args_parser(), [str(a) for a in argv])
-    except SystemExit as e:
-        code = int(e.code)
-    err = capsys.readouterr().err
-    return code, [ln for ln in err.splitlines() if ln.startswith("error:")]
-
-
-def _tree_hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
 
 
 def _touch_nifti(path: Path, shape=(4, 4, 3), value=0) -> None:
@@ -569,12 +543,12 @@ def test_nnunet_five_classes_end_to_end(phantoms, tmp_path, capsys):
     # a rerun with another split into the same folder is refused; the same flags skip every case
     again = subprocess.run([*cmd, "--val_fraction", "0.2"], capture_output=True, text=True, env=env)
     assert again.returncode == 2 and "holds another split" in again.stderr
-    assert _run(preprocess_labelled, [*cmd[2:], "--val_fraction", "0.4", "--split_seed", "2"])["n_skipped"] == 5
+    assert run_main(preprocess_labelled, [*cmd[2:], "--val_fraction", "0.4", "--split_seed", "2"])["n_skipped"] == 5
 
     # the images of the data set (training and test, channel 0) for pretraining; a 1-epoch SimSiam run
-    res = _run(preprocess_flare_unlabelled, ["--data_dir", raw, "--output_dir", unl2d])
+    res = run_main(preprocess_flare_unlabelled, ["--data_dir", raw, "--output_dir", unl2d])
     assert res["n_cases"] == 6 and not res["failed"]
-    pre = _run(
+    pre = run_main(
         main_simsiam,
         [
             "--data_dir", unl2d, "--chkpt_dir", tmp_path / "pre", "--low_resource_mode", "--embedding_size", "12",
@@ -586,7 +560,7 @@ def test_nnunet_five_classes_end_to_end(phantoms, tmp_path, capsys):
 
     # fine-tuning from it: classes, names and split from the folder; a per-class tolerance
     tol = '{"1": 5, "2": 3, "3": 3, "4": 5}'
-    ft = _run(
+    ft = run_main(
         main_finetune,
         _finetune_argv(lab2d, tmp_path / "ft", "--chkpt_path", pre["weights"], "--embedding_size", "12",
                        "--nsd_tolerance_mm", tol, "--run_name", "ft"),
@@ -602,21 +576,21 @@ def test_nnunet_five_classes_end_to_end(phantoms, tmp_path, capsys):
     assert {r["tolerance_mm"] for r in rows if r["organ"] == "kidney"} == {"3"}
     ckpt = torch.load(ft["weights"], weights_only=True)
     assert ckpt["n_classes"] == 5 and ckpt["labels"]["2"] == "kidney"
-    _run(export_model, ["--chkpt_path", ft["weights"], "--format", "swinunetr", "-o", tmp_path / "m.pt"])
+    run_main(export_model, ["--chkpt_path", ft["weights"], "--format", "swinunetr", "-o", tmp_path / "m.pt"])
     card = json.loads((tmp_path / "m.pt.json").read_text())
     assert card["labels"] == {"0": "background", "1": "liver", "2": "kidney", "3": "spleen", "4": "stomach"}
     assert "liver, kidney, spleen, stomach" in card["intended_use"]
     assert card["validation"]["challenge_grade"]["scoring"]["nsd_tolerance_mm"]["2"] == 3.0
     # --n_classes is checked against the folder's label set; another label set needs a tolerance
     with pytest.raises(UserError, match=r"--n_classes 14, but the label set of --data_dir .* has 5 classes"):
-        _run(main_finetune, _finetune_argv(lab2d, tmp_path / "ft2", "--n_classes", "14", "--nsd_tolerance_mm", "2"))
+        run_main(main_finetune, _finetune_argv(lab2d, tmp_path / "ft2", "--n_classes", "14", "--nsd_tolerance_mm", "2"))
     with pytest.raises(UserError, match="is not FLARE 2022's: give the NSD tolerance"):
-        _run(main_finetune, _finetune_argv(lab2d, tmp_path / "ft2"))
+        run_main(main_finetune, _finetune_argv(lab2d, tmp_path / "ft2"))
 
     # evaluation of new scans: predict.py names the classes from the checkpoint, metrics.py from dataset.json
     val = split["val"][0]
     preds = tmp_path / "preds"
-    _run(predict, ["-i", raw / "imagesTr" / f"{val}_0000.nii.gz", "-o", preds, "--chkpt_path", ft["weights"],
+    run_main(predict, ["-i", raw / "imagesTr" / f"{val}_0000.nii.gz", "-o", preds, "--chkpt_path", ft["weights"],
                    "--save_probabilities", "--no-progress"])  # fmt: skip
     probs = np.load(preds / f"{val}_probabilities.npz")
     assert list(probs["label_names"]) == ["background", "liver", "kidney", "spleen", "stomach"]
@@ -624,7 +598,7 @@ def test_nnunet_five_classes_end_to_end(phantoms, tmp_path, capsys):
     labels_dir = tmp_path / "val_labels"
     labels_dir.mkdir()
     shutil.copy(raw / "labelsTr" / f"{val}.nii.gz", labels_dir)
-    summary = _run(
+    summary = run_main(
         metrics,
         ["--pred_dir", preds, "--label_dir", labels_dir, "--labels", raw / "dataset.json", "--tolerance_mm", "2",
          "--out_dir", tmp_path / "scores"],
@@ -681,13 +655,13 @@ def test_nnunet_five_classes_end_to_end(phantoms, tmp_path, capsys):
 def test_decathlon_preprocessing_and_fine_tuning_with_a_split_made_by_the_run(phantoms, tmp_path):
     raw = write_decathlon(phantoms["flare"], tmp_path, n_cases=4)
     lab2d = tmp_path / "dec_2d"
-    res = _run(preprocess_flare_labelled, ["--data_dir", raw, "--output_dir", lab2d])  # the default split: 20 %
+    res = run_main(preprocess_flare_labelled, ["--data_dir", raw, "--output_dir", lab2d])  # the default split: 20 %
     assert res["n_cases"] == 4 and not res["failed"]
     manifest = json.loads((lab2d / "manifest.json").read_text())
     assert manifest["args"]["labels"] == DECATHLON_LABELS and manifest["args"]["layout"] == "decathlon"
     assert data.load_split(lab2d / "split.json") == data.make_split(["abd_1", "abd_2", "abd_3", "abd_4"], 0.2, 0)
     # the run splits the folder's cases itself (--val_fraction) and keeps the split in its files
-    ft = _run(
+    ft = run_main(
         main_finetune,
         _finetune_argv(lab2d, tmp_path / "ft", "--nsd_tolerance_mm", "2", "--val_fraction", "0.5", "--split_seed", "1",
                        "--run_name", "dec", "--n_train_cases", "1"),
@@ -698,13 +672,13 @@ def test_decathlon_preprocessing_and_fine_tuning_with_a_split_made_by_the_run(ph
     assert list(json.loads(Path(ft["scores"]).read_text())["summary"]["per_organ"]) == ["liver", "spleen"]
     # --resume with another budget is refused (the budget defines the run)
     with pytest.raises(UserError, match="n_train_cases: 1 -> 2"):
-        _run(
+        run_main(
             main_finetune,
             _finetune_argv(lab2d, tmp_path / "ft", "--nsd_tolerance_mm", "2", "--val_fraction", "0.5",
                            "--split_seed", "1", "--run_name", "dec", "--n_train_cases", "2", "--resume"),
         )  # fmt: skip
     # the evaluation alone reads the classes back from the model and the data and checks they agree
-    ev = _run(
+    ev = run_main(
         main_finetune,
         _finetune_argv(lab2d, tmp_path / "ev", "--nsd_tolerance_mm", "2", "--eval_only", "--chkpt_path", ft["weights"],
                        "--split_path", own),
@@ -719,7 +693,7 @@ def test_decathlon_preprocessing_and_fine_tuning_with_a_split_made_by_the_run(ph
     with pytest.raises(
         UserError, match=r"was trained on the classes 0 background, 1 liver, 2 spleen; --data_dir holds"
     ):
-        _run(
+        run_main(
             main_finetune,
             _finetune_argv(other, tmp_path / "ev2", "--nsd_tolerance_mm", "2", "--eval_only", "--chkpt_path",
                            ft["weights"], "--split_path", own),
@@ -734,7 +708,7 @@ def test_bad_cases_of_another_label_set_are_skipped_and_listed(phantoms, tmp_pat
     arr[0, 0, 0] = 5
     nib.save(nib.Nifti1Image(arr, lab.affine, lab.header), str(raw / "labelsTr" / "abd_002.nii.gz"))
     (raw / "imagesTr" / "abd_003_0000.nii.gz").unlink()
-    code, errors = _cli(
+    code, errors = cli_errors(
         preprocess_labelled,
         ["--data_dir", raw, "--output_dir", tmp_path / "o", "--val_fraction", "0.5"],
         capsys,
@@ -745,7 +719,7 @@ def test_bad_cases_of_another_label_set_are_skipped_and_listed(phantoms, tmp_pat
     assert sorted(
         data.load_split(tmp_path / "o" / "split.json")["train"] + data.load_split(tmp_path / "o" / "split.json")["val"]
     ) == ["abd_001", "abd_002"]
-    code, errors = _cli(
+    code, errors = cli_errors(
         preprocess_labelled,
         ["--data_dir", raw, "--output_dir", tmp_path / "o2", "--split_path", _write(tmp_path / "s.json", {"train": ["abd_001"], "val": ["abd_003", "abd_002"]})],
         capsys,
@@ -777,11 +751,11 @@ def test_flare_path_gives_the_same_files(phantoms, tmp_path):
     hashes = {}
     for name, extra in runs.items():
         out = tmp_path / name
-        _run(preprocess_flare_labelled, ["--data_dir", flare, "--output_dir", out, "--split_path", split, *extra])
-        hashes[name] = _tree_hashes(out)
+        run_main(preprocess_flare_labelled, ["--data_dir", flare, "--output_dir", out, "--split_path", split, *extra])
+        hashes[name] = tree_hashes(out)
     alias = tmp_path / "alias"
-    _run(preprocess_labelled, ["--data_dir", flare, "--output_dir", alias, "--split_path", split])
-    hashes["alias"] = _tree_hashes(alias)
+    run_main(preprocess_labelled, ["--data_dir", flare, "--output_dir", alias, "--split_path", split])
+    hashes["alias"] = tree_hashes(alias)
     # the absolute paths in manifest.json name each output's own folder; everything else is byte for byte equal
     for name in ("layout", "alias"):
         assert {k: v for k, v in hashes[name].items() if "manifest" not in k} == {
@@ -806,15 +780,15 @@ def test_flare_path_gives_the_same_files(phantoms, tmp_path):
     unl = tmp_path / "unl"
     tree.mkdir()
     shutil.copy(flare / "images" / "FLARE22_Tr_0001_0000.nii.gz", tree / "Case_00001_0000.nii.gz")
-    _run(preprocess_flare_unlabelled, ["--data_dir", tree, "--output_dir", unl])
+    run_main(preprocess_flare_unlabelled, ["--data_dir", tree, "--output_dir", unl])
     assert set(json.loads((unl / "manifest.json").read_text())["args"]) == set(args)
     # a FLARE folder given whole to the unlabelled script: its images only (it used to stop on image + label pairs)
-    res = _run(preprocess_flare_unlabelled, ["--data_dir", flare, "--output_dir", tmp_path / "imgs_only"])
+    res = run_main(preprocess_flare_unlabelled, ["--data_dir", flare, "--output_dir", tmp_path / "imgs_only"])
     assert res["n_cases"] == 2
     assert json.loads((tmp_path / "imgs_only" / "manifest.json").read_text())["args"]["layout"] == "flare"
     # FLARE with a split of its own: written beside the output, the rest as FLARE's
     own = tmp_path / "own_split"
-    _run(preprocess_flare_labelled, ["--data_dir", flare, "--output_dir", own, "--val_fraction", "0.5"])
+    run_main(preprocess_flare_labelled, ["--data_dir", flare, "--output_dir", own, "--val_fraction", "0.5"])
     assert data.load_split(own / "split.json") == data.make_split(["FLARE22_Tr_0001", "FLARE22_Tr_0002"], 0.5, 0)
     assert set(json.loads((own / "manifest.json").read_text())["args"]) == set(args)
     # the fine-tuning's default split of a FLARE folder is still the paper's
@@ -827,9 +801,9 @@ def test_fine_tuning_refuses_data_without_a_split(phantoms, tmp_path):
     raw = write_nnunet(phantoms["flare"], tmp_path, n_cases=3)
     lab2d = tmp_path / "o"
     split = _write(tmp_path / "s.json", {"train": ["abd_001"], "val": ["abd_002", "abd_003"]})
-    _run(preprocess_labelled, ["--data_dir", raw, "--output_dir", lab2d, "--split_path", split])
+    run_main(preprocess_labelled, ["--data_dir", raw, "--output_dir", lab2d, "--split_path", split])
     (lab2d / "split.json").unlink()
     with pytest.raises(UserError, match=r"holds no split.json: pass --split_path, or --val_fraction F"):
-        _run(main_finetune, _finetune_argv(lab2d, tmp_path / "ft", "--nsd_tolerance_mm", "2"))
+        run_main(main_finetune, _finetune_argv(lab2d, tmp_path / "ft", "--nsd_tolerance_mm", "2"))
     with pytest.raises(UserError, match="give one of them"):
-        _run(main_finetune, _finetune_argv(lab2d, tmp_path / "ft", "--split_path", split, "--val_fraction", "0.5"))
+        run_main(main_finetune, _finetune_argv(lab2d, tmp_path / "ft", "--split_path", split, "--val_fraction", "0.5"))

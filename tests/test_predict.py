@@ -27,14 +27,14 @@ import pytest
 import torch
 
 import data
-import finetune
 import main_finetune
 import make_phantoms
 import metrics
 import models
 import predict
 import preprocess_flare_labelled as prep
-from transforms import preprocessing_record, preprocessing_transforms
+from conftest import save_model
+from transforms import preprocessing_transforms
 from utils import TrainingError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,25 +60,6 @@ HEADER_FIELDS = (
 # ---------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------
-
-
-def save_model(
-    path: Path,
-    spatial_dims: int = 2,
-    pixdim=(1.0, 1.0, 2.5),
-    png_bits: int | None = 8,
-    seed: int = 0,
-    min_xy: int = 96,
-):
-    """A tiny Swin-UNETR (random weights) saved as a fine-tuned checkpoint with a preprocessing record."""
-    cfg = models.encoder_config("swin", spatial_dims, 12, low_resource_mode=True, crop_size=64)
-    torch.manual_seed(seed)
-    model = models.build_segmenter(cfg, 14)
-    bits = png_bits if spatial_dims == 2 else None
-    rec = preprocessing_record(spatial_dims, -500.0, 500.0, pixdim, min_xy, bits, "test")
-    args = {"crop_size": 64, "spatial_dims": spatial_dims}
-    torch.save(finetune.finetuned_checkpoint(model, cfg, 14, args, 1, 0.5, rec), path)
-    return path
 
 
 def reoriented(img, codes, qform_shift_mm: float = 0.0):

@@ -203,8 +203,10 @@ def test_phantom_unlabelled_2d_and_3d_agree(phantoms, tmp_path):
         src = Path(phantoms["unlabelled_dir"]) / f"{case}_0000.nii.gz"
         assert vol.shape[2] == expected_n_slices(src)
         stacked = stack_case(tmp_path / "u2", case, data.read_image_2d)
-        # the slices hold the volume's values truncated to 8 bits (the default, as the original)
-        np.testing.assert_array_equal(np.round(stacked * 255), data.float_to_stored(vol, 8, "truncate"))
+        # the slices hold the volume's values truncated to 8 bits (the default): the original's
+        # (v * 255).astype(np.uint8) on the float32 volume in [0, 1]
+        assert vol.dtype == np.float32
+        np.testing.assert_array_equal(np.round(stacked * 255), (vol * 255).astype(np.uint8))
 
 
 def test_png_bits_16(phantoms, phantom_2d, tmp_path):
@@ -243,7 +245,7 @@ def test_window_and_ras_orientation_exact(tmp_path):
     assert pic.shape == (96, 96, 4)  # body 22 x 14, padded to 96
     ox, oy = (96 - 22) // 2, (96 - 14) // 2
     body = np.round(pic * 255)[ox : ox + 22, oy : oy + 14, :]
-    expect = data.float_to_stored(window(hu[4:26, 3:17, :]).astype(np.float32), 8, "truncate")
+    expect = (window(hu[4:26, 3:17, :]).astype(np.float32) * 255).astype(np.uint8)  # the original's truncation
     np.testing.assert_array_equal(body, expect)
     assert body[6, 5, 0] == 255 and body[8, 5, 0] == 51 and body[1, 1, 0] == 204  # 700, -300 and 300 HU
     assert (np.round(pic * 255)[:ox] == 0).all()

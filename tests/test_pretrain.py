@@ -9,7 +9,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ import main_dino
 import main_simsiam
 import models
 import utils
-from conftest import write_unlabelled_phantoms
+from conftest import free_port, write_unlabelled_phantoms
 from data import encode_png_2d
 from models import build_segmenter, load_pretrained_encoder
 from pretrain import PairAudit, model_config
@@ -133,12 +132,6 @@ def _assert_same(a, b, where="state"):
         assert a == b, where
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(tmp_path, runs, nproc=2, env_extra=None, timeout=300):
     """Run DRIVER with ``nproc`` processes under torchrun (gloo on the CPU)."""
     drv = tmp_path / "driver.py"
@@ -155,7 +148,7 @@ def _torchrun(tmp_path, runs, nproc=2, env_extra=None, timeout=300):
         "--master_addr",
         "127.0.0.1",
         "--master_port",
-        str(_free_port()),
+        str(free_port()),
         str(drv),
         str(spec),
     ]

@@ -21,10 +21,8 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ import torch
 import engine
 import reproduce_table as rt
 import slurm
+from conftest import free_port, wait_for
 from data import encode_png_2d
 from utils import UserError
 
@@ -129,15 +128,6 @@ def slurm_cluster() -> None:
     if REQUIRE_SLURM:
         pytest.fail(f"IOUPOS_REQUIRE_SLURM=1 but SLURM is not usable: {reason}")
     pytest.skip(f"SLURM is not usable here ({reason}); tests/slurm/start_local_slurm.sh starts a one-node SLURM")
-
-
-def _wait_for(cond, timeout: float, what: str, poll: float = 0.05) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(poll)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 def _job_state(job_id: str) -> slurm.JobState | None:
@@ -291,12 +281,6 @@ def test_no_sbatch_on_the_path_is_one_line_and_exit_code_2(tmp_path):
 # ---------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_srun_two_tasks_train_the_weights_of_torchrun_two_processes(slurm_cluster, tmp_path):
     data = tmp_path / "slices"
@@ -323,7 +307,7 @@ def test_srun_two_tasks_train_the_weights_of_torchrun_two_processes(slurm_cluste
     assert "distributed (srun): rank 0 of 2" in srun.stderr
     tr = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1"]
-        + ["--master_port", str(_free_port()), *argv, "--chkpt_dir", str(tmp_path / "torchrun")],
+        + ["--master_port", str(free_port()), *argv, "--chkpt_dir", str(tmp_path / "torchrun")],
         capture_output=True,
         text=True,
         env=env,
@@ -373,24 +357,24 @@ def test_slurm_grid_preempted_cancelled_resubmitted_gives_the_local_table(
         rt.main(parse(["--output_dir", out, *TINY, *LOCAL]))
 
     # 1) preempt the pretraining after its first epoch: SLURM signals USR2, submitit requeues the job
-    _wait_for(lambda: len(_epochs(log)) >= 1, 240, "the pretraining's first epoch")
+    wait_for(lambda: len(_epochs(log)) >= 1, 240, "the pretraining's first epoch")
     subprocess.run(["scancel", "--signal=USR2", pre_job], check=True, capture_output=True)
-    _wait_for(lambda: _job_state(pre_job).state in ("REQUEUED", "PENDING"), 60, "the requeue", poll=0.2)
+    wait_for(lambda: _job_state(pre_job).state in ("REQUEUED", "PENDING"), 60, "the requeue", poll=0.2)
     assert not (chk / f"{PRE}_files" / "result.json").exists()  # it was interrupted mid-run
     # 2) the same job (same id) runs the run again from its checkpoint; cancel it mid-run with scancel as
     #    soon as it has resumed: most of its epochs are still to go (an epoch of this tiny run takes a
     #    fraction of a second, so waiting for one more epoch first could let the run end before the cancel)
     run_log_path = out / "state" / "logs" / f"{PRE}.log"
-    _wait_for(lambda: " INFO pretrain: resumed " in run_log_path.read_text(), 240, "the requeued pretraining to resume")
+    wait_for(lambda: " INFO pretrain: resumed " in run_log_path.read_text(), 240, "the requeued pretraining to resume")
     subprocess.run(["scancel", pre_job], check=True, capture_output=True)
-    _wait_for(lambda: not _job_state(pre_job).active, 60, "the cancelled job to end")
+    wait_for(lambda: not _job_state(pre_job).active, 60, "the cancelled job to end")
     assert not (chk / f"{PRE}_files" / "result.json").exists()
     assert 1 <= len(_epochs(log)) < N_PRE_EPOCHS
     run_log = run_log_path.read_text()
     assert "preempted" in run_log and "requeued, the run resumes from its last checkpoint" in run_log
     assert run_log.count(" INFO pretrain: resumed ") == 1
     # its fine-tuning never started: SLURM dropped it with its dependency
-    _wait_for(lambda: not _job_state(ft_job).active, 60, "the dependent job to be dropped")
+    wait_for(lambda: not _job_state(ft_job).active, 60, "the dependent job to be dropped")
     assert not (chk / f"{FT}_args.json").exists()
 
     # 3) submit again and wait: the cancelled runs are resubmitted and resume; the table is the local one
@@ -459,7 +443,7 @@ def test_refused_submissions_quote_slurm_and_record_nothing(slurm_cluster, tmp_p
     with pytest.raises(UserError, match="injected refusal"):
         rt.main(parse(["--output_dir", out, *TINY, *ON_SLURM]))
     assert len(queued) == 1
-    _wait_for(lambda: _job_state(queued[0]).state == "CANCELLED", 60, "the queued job to be cancelled", poll=0.2)
+    wait_for(lambda: _job_state(queued[0]).state == "CANCELLED", 60, "the queued job to be cancelled", poll=0.2)
     assert not (state / "slurm_jobs.json").exists()
 
 
