@@ -602,6 +602,13 @@ _PREFIXES = ("module.", "backbone.", "swinViT.", "vit.", "encoder.")
 #: ``backbone.model.<SwinTransformer keys>`` and the two heads of lightly.
 ORIGINAL_SIMSIAM_ENCODER = "backbone.model."
 ORIGINAL_SIMSIAM_HEADS = ("projection_head.", "prediction_head.")
+#: MONAI's self-supervised Swin-UNETR weights (the layout ``SwinUNETR.load_from`` reads, and
+#: ``export_model.py --format monai_ssl`` writes): ``module.<SwinTransformer key>`` with the
+#: blocks' MLP layers named ``fc1`` / ``fc2`` (``linear1`` / ``linear2`` in MONAI's
+#: SwinTransformer); the heads of MONAI's SSLHead (research-contributions, SwinUNETR/Pretrain),
+#: when a file holds them, are not encoder weights.
+MONAI_SSL_MLP_NAMES = {".mlp.fc1.": ".mlp.linear1.", ".mlp.fc2.": ".mlp.linear2."}
+MONAI_SSL_HEADS = ("rotation_head.", "contrastive_head.", "conv.")
 
 
 def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -629,8 +636,9 @@ def extract_encoder_state(
     dict), the original code's SimSiam checkpoints (``model.state_dict()`` of its SimSiam
     module: the encoder under ``backbone.model.``, the heads under ``projection_head.`` and
     ``prediction_head.``, which are left out), and MONAI's Swin-UNETR layouts (``swinViT.*``
-    keys, optionally under ``state_dict`` and with ``module.`` prefixes). Returns (state
-    dict with bare keys, model config or None); what was found is logged.
+    keys, optionally under ``state_dict`` and with ``module.`` prefixes), among them MONAI's
+    self-supervised weights (``mlp.fc1`` / ``fc2`` names, SSLHead's heads left out). Returns
+    (state dict with bare keys, model config or None); what was found is logged.
     """
     if not isinstance(ckpt, dict):
         raise UserError(f"{path!r} holds a {type(ckpt).__name__}, not a checkpoint dictionary")
@@ -669,6 +677,8 @@ def extract_encoder_state(
             len(tensors) - len(enc_keys),
         )
         return {k[len(ORIGINAL_SIMSIAM_ENCODER) :]: tensors[k] for k in enc_keys}, None
+    if any(name in k for k in tensors for name in MONAI_SSL_MLP_NAMES):
+        return _monai_ssl_encoder(tensors, path), None
     # a full MONAI SwinUNETR / UNETR state dict: keep the encoder part only
     enc = {k: v for k, v in tensors.items() if k.replace("module.", "", 1).startswith(("swinViT.", "vit."))}
     if not enc:
@@ -679,6 +689,24 @@ def extract_encoder_state(
             len(tensors),
         )
     return _strip_prefixes(enc if enc else tensors), cfg
+
+
+def _monai_ssl_encoder(tensors: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """The encoder of a file in MONAI's self-supervised layout, with MONAI's SwinTransformer
+    names (``mlp.fc1`` -> ``mlp.linear1``, ``mlp.fc2`` -> ``mlp.linear2``); SSLHead's heads left out."""
+    heads = [k for k in tensors if k.replace("module.", "", 1).startswith(MONAI_SSL_HEADS)]
+    logger.info(
+        "%s: MONAI's self-supervised Swin layout (mlp fc1 / fc2): %d encoder tensors; %d head tensors not used",
+        path,
+        len(tensors) - len(heads),
+        len(heads),
+    )
+    out = {}
+    for k, v in _strip_prefixes({k: v for k, v in tensors.items() if k not in heads}).items():
+        for theirs, ours in MONAI_SSL_MLP_NAMES.items():
+            k = k.replace(theirs, ours)
+        out[k] = v
+    return out
 
 
 def load_pretrained_encoder(

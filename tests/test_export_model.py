@@ -195,3 +195,32 @@ def test_refusals_name_the_problem(tmp_path):
     )
     args = export_model.get_args_parser().parse_args([*argv[2:], "-o", str(tmp_path / "b.pt"), "--overwrite"])
     assert export_model.main(args)["weights"] == str(tmp_path / "b.pt")
+
+
+def test_monai_ssl_file_is_a_pretrained_checkpoint_for_fine_tuning(tmp_path, caplog):
+    """What ``load_from`` reads, ``main_finetune.py --chkpt_path`` reads too: the exported
+    file (MONAI's ``mlp.fc1`` / ``fc2`` names) loads strictly into our segmenter's encoder,
+    also with the heads of MONAI's SSLHead beside it (left out, counted in the log)."""
+    src, states = _encoder_file(tmp_path, "simsiam", 3)
+    out = export_model.export(str(src), "monai_ssl", str(tmp_path / "ssl.pt"))
+    weights = torch.load(out["weights"], weights_only=True)
+    assert any(".mlp.fc1." in k for k in weights["state_dict"])
+    with_heads = {"state_dict": dict(weights["state_dict"])}
+    with_heads["state_dict"]["module.rotation_head.weight"] = torch.zeros(4, 96)
+    with_heads["state_dict"]["module.contrastive_head.bias"] = torch.zeros(512)
+    torch.save(with_heads, tmp_path / "ssl_heads.pt")
+    cfg = models.encoder_config("swin", 3, 12, low_resource_mode=True, crop_size=64)
+    caplog.set_level("INFO")
+    for name in ("ssl.pt", "ssl_heads.pt"):
+        torch.manual_seed(5)
+        seg = models.build_segmenter(cfg, 14)
+        assert models.load_pretrained_encoder(seg, str(tmp_path / name), cfg) == len(states["teacher"])
+        got = models.segmenter_encoder(seg).state_dict()
+        for k, v in states["teacher"].items():
+            assert torch.equal(got[k], v), k
+    assert "2 head tensors not used" in caplog.text
+    # anything else beside the encoder is still refused by name
+    weights["state_dict"]["module.decoder.weight"] = torch.zeros(1)
+    torch.save(weights, tmp_path / "ssl_extra.pt")
+    with pytest.raises(UserError, match=r"1 unexpected \(decoder.weight\)"):
+        models.load_pretrained_encoder(models.build_segmenter(cfg, 14), str(tmp_path / "ssl_extra.pt"), cfg)
