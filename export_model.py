@@ -89,7 +89,7 @@ def read_checkpoint(path: str, checkpoint_key: str) -> dict[str, Any]:
     ckpt = torch_load(path)
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt == finetune.FINETUNE_FORMAT:
-        model, cfg, ckpt = finetune.load_finetuned(path)  # checks that the weights fit the configuration
+        model, cfg, ckpt = finetune.load_finetuned(path, ckpt)  # checks that the weights fit the configuration
         enc, _ = models.extract_encoder_state(ckpt, path)
         return {
             "kind": "finetuned",

@@ -612,14 +612,17 @@ def checkpoint_labels(ckpt: Mapping[str, Any], path: str) -> data.LabelSet:
     return data.LabelSet(labels.names, path)
 
 
-def load_finetuned(path: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def load_finetuned(path: str, ckpt: Any = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Rebuild the segmenter stored in a fine-tuned file; returns (model, model config, file).
+
+    ``ckpt``: the file's contents when the caller has already read ``path`` (None: read it here).
 
     Raises:
         UserError: unreadable file, not a fine-tuned model of this project, or weights that
             do not fit the stored configuration.
     """
-    ckpt = torch_load(path)
+    if ckpt is None:
+        ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FINETUNE_FORMAT:
         fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(

@@ -278,7 +278,7 @@ class Predictor:
                 f"--chkpt_path {path} is a pretrained {ckpt.get('method')} encoder, not a segmentation model; "
                 "fine-tune it with main_finetune.py and pass the fine-tuned <run>.pt"
             )
-        model, cfg, ckpt = finetune.load_finetuned(path)
+        model, cfg, ckpt = finetune.load_finetuned(path, ckpt)
         record = finetune.checkpoint_preprocessing(ckpt, path)
         if record["spatial_dims"] != cfg["spatial_dims"]:
             raise UserError(
