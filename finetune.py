@@ -1044,13 +1044,6 @@ def check_predictions_dir(args: argparse.Namespace, cases: Sequence[str], info: 
         torch.distributed.barrier()
 
 
-def _prepare_predictions_dir(args: argparse.Namespace, info: engine.DistInfo) -> None:
-    if args.save_predictions and info.is_main:
-        os.makedirs(args.save_predictions, exist_ok=True)
-    if info.distributed:
-        torch.distributed.barrier()
-
-
 def final_outputs(
     model: nn.Module,
     dat: FinetuneData,
@@ -1066,7 +1059,6 @@ def final_outputs(
     epoch's, when it was the best; it also wrote ``--save_predictions``), used instead of
     predicting the validation cases again.
     """
-    _prepare_predictions_dir(args, info)
     res = val_result
     if res is None or res.per_case is None:
         res = evaluate_cases(
@@ -1507,8 +1499,6 @@ def _evaluate_epoch(
     scores to ``record``. The last epoch gets the full scores at once (if it is the best,
     they are the final ones): returns that result when it is the new best, else None."""
     full = epoch == args.n_epochs
-    if full:
-        _prepare_predictions_dir(args, info)
     res = evaluate_cases(
         seg.model,
         dat.val_cases,
