@@ -642,6 +642,11 @@ def load_finetuned(path: str, ckpt: Any = None) -> tuple[nn.Module, dict[str, An
 # ---------------------------------------------------------------------------------------
 
 
+def default_sw_batch_size(spatial_dims: int) -> int:
+    """``--sw_batch_size``'s default (windows per forward pass): 512 in 2D, 64 in 3D."""
+    return 512 if spatial_dims == 2 else 64
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse bad flag values with one line each (UserError); fill ``--sw_batch_size``'s default."""
 
@@ -674,7 +679,7 @@ def check_args(args: argparse.Namespace) -> None:
     args.patience = int(args.patience)
     need(args.eval_every >= 1, f"--eval_every must be at least 1, got {args.eval_every}")
     if args.sw_batch_size is None:
-        args.sw_batch_size = 512 if args.spatial_dims == 2 else 64
+        args.sw_batch_size = default_sw_batch_size(args.spatial_dims)
     need(args.sw_batch_size >= 1, f"--sw_batch_size must be at least 1, got {args.sw_batch_size}")
     need(0 <= args.sw_overlap < 1, f"--sw_overlap must be in [0, 1), got {args.sw_overlap}")
     need(args.n_vis >= 0, f"--n_vis must be 0 or positive, got {args.n_vis}")

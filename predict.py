@@ -290,7 +290,7 @@ class Predictor:
         n_classes = int(ckpt["n_classes"])
         names = list(finetune.checkpoint_labels(ckpt, path).names)  # the label set it was trained on
         if sw_batch_size is None:
-            sw_batch_size = 512 if cfg["spatial_dims"] == 2 else 64
+            sw_batch_size = finetune.default_sw_batch_size(cfg["spatial_dims"])
         model.to(device).eval()
         return cls(
             model=model,
