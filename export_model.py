@@ -189,7 +189,8 @@ def model_card(
     name, kwargs = models.segmenter_spec(cfg, n_classes)
     saved = dict(ckpt.get("args") or {})
     finetuned = src["kind"] == "finetuned"
-    component = "whole model" if finetuned else ("swinViT" if name == "SwinUNETR" else "vit")
+    enc = "swinViT" if name == "SwinUNETR" else "vit"  # the encoder's attribute in the segmenter
+    component = "whole model" if finetuned else enc
     if fmt == "monai_ssl":
         component = "swinViT"
         layout = (
@@ -200,9 +201,9 @@ def model_card(
         layout = f"state_dict of monai.networks.nets.{name}"
         load = f"model = {name}(**card['architecture']['args']); model.load_state_dict(torch.load(PATH), strict=True)"
     else:
-        enc = "swinViT" if name == "SwinUNETR" else "vit"
         layout = f"state_dict of monai.networks.nets.{name}.{enc} (the encoder alone; the decoder is not trained)"
         load = f"model = {name}(**card['architecture']['args']); model.{enc}.load_state_dict(torch.load(PATH), strict=True)"
+    labels = finetune.checkpoint_labels(ckpt, path) if finetuned else None
     card: dict[str, Any] = {
         "format": CARD_FORMAT,
         "weights": {
@@ -222,7 +223,7 @@ def model_card(
             "of output classes",
             "built_with": {"monai": monai.__version__, "torch": torch.__version__, "python": platform.python_version()},
         },
-        "labels": finetune.checkpoint_labels(ckpt, path).to_json() if finetuned else None,
+        "labels": labels.to_json() if labels is not None else None,
     }
     if finetuned:
         pre = finetune.checkpoint_preprocessing(ckpt, path)
@@ -277,17 +278,15 @@ def model_card(
         card["validation"] = None
     card["intended_use"] = INTENDED_USE
     card["limitations"] = LIMITATIONS
-    if finetuned:
-        labels = finetune.checkpoint_labels(ckpt, path)
-        if not labels.is_flare:  # a model of another data set's label set (preprocess_labelled.py)
-            card["intended_use"] = (
-                f"Research: segmentation of {', '.join(labels.names[1:])} in CT (the label set of the training data, "
-                f"{labels.source}), and as a starting point for fine-tuning on other CT segmentation tasks. "
-                "Not for clinical use."
-            )
-            card["limitations"] = [
-                x.replace("Trained on FLARE 2022 abdominal CT (or", "Trained on the data") for x in LIMITATIONS
-            ]
+    if labels is not None and not labels.is_flare:  # a model of another data set's label set (preprocess_labelled.py)
+        card["intended_use"] = (
+            f"Research: segmentation of {', '.join(labels.names[1:])} in CT (the label set of the training data, "
+            f"{labels.source}), and as a starting point for fine-tuning on other CT segmentation tasks. "
+            "Not for clinical use."
+        )
+        card["limitations"] = [
+            x.replace("Trained on FLARE 2022 abdominal CT (or", "Trained on the data") for x in LIMITATIONS
+        ]
     card["exported_by"] = "export_model.py (IoU-based positives)"
     return card
 
