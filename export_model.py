@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import logging
 import os
 import platform
@@ -45,9 +44,9 @@ import monai
 import torch
 
 import data
-import engine
 import finetune
 import models
+import runqueue
 from utils import UserError, atomic_write, atomic_write_json, prepare_output_file, run_cli, torch_load
 
 logger = logging.getLogger(__name__)
@@ -141,11 +140,10 @@ def _sha256(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def _run_files(path: str) -> dict[str, str]:
-    """The files of the run that wrote ``<chkpt_dir>/<run>.pt`` (they may be absent)."""
-    run_name = os.path.basename(path)
-    run_name = run_name[:-3] if run_name.endswith(".pt") else os.path.splitext(run_name)[0]
-    return engine.run_paths(os.path.dirname(path), run_name)
+def _run_name(path: str) -> str:
+    """The name of the run that wrote ``<chkpt_dir>/<run>.pt``."""
+    name = os.path.basename(path)
+    return name[:-3] if name.endswith(".pt") else os.path.splitext(name)[0]
 
 
 def _validation(path: str, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -156,14 +154,11 @@ def _validation(path: str, ckpt: dict[str, Any]) -> dict[str, Any]:
         "dice_paper_note": "the paper's score: per-slice Dice including background, mean over validation slices",
         "epoch": int(ckpt.get("epoch", 0)),
     }
-    result = os.path.join(_run_files(path)["dir"], "result.json")
-    if os.path.isfile(result):
-        try:
-            with open(result) as f:
-                res = json.load(f)
-            summary, scoring = res.get("summary"), res.get("scoring")
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read {result}: {e}") from None
+    chkpt_dir, run = os.path.dirname(path), _run_name(path)
+    result = runqueue.result_path(chkpt_dir, run)
+    if runqueue.is_finished(chkpt_dir, run):
+        res = runqueue.read_result(chkpt_dir, run)
+        summary, scoring = res.get("summary"), res.get("scoring")
         if summary:
             out["challenge_grade"] = {
                 "source": result,
@@ -242,7 +237,7 @@ def model_card(
         }
         card["training"] = {
             "method": "fine-tuning (main_finetune.py)",
-            "run": os.path.splitext(os.path.basename(path))[0],
+            "run": _run_name(path),
             "checkpoint": path,
             "epoch": int(ckpt.get("epoch", 0)),
             "data_dir": saved.get("data_dir"),
@@ -266,7 +261,7 @@ def model_card(
         card["training"] = {
             "method": f"{method} self-supervised pretraining with IoU-based positives",
             "encoder": checkpoint_key if method == "dino" else "encoder",
-            "run": os.path.splitext(os.path.basename(path))[0],
+            "run": _run_name(path),
             "checkpoint": path,
             "epoch": int(ckpt.get("epoch", 0)),
             "data_dir": saved.get("data_dir"),
