@@ -108,11 +108,7 @@ def list_inputs(inp: str, out_dir: str) -> list[CaseInput]:
     inp = os.path.abspath(os.path.expanduser(inp))
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.isdir(inp):
-        paths = sorted(
-            os.path.join(inp, n)
-            for n in os.listdir(inp)
-            if data.is_nifti(n) and not n.startswith(".") and os.path.isfile(os.path.join(inp, n))
-        )
+        paths = data._list_files(inp, data._NIFTI_EXTS)
         if not paths:
             raise UserError(f"-i {inp} holds no .nii.gz or .nii file")
     elif os.path.isfile(inp):
