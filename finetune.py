@@ -1240,7 +1240,8 @@ def _evaluate_only(
     args: argparse.Namespace, info: engine.DistInfo, labels: data.LabelSet, rules: metrics.ScoringRules
 ) -> dict[str, Any]:
     """``--eval_only``: the fine-tuned model of ``--chkpt_path`` on the validation cases."""
-    paths = engine.run_paths(args.chkpt_dir, args.run_name)
+    run = engine.RunFiles(args.chkpt_dir, args.run_name, METHOD, info)  # for its paths and result only: not opened
+    paths = run.paths
     logger.info("evaluating %s; outputs in %s", args.chkpt_path, paths["dir"])
     model, cfg, ckpt = load_finetuned(args.chkpt_path)
     if cfg["spatial_dims"] != args.spatial_dims:
@@ -1283,8 +1284,7 @@ def _evaluate_only(
         "best_epoch": int(ckpt.get("epoch", 0)),
         **out,
     }
-    if info.is_main:
-        atomic_write_json(os.path.join(paths["dir"], "result.json"), result)
+    run.write_result(result)
     return result
 
 
