@@ -1120,7 +1120,10 @@ class EarlyStopping:
         self.dice_paper = -math.inf
         self.epoch = 0
         self.bad_evals = 0
-        self.stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad_evals >= self.patience
 
     def update(self, epoch: int, dice_paper: float) -> bool:
         """Record an evaluation after ``epoch``; return whether it is the best so far."""
@@ -1128,7 +1131,6 @@ class EarlyStopping:
             self.dice_paper, self.epoch, self.bad_evals = dice_paper, epoch, 0
             return True
         self.bad_evals += 1
-        self.stopped = self.bad_evals >= self.patience
         return False
 
     def state_dict(self) -> dict[str, Any]:
@@ -1136,12 +1138,12 @@ class EarlyStopping:
             "dice_paper": self.dice_paper,
             "epoch": self.epoch,
             "bad_evals": self.bad_evals,
-            "stopped": self.stopped,
+            "stopped": self.stopped,  # derived from bad_evals; kept for readers of older versions
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.dice_paper, self.epoch = float(state["dice_paper"]), int(state["epoch"])
-        self.bad_evals, self.stopped = int(state["bad_evals"]), bool(state["stopped"])
+        self.bad_evals = int(state["bad_evals"])  # "stopped" follows from it (--patience is a resume key)
 
 
 # ---------------------------------------------------------------------------------------
