@@ -90,6 +90,7 @@ from utils import (
     claim_outputs,
     file_sha256,
     prepare_output_dir,
+    root_cause,
     torch_load,
     user_error_in,
 )
@@ -226,9 +227,7 @@ def load_preprocessed_3d(ds, index: int, item: Mapping[str, Any], n_classes: int
         ue = user_error_in(e)
         if ue is not None:
             raise ue from None
-        root = e
-        while root.__cause__ is not None:
-            root = root.__cause__
+        root = root_cause(e)
         raise UserError(
             f"cannot preprocess {item['image']} / {item['label']}: {type(root).__name__}: {str(root).strip()[:300]}"
         ) from None

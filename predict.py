@@ -66,6 +66,7 @@ from utils import (
     check_outputs_apart,
     claim_outputs,
     prepare_output_dir,
+    root_cause,
     run_cli,
     torch_load,
     user_error_in,
@@ -133,8 +134,7 @@ def list_inputs(inp: str, out_dir: str) -> list[CaseInput]:
 
 
 def _first_line(e: BaseException) -> str:
-    while e.__cause__ is not None:  # MONAI wraps the reader's and the transforms' errors
-        e = e.__cause__
+    e = root_cause(e)  # MONAI wraps the reader's and the transforms' errors
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
