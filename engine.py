@@ -565,8 +565,9 @@ _COMMON_HELP = {
     "base_lr": "Peak learning rate, used as given (no scaling with the batch size).",
     "end_lr": "Learning rate at the end of the cosine schedule.",
     "warmup_epochs": "Epochs of linear learning-rate warm-up from 0 before the cosine decay.",
-    "accum_iters": "Backward passes accumulated per optimizer step (a larger effective batch on a small GPU). The last "
-    "incomplete step of an epoch is skipped.",
+    "accum_iters": "Backward passes accumulated per optimizer step (a larger effective batch on a small GPU). "
+    "Pretraining skips the last incomplete step of an epoch; fine-tuning trains on it (a step of fewer backward "
+    "passes, its loss the mean over them) unless --drop_last.",
     "seed": "Random seed (the paper's: 4294967295; its second seed is 381122412).",
     "run_name": "Name of the run; its files are <chkpt_dir>/<run_name>.pt, _last.pt, _log.jsonl, _args.json and _files/.",
     "chkpt_dir": "Folder for every file the run writes (default: the project's runs/ folder).",

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
-import json
 import logging
 import os
 import platform
@@ -45,9 +44,9 @@ import monai
 import torch
 
 import data
-import engine
 import finetune
 import models
+import runqueue
 from utils import UserError, atomic_write, atomic_write_json, prepare_output_file, run_cli, torch_load
 
 logger = logging.getLogger(__name__)
@@ -89,7 +88,7 @@ def read_checkpoint(path: str, checkpoint_key: str) -> dict[str, Any]:
     ckpt = torch_load(path)
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
     if fmt == finetune.FINETUNE_FORMAT:
-        model, cfg, ckpt = finetune.load_finetuned(path)  # checks that the weights fit the configuration
+        model, cfg, ckpt = finetune.load_finetuned(path, ckpt)  # checks that the weights fit the configuration
         enc, _ = models.extract_encoder_state(ckpt, path)
         return {
             "kind": "finetuned",
@@ -141,11 +140,10 @@ def _sha256(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def _run_files(path: str) -> dict[str, str]:
-    """The files of the run that wrote ``<chkpt_dir>/<run>.pt`` (they may be absent)."""
-    run_name = os.path.basename(path)
-    run_name = run_name[:-3] if run_name.endswith(".pt") else os.path.splitext(run_name)[0]
-    return engine.run_paths(os.path.dirname(path), run_name)
+def _run_name(path: str) -> str:
+    """The name of the run that wrote ``<chkpt_dir>/<run>.pt``."""
+    name = os.path.basename(path)
+    return name[:-3] if name.endswith(".pt") else os.path.splitext(name)[0]
 
 
 def _validation(path: str, ckpt: dict[str, Any]) -> dict[str, Any]:
@@ -156,14 +154,11 @@ def _validation(path: str, ckpt: dict[str, Any]) -> dict[str, Any]:
         "dice_paper_note": "the paper's score: per-slice Dice including background, mean over validation slices",
         "epoch": int(ckpt.get("epoch", 0)),
     }
-    result = os.path.join(_run_files(path)["dir"], "result.json")
-    if os.path.isfile(result):
-        try:
-            with open(result) as f:
-                res = json.load(f)
-            summary, scoring = res.get("summary"), res.get("scoring")
-        except (OSError, json.JSONDecodeError) as e:
-            raise UserError(f"cannot read {result}: {e}") from None
+    chkpt_dir, run = os.path.dirname(path), _run_name(path)
+    result = runqueue.result_path(chkpt_dir, run)
+    if runqueue.is_finished(chkpt_dir, run):
+        res = runqueue.read_result(chkpt_dir, run)
+        summary, scoring = res.get("summary"), res.get("scoring")
         if summary:
             out["challenge_grade"] = {
                 "source": result,
@@ -189,7 +184,8 @@ def model_card(
     name, kwargs = models.segmenter_spec(cfg, n_classes)
     saved = dict(ckpt.get("args") or {})
     finetuned = src["kind"] == "finetuned"
-    component = "whole model" if finetuned else ("swinViT" if name == "SwinUNETR" else "vit")
+    enc = "swinViT" if name == "SwinUNETR" else "vit"  # the encoder's attribute in the segmenter
+    component = "whole model" if finetuned else enc
     if fmt == "monai_ssl":
         component = "swinViT"
         layout = (
@@ -200,9 +196,9 @@ def model_card(
         layout = f"state_dict of monai.networks.nets.{name}"
         load = f"model = {name}(**card['architecture']['args']); model.load_state_dict(torch.load(PATH), strict=True)"
     else:
-        enc = "swinViT" if name == "SwinUNETR" else "vit"
         layout = f"state_dict of monai.networks.nets.{name}.{enc} (the encoder alone; the decoder is not trained)"
         load = f"model = {name}(**card['architecture']['args']); model.{enc}.load_state_dict(torch.load(PATH), strict=True)"
+    labels = finetune.checkpoint_labels(ckpt, path) if finetuned else None
     card: dict[str, Any] = {
         "format": CARD_FORMAT,
         "weights": {
@@ -222,7 +218,7 @@ def model_card(
             "of output classes",
             "built_with": {"monai": monai.__version__, "torch": torch.__version__, "python": platform.python_version()},
         },
-        "labels": finetune.checkpoint_labels(ckpt, path).to_json() if finetuned else None,
+        "labels": labels.to_json() if labels is not None else None,
     }
     if finetuned:
         pre = finetune.checkpoint_preprocessing(ckpt, path)
@@ -241,7 +237,7 @@ def model_card(
         }
         card["training"] = {
             "method": "fine-tuning (main_finetune.py)",
-            "run": os.path.splitext(os.path.basename(path))[0],
+            "run": _run_name(path),
             "checkpoint": path,
             "epoch": int(ckpt.get("epoch", 0)),
             "data_dir": saved.get("data_dir"),
@@ -265,7 +261,7 @@ def model_card(
         card["training"] = {
             "method": f"{method} self-supervised pretraining with IoU-based positives",
             "encoder": checkpoint_key if method == "dino" else "encoder",
-            "run": os.path.splitext(os.path.basename(path))[0],
+            "run": _run_name(path),
             "checkpoint": path,
             "epoch": int(ckpt.get("epoch", 0)),
             "data_dir": saved.get("data_dir"),
@@ -277,17 +273,15 @@ def model_card(
         card["validation"] = None
     card["intended_use"] = INTENDED_USE
     card["limitations"] = LIMITATIONS
-    if finetuned:
-        labels = finetune.checkpoint_labels(ckpt, path)
-        if not labels.is_flare:  # a model of another data set's label set (preprocess_labelled.py)
-            card["intended_use"] = (
-                f"Research: segmentation of {', '.join(labels.names[1:])} in CT (the label set of the training data, "
-                f"{labels.source}), and as a starting point for fine-tuning on other CT segmentation tasks. "
-                "Not for clinical use."
-            )
-            card["limitations"] = [
-                x.replace("Trained on FLARE 2022 abdominal CT (or", "Trained on the data") for x in LIMITATIONS
-            ]
+    if labels is not None and not labels.is_flare:  # a model of another data set's label set (preprocess_labelled.py)
+        card["intended_use"] = (
+            f"Research: segmentation of {', '.join(labels.names[1:])} in CT (the label set of the training data, "
+            f"{labels.source}), and as a starting point for fine-tuning on other CT segmentation tasks. "
+            "Not for clinical use."
+        )
+        card["limitations"] = [
+            x.replace("Trained on FLARE 2022 abdominal CT (or", "Trained on the data") for x in LIMITATIONS
+        ]
     card["exported_by"] = "export_model.py (IoU-based positives)"
     return card
 

@@ -90,6 +90,7 @@ from utils import (
     claim_outputs,
     file_sha256,
     prepare_output_dir,
+    root_cause,
     torch_load,
     user_error_in,
 )
@@ -226,9 +227,7 @@ def load_preprocessed_3d(ds, index: int, item: Mapping[str, Any], n_classes: int
         ue = user_error_in(e)
         if ue is not None:
             raise ue from None
-        root = e
-        while root.__cause__ is not None:
-            root = root.__cause__
+        root = root_cause(e)
         raise UserError(
             f"cannot preprocess {item['image']} / {item['label']}: {type(root).__name__}: {str(root).strip()[:300]}"
         ) from None
@@ -612,14 +611,17 @@ def checkpoint_labels(ckpt: Mapping[str, Any], path: str) -> data.LabelSet:
     return data.LabelSet(labels.names, path)
 
 
-def load_finetuned(path: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+def load_finetuned(path: str, ckpt: Any = None) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
     """Rebuild the segmenter stored in a fine-tuned file; returns (model, model config, file).
+
+    ``ckpt``: the file's contents when the caller has already read ``path`` (None: read it here).
 
     Raises:
         UserError: unreadable file, not a fine-tuned model of this project, or weights that
             do not fit the stored configuration.
     """
-    ckpt = torch_load(path)
+    if ckpt is None:
+        ckpt = torch_load(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FINETUNE_FORMAT:
         fmt = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UserError(
@@ -637,6 +639,11 @@ def load_finetuned(path: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]
 # ---------------------------------------------------------------------------------------
 # Flags and their checks
 # ---------------------------------------------------------------------------------------
+
+
+def default_sw_batch_size(spatial_dims: int) -> int:
+    """``--sw_batch_size``'s default (windows per forward pass): 512 in 2D, 64 in 3D."""
+    return 512 if spatial_dims == 2 else 64
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -671,7 +678,7 @@ def check_args(args: argparse.Namespace) -> None:
     args.patience = int(args.patience)
     need(args.eval_every >= 1, f"--eval_every must be at least 1, got {args.eval_every}")
     if args.sw_batch_size is None:
-        args.sw_batch_size = 512 if args.spatial_dims == 2 else 64
+        args.sw_batch_size = default_sw_batch_size(args.spatial_dims)
     need(args.sw_batch_size >= 1, f"--sw_batch_size must be at least 1, got {args.sw_batch_size}")
     need(0 <= args.sw_overlap < 1, f"--sw_overlap must be in [0, 1), got {args.sw_overlap}")
     need(args.n_vis >= 0, f"--n_vis must be 0 or positive, got {args.n_vis}")
@@ -1041,13 +1048,6 @@ def check_predictions_dir(args: argparse.Namespace, cases: Sequence[str], info: 
         torch.distributed.barrier()
 
 
-def _prepare_predictions_dir(args: argparse.Namespace, info: engine.DistInfo) -> None:
-    if args.save_predictions and info.is_main:
-        os.makedirs(args.save_predictions, exist_ok=True)
-    if info.distributed:
-        torch.distributed.barrier()
-
-
 def final_outputs(
     model: nn.Module,
     dat: FinetuneData,
@@ -1063,7 +1063,6 @@ def final_outputs(
     epoch's, when it was the best; it also wrote ``--save_predictions``), used instead of
     predicting the validation cases again.
     """
-    _prepare_predictions_dir(args, info)
     res = val_result
     if res is None or res.per_case is None:
         res = evaluate_cases(
@@ -1120,7 +1119,10 @@ class EarlyStopping:
         self.dice_paper = -math.inf
         self.epoch = 0
         self.bad_evals = 0
-        self.stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        return self.bad_evals >= self.patience
 
     def update(self, epoch: int, dice_paper: float) -> bool:
         """Record an evaluation after ``epoch``; return whether it is the best so far."""
@@ -1128,7 +1130,6 @@ class EarlyStopping:
             self.dice_paper, self.epoch, self.bad_evals = dice_paper, epoch, 0
             return True
         self.bad_evals += 1
-        self.stopped = self.bad_evals >= self.patience
         return False
 
     def state_dict(self) -> dict[str, Any]:
@@ -1136,12 +1137,12 @@ class EarlyStopping:
             "dice_paper": self.dice_paper,
             "epoch": self.epoch,
             "bad_evals": self.bad_evals,
-            "stopped": self.stopped,
+            "stopped": self.stopped,  # derived from bad_evals; kept for readers of older versions
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.dice_paper, self.epoch = float(state["dice_paper"]), int(state["epoch"])
-        self.bad_evals, self.stopped = int(state["bad_evals"]), bool(state["stopped"])
+        self.bad_evals = int(state["bad_evals"])  # "stopped" follows from it (--patience is a resume key)
 
 
 # ---------------------------------------------------------------------------------------
@@ -1240,7 +1241,8 @@ def _evaluate_only(
     args: argparse.Namespace, info: engine.DistInfo, labels: data.LabelSet, rules: metrics.ScoringRules
 ) -> dict[str, Any]:
     """``--eval_only``: the fine-tuned model of ``--chkpt_path`` on the validation cases."""
-    paths = engine.run_paths(args.chkpt_dir, args.run_name)
+    run = engine.RunFiles(args.chkpt_dir, args.run_name, METHOD, info)  # for its paths and result only: not opened
+    paths = run.paths
     logger.info("evaluating %s; outputs in %s", args.chkpt_path, paths["dir"])
     model, cfg, ckpt = load_finetuned(args.chkpt_path)
     if cfg["spatial_dims"] != args.spatial_dims:
@@ -1283,8 +1285,7 @@ def _evaluate_only(
         "best_epoch": int(ckpt.get("epoch", 0)),
         **out,
     }
-    if info.is_main:
-        atomic_write_json(os.path.join(paths["dir"], "result.json"), result)
+    run.write_result(result)
     return result
 
 
@@ -1504,8 +1505,6 @@ def _evaluate_epoch(
     scores to ``record``. The last epoch gets the full scores at once (if it is the best,
     they are the final ones): returns that result when it is the new best, else None."""
     full = epoch == args.n_epochs
-    if full:
-        _prepare_predictions_dir(args, info)
     res = evaluate_cases(
         seg.model,
         dat.val_cases,

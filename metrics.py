@@ -1063,15 +1063,15 @@ def _volumes(folder: Path) -> dict[str, Path]:
     return {_case_name(p): p for p in sorted(folder.iterdir()) if p.name.endswith((".nii.gz", ".nii")) and p.is_file()}
 
 
-def missing_prediction_scores(label: np.ndarray, n_classes: int, tolerance_mm: float | Mapping[int, float]) -> dict:
+def missing_prediction_scores(label: np.ndarray, rules: ScoringRules) -> dict:
     """The scores of a case without a prediction (``--missing_as_zero``): Dice 0 and NSD 0 for
-    every organ, as the FLARE challenges score a missing submission."""
+    every organ of ``rules``' label set, as the FLARE challenges score a missing submission."""
+    n_classes = rules.labels.n_classes
     counts = np.bincount(np.asarray(label, dtype=np.intp).ravel(), minlength=n_classes)
     out = {}
     for i in range(1, n_classes):
-        tol = tolerance_mm[i] if isinstance(tolerance_mm, Mapping) else tolerance_mm
         out[i] = {
-            "tolerance_mm": float(tol),
+            "tolerance_mm": rules.tolerance_of(i),
             "label_voxels": int(counts[i]),
             "pred_voxels": 0,
             "dice": 0.0,
@@ -1174,7 +1174,7 @@ def main(args: argparse.Namespace) -> dict:
     for case, pred_path, label_path in tqdm(pairs, desc="scoring", disable=len(pairs) < 2):
         label, spacing = _load_ids(label_path)
         if pred_path is None:
-            per_case[case] = missing_prediction_scores(label, n_classes, tol)
+            per_case[case] = missing_prediction_scores(label, rules)
             continue
         pred, _ = _load_ids(pred_path)
         if pred.shape != label.shape:

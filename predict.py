@@ -66,6 +66,7 @@ from utils import (
     check_outputs_apart,
     claim_outputs,
     prepare_output_dir,
+    root_cause,
     run_cli,
     torch_load,
     user_error_in,
@@ -108,11 +109,7 @@ def list_inputs(inp: str, out_dir: str) -> list[CaseInput]:
     inp = os.path.abspath(os.path.expanduser(inp))
     out_dir = os.path.abspath(os.path.expanduser(out_dir))
     if os.path.isdir(inp):
-        paths = sorted(
-            os.path.join(inp, n)
-            for n in os.listdir(inp)
-            if data.is_nifti(n) and not n.startswith(".") and os.path.isfile(os.path.join(inp, n))
-        )
+        paths = data._list_files(inp, data._NIFTI_EXTS)
         if not paths:
             raise UserError(f"-i {inp} holds no .nii.gz or .nii file")
     elif os.path.isfile(inp):
@@ -137,8 +134,7 @@ def list_inputs(inp: str, out_dir: str) -> list[CaseInput]:
 
 
 def _first_line(e: BaseException) -> str:
-    while e.__cause__ is not None:  # MONAI wraps the reader's and the transforms' errors
-        e = e.__cause__
+    e = root_cause(e)  # MONAI wraps the reader's and the transforms' errors
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:200] if text else ''}"
 
@@ -278,7 +274,7 @@ class Predictor:
                 f"--chkpt_path {path} is a pretrained {ckpt.get('method')} encoder, not a segmentation model; "
                 "fine-tune it with main_finetune.py and pass the fine-tuned <run>.pt"
             )
-        model, cfg, ckpt = finetune.load_finetuned(path)
+        model, cfg, ckpt = finetune.load_finetuned(path, ckpt)
         record = finetune.checkpoint_preprocessing(ckpt, path)
         if record["spatial_dims"] != cfg["spatial_dims"]:
             raise UserError(
@@ -290,7 +286,7 @@ class Predictor:
         n_classes = int(ckpt["n_classes"])
         names = list(finetune.checkpoint_labels(ckpt, path).names)  # the label set it was trained on
         if sw_batch_size is None:
-            sw_batch_size = 512 if cfg["spatial_dims"] == 2 else 64
+            sw_batch_size = finetune.default_sw_batch_size(cfg["spatial_dims"])
         model.to(device).eval()
         return cls(
             model=model,

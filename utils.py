@@ -595,3 +595,11 @@ def torch_load(path: str, map_location: str | torch.device = "cpu") -> Any:
         raise UserError(
             f"{path!r} is not a readable PyTorch checkpoint ({type(e).__name__}: {str(e).strip()[:200]})"
         ) from None
+
+
+def root_cause(e: BaseException) -> BaseException:
+    """The exception at the end of ``e``'s ``__cause__`` chain (``raise ... from``): the
+    original error that wrappers (MONAI's readers and transforms) re-raised, or ``e`` itself."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return e
