@@ -63,6 +63,7 @@ from utils import (
     os_error_message,
     os_error_reason,
     remove_stale_temporaries,
+    root_cause,
     user_error_in,
 )
 
@@ -520,9 +521,7 @@ def _load(path: str, what: str):
         found = user_error_in(e)
         if found is not None:
             raise CaseError(str(found)) from None
-        cause = e
-        while cause.__cause__ is not None:  # MONAI wraps the reader's error
-            cause = cause.__cause__
+        cause = root_cause(e)  # MONAI wraps the reader's error
         msg = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
         raise CaseError(f"corrupt or truncated {what} {path}: {type(cause).__name__}: {msg}") from None
 
