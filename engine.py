@@ -50,6 +50,7 @@ from utils import (
     atomic_write_json,
     atomic_write_text,
     check_outputs_apart,
+    launch_env,
     prepare_output_dir,
     remove_stale_temporaries,
     surface_user_errors,
@@ -84,128 +85,10 @@ class DistInfo:
         return self.rank == 0
 
 
-@dataclass(frozen=True)
-class LaunchEnv:
-    """How this process was started: by torchrun, by srun (one task of a SLURM job step), or alone."""
-
-    launcher: str  # "torchrun", "srun" or "none"
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    local_world_size: int = 1
-    master_addr: str | None = None  # srun: the rendezvous host and port (torchrun brings its own)
-    master_port: int | None = None
-
-
-def first_host(nodelist: str) -> str:
-    """The first host of a SLURM host list such as ``SLURM_JOB_NODELIST``.
-
-    ``"gpu[07-09,12],cpu3"`` -> ``"gpu07"``; ``"rack[1-2]-n[01-04]"`` -> ``"rack1-n01"``;
-    ``"node5"`` -> ``"node5"`` (the same as the first line of ``scontrol show hostnames``).
-
-    Raises:
-        ValueError: an empty list or an unclosed bracket.
-    """
-    text = nodelist.strip()
-    host, i = [], 0
-    while i < len(text) and text[i] != ",":
-        if text[i] == "[":
-            end = text.find("]", i)
-            if end < 0:
-                raise ValueError(f"host list {nodelist!r} has an unclosed '['")
-            first = text[i + 1 : end].split(",")[0].split("-")[0]
-            host.append(first)
-            i = end + 1
-        else:
-            host.append(text[i])
-            i += 1
-    if not host:
-        raise ValueError(f"host list {nodelist!r} is empty")
-    return "".join(host)
-
-
-def tasks_on_node(tasks_per_node: str, node_id: int) -> int:
-    """Tasks of a step on node ``node_id`` from SLURM's ``SLURM_STEP_TASKS_PER_NODE``.
-
-    ``"4"`` -> 4 on every node; ``"2(x3),1"``: 2 on nodes 0-2, 1 on node 3.
-
-    Raises:
-        ValueError: not of that form, or fewer nodes than ``node_id + 1``.
-    """
-    counts: list[int] = []
-    for part in tasks_per_node.split(","):
-        part = part.strip()
-        if "(x" in part:
-            n, rep = part.split("(x")
-            counts += [int(n)] * int(rep.rstrip(")"))
-        else:
-            counts.append(int(part))
-    if node_id >= len(counts):
-        raise ValueError(f"tasks per node {tasks_per_node!r} lists no node {node_id}")
-    return counts[node_id]
-
-
-def slurm_port(job_id: int, step_id: int = 0) -> int:
-    """The rendezvous port of a SLURM job step: 10000-29999, fixed by the job and step ids, so
-    every task of the step computes the same port without talking to the others, and two
-    steps of one job (or jobs sharing a node) rarely meet. ``MASTER_PORT`` overrides it."""
-    return 10000 + (job_id * 10 + step_id) % 20000
-
-
-def launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
-    """Read how this process was launched from the environment.
-
-    - torchrun (``RANK`` and ``WORLD_SIZE`` set): its ranks; it runs the rendezvous itself.
-    - srun (``SLURM_STEP_NUM_TASKS`` and ``SLURM_PROCID`` set): rank ``SLURM_PROCID`` of
-      ``SLURM_STEP_NUM_TASKS``, local rank ``SLURM_LOCALID`` of the step's tasks on this node
-      (``SLURM_STEP_TASKS_PER_NODE``, ``SLURM_NODEID``), the rendezvous on the first host of
-      ``SLURM_STEP_NODELIST`` (or ``SLURM_JOB_NODELIST``) at :func:`slurm_port` of the job
-      and step ids; ``MASTER_ADDR`` / ``MASTER_PORT`` override both. A batch script's own
-      shell (``SLURM_PROCID=0`` and ``SLURM_NTASKS`` of the whole job, but no step) is a
-      plain process: only ``srun`` starts the tasks of a distributed run.
-    - otherwise one plain process.
-
-    Raises:
-        UserError: the SLURM variables are malformed or inconsistent (named).
-    """
-    env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        world = int(env["WORLD_SIZE"])
-        return LaunchEnv(
-            "torchrun",
-            rank=int(env["RANK"]),
-            world_size=world,
-            local_rank=int(env.get("LOCAL_RANK", "0")),
-            local_world_size=int(env.get("LOCAL_WORLD_SIZE", str(world))),
-        )
-    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
-        try:
-            world = int(env["SLURM_STEP_NUM_TASKS"])
-            rank = int(env["SLURM_PROCID"])
-            local = int(env.get("SLURM_LOCALID", "0"))
-            per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or str(world)
-            local_world = tasks_on_node(per_node, int(env.get("SLURM_NODEID", "0")))
-            nodes = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or "127.0.0.1"
-            addr = env.get("MASTER_ADDR") or first_host(nodes)
-            port = int(
-                env.get("MASTER_PORT")
-                or slurm_port(int(env.get("SLURM_JOB_ID", "0")), int(env.get("SLURM_STEP_ID", "0")))
-            )
-        except ValueError as e:
-            raise UserError(f"cannot read the srun task's SLURM variables: {e}") from None
-        if not (0 <= rank < world and 0 <= local < local_world):
-            raise UserError(
-                f"inconsistent SLURM variables: SLURM_PROCID={rank} of SLURM_STEP_NUM_TASKS={world}, "
-                f"SLURM_LOCALID={local} of {local_world} tasks on this node"
-            )
-        return LaunchEnv("srun", rank, world, local, local_world, addr, port)
-    return LaunchEnv("none")
-
-
 def init_distributed(device: str = "auto") -> DistInfo:
     """Set up torch.distributed when launched by torchrun or by srun with several tasks.
 
-    The ranks come from :func:`launch_env` (torchrun's ``RANK`` / ``WORLD_SIZE`` /
+    The ranks come from :func:`utils.launch_env` (torchrun's ``RANK`` / ``WORLD_SIZE`` /
     ``LOCAL_RANK``, or srun's ``SLURM_PROCID`` / ``SLURM_STEP_NUM_TASKS`` / ``SLURM_LOCALID``
     with the first host of the job's node list as the rendezvous). NCCL on CUDA (each
     process on GPU ``local_rank``), gloo on the CPU. ``device``: "auto" (CUDA when

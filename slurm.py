@@ -12,7 +12,7 @@
 
 A job is ``srun`` of submitit's runner with ``--slurm_gpus_per_job`` tasks (at least one), each
 calling :meth:`SlurmRun.__call__`, which runs :func:`runqueue.execute_run` of its run; the
-training scripts set up ``torch.distributed`` from SLURM's variables (``engine.launch_env``).
+training scripts set up ``torch.distributed`` from SLURM's variables (``utils.launch_env``).
 A fine-tuning job waits for its pretraining job (``--dependency=afterok:<id>``, cancelled by
 SLURM when that job fails: ``--kill-on-invalid-dep=yes``); a fine-tuning whose pretraining
 finished earlier starts at once. With ``--slurm_max_parallel K`` the jobs are named

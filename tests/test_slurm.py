@@ -30,9 +30,9 @@ import pytest
 import submitit
 import torch
 
-import engine
 import reproduce_table as rt
 import slurm
+import utils
 from conftest import free_port, wait_for
 from data import encode_png_2d
 from utils import UserError
@@ -177,23 +177,23 @@ def test_first_host_of_slurm_host_lists():
         "n[001-100]": "n001",
     }
     for nodelist, first in cases.items():
-        assert engine.first_host(nodelist) == first, nodelist
+        assert utils.first_host(nodelist) == first, nodelist
         if shutil.which("scontrol"):  # SLURM's own expansion, where there is one
             p = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True)
             if p.returncode == 0:
                 assert p.stdout.split()[0] == first, nodelist
     for bad in ("", "gpu[01-02"):
         with pytest.raises(ValueError):
-            engine.first_host(bad)
-    assert engine.tasks_on_node("4", 0) == 4
-    assert [engine.tasks_on_node("2(x3),1", i) for i in range(4)] == [2, 2, 2, 1]
+            utils.first_host(bad)
+    assert utils.tasks_on_node("4", 0) == 4
+    assert [utils.tasks_on_node("2(x3),1", i) for i in range(4)] == [2, 2, 2, 1]
     with pytest.raises(ValueError):
-        engine.tasks_on_node("2(x3),1", 4)
+        utils.tasks_on_node("2(x3),1", 4)
 
 
 def test_launch_env_reads_torchrun_srun_and_not_a_batch_shell():
     torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "SLURM_PROCID": "0"}
-    le = engine.launch_env(torchrun)
+    le = utils.launch_env(torchrun)
     assert (le.launcher, le.rank, le.world_size, le.local_rank, le.local_world_size) == ("torchrun", 3, 4, 1, 2)
     step = {
         "SLURM_JOB_ID": "1234",
@@ -207,18 +207,36 @@ def test_launch_env_reads_torchrun_srun_and_not_a_batch_shell():
         "SLURM_STEP_NODELIST": "gpu[07-08]",
         "SLURM_JOB_NODELIST": "gpu[07-08]",
     }
-    le = engine.launch_env(step)
+    le = utils.launch_env(step)
     assert (le.launcher, le.rank, le.world_size, le.local_rank, le.local_world_size) == ("srun", 5, 8, 1, 4)
-    assert le.master_addr == "gpu07" and le.master_port == engine.slurm_port(1234, 0)
-    assert 10000 <= le.master_port < 30000 and engine.slurm_port(1234, 1) != le.master_port
-    le = engine.launch_env({**step, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
+    assert le.master_addr == "gpu07" and le.master_port == utils.slurm_port(1234, 0)
+    assert 10000 <= le.master_port < 30000 and utils.slurm_port(1234, 1) != le.master_port
+    le = utils.launch_env({**step, "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"})
     assert (le.master_addr, le.master_port) == ("10.0.0.1", 29500)
     # the batch script's own shell: SLURM_PROCID=0 of the job's 8 tasks, but started by no srun
     batch = {k: v for k, v in step.items() if not k.startswith("SLURM_STEP")}
-    assert engine.launch_env({**batch, "SLURM_PROCID": "0"}).launcher == "none"
-    assert engine.launch_env({}).world_size == 1
+    assert utils.launch_env({**batch, "SLURM_PROCID": "0"}).launcher == "none"
+    assert utils.launch_env({}).world_size == 1
     with pytest.raises(UserError, match="SLURM_PROCID=9 of SLURM_STEP_NUM_TASKS=8"):
-        engine.launch_env({**step, "SLURM_PROCID": "9"})
+        utils.launch_env({**step, "SLURM_PROCID": "9"})
+
+
+def test_the_log_rank_is_the_launchers_rank(monkeypatch):
+    """run_cli's log format takes its rank from launch_env: RANK without WORLD_SIZE is no
+    torchrun (a plain rank-0 process, logging at INFO), malformed variables log as rank 0."""
+    for k in [k for k in os.environ if k in ("RANK", "WORLD_SIZE") or k.startswith("SLURM_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("RANK", "3")
+    assert utils.launch_rank() == utils.launch_env().rank == 0
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert utils.launch_rank() == 3
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "2")
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    assert utils.launch_rank() == 1
+    monkeypatch.setenv("SLURM_PROCID", "x")
+    assert utils.launch_rank() == 0
 
 
 def test_sbatch_extra_options_and_slurm_messages():
